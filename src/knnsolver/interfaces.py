@@ -1,0 +1,120 @@
+"""The interfaces every part of knnsolver plugs into, kept in one place.
+
+* :class:`Solver` -- the label-aware top of a network (loss plus classifier).
+* :class:`EpochContext` -- what the trainer hands a solver at epoch boundaries.
+* :class:`NeighbourSearch` -- an injected nearest-neighbour backend.
+
+Datasets are plain ``torch.utils.data.Dataset`` objects whose items are
+``(input, label, row_index)``; ``row_index`` is the sample's position in the
+training set, so stateful solvers (an embedding bank) can address their rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from knnsolver.errors import ConfigError
+
+
+@dataclass
+class EpochContext:
+    """What a solver sees at an epoch boundary.
+
+    Attributes:
+        epoch: zero-based index of the epoch about to start (or just finished).
+        embed_train: computes ``(embeddings, labels)`` for every training row, in
+            row order, with the network in eval mode, without augmentation and
+            without gradient. Costly: call it only when needed (a bank refresh).
+        num_train: number of training rows.
+        device: where the solver's tensors live.
+    """
+
+    epoch: int
+    embed_train: Callable[[], tuple[Tensor, Tensor]]
+    num_train: int
+    device: torch.device = torch.device("cpu")
+
+
+class Solver(nn.Module):
+    """Base class of every solver: an ``nn.Module`` holding a loss and a classifier.
+
+    Subclasses implement :meth:`forward` (the loss) and :meth:`predict` (class
+    scores). Stateful solvers keep their state in buffers or parameters so it is
+    saved by ``state_dict`` and restored on resume.
+
+    Class attributes:
+        needs_balanced_sampler: the loss needs several samples per class per batch
+            (pair/triplet losses); the trainer then uses the class-balanced sampler.
+        predicts_by_knn: :meth:`predict` needs :meth:`fit_reference` to have been
+            called with the training embeddings first.
+    """
+
+    needs_balanced_sampler: bool = False
+    predicts_by_knn: bool = False
+
+    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0) -> None:
+        super().__init__()
+        if embedding_dim < 1:
+            raise ConfigError(f"embedding_dim must be >= 1, got {embedding_dim}")
+        if num_classes < 1:
+            raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
+        self.embedding_dim = int(embedding_dim)
+        self.num_classes = int(num_classes)
+        self.num_train = int(num_train)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
+        """Return the scalar training loss for a batch."""
+        raise NotImplementedError
+
+    def predict(self, embeddings: Tensor) -> Tensor:
+        """Return class scores of shape ``(B, num_classes)``; argmax is the prediction."""
+        raise NotImplementedError
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        """Hook called before each training epoch (e.g. refresh a bank)."""
+
+    def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
+        """Hook called after each training epoch; returns diagnostics to log."""
+        return {}
+
+    def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Give the solver the training embeddings before prediction.
+
+        The trainer calls this with fresh embeddings of the whole training set
+        before every evaluation. Solvers that predict by kNN store them; others
+        ignore them.
+        """
+
+
+class NeighbourSearch:
+    """Nearest-neighbour backend (squared Euclidean distance), injected into solvers.
+
+    Backends return indices as ``int32`` tensors. Implementations must never
+    materialise an ``N x N`` distance matrix for the all-points graph.
+    """
+
+    name: str = "base"
+
+    def knn_graph(self, points: Tensor, k: int) -> Tensor:
+        """Return ``(N, k)`` int32 indices of each point's k nearest *other* points."""
+        raise NotImplementedError
+
+    def search(self, queries: Tensor, points: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Return ``(distances, indices)`` of shape ``(Q, k)``: squared distances and
+        int32 indices of each query's k nearest points, nearest first."""
+        raise NotImplementedError
+
+
+def check_k(k: int, n: int, *, excluding_self: bool) -> None:
+    """Raise a clear error when ``k`` neighbours cannot be found among ``n`` points."""
+    available = n - 1 if excluding_self else n
+    if k < 1:
+        raise ConfigError(f"number of neighbours k must be >= 1, got {k}")
+    if k > available:
+        raise ConfigError(
+            f"k={k} neighbours requested but only {available} "
+            f"{'other ' if excluding_self else ''}points are in the bank; use k <= {available}"
+        )

@@ -1,0 +1,189 @@
+"""Registries from a name to a class, for config-driven construction.
+
+Entries are ``"module:attribute"`` strings imported on first use, so listing
+names is instant and an optional dependency is only needed when its entry is
+built. :func:`options_of` reads a class's keyword options (name, default, type)
+from its constructor so the CLI can expose them as flags without a second list.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+from knnsolver.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a registered class."""
+
+    name: str
+    default: Any
+    type: type
+    help: str = ""
+
+
+class Registry:
+    """Maps names to lazily imported classes or factories."""
+
+    def __init__(self, kind: str, entries: dict[str, str], descriptions: dict[str, str]) -> None:
+        self.kind = kind
+        self._entries = dict(entries)
+        self._descriptions = dict(descriptions)
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def describe(self, name: str) -> str:
+        return self._descriptions.get(name, "")
+
+    def get(self, name: str) -> Any:
+        """Return the class registered under ``name``; unknown names list the valid ones."""
+        if name not in self._entries:
+            raise ConfigError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self._entries)}")
+        module_name, attr = self._entries[name].split(":")
+        return getattr(importlib.import_module(module_name), attr)
+
+    def build(self, name: str, /, **kwargs: Any) -> Any:
+        """Construct ``name`` with ``kwargs``; unknown keyword options give a clear error."""
+        cls = self.get(name)
+        accepted = inspect.signature(cls).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
+        unknown = sorted(set(kwargs) - set(accepted)) if not takes_any else []
+        if unknown:
+            valid = ", ".join(o.name for o in options_of(cls))
+            raise ConfigError(f"{self.kind} {name!r} has no option {', '.join(unknown)}; its options are: {valid}")
+        return cls(**kwargs)
+
+
+_SIMPLE = (bool, int, float, str)
+
+
+def options_of(cls: Any, skip: tuple[str, ...] = ()) -> list[Option]:
+    """List the keyword options with simple-typed defaults of ``cls``'s constructor.
+
+    Arguments without a default (``embedding_dim``, ``num_classes`` ...) are
+    supplied by the trainer and are not options. ``Optional[X]`` options with a
+    ``None`` default take type ``X``.
+    """
+    hints = typing.get_type_hints(cls.__init__) if hasattr(cls, "__init__") else {}
+    out = []
+    for p in inspect.signature(cls).parameters.values():
+        if p.name in skip or p.default is inspect.Parameter.empty or p.kind is not p.KEYWORD_ONLY and p.kind is not p.POSITIONAL_OR_KEYWORD:
+            continue
+        hint = hints.get(p.name, type(p.default))
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if args else hint
+        if base not in _SIMPLE:
+            continue
+        out.append(Option(p.name, p.default, base))
+    return out
+
+
+def parse_value(text: str, kind: type) -> Any:
+    """Parse a command-line string into ``kind`` (bools accept true/false/1/0/yes/no)."""
+    if text.lower() in ("none", "null"):
+        return None
+    if kind is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"expected true or false, got {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"expected a value of type {kind.__name__}, got {text!r}") from None
+
+
+SOLVERS = Registry(
+    "solver",
+    {
+        "softmax": "knnsolver.solvers.softmax:SoftmaxSolver",
+        "rbf": "knnsolver.solvers.rbf:RBFSolver",
+        "hal": "knnsolver.solvers.hal:HALSolver",
+        "crc": "knnsolver.solvers.crc:CRCSolver",
+        "centralized": "knnsolver.solvers.centralized:CentralizedSolver",
+        "triplet": "knnsolver.solvers.pml:TripletSolver",
+        "lifted": "knnsolver.solvers.pml:LiftedStructureSolver",
+        "npairs": "knnsolver.solvers.pml:NPairsSolver",
+        "nca": "knnsolver.solvers.pml:NCASolver",
+        "proxynca": "knnsolver.solvers.pml:ProxyNCASolver",
+        "normsoftmax": "knnsolver.solvers.pml:NormalizedSoftmaxSolver",
+        "multisimilarity": "knnsolver.solvers.pml:MultiSimilaritySolver",
+        "proxyanchor": "knnsolver.solvers.pml:ProxyAnchorSolver",
+    },
+    {
+        "softmax": "linear layer + cross-entropy (baseline)",
+        "rbf": "nearest-neighbour RBF solver with an embedding bank (Meyer et al.)",
+        "hal": "hypersphere anchor loss (Ye et al.)",
+        "crc": "DML-CRC: Mahalanobis collaborative representation classifier",
+        "centralized": "Normalize-Scale + decorrelated global centralized ranking loss",
+        "triplet": "pytorch-metric-learning triplet margin loss, semi-hard mining",
+        "lifted": "pytorch-metric-learning lifted structure loss",
+        "npairs": "pytorch-metric-learning N-pairs loss",
+        "nca": "pytorch-metric-learning NCA loss (batch)",
+        "proxynca": "pytorch-metric-learning ProxyNCA loss",
+        "normsoftmax": "pytorch-metric-learning normalised softmax loss",
+        "multisimilarity": "pytorch-metric-learning multi-similarity loss",
+        "proxyanchor": "pytorch-metric-learning proxy-anchor loss",
+    },
+)
+
+SEARCHES = Registry(
+    "neighbour search",
+    {
+        "exact": "knnsolver.search.exact:ExactSearch",
+        "faiss-flat": "knnsolver.search.faiss_backend:FaissFlatSearch",
+        "faiss-ivf": "knnsolver.search.faiss_backend:FaissIVFSearch",
+        "faiss-hnsw": "knnsolver.search.faiss_backend:FaissHNSWSearch",
+        "fanng": "knnsolver.search.fanng:FANNGSearch",
+        "auto": "knnsolver.search.auto:AutoSearch",
+    },
+    {
+        "exact": "blocked matrix multiply + top-k in torch",
+        "faiss-flat": "faiss exact flat index",
+        "faiss-ivf": "faiss IVF-Flat (approximate)",
+        "faiss-hnsw": "faiss HNSW (approximate)",
+        "fanng": "FANNG graph search (Harwood & Drummond 2016)",
+        "auto": "exact below a size threshold, approximate above",
+    },
+)
+
+DATASETS = Registry(
+    "dataset",
+    {
+        "digits": "knnsolver.data.datasets:load_digits",
+        "fashion-mnist": "knnsolver.data.datasets:load_fashion_mnist",
+        "image-folder": "knnsolver.data.datasets:load_image_folder",
+        "embeddings": "knnsolver.data.datasets:load_embeddings",
+    },
+    {
+        "digits": "scikit-learn's bundled 8x8 digits (default, no download)",
+        "fashion-mnist": "Fashion-MNIST IDX files (make data)",
+        "image-folder": "one sub-folder per class (CUB-200 / Cars196 layout)",
+        "embeddings": "precomputed features + labels from .npy/.npz",
+    },
+)
+
+MODELS = Registry(
+    "model",
+    {
+        "auto": "knnsolver.models.factory:auto_model",
+        "mlp": "knnsolver.models.nets:MLPNet",
+        "conv8": "knnsolver.models.nets:ConvNet8",
+        "conv28": "knnsolver.models.nets:ConvNet28",
+        "resnet": "knnsolver.models.nets:ResNetSmall",
+    },
+    {
+        "auto": "choose by input shape: conv8 for 8x8, conv28 for 28x28, resnet for colour, mlp for vectors",
+        "mlp": "two-layer MLP for feature vectors",
+        "conv8": "small convnet for 8x8 greyscale",
+        "conv28": "small convnet for 28x28 greyscale",
+        "resnet": "ResNet-style net for larger colour images",
+    },
+)
