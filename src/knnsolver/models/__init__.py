@@ -1,0 +1,5 @@
+"""Backbones ending in an embedding layer; any ``nn.Module`` a user passes works too."""
+from knnsolver.models.factory import build_model
+from knnsolver.models.nets import ConvNet8, ConvNet28, MLPNet, ResNetSmall
+
+__all__ = ["build_model", "ConvNet8", "ConvNet28", "MLPNet", "ResNetSmall"]

@@ -1,0 +1,155 @@
+"""The ``knnsolver`` command: train, eval, bench, datasets, solvers.
+
+Settings come from three layers, later ones winning: :class:`TrainConfig`'s
+defaults, ``--config FILE`` (JSON or TOML), then flags. Every keyword option of
+the chosen solver's constructor is a flag too (``knnsolver train --solver rbf
+--help`` lists them). Errors made by the user print one line and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import fields
+from typing import Any, Sequence, get_args, get_type_hints
+
+from knnsolver.errors import ConfigError, KnnSolverError
+from knnsolver.registry import DATASETS, SOLVERS, options_of, parse_value
+
+_COMMON = ("embedding_dim", "num_classes", "num_train")
+# TrainConfig fields that are not plain flags (handled separately or not user-facing).
+_NOT_FLAGS = {"solver_options"}
+
+
+def _add_train_flags(parser: argparse.ArgumentParser) -> None:
+    from knnsolver.training.config import TrainConfig
+
+    hints = get_type_hints(TrainConfig)
+    group = parser.add_argument_group("training")
+    for f in fields(TrainConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        kind = next((a for a in get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        default = f.default
+        group.add_argument(
+            f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
+            type=lambda s, k=kind: parse_value(s, k), help=f"(default: {default})",
+        )
+
+
+def _add_solver_flags(parser: argparse.ArgumentParser, solver: str) -> dict[str, str]:
+    """Add the solver's constructor options as flags; return {dest: option name}."""
+    from knnsolver.training.config import TrainConfig
+
+    taken = {f.name for f in fields(TrainConfig)}
+    group = parser.add_argument_group(f"{solver} solver options")
+    dests = {}
+    for opt in options_of(SOLVERS.get(solver), skip=_COMMON):
+        flag = opt.name if opt.name not in taken else f"solver_{opt.name}"
+        dest = f"solveropt__{opt.name}"
+        group.add_argument(
+            f"--{flag.replace('_', '-')}", dest=dest, default=argparse.SUPPRESS, metavar=opt.type.__name__.upper(),
+            type=lambda s, k=opt.type: parse_value(s, k), help=f"(default: {opt.default})",
+        )
+        dests[dest] = opt.name
+    return dests
+
+
+def _train_parser(solver: str | None) -> tuple[argparse.ArgumentParser, dict[str, str]]:
+    parser = argparse.ArgumentParser(prog="knnsolver train", description="Train a network with a solver and evaluate it.")
+    parser.add_argument("--config", help="JSON or TOML file of settings (keys as the flags, with underscores)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    _add_train_flags(parser)
+    dests = _add_solver_flags(parser, solver) if solver else {}
+    return parser, dests
+
+
+def cmd_train(argv: Sequence[str]) -> int:
+    from knnsolver.training import TrainConfig, load_config_file, train
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--solver")
+    known, _ = pre.parse_known_args(argv)
+    file_cfg: dict[str, Any] = load_config_file(known.config) if known.config else {}
+    solver = known.solver or file_cfg.get("solver", TrainConfig.solver)
+    parser, dests = _train_parser(solver)
+    args = vars(parser.parse_args(argv))
+    resume, overwrite = args.pop("resume"), args.pop("overwrite")
+    args.pop("config")
+    solver_options = dict(file_cfg.pop("solver_options", {}))
+    solver_options.update({dests[d]: args.pop(d) for d in list(args) if d in dests})
+    cfg = TrainConfig.from_dict({**file_cfg, **args, "solver_options": solver_options})
+    summary = train(cfg, resume=resume, overwrite=overwrite)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    print(f"run written to {cfg.out}")
+    return 0
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    from knnsolver.training import evaluate_saved
+
+    parser = argparse.ArgumentParser(prog="knnsolver eval", description="Re-evaluate a saved run on its test split.")
+    parser.add_argument("run_dir", help="folder written by knnsolver train")
+    args = parser.parse_args(argv)
+    print(json.dumps(evaluate_saved(args.run_dir), indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_datasets(argv: Sequence[str]) -> int:
+    argparse.ArgumentParser(prog="knnsolver datasets", description="List datasets.").parse_args(argv)
+    for name in DATASETS.names():
+        print(f"{name:16s} {DATASETS.describe(name)}")
+    return 0
+
+
+def cmd_solvers(argv: Sequence[str]) -> int:
+    argparse.ArgumentParser(prog="knnsolver solvers", description="List solvers and their options.").parse_args(argv)
+    for name in SOLVERS.names():
+        print(f"{name:16s} {SOLVERS.describe(name)}")
+        try:
+            opts = options_of(SOLVERS.get(name), skip=_COMMON)
+        except ImportError as exc:
+            print(f"{'':16s} (unavailable: {exc})")
+            continue
+        if opts:
+            print(f"{'':16s} options: " + ", ".join(f"{o.name}={o.default}" for o in opts))
+    return 0
+
+
+def cmd_bench(argv: Sequence[str]) -> int:
+    from knnsolver.bench.cli import main as bench_main
+
+    return bench_main(argv)
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "datasets": cmd_datasets, "solvers": cmd_solvers}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: knnsolver {" + ",".join(COMMANDS) + "} ...\n\n"
+              "  train     train a network with a solver and evaluate it\n"
+              "  eval      re-evaluate a saved run\n"
+              "  bench     run a benchmark suite or render the report\n"
+              "  datasets  list datasets\n"
+              "  solvers   list solvers and their options")
+        return 0 if argv else 2
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"knnsolver: error: unknown command {argv[0]!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+    try:
+        return command(argv[1:])
+    except (KnnSolverError, FloatingPointError) as exc:
+        print(f"knnsolver: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("knnsolver: interrupted; the last finished epoch is saved, continue with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

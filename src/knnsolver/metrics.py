@@ -1,0 +1,208 @@
+"""Embedding-quality metrics: retrieval (Recall@K, Precision@1, R-precision, MAP@R) and clustering (NMI).
+
+Retrieval metrics rank references by Euclidean distance to each query, one block
+of queries at a time, and reduce every query to a few scalars before the next
+block, so memory is O(block x N) and never O(Q x N), even when MAP@R needs the
+top R = thousands of neighbours of every query.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import normalized_mutual_info_score
+from torch import Tensor
+
+from knnsolver.errors import ConfigError
+
+ArrayLike = Tensor | np.ndarray
+
+# Memory budget of one query block (distance rows plus per-neighbour work), bytes.
+_BLOCK_BYTES = 256 * 2**20
+
+
+def _as_embeddings(x: ArrayLike, name: str) -> Tensor:
+    """``x`` as a float32 ``(n, dim)`` tensor on its own device; raises ConfigError if malformed."""
+    if isinstance(x, Tensor):
+        t = x.detach()
+    else:
+        try:
+            t = torch.as_tensor(np.asarray(x, dtype=np.float32))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{name} must be a numeric (n, dim) array: {exc}") from exc
+    if t.ndim != 2:
+        raise ConfigError(f"{name} must be a 2-D (n, dim) array, got shape {tuple(t.shape)}")
+    if t.shape[0] == 0 or t.shape[1] == 0:
+        raise ConfigError(f"{name} is empty: shape {tuple(t.shape)}")
+    t = t.float()
+    if not torch.isfinite(t).all():
+        raise ConfigError(f"{name} contains NaN or infinite values")
+    return t
+
+
+def _as_labels(y: ArrayLike, name: str, n: int) -> np.ndarray:
+    """``y`` as a 1-D numpy array of ``n`` labels; raises ConfigError otherwise."""
+    a = y.detach().cpu().numpy() if isinstance(y, Tensor) else np.asarray(y)
+    if a.ndim != 1:
+        raise ConfigError(f"{name} must be a 1-D array of labels, got shape {a.shape}")
+    if len(a) != n:
+        raise ConfigError(f"{name} has {len(a)} entries but there are {n} embeddings")
+    return a
+
+
+def _check_ks(ks: Iterable[int], available: int) -> list[int]:
+    """Sorted distinct cut-offs, each in ``1..available``."""
+    try:
+        ks = list(ks)
+    except TypeError as exc:
+        raise ConfigError(f"ks must be a sequence of integer cut-offs, got {ks!r}") from exc
+    if not ks:
+        raise ConfigError("ks must name at least one cut-off K for recall@K")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"every K in ks must be an integer >= 1, got {k!r}")
+        if k > available:
+            raise ConfigError(f"recall@{k} needs {k} references per query but only {available} are available")
+    return sorted({int(k) for k in ks})
+
+
+def _rank(d: Tensor, depth: int) -> Tensor:
+    """Indices of the ``depth`` smallest entries of each row of ``d``, ordered by (distance, index).
+
+    ``torch.topk`` finds the right values but, among entries equal to the last
+    value kept, may keep any subset and in any order; both are fixed here so the
+    ranking is deterministic: equal distances rank by lower reference index.
+    """
+    vals, idx = torch.topk(d, depth, dim=1, largest=False, sorted=True)
+    last = vals[:, -1:]
+    kept = (vals == last).sum(1)
+    # Rows where more entries equal the last kept value than were kept: keep the lowest indices.
+    for row in ((d == last).sum(1) > kept).nonzero().flatten().tolist():
+        n_kept = int(kept[row])
+        idx[row, depth - n_kept :] = (d[row] == last[row]).nonzero().flatten()[:n_kept]
+    # Rows with equal distances inside the kept list: sort by index, then stably by distance.
+    tied = (vals[:, 1:] == vals[:, :-1]).any(1).nonzero().flatten()
+    if tied.numel():
+        by_index, order = idx[tied].sort(dim=1)
+        _, order = vals[tied].gather(1, order).sort(dim=1, stable=True)
+        idx[tied] = by_index.gather(1, order)
+    return idx
+
+
+@torch.no_grad()
+def retrieval_metrics(
+    query: ArrayLike,
+    query_labels: ArrayLike,
+    reference: ArrayLike | None = None,
+    reference_labels: ArrayLike | None = None,
+    ks: Iterable[int] = (1, 2, 4, 8),
+    block_size: int | None = None,
+) -> dict[str, float]:
+    """Retrieval quality of ``query`` embeddings against ``reference`` embeddings.
+
+    Each query ranks the references by Euclidean distance (squared, which ranks
+    the same); equal distances rank by lower reference index. Without
+    ``reference`` the queries are their own reference and each query's own row
+    is left out by index, so an exact duplicate of a query still counts as a
+    neighbour. A separate ``reference`` is taken as disjoint from the queries.
+
+    For a query with label y, ranked references 1, 2, ... and rel(i) = 1 when
+    reference i has label y, else 0, let R = number of references labelled y
+    (excluding the query itself) and P(i) = (1/i) sum_{j<=i} rel(j). Then:
+
+    * ``recall_at_{K}`` (the metric-learning papers' Recall@K, not IR recall):
+      1 if rel(i) = 1 for some i <= K, else 0.
+    * ``precision_at_1``: rel(1) (so it always equals ``recall_at_1``).
+    * ``r_precision``: (sum_{i<=R} rel(i)) / R.
+    * ``map_at_r`` (Musgrave et al. 2020, "A Metric Learning Reality Check"):
+      (1/R) sum_{i=1..R} P(i) rel(i).
+
+    Each is averaged over queries. Queries with R = 0 cannot retrieve anything
+    relevant and are left out of every average, as pytorch-metric-learning's
+    AccuracyCalculator leaves out such "lone" queries; ConfigError if no query
+    has R > 0.
+
+    ``block_size`` queries are ranked at a time; by default it is chosen so one
+    block needs about 256 MiB. Results do not depend on it. Runs on the device
+    of ``query`` when it is a tensor.
+    """
+    q = _as_embeddings(query, "query")
+    q_lab = _as_labels(query_labels, "query_labels", q.shape[0])
+    if reference is None:
+        if reference_labels is not None:
+            raise ConfigError("reference_labels given without reference")
+        ref, ref_lab, exclude_self = q, q_lab, True
+    else:
+        if reference_labels is None:
+            raise ConfigError("reference given without reference_labels")
+        ref = _as_embeddings(reference, "reference").to(q.device)
+        if ref.shape[1] != q.shape[1]:
+            raise ConfigError(f"query has dimension {q.shape[1]} but reference has {ref.shape[1]}")
+        ref_lab = _as_labels(reference_labels, "reference_labels", ref.shape[0])
+        exclude_self = False
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ConfigError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
+    n_ref = ref.shape[0]
+    ks = _check_ks(ks, n_ref - exclude_self)
+    cuts = sorted({1, *ks})  # Precision@1 is the hit rate at cut-off 1.
+
+    codes = torch.as_tensor(np.unique(np.concatenate([q_lab, ref_lab]), return_inverse=True)[1].reshape(-1))
+    q_codes, ref_codes = codes[: len(q_lab)].to(q.device), codes[len(q_lab) :].to(q.device)
+    r_count = torch.bincount(ref_codes, minlength=int(codes.max()) + 1)[q_codes] - int(exclude_self)
+    valid = r_count > 0
+    if not valid.any():
+        raise ConfigError("no query has a reference with its label, so no retrieval metric is defined")
+
+    # Neighbours needed: enough for the largest K and for the largest R (MAP@R, R-precision).
+    depth = min(n_ref - exclude_self, max(cuts[-1], int(r_count.max())))
+    # Per query row: distances 4N + equality mask N; per neighbour ~48 bytes of index/label/precision work.
+    rows = block_size or max(1, _BLOCK_BYTES // (5 * n_ref + 48 * depth))
+
+    n_q = q.shape[0]
+    ref_norm = (ref * ref).sum(1)
+    hit_at = torch.zeros(len(cuts), n_q, dtype=torch.bool, device=q.device)
+    r_prec = torch.zeros(n_q, dtype=torch.float64, device=q.device)
+    avg_prec = torch.zeros(n_q, dtype=torch.float64, device=q.device)
+    for start in range(0, n_q, rows):
+        stop = min(start + rows, n_q)
+        qb = q[start:stop]
+        # ||q - p||^2 = ||p||^2 - 2 q.p + ||q||^2, one (rows x N) block.
+        d = torch.addmm(ref_norm, qb, ref.T, alpha=-2.0).add_((qb * qb).sum(1, keepdim=True)).clamp_(min=0.0)
+        if exclude_self:
+            local = torch.arange(stop - start, device=d.device)
+            d[local, start + local] = float("inf")
+        r = r_count[start:stop]
+        idx = _rank(d, min(depth, max(cuts[-1], int(r.max()))))
+        del d
+        rel = ref_codes[idx] == q_codes[start:stop, None]
+        hits = rel.cumsum(1)
+        for j, k in enumerate(cuts):
+            hit_at[j, start:stop] = hits[:, k - 1] > 0
+        r_safe = r.clamp(min=1)
+        r_prec[start:stop] = hits.gather(1, (r_safe - 1)[:, None]).squeeze(1).double() / r_safe
+        pos = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=torch.float64)
+        in_top_r = rel & (pos <= r[:, None])
+        avg_prec[start:stop] = torch.where(in_top_r, hits / pos, 0.0).sum(1) / r_safe
+
+    hit_rate = dict(zip(cuts, hit_at[:, valid].double().mean(1).tolist()))
+    out = {"precision_at_1": hit_rate[1]}
+    out.update({f"recall_at_{k}": hit_rate[k] for k in ks})
+    out["map_at_r"] = avg_prec[valid].mean().item()
+    out["r_precision"] = r_prec[valid].mean().item()
+    return out
+
+
+def nmi(embeddings: ArrayLike, labels: ArrayLike, seed: int = 0) -> float:
+    """Normalized mutual information between the labels and a k-means clustering of the embeddings.
+
+    k-means (scikit-learn, ``n_init=10`` restarts, ``random_state=seed``) makes
+    as many clusters C as there are distinct labels Y; the score is
+    NMI = I(Y; C) / mean(H(Y), H(C)) (arithmetic mean, scikit-learn's default),
+    1 for a clustering that reproduces the classes and about 0 for an unrelated one.
+    """
+    x = _as_embeddings(embeddings, "embeddings").cpu().numpy()
+    y = _as_labels(labels, "labels", x.shape[0])
+    clusters = KMeans(n_clusters=len(np.unique(y)), n_init=10, random_state=seed).fit_predict(x)
+    return float(normalized_mutual_info_score(y, clusters))

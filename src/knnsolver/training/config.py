@@ -1,0 +1,94 @@
+"""The training configuration: one dataclass, loadable from JSON or TOML, validated up front."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from knnsolver.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SPLITS = ("standard", "disjoint")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run; ``solver_options`` go to the solver's constructor."""
+
+    dataset: str = "digits"
+    solver: str = "softmax"
+    out: str = "runs/default"
+    split: str = "standard"
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    seed: int = 0
+    model: str = "auto"
+    embedding_dim: int = 64
+    dropout: float = 0.0
+    width: int = 32
+    pretrained: str | None = None
+    data_dir: str | None = None
+    val_fraction: float = 0.1
+    max_per_class: int | None = None
+    augment: bool = False
+    image_size: int = 64
+    balanced: bool | None = None  # None: the class-balanced sampler only where the solver needs it
+    samples_per_class: int = 4
+    eval_every: int = 1
+    eval_batch_size: int = 512
+    plots: bool = True
+    progress: bool = True
+    device: str = "cpu"
+    solver_options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> "TrainConfig":
+        """Raise :class:`ConfigError` naming the first bad value."""
+        positive = ("epochs", "batch_size", "embedding_dim", "width", "eval_every", "eval_batch_size", "samples_per_class")
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}")
+        if not isinstance(self.solver_options, dict):
+            raise ConfigError("solver_options must be a mapping of option name to value")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a JSON or TOML config file into a dict (keys as in :class:`TrainConfig`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    text = path.read_text()
+    try:
+        if path.suffix == ".toml":
+            import tomllib
+
+            return tomllib.loads(text)
+        return json.loads(text)
+    except (ValueError, ImportError) as exc:
+        raise ConfigError(f"cannot parse config file {path}: {exc}") from None

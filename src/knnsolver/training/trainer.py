@@ -1,0 +1,232 @@
+"""The trainer every solver plugs into.
+
+One run writes to ``out/``:
+
+* ``config.json``   the full configuration;
+* ``checkpoint.pt`` the last finished epoch (model, solver, optimizer, history), written atomically;
+* ``best.pt``       model and solver at the best validation score;
+* ``log.jsonl``     one line per epoch (loss, throughput, validation metrics, solver diagnostics);
+* ``summary.json``  final test metrics of the best checkpoint;
+* ``*.png``         loss / metric curves and a t-SNE of test embeddings.
+
+Determinism: the global RNG is reseeded from ``(seed, epoch)`` at every epoch
+start and the sampler is seeded the same way, so a resumed run replays exactly
+the epochs an uninterrupted run would have, and ends with the same result.
+"""
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import BatchSampler, DataLoader
+from tqdm.auto import tqdm
+
+from knnsolver.data import DataBundle, build_data
+from knnsolver.data.sampler import ClassBalancedBatchSampler
+from knnsolver.errors import ConfigError
+from knnsolver.evaluation import embed_dataset, retrieval_summary, solver_accuracy
+from knnsolver.interfaces import EpochContext, Solver
+from knnsolver.models import build_model
+from knnsolver.registry import SOLVERS
+from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
+from knnsolver.training.config import TrainConfig, load_config_file
+
+CHECKPOINT, BEST, CONFIG, LOG, SUMMARY = "checkpoint.pt", "best.pt", "config.json", "log.jsonl", "summary.json"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+@dataclass
+class Run:
+    """Everything a run is made of, built from a config."""
+
+    config: TrainConfig
+    data: DataBundle
+    model: nn.Module
+    solver: Solver
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.config.device)
+
+    def embed(self, dataset) -> tuple[Tensor, Tensor]:
+        return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device)
+
+    def context(self, epoch: int) -> EpochContext:
+        return EpochContext(epoch, lambda: self.embed(self.data.train_eval), len(self.data.train_eval), self.device)
+
+    def evaluate(self, dataset, prefix: str) -> dict[str, float]:
+        """Accuracy (standard split) or retrieval metrics (disjoint split) on ``dataset``."""
+        emb, labels = self.embed(dataset)
+        if self.config.split == "standard":
+            train_emb, train_labels = self.embed(self.data.train_eval)
+            return {f"{prefix}accuracy": solver_accuracy(self.solver, train_emb, train_labels, emb, labels)}
+        metrics = retrieval_summary(emb, labels, with_nmi=prefix == "test_", seed=self.config.seed)
+        return {f"{prefix}{k}" if prefix != "test_" else k: v for k, v in metrics.items()}
+
+
+def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
+    """Build data, backbone and solver for ``config`` (``model`` overrides the named backbone)."""
+    config.validate()
+    seed_everything(config.seed)
+    data = build_data(
+        config.dataset, split=config.split, val_fraction=config.val_fraction, max_per_class=config.max_per_class,
+        seed=config.seed, data_dir=config.data_dir, augment=config.augment, image_size=config.image_size,
+    )
+    if model is None:
+        model = build_model(config.model, data.input_shape, config.embedding_dim, config.dropout, config.width, config.pretrained)
+    solver = SOLVERS.build(
+        config.solver, embedding_dim=config.embedding_dim, num_classes=data.num_classes, num_train=len(data.train),
+        **config.solver_options,
+    )
+    return Run(config, data, model.to(config.device), solver.to(config.device))
+
+
+def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def _batches(run: Run, epoch: int) -> Iterator[list[int]]:
+    """Row-index batches for one epoch: class-balanced where needed, else a seeded shuffle."""
+    cfg = run.config
+    balanced = run.solver.needs_balanced_sampler if cfg.balanced is None else cfg.balanced
+    if balanced:
+        sampler = ClassBalancedBatchSampler(run.data.train_labels, cfg.batch_size, cfg.samples_per_class, seed=cfg.seed)
+        sampler.set_epoch(epoch)
+        return iter(sampler)
+    n = len(run.data.train)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))).tolist()
+    # A last batch of one sample would break BatchNorm in training mode: fold it away.
+    return iter(BatchSampler(order, cfg.batch_size, drop_last=n % cfg.batch_size == 1))
+
+
+def _select_key(config: TrainConfig) -> str:
+    return "val_accuracy" if config.split == "standard" else "val_precision_at_1"
+
+
+def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, model: nn.Module | None = None) -> dict[str, Any]:
+    """Train, select the best epoch on validation, evaluate it on test; return the summary.
+
+    ``resume`` continues the run in ``config.out`` from its last checkpoint (the
+    epoch count may be raised). Without ``resume`` an existing run folder is
+    refused unless ``overwrite`` is set, so finished work is never lost.
+    """
+    out = Path(config.out)
+    ckpt_path = out / CHECKPOINT
+    if resume:
+        if not ckpt_path.is_file():
+            raise ConfigError(f"cannot resume: {ckpt_path} does not exist; start the run without --resume")
+    elif ckpt_path.exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    run = build_run(config, model)
+    params = [p for p in [*run.model.parameters(), *run.solver.parameters()] if p.requires_grad]
+    optimizer = _optimizer(config, params)
+    history: list[dict[str, Any]] = []
+    best_score, start_epoch = -math.inf, 0
+    if resume:
+        state = load_checkpoint(ckpt_path)
+        saved = TrainConfig.from_dict(state["config"])
+        if {**saved.to_dict(), "epochs": config.epochs, "progress": config.progress} != config.to_dict():
+            raise ConfigError(f"cannot resume {out}: settings other than epochs differ from the saved run's config.json")
+        run.model.load_state_dict(state["model"])
+        run.solver.load_state_dict(state["solver"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, best_score, start_epoch = state["history"], state["best_score"], state["epoch"] + 1
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(config.to_dict(), out / CONFIG)
+
+    select_key = _select_key(config)
+    for epoch in range(start_epoch, config.epochs):
+        torch.manual_seed(_epoch_seed(config.seed, epoch))
+        ctx = run.context(epoch)
+        row = _train_epoch(run, optimizer, epoch, ctx)
+        is_eval_epoch = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+        if is_eval_epoch and run.data.val is not None:
+            row.update(run.evaluate(run.data.val, "val_"))
+        history.append(row)
+        score = row.get(select_key)
+        if run.data.val is None and epoch + 1 == config.epochs:
+            score = 0.0  # no validation split: the last epoch is the one kept
+        if score is not None and score > best_score:
+            best_score = score
+            save_checkpoint({"model": run.model.state_dict(), "solver": run.solver.state_dict(), "epoch": epoch}, out / BEST)
+        write_jsonl(history, out / LOG)
+        save_checkpoint(
+            {"config": config.to_dict(), "model": run.model.state_dict(), "solver": run.solver.state_dict(),
+             "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history, "best_score": best_score},
+            ckpt_path,
+        )
+    return finish(run, out)
+
+
+def _train_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, ctx: EpochContext) -> dict[str, Any]:
+    cfg, dev = run.config, run.device
+    run.solver.on_epoch_start(ctx)
+    run.model.train()
+    run.solver.train()
+    batches = list(_batches(run, epoch))
+    loader = DataLoader(run.data.train, batch_sampler=batches)
+    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, unit="batch")
+    for x, y, idx in bar:
+        x, y, idx = x.to(dev), torch.as_tensor(y).to(dev), torch.as_tensor(idx).to(dev)
+        loss = run.solver(run.model(x), y, idx)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.item() * len(y)
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.0f}")
+    elapsed = time.perf_counter() - start
+    row = {"epoch": epoch + 1, "loss": total_loss / max(1, seen), "seconds": elapsed, "samples_per_s": seen / elapsed}
+    row.update({f"solver_{k}": float(v) for k, v in run.solver.on_epoch_end(ctx).items()})
+    return row
+
+
+def finish(run: Run, out: Path) -> dict[str, Any]:
+    """Load the best checkpoint, evaluate it on test, write ``summary.json`` and plots."""
+    best = load_checkpoint(out / BEST)
+    run.model.load_state_dict(best["model"])
+    run.solver.load_state_dict(best["solver"])
+    summary: dict[str, Any] = {"best_epoch": best["epoch"] + 1, "dataset": run.config.dataset,
+                               "solver": run.config.solver, "split": run.config.split}
+    summary.update(run.evaluate(run.data.test, "test_"))
+    write_json(summary, out / SUMMARY)
+    if run.config.plots:
+        from knnsolver.training.plots import plot_run
+
+        test_emb, test_labels = run.embed(run.data.test)
+        history = load_checkpoint(out / CHECKPOINT)["history"]
+        plot_run(history, test_emb.cpu().numpy(), test_labels.cpu().numpy(), out, seed=run.config.seed)
+    return summary
+
+
+def evaluate_saved(out: str | Path) -> dict[str, Any]:
+    """Rebuild a saved run from its folder and evaluate its best checkpoint on test again."""
+    out = Path(out)
+    for name in (CONFIG, BEST, CHECKPOINT):
+        if not (out / name).is_file():
+            raise ConfigError(f"{out} is not a finished knnsolver run: {name} is missing")
+    config = TrainConfig.from_dict(load_config_file(out / CONFIG))
+    config.plots = False
+    return finish(build_run(config), out)
