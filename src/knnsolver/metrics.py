@@ -74,14 +74,17 @@ def _rank(d: Tensor, depth: int) -> Tensor:
     ``torch.topk`` finds the right values but, among entries equal to the last
     value kept, may keep any subset and in any order; both are fixed here so the
     ranking is deterministic: equal distances rank by lower reference index.
+    One extra neighbour is fetched to spot rows whose cut-off falls inside a run
+    of equal distances without a full pass over ``d``.
     """
-    vals, idx = torch.topk(d, depth, dim=1, largest=False, sorted=True)
-    last = vals[:, -1:]
-    kept = (vals == last).sum(1)
-    # Rows where more entries equal the last kept value than were kept: keep the lowest indices.
-    for row in ((d == last).sum(1) > kept).nonzero().flatten().tolist():
-        n_kept = int(kept[row])
-        idx[row, depth - n_kept :] = (d[row] == last[row]).nonzero().flatten()[:n_kept]
+    vals, idx = torch.topk(d, min(depth + 1, d.shape[1]), dim=1, largest=False, sorted=True)
+    if vals.shape[1] > depth:
+        # Cut-off inside a run of equal distances: keep that run's lowest indices.
+        for row in (vals[:, depth] == vals[:, depth - 1]).nonzero().flatten().tolist():
+            last = vals[row, depth - 1]
+            n_kept = int((vals[row, :depth] == last).sum())
+            idx[row, depth - n_kept : depth] = (d[row] == last).nonzero().flatten()[:n_kept]
+        vals, idx = vals[:, :depth], idx[:, :depth]
     # Rows with equal distances inside the kept list: sort by index, then stably by distance.
     tied = (vals[:, 1:] == vals[:, :-1]).any(1).nonzero().flatten()
     if tied.numel():
@@ -157,8 +160,8 @@ def retrieval_metrics(
 
     # Neighbours needed: enough for the largest K and for the largest R (MAP@R, R-precision).
     depth = min(n_ref - exclude_self, max(cuts[-1], int(r_count.max())))
-    # Per query row: distances 4N + equality mask N; per neighbour ~48 bytes of index/label/precision work.
-    rows = block_size or max(1, _BLOCK_BYTES // (5 * n_ref + 48 * depth))
+    # Per query row: 4N bytes of distances; per neighbour ~48 bytes of index/label/precision work.
+    rows = block_size or max(1, _BLOCK_BYTES // (4 * n_ref + 48 * depth))
 
     n_q = q.shape[0]
     ref_norm = (ref * ref).sum(1)

@@ -21,6 +21,19 @@ _COMMON = ("embedding_dim", "num_classes", "num_train")
 _NOT_FLAGS = {"solver_options"}
 
 
+def _flag_type(kind: type):
+    """An argparse ``type`` that parses ``kind`` and reports our message on failure."""
+
+    def parse(text: str) -> Any:
+        try:
+            return parse_value(text, kind)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     from knnsolver.training.config import TrainConfig
 
@@ -33,7 +46,7 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
         default = f.default
         group.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
-            type=lambda s, k=kind: parse_value(s, k), help=f"(default: {default})",
+            type=_flag_type(kind), help=f"(default: {default})",
         )
 
 
@@ -49,7 +62,7 @@ def _add_solver_flags(parser: argparse.ArgumentParser, solver: str) -> dict[str,
         dest = f"solveropt__{opt.name}"
         group.add_argument(
             f"--{flag.replace('_', '-')}", dest=dest, default=argparse.SUPPRESS, metavar=opt.type.__name__.upper(),
-            type=lambda s, k=opt.type: parse_value(s, k), help=f"(default: {opt.default})",
+            type=_flag_type(opt.type), help=f"(default: {opt.default})",
         )
         dests[dest] = opt.name
     return dests

@@ -1,0 +1,160 @@
+"""The data layer: dataset sources, splits, a class-balanced sampler and torch image transforms.
+
+:func:`build_data` is the entry point: it loads a dataset named in
+:data:`knnsolver.registry.DATASETS` and returns a :class:`DataBundle` of train,
+validation and test datasets whose items are ``(input, label, row_index)``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import numpy as np
+from torch import Tensor
+
+from knnsolver.data.datasets import RowDataset, Source
+from knnsolver.data.transforms import Transform
+from knnsolver.data.sampler import ClassBalancedBatchSampler
+from knnsolver.data.splits import SPLITS, cap_per_class, disjoint_classes, remap, stratified_split
+from knnsolver.errors import ConfigError, DataError
+from knnsolver.registry import DATASETS
+
+__all__ = ["DataBundle", "build_data", "ClassBalancedBatchSampler", "RowDataset", "Source"]
+
+
+@dataclass
+class DataBundle:
+    """The datasets of one experiment.
+
+    Attributes:
+        train: training rows, augmented when requested.
+        train_eval: the same rows in the same order without augmentation (for embedding banks).
+        val: validation rows carved from the training classes, or ``None`` when ``val_fraction`` is 0
+            (or too small to carve a single row).
+        test: test rows.
+        train_labels: labels of the training rows in row order.
+        num_classes: number of training classes; train and val labels are ``0..num_classes-1``.
+        input_shape: shape of one input, e.g. ``(1, 8, 8)``.
+        class_names: names of the training classes, indexed by train label.
+        test_class_names: names of the test classes, indexed by test label.
+        name: dataset name.
+        split: ``"standard"`` or ``"disjoint"``.
+        train_class_ids, test_class_ids: the source's class ids behind train and test labels
+            (label ``i`` of the training set is source class ``train_class_ids[i]``).
+    """
+
+    train: RowDataset
+    train_eval: RowDataset
+    val: RowDataset | None
+    test: RowDataset
+    train_labels: Tensor
+    num_classes: int
+    input_shape: tuple[int, ...]
+    class_names: list[str]
+    test_class_names: list[str]
+    name: str
+    split: str
+    train_class_ids: list[int]
+    test_class_ids: list[int]
+
+
+def _load_source(name: str, data_dir: str | None, image_size: int) -> Source:
+    """Call the registered loader with the options it takes."""
+    loader = DATASETS.get(name)
+    params = inspect.signature(loader).parameters
+    if data_dir is not None and "data_dir" not in params:
+        raise ConfigError(f"dataset {name!r} is bundled and takes no data_dir; drop --data-dir")
+    kwargs: dict[str, object] = {}
+    if data_dir is not None:
+        kwargs["data_dir"] = data_dir
+    if "image_size" in params:
+        kwargs["image_size"] = image_size
+    return loader(**kwargs)
+
+
+def build_data(
+    name: str,
+    *,
+    split: str = "standard",
+    val_fraction: float = 0.1,
+    max_per_class: int | None = None,
+    seed: int = 0,
+    data_dir: str | None = None,
+    augment: bool = False,
+    image_size: int = 64,
+    train_classes: list[int] | None = None,
+) -> DataBundle:
+    """Load dataset ``name`` and split it into train / validation / test.
+
+    Splits:
+        ``standard``: the official train/test split (a fixed stratified 80/20 where
+        the source has none); validation is a stratified ``val_fraction`` of train.
+        ``disjoint``: unseen-class evaluation as in the metric-learning papers. All
+        rows (official train and test together) of the first half of the sorted
+        class ids, or of ``train_classes``, train; all rows of the other classes
+        test. Validation is carved from the training classes. Labels are remapped
+        to ``0..C-1`` separately within train and within test.
+
+    Validation is drawn with ``seed``; ``max_per_class`` then keeps at most that
+    many training rows per class, drawn with ``seed`` from a separate stream, so
+    validation and test stay the same whatever the cap. ``augment`` applies the
+    source's training augmentation to ``train`` only; ``image_size`` is the side
+    of image-folder images.
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if max_per_class is not None and max_per_class < 1:
+        raise ConfigError(f"max_per_class must be >= 1 (or None for no cap), got {max_per_class}")
+    if seed < 0:
+        raise ConfigError(f"seed must be >= 0, got {seed}")
+    if image_size < 1:
+        raise ConfigError(f"image_size must be >= 1, got {image_size}")
+    if train_classes is not None and split != "disjoint":
+        raise ConfigError("train_classes only applies to split 'disjoint'")
+    source = _load_source(name, data_dir, image_size)
+    if augment and source.augmentation is None:
+        raise ConfigError(f"dataset {name!r} has no augmentation (its inputs are not images); drop --augment")
+
+    labels = source.labels
+    if split == "standard":
+        pool_train, test_rows = source.train_rows, source.test_rows
+        train_ids = np.unique(labels[pool_train]).tolist()
+        unseen = sorted(set(np.unique(labels[test_rows]).tolist()) - set(train_ids))
+        if unseen:
+            raise DataError(
+                f"the test set of {name!r} has classes absent from its training set "
+                f"({', '.join(source.class_names[c] for c in unseen)}); use split 'disjoint' for unseen classes"
+            )
+        test_ids = train_ids
+    else:
+        every = np.sort(np.concatenate([source.train_rows, source.test_rows]))
+        train_ids, test_ids = disjoint_classes(np.unique(labels[every]).tolist(), train_classes)
+        in_train = np.isin(labels[every], train_ids)
+        pool_train, test_rows = every[in_train], every[~in_train]
+
+    kept, carved = stratified_split(labels[pool_train], val_fraction, np.random.default_rng([seed, 1]))
+    train_rows, val_rows = pool_train[kept], pool_train[carved]
+    if max_per_class is not None:
+        train_rows = train_rows[cap_per_class(labels[train_rows], max_per_class, np.random.default_rng([seed, 2]))]
+
+    def dataset(rows: np.ndarray, ids: list[int], transform: Transform | None = None) -> RowDataset:
+        return RowDataset(source.pool, rows, remap(labels[rows], ids), transform)
+
+    train_eval = dataset(train_rows, train_ids)
+    return DataBundle(
+        train=dataset(train_rows, train_ids, source.augmentation) if augment else train_eval,
+        train_eval=train_eval,
+        val=dataset(val_rows, train_ids) if len(val_rows) else None,
+        test=dataset(test_rows, test_ids),
+        train_labels=train_eval.labels.clone(),
+        num_classes=len(train_ids),
+        input_shape=tuple(source.input_shape),
+        class_names=[source.class_names[c] for c in train_ids],
+        test_class_names=[source.class_names[c] for c in test_ids],
+        name=name,
+        split=split,
+        train_class_ids=[int(c) for c in train_ids],
+        test_class_ids=[int(c) for c in test_ids],
+    )

@@ -90,10 +90,9 @@ def disjoint_classes(class_ids: Sequence[int], train_classes: Sequence[int] | No
 
 
 def remap(labels: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:
-    """Map each label to its position in ``class_ids`` (which must contain every label)."""
-    lookup = np.full(int(max(class_ids)) + 1, -1, dtype=np.int64)
-    lookup[np.asarray(class_ids, dtype=np.int64)] = np.arange(len(class_ids))
-    out = lookup[labels]
-    if (out < 0).any():
+    """Map each label to its position in the sorted ``class_ids``, which must contain every label."""
+    ids = np.asarray(class_ids, dtype=np.int64)
+    pos = np.searchsorted(ids, labels).clip(max=len(ids) - 1)
+    if not np.array_equal(ids[pos], labels):
         raise ValueError("remap: some labels are not in class_ids")
-    return out
+    return pos

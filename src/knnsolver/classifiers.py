@@ -1,0 +1,74 @@
+"""Scikit-learn style classifiers over fixed embeddings, built on the solvers' functional cores."""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin
+from torch import Tensor
+
+from knnsolver.errors import ConfigError
+from knnsolver.functional.rbf import auto_sigma, rbf_log_probs
+from knnsolver.interfaces import check_k
+from knnsolver.registry import SEARCHES
+
+__all__ = ["RBFClassifier"]
+
+
+def _as_tensor(x: Any) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.detach().float().cpu()
+    return torch.from_numpy(np.asarray(x, dtype=np.float32))
+
+
+class RBFClassifier(ClassifierMixin, BaseEstimator):
+    """Nearest-neighbour RBF classifier (Eq. 4 with unit weights) on fixed embeddings.
+
+    ``P(c|x) = sum_{i in c ∩ N(x)} f(x, c_i) / sum_{j in N(x)} f(x, c_j)`` with
+    ``f = exp(-||x - c||^2 / (2 sigma^2))`` over the ``k`` nearest training
+    points ``N(x)``. ``sigma=0`` sets it at ``fit`` to the median distance from a
+    training point to its k-th nearest other one (as the RBF solver does).
+    Accepts numpy arrays or torch tensors; labels may be any sortable values.
+
+    Attributes after ``fit``: ``classes_`` (sorted labels), ``sigma_`` (the width
+    used), ``n_features_in_``.
+    """
+
+    def __init__(self, k: int = 20, sigma: float = 0.0, search: str = "exact") -> None:
+        self.k = k
+        self.sigma = sigma
+        self.search = search
+
+    def fit(self, X: Any, y: Any) -> "RBFClassifier":
+        points = _as_tensor(X)
+        labels = np.asarray(y.cpu() if isinstance(y, Tensor) else y)
+        if points.dim() != 2 or labels.shape != (points.shape[0],):
+            raise ConfigError(f"fit expects X of shape (n, d) and y of shape (n,), got {tuple(points.shape)} and {labels.shape}")
+        if not self.sigma >= 0:
+            raise ConfigError(f"sigma must be >= 0 (0 = set automatically), got {self.sigma}")
+        check_k(self.k, points.shape[0], excluding_self=self.sigma == 0)
+        self.classes_, codes = np.unique(labels, return_inverse=True)
+        self._search = SEARCHES.build(self.search)
+        self._points, self._codes = points, torch.from_numpy(codes.astype(np.int64))
+        self.n_features_in_ = points.shape[1]
+        self.sigma_ = float(self.sigma) or auto_sigma(points, self._search.knn_graph(points, self.k))
+        return self
+
+    @torch.no_grad()
+    def _log_proba(self, X: Any) -> Tensor:
+        if not hasattr(self, "classes_"):
+            raise RuntimeError("this RBFClassifier is not fitted yet: call fit(X, y) first")
+        queries = _as_tensor(X)
+        if queries.dim() != 2 or queries.shape[1] != self.n_features_in_:
+            raise ConfigError(f"X must have shape (n, {self.n_features_in_}), got {tuple(queries.shape)}")
+        _, neighbours = self._search.search(queries, self._points, self.k)
+        unit = torch.zeros(self._points.shape[0])
+        return rbf_log_probs(queries, self._points, self._codes, neighbours, unit, self.sigma_, len(self.classes_))
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        """``(n, n_classes)`` class probabilities, columns in ``classes_`` order."""
+        return self._log_proba(X).exp().numpy()
+
+    def predict(self, X: Any) -> np.ndarray:
+        return self.classes_[self._log_proba(X).argmax(1).numpy()]

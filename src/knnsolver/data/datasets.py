@@ -1,0 +1,429 @@
+"""Dataset sources: the loaders named in the ``DATASETS`` registry and the row dataset.
+
+A loader returns a :class:`Source`: every row of the dataset in one pool (images
+or feature vectors) with integer class ids, the official train/test rows, the
+class names, the input shape and the training augmentation. :func:`knnsolver.data.build_data`
+turns a source into train / validation / test :class:`RowDataset` objects.
+
+Image pixels are kept in [0, 1] and not standardised: the networks start with
+batch normalisation, and a single scale keeps every source comparable. Use
+:class:`knnsolver.data.transforms.Normalize` for a backbone that wants otherwise.
+"""
+from __future__ import annotations
+
+import gzip
+import operator
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from knnsolver.data.splits import official_split
+from knnsolver.data.transforms import Compose, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, Resize, Transform
+from knnsolver.errors import ConfigError, DataError
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_FILES = {
+    "train_images": "train-images-idx3-ubyte.gz",
+    "train_labels": "train-labels-idx1-ubyte.gz",
+    "test_images": "t10k-images-idx3-ubyte.gz",
+    "test_labels": "t10k-labels-idx1-ubyte.gz",
+}
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
+IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
+_EMBEDDING_FILES = {"x": "features.npy", "y": "labels.npy", "x_test": "test_features.npy", "y_test": "test_labels.npy"}
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
+
+_FASHION_HINT = (
+    "Run `make data` (installs the Debian package dataset-fashion-mnist into "
+    f"{FASHION_MNIST_DIR}) or pass --data-dir pointing at a folder with the four Fashion-MNIST IDX .gz files."
+)
+_EMBEDDINGS_HINT = (
+    "embeddings expect an .npz file with arrays x (N, D) and y (N,), optionally x_test and y_test, "
+    "or a folder with features.npy and labels.npy, optionally test_features.npy and test_labels.npy"
+)
+
+
+class Pool:
+    """Random access to the input of every row of a source."""
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def get(self, index: int) -> Tensor:
+        """Return row ``index`` as a new float32 tensor."""
+        raise NotImplementedError
+
+
+class TensorPool(Pool):
+    """Rows held in memory; ``scale`` converts stored values (e.g. uint8 pixels) to floats."""
+
+    def __init__(self, data: Tensor, scale: float = 1.0) -> None:
+        self.data = data
+        self.scale = float(scale)
+
+    def __len__(self) -> int:
+        return self.data.shape[0]
+
+    def get(self, index: int) -> Tensor:
+        x = self.data[index].to(torch.float32, copy=True)
+        return x.mul_(self.scale) if self.scale != 1.0 else x
+
+
+class ImageFilePool(Pool):
+    """Image files read lazily with Pillow as RGB and resized to ``image_size`` squared.
+
+    Non-square images are stretched, not cropped, so nothing of the object is lost.
+    """
+
+    def __init__(self, paths: list[Path], image_size: int) -> None:
+        self.paths = list(paths)
+        self.resize = Resize(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get(self, index: int) -> Tensor:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError) as err:
+            raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
+        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
+        return self.resize(x)
+
+
+@dataclass
+class Source:
+    """A dataset as loaded, before splitting.
+
+    Attributes:
+        name: registry name of the dataset.
+        pool: the input of every row.
+        labels: class id of every pool row (an index into ``class_names``).
+        train_rows, test_rows: sorted pool rows of the official train and test sets.
+        class_names: name of every class id.
+        input_shape: shape of one input, e.g. ``(1, 8, 8)`` or ``(D,)``.
+        augmentation: training transform, or ``None`` where augmentation makes no sense.
+    """
+
+    name: str
+    pool: Pool
+    labels: np.ndarray
+    train_rows: np.ndarray
+    test_rows: np.ndarray
+    class_names: list[str]
+    input_shape: tuple[int, ...]
+    augmentation: Transform | None = None
+
+
+class RowDataset(Dataset):
+    """Selected rows of a pool with their (remapped) labels.
+
+    Items are ``(input, label, row_index)`` where ``row_index`` is the item's
+    position in this dataset, so stateful solvers can index a bank by it.
+    ``transform`` (augmentation) is applied to the input when given.
+    """
+
+    def __init__(self, pool: Pool, rows: np.ndarray, labels: np.ndarray, transform: Transform | None = None) -> None:
+        if len(rows) != len(labels):
+            raise ValueError(f"{len(rows)} rows but {len(labels)} labels")
+        self.pool = pool
+        self.rows = np.asarray(rows, dtype=np.int64)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        index = operator.index(index)
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(f"row {index} out of range for a dataset of {len(self)} rows")
+        x = self.pool.get(int(self.rows[index]))
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, self.labels[index], index
+
+
+def load_digits() -> Source:
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes) as (1, 8, 8) floats in [0, 1].
+
+    The data has no official test set: a stratified 20% is held out with a fixed
+    seed (:func:`knnsolver.data.splits.official_split`), the same in every run.
+    Augmentation: random 1-pixel shifts (no flips: digits are not mirror-symmetric).
+    """
+    from sklearn import datasets as sk_datasets
+
+    digits = sk_datasets.load_digits()
+    images = torch.from_numpy(digits.images).float().div_(16.0)[:, None]
+    labels = digits.target.astype(np.int64)
+    train_rows, test_rows = official_split(labels)
+    return Source(
+        name="digits",
+        pool=TensorPool(images),
+        labels=labels,
+        train_rows=train_rows,
+        test_rows=test_rows,
+        class_names=[str(d) for d in range(10)],
+        input_shape=(1, 8, 8),
+        augmentation=RandomCrop(8, padding=1),
+    )
+
+
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """Read a gzipped IDX file of unsigned bytes, checking its magic number and size.
+
+    Raises DataError naming ``path`` when it is missing, not gzip, has the wrong
+    magic number, or holds more or fewer bytes than its header announces.
+    """
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise DataError(f"Fashion-MNIST file {path} is missing. {_FASHION_HINT}") from None
+    except (OSError, EOFError, zlib.error) as err:
+        raise DataError(f"Fashion-MNIST file {path} is not a valid gzip file ({err}). {_FASHION_HINT}") from None
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"Fashion-MNIST file {path} is truncated: {len(raw)} bytes, shorter than its header. {_FASHION_HINT}")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        raise DataError(
+            f"Fashion-MNIST file {path} has IDX magic number {found:#010x}, expected {magic:#010x}. {_FASHION_HINT}"
+        )
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = int(np.prod(dims))
+    if len(raw) - header != expected:
+        raise DataError(
+            f"Fashion-MNIST file {path} holds {len(raw) - header} data bytes but its header {dims} "
+            f"announces {expected} (truncated or corrupt). {_FASHION_HINT}"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def load_fashion_mnist(data_dir: str | None = None) -> Source:
+    """Fashion-MNIST from its four IDX .gz files, as (1, 28, 28) floats in [0, 1].
+
+    Reads ``data_dir`` or, by default, ``/usr/share/datasets/fashion-mnist``.
+    Pixels stay uint8 in memory and are scaled on access. Official split:
+    60000 train / 10000 test. Augmentation: random shifts of up to 2 pixels and
+    horizontal flips.
+    """
+    root = Path(data_dir) if data_dir is not None else Path(FASHION_MNIST_DIR)
+    if not root.is_dir():
+        raise DataError(f"Fashion-MNIST folder {root} does not exist. {_FASHION_HINT}")
+    paths = {key: root / fname for key, fname in FASHION_MNIST_FILES.items()}
+    arrays = {key: read_idx(p, IDX_IMAGES_MAGIC if key.endswith("images") else IDX_LABELS_MAGIC) for key, p in paths.items()}
+    for part in ("train", "test"):
+        n_img, n_lab = len(arrays[f"{part}_images"]), len(arrays[f"{part}_labels"])
+        if n_img != n_lab:
+            raise DataError(
+                f"Fashion-MNIST {part} files disagree: {paths[f'{part}_images']} holds {n_img} images but "
+                f"{paths[f'{part}_labels']} holds {n_lab} labels. {_FASHION_HINT}"
+            )
+        if n_lab and arrays[f"{part}_labels"].max() >= len(FASHION_MNIST_CLASSES):
+            raise DataError(
+                f"Fashion-MNIST file {paths[f'{part}_labels']} has label {arrays[f'{part}_labels'].max()}, "
+                f"but the data has {len(FASHION_MNIST_CLASSES)} classes. {_FASHION_HINT}"
+            )
+    image_hw = arrays["train_images"].shape[1:]
+    if arrays["test_images"].shape[1:] != image_hw:
+        raise DataError(
+            f"Fashion-MNIST image sizes differ: {paths['train_images']} has {image_hw}, "
+            f"{paths['test_images']} has {arrays['test_images'].shape[1:]}. {_FASHION_HINT}"
+        )
+    n_train, n_test = len(arrays["train_labels"]), len(arrays["test_labels"])
+    images = torch.from_numpy(np.concatenate([arrays["train_images"], arrays["test_images"]]))[:, None]
+    return Source(
+        name="fashion-mnist",
+        pool=TensorPool(images, scale=1.0 / 255.0),
+        labels=np.concatenate([arrays["train_labels"], arrays["test_labels"]]).astype(np.int64),
+        train_rows=np.arange(n_train),
+        test_rows=np.arange(n_train, n_train + n_test),
+        class_names=list(FASHION_MNIST_CLASSES),
+        input_shape=(1, *image_hw),
+        augmentation=Compose([RandomCrop(image_hw, padding=2), RandomHorizontalFlip()]),
+    )
+
+
+def _scan_class_folders(root: Path) -> dict[str, list[Path]]:
+    """Map each class sub-folder name of ``root`` to its sorted image files."""
+    class_dirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"image folder {root} has no class sub-folders; put the images of each class in their own sub-folder")
+    found = {}
+    for d in class_dirs:
+        files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+        if not files:
+            raise DataError(
+                f"class folder {d} holds no images (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}); add images or remove the folder"
+            )
+        found[d.name] = files
+    return found
+
+
+def _check_image_header(path: Path) -> None:
+    """Fail early, naming the file, when Pillow cannot identify an image."""
+    try:
+        with Image.open(path):
+            pass
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
+
+
+def load_image_folder(data_dir: str | None = None, image_size: int = 64) -> Source:
+    """Images in one sub-folder per class (the CUB-200 / Cars196 layout), as (3, S, S) floats in [0, 1].
+
+    Images are RGB, read lazily and resized to ``image_size`` squared. When
+    ``data_dir`` has ``train/`` and ``test/`` sub-folders (each with one folder
+    per class) they are the official split; otherwise every image forms the pool
+    and a stratified 20% is held out with a fixed seed. Only images directly in a
+    class folder count. Augmentation: a random crop of 50-100% of the area,
+    resized back, and horizontal flips.
+    """
+    if data_dir is None:
+        raise ConfigError("dataset 'image-folder' needs data_dir (--data-dir): a folder with one sub-folder of images per class")
+    if image_size < 1:
+        raise ConfigError(f"image_size must be >= 1, got {image_size}")
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"image folder {root} does not exist or is not a folder")
+    subdirs = {d.name for d in root.iterdir() if d.is_dir()}
+    if "train" in subdirs or "test" in subdirs:
+        if not {"train", "test"} <= subdirs:
+            present, absent = ("train", "test") if "train" in subdirs else ("test", "train")
+            raise DataError(f"image folder {root} has a {present}/ folder but no {absent}/; provide both or neither")
+        parts = [_scan_class_folders(root / "train"), _scan_class_folders(root / "test")]
+    else:
+        parts = [_scan_class_folders(root)]
+    class_names = sorted(set().union(*parts))
+    paths, labels, part_of = [], [], []
+    for p, found in enumerate(parts):
+        for name, files in found.items():
+            paths += files
+            labels += [class_names.index(name)] * len(files)
+            part_of += [p] * len(files)
+    for path in paths:
+        _check_image_header(path)
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    if len(parts) == 2:
+        part_arr = np.asarray(part_of)
+        train_rows, test_rows = np.flatnonzero(part_arr == 0), np.flatnonzero(part_arr == 1)
+    else:
+        train_rows, test_rows = official_split(labels_arr)
+    return Source(
+        name="image-folder",
+        pool=ImageFilePool(paths, image_size),
+        labels=labels_arr,
+        train_rows=train_rows,
+        test_rows=test_rows,
+        class_names=class_names,
+        input_shape=(3, image_size, image_size),
+        augmentation=Compose([RandomResizedCrop(image_size), RandomHorizontalFlip()]),
+    )
+
+
+def _read_array(read: Callable[[], np.ndarray], where: str) -> np.ndarray:
+    """Run ``read``, turning any failure to parse the array into a DataError naming ``where``."""
+    try:
+        return read()
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(f"cannot read embeddings array {where}: {err}") from None
+
+
+def _check_present(present: set[str], names: dict[str, str]) -> None:
+    """Require the training arrays, and both test arrays or neither."""
+    missing = [names[k] for k in ("x", "y") if k not in present]
+    if missing:
+        raise DataError(f"embeddings array(s) {', '.join(missing)} missing; {_EMBEDDINGS_HINT}")
+    if len(present & {"x_test", "y_test"}) == 1:
+        raise DataError(f"only one of {names['x_test']} and {names['y_test']} is present; provide both or neither")
+
+
+def _check_pair(x: np.ndarray, y: np.ndarray, xname: str, yname: str) -> None:
+    """Validate one features/labels pair: 2-D finite numeric features, 1-D integer labels, same length."""
+    if x.ndim != 2:
+        raise DataError(f"embeddings {xname} must be 2-D (samples, features), got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise DataError(f"embeddings {xname} must be numeric, got dtype {x.dtype}")
+    if y.ndim != 1:
+        raise DataError(f"embeddings labels {yname} must be 1-D, got shape {y.shape}")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise DataError(f"embeddings labels {yname} must be integers, got dtype {y.dtype}")
+    if len(x) != len(y):
+        raise DataError(f"embeddings {xname} has {len(x)} rows but labels {yname} has {len(y)}")
+    if len(x) == 0:
+        raise DataError(f"embeddings {xname} holds no rows")
+    if not np.isfinite(x).all():
+        raise DataError(f"embeddings {xname} contains NaN or infinite values")
+
+
+def load_embeddings(data_dir: str | None = None) -> Source:
+    """Precomputed feature vectors and integer labels, as (D,) float32 inputs.
+
+    ``data_dir`` is either an ``.npz`` file with arrays ``x`` (N, D) and ``y``
+    (N,), optionally ``x_test`` and ``y_test``; or a folder with
+    ``features.npy`` and ``labels.npy``, optionally ``test_features.npy`` and
+    ``test_labels.npy``. Without test arrays a stratified 20% is held out with a
+    fixed seed. Labels may be any integers; class ids are their sorted distinct
+    values, and class names their decimal text. No augmentation.
+    """
+    if data_dir is None:
+        raise ConfigError(f"dataset 'embeddings' needs data_dir (--data-dir); {_EMBEDDINGS_HINT}")
+    path = Path(data_dir)
+    if path.is_file() and path.suffix == ".npz":
+        npz = _read_array(lambda: np.load(path, allow_pickle=False), str(path))
+        with npz:
+            present = set(npz.files)
+            names = {k: f"{path} [{k}]" for k in ("x", "y", "x_test", "y_test")}
+            _check_present(present, names)
+            arrays = {k: _read_array(lambda k=k: npz[k], names[k]) for k in names if k in present}
+    elif path.is_dir():
+        names = {k: str(path / f) for k, f in _EMBEDDING_FILES.items()}
+        present = {k for k, f in _EMBEDDING_FILES.items() if (path / f).is_file()}
+        _check_present(present, names)
+        arrays = {k: _read_array(lambda k=k: np.load(names[k], allow_pickle=False), names[k]) for k in names if k in present}
+    elif not path.exists():
+        raise DataError(f"embeddings path {path} does not exist; {_EMBEDDINGS_HINT}")
+    else:
+        raise DataError(f"embeddings path {path} is neither an .npz file nor a folder; {_EMBEDDINGS_HINT}")
+    _check_pair(arrays["x"], arrays["y"], names["x"], names["y"])
+    x, y = arrays["x"], arrays["y"]
+    if "x_test" in arrays:
+        _check_pair(arrays["x_test"], arrays["y_test"], names["x_test"], names["y_test"])
+        if arrays["x_test"].shape[1] != x.shape[1]:
+            raise DataError(
+                f"embeddings {names['x_test']} has {arrays['x_test'].shape[1]} features but {names['x']} has {x.shape[1]}"
+            )
+        x, y = np.concatenate([x, arrays["x_test"]]), np.concatenate([y, arrays["y_test"]])
+    class_values, labels = np.unique(y, return_inverse=True)
+    labels = labels.astype(np.int64)
+    if "x_test" in arrays:
+        n_train = len(arrays["x"])
+        train_rows, test_rows = np.arange(n_train), np.arange(n_train, len(x))
+    else:
+        train_rows, test_rows = official_split(labels)
+    return Source(
+        name="embeddings",
+        pool=TensorPool(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))),
+        labels=labels,
+        train_rows=train_rows,
+        test_rows=test_rows,
+        class_names=[str(v) for v in class_values],
+        input_shape=(x.shape[1],),
+    )

@@ -1,0 +1,212 @@
+"""faiss backends: exact flat, IVF-Flat and HNSW behind :class:`NeighbourSearch`.
+
+All three share one pipeline: copy the points to a contiguous float32 array,
+build (and for IVF train) an index, search, and return int32 indices on the
+input's device. The all-points graph searches ``k + 1`` neighbours and drops
+each point's own index wherever it appears (with exact duplicates the point
+itself need not come first); rows where it is absent lose their farthest
+neighbour instead. Rows the index could not fill (faiss pads them with ``-1``,
+e.g. IVF with a small ``nprobe``) are completed by exact search, so callers
+always get ``k`` valid indices.
+
+The GPU build of faiss is used when it is installed, sees a GPU
+(``faiss.get_num_gpus() > 0``) and the points are on CUDA; HNSW has no faiss
+GPU implementation and always runs on the CPU. An index is cached for the
+last points tensor searched (same object, unmodified), so querying a fixed
+bank batch by batch trains and builds it once; a new or modified tensor, and
+every :meth:`knn_graph` call, builds it again.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from knnsolver.errors import ConfigError, MissingDependencyError
+from knnsolver.interfaces import NeighbourSearch, check_k
+from knnsolver.search.common import as_float32_array, check_dims, complete_rows, drop_self
+
+try:
+    import faiss
+except ImportError as exc:  # pragma: no cover - exercised by monkeypatching in tests
+    raise MissingDependencyError(
+        "the faiss search backends need faiss: pip install faiss-cpu (or faiss-gpu for CUDA)"
+    ) from exc
+
+
+def _same_points(cached: Tensor | None, version: int, points: Tensor) -> bool:
+    return cached is points and version == points._version
+
+
+class _FaissSearch(NeighbourSearch):
+    """Shared build/search/cache logic; subclasses describe their index."""
+
+    supports_gpu = True
+
+    def __init__(self, gpu: bool = True) -> None:
+        self.gpu = bool(gpu)
+        self._cache: tuple[Tensor, int, object] | None = None
+        self._gpu_resources = None
+
+    def _make_index(self, data: np.ndarray):
+        """Return an untrained (or ready) CPU index for ``data``."""
+        raise NotImplementedError
+
+    def _prepare(self, index, data: np.ndarray, k: int) -> None:
+        """Train and fill ``index`` with ``data``; set search-time parameters for ``k``."""
+        if not index.is_trained:
+            index.train(data)
+        index.add(data)
+
+    def _use_gpu(self, points: Tensor) -> bool:
+        return self.gpu and self.supports_gpu and points.is_cuda and faiss.get_num_gpus() > 0
+
+    def _build(self, points: Tensor, data: np.ndarray, k: int):
+        index = self._make_index(data)
+        if self._use_gpu(points):
+            if self._gpu_resources is None:
+                self._gpu_resources = faiss.StandardGpuResources()
+            device = points.device.index if points.device.index is not None else torch.cuda.current_device()
+            index = faiss.index_cpu_to_gpu(self._gpu_resources, device, index)
+        self._prepare(index, data, k)
+        return index
+
+    def _index_for(self, points: Tensor, data: np.ndarray, k: int):
+        if self._cache is not None and _same_points(self._cache[0], self._cache[1], points):
+            index = self._cache[2]
+            self._set_search_params(index, k)
+            return index
+        index = self._build(points, data, k)
+        self._cache = (points, points._version, index)
+        return index
+
+    def _set_search_params(self, index, k: int) -> None:
+        """Adjust search-time parameters that depend on ``k`` (HNSW's efSearch)."""
+
+    @torch.no_grad()
+    def knn_graph(self, points: Tensor, k: int) -> Tensor:
+        data = as_float32_array(points)
+        check_k(k, data.shape[0], excluding_self=True)
+        index = self._build(points, data, k + 1)
+        distances, indices = index.search(data, k + 1)
+        complete_rows(distances, indices, data, data)
+        return torch.from_numpy(drop_self(indices, k).astype(np.int32)).to(points.device)
+
+    @torch.no_grad()
+    def search(self, queries: Tensor, points: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        check_dims(queries, points)
+        data = as_float32_array(points)
+        check_k(k, data.shape[0], excluding_self=False)
+        q = as_float32_array(queries)
+        index = self._index_for(points, data, k)
+        distances, indices = index.search(q, k)
+        complete_rows(distances, indices, q, data)
+        device = queries.device
+        return (
+            torch.from_numpy(np.maximum(distances, 0.0).astype(np.float32)).to(device),
+            torch.from_numpy(indices.astype(np.int32)).to(device),
+        )
+
+
+class FaissFlatSearch(_FaissSearch):
+    """Exact search with ``IndexFlatL2``; faiss's reference and the benchmark baseline."""
+
+    name = "faiss-flat"
+
+    def __init__(self, gpu: bool = True) -> None:
+        super().__init__(gpu)
+
+    def _make_index(self, data: np.ndarray):
+        return faiss.IndexFlatL2(data.shape[1])
+
+
+class FaissIVFSearch(_FaissSearch):
+    """IVF-Flat: k-means cells, search ``nprobe`` nearest cells exhaustively (approximate).
+
+    Args:
+        nlist: number of k-means cells; ``None`` picks ``round(4 * sqrt(N))``,
+            capped so each cell gets at least 39 training points (faiss's minimum).
+        nprobe: cells visited per query (higher: better recall, slower).
+        train_size: at most this many points (a seeded random sample) train k-means.
+        seed: seeds the training sample and k-means.
+        gpu: use faiss's GPU build when available and the points are on CUDA.
+    """
+
+    name = "faiss-ivf"
+
+    def __init__(
+        self, nlist: int | None = None, nprobe: int = 16, train_size: int = 100_000, seed: int = 0, gpu: bool = True
+    ) -> None:
+        super().__init__(gpu)
+        if nlist is not None and nlist < 1:
+            raise ConfigError(f"nlist must be >= 1, got {nlist}")
+        if nprobe < 1:
+            raise ConfigError(f"nprobe must be >= 1, got {nprobe}")
+        if train_size < 1:
+            raise ConfigError(f"train_size must be >= 1, got {train_size}")
+        self.nlist = nlist
+        self.nprobe = int(nprobe)
+        self.train_size = int(train_size)
+        self.seed = int(seed)
+
+    def cells_for(self, n: int) -> int:
+        """Number of cells used for ``n`` points."""
+        wanted = self.nlist if self.nlist is not None else round(4 * math.sqrt(n))
+        return max(1, min(wanted, n // 39 if n >= 39 else 1))
+
+    def _make_index(self, data: np.ndarray):
+        nlist = self.cells_for(data.shape[0])
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(data.shape[1]), data.shape[1], nlist, faiss.METRIC_L2)
+        index.cp.seed = self.seed
+        index.cp.max_points_per_centroid = max(1, self.train_size // nlist)
+        return index
+
+    def _prepare(self, index, data: np.ndarray, k: int) -> None:
+        n = data.shape[0]
+        if n > self.train_size:
+            rows = np.random.default_rng(self.seed).choice(n, self.train_size, replace=False)
+            index.train(data[np.sort(rows)])
+        else:
+            index.train(data)
+        index.add(data)
+        self._set_search_params(index, k)
+
+    def _set_search_params(self, index, k: int) -> None:
+        index.nprobe = min(self.nprobe, index.nlist)
+
+
+class FaissHNSWSearch(_FaissSearch):
+    """HNSW graph search (approximate, CPU only).
+
+    Args:
+        M: neighbours per vertex in the graph (layer 0 has ``2 M``).
+        ef_construction: candidate list size while building.
+        ef_search: candidate list size while searching; raised to ``k`` (``k + 1``
+            for the graph) when smaller, since HNSW cannot return more than it holds.
+    """
+
+    name = "faiss-hnsw"
+    supports_gpu = False
+
+    def __init__(self, M: int = 32, ef_construction: int = 40, ef_search: int = 64) -> None:
+        super().__init__(gpu=False)
+        for label, value in (("M", M), ("ef_construction", ef_construction), ("ef_search", ef_search)):
+            if value < 1:
+                raise ConfigError(f"{label} must be >= 1, got {value}")
+        self.M = int(M)
+        self.ef_construction = int(ef_construction)
+        self.ef_search = int(ef_search)
+
+    def _make_index(self, data: np.ndarray):
+        index = faiss.IndexHNSWFlat(data.shape[1], self.M)
+        index.hnsw.efConstruction = self.ef_construction
+        return index
+
+    def _prepare(self, index, data: np.ndarray, k: int) -> None:
+        index.add(data)
+        self._set_search_params(index, k)
+
+    def _set_search_params(self, index, k: int) -> None:
+        index.hnsw.efSearch = max(self.ef_search, k)

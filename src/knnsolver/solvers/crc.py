@@ -1,0 +1,114 @@
+"""The DML-CRC solver: a collaborative representation classifier with a learned Mahalanobis metric."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from knnsolver.errors import ConfigError
+from knnsolver.functional.crc import SOLVE_METHODS, crc_logits
+from knnsolver.interfaces import EpochContext, Solver
+
+CRC_DICTIONARIES = ("batch", "bank")
+
+
+class CRCSolver(Solver):
+    """DML-CRC (Chakraborti et al. 2019; METHODS.md section 3, a reading), trained end to end.
+
+    ``M = L^T L`` with ``L`` of shape ``(metric_dim, d)`` initialised to the
+    (rectangular) identity; ridge codes ``alpha = argmin ||L(x - D a)||^2 + lam ||a||^2``,
+    class residuals ``r_c = ||L(x - D_c alpha_c)||^2`` and ``loss = CE(softmax(-r / T), y)``
+    (formulas in :mod:`knnsolver.functional.crc`). With ``normalize`` (default, as in
+    CRC) queries and atoms are L2-normalised first.
+
+    Dictionary while training:
+
+    * ``"batch"`` (default): the batch codes itself, each query leaving out its own
+      column (an exact leave-one-out by a rank-one update of one shared
+      factorisation). Gradients flow through queries, atoms and ``L``.
+    * ``"bank"``: the embeddings of the whole training set, refreshed by
+      ``ctx.embed_train()`` every ``bank_refresh_every`` epochs (and by
+      :meth:`fit_reference`), held without gradient. A query whose ``row_indices``
+      are given leaves out its own bank row; gradients flow to queries and ``L``.
+      Coding uses the push-through ``p x p`` system, O(N p^2 + B N p) per step.
+
+    :meth:`predict` codes over the training embeddings given to :meth:`fit_reference`
+    and returns ``-r / T``. A class with no atom in the dictionary gets ``r_c = ||x'||^2``.
+    ``solve`` picks the ridge system (``auto``: push-through when the dictionary is
+    larger than ``metric_dim``).
+    """
+
+    predicts_by_knn = True  # predict needs the training dictionary from fit_reference
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        num_train: int = 0,
+        *,
+        dictionary: str = "batch",
+        metric_dim: int | None = None,
+        lam: float = 0.1,
+        temperature: float = 0.05,
+        normalize: bool = True,
+        bank_refresh_every: int = 1,
+        solve: str = "auto",
+    ) -> None:
+        super().__init__(embedding_dim, num_classes, num_train)
+        if dictionary not in CRC_DICTIONARIES:
+            raise ConfigError(f"unknown dictionary {dictionary!r} for crc; choose one of: {', '.join(CRC_DICTIONARIES)}")
+        if solve not in SOLVE_METHODS:
+            raise ConfigError(f"unknown solve {solve!r} for crc; choose one of: {', '.join(SOLVE_METHODS)}")
+        if not lam > 0:
+            raise ConfigError(f"crc ridge lam must be > 0, got {lam}; try lam=0.1")
+        if not temperature > 0:
+            raise ConfigError(f"crc temperature must be > 0, got {temperature}; try temperature=0.05")
+        if bank_refresh_every < 1:
+            raise ConfigError(f"bank_refresh_every must be >= 1 epoch, got {bank_refresh_every}")
+        metric_dim = embedding_dim if metric_dim is None else metric_dim
+        if metric_dim < 1:
+            raise ConfigError(f"metric_dim must be >= 1, got {metric_dim}; leave it unset for metric_dim = embedding_dim")
+        self.dictionary = dictionary
+        self.lam, self.temperature = float(lam), float(temperature)
+        self.normalize = normalize
+        self.bank_refresh_every = int(bank_refresh_every)
+        self.solve = solve
+        self.metric = nn.Parameter(torch.eye(metric_dim, embedding_dim))
+        self.register_buffer("atoms", torch.empty(0, embedding_dim), persistent=False)
+        self.register_buffer("atom_labels", torch.empty(0, dtype=torch.long), persistent=False)
+
+    def _prepare(self, embeddings: Tensor) -> Tensor:
+        return F.normalize(embeddings, dim=1) if self.normalize else embeddings
+
+    def _logits(self, queries: Tensor, atoms: Tensor, atom_labels: Tensor, exclude: Tensor | None) -> Tensor:
+        return crc_logits(queries, atoms, atom_labels, self.metric, self.lam, self.temperature, self.num_classes,
+                          exclude=exclude, method=self.solve)
+
+    def _require_atoms(self, what: str) -> None:
+        if self.atoms.shape[0] == 0:
+            raise RuntimeError(f"crc {what} needs the training embeddings: call fit_reference(embeddings, labels) first")
+
+    def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
+        x = self._prepare(embeddings)
+        if self.dictionary == "batch":
+            logits = self._logits(x, x, labels, torch.arange(x.shape[0], device=x.device))
+        else:
+            self._require_atoms("with dictionary='bank'")
+            exclude = None if row_indices is None else row_indices.long()
+            logits = self._logits(x, self.atoms, self.atom_labels, exclude)
+        return F.cross_entropy(logits, labels)
+
+    def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
+        self.atoms = self._prepare(embeddings.detach().float())
+        self.atom_labels = labels.detach().long()
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        if self.dictionary == "bank" and (ctx.epoch % self.bank_refresh_every == 0 or self.atoms.shape[0] == 0):
+            self.fit_reference(*ctx.embed_train())
+
+    @torch.no_grad()
+    def predict(self, embeddings: Tensor) -> Tensor:
+        """``-r / T`` over the training dictionary, queries coded 256 at a time."""
+        self._require_atoms("prediction")
+        x = self._prepare(embeddings.float())
+        return torch.cat([self._logits(q, self.atoms, self.atom_labels, None) for q in x.split(256)])

@@ -1,0 +1,64 @@
+"""The HAL solver: hypersphere anchor loss, predicting by kNN or by nearest anchor."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from knnsolver.errors import ConfigError
+from knnsolver.functional.hal import hal_logits, hal_loss
+from knnsolver.interfaces import Solver
+from knnsolver.solvers.knn import KNNHead
+
+HAL_PREDICT = ("knn", "anchor")
+
+
+class HALSolver(Solver):
+    """Hypersphere anchor loss (Ye et al. 2023; METHODS.md section 2, a reading).
+
+    One learnable anchor ``a_c`` per class (initialised from a standard normal, used
+    only through ``â_c = a_c / ||a_c||``) inside an NCA softmax over sample-to-anchor
+    distances on the unit sphere::
+
+        loss(x) = -log softmax_c(-||x̂ - â_c||^2 / tau)[y],   ||x̂ - â||^2 = 2 - 2 cos(x, a)
+
+    ``predict_by="knn"`` (default; HAL is a loss for kNN classifiers) votes among the
+    ``knn_k`` nearest L2-normalised training embeddings given to :meth:`fit_reference`;
+    ``predict_by="anchor"`` returns the logits above (nearest anchor wins, no reference needed).
+    """
+
+    predicts_by_knn = True
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        num_train: int = 0,
+        *,
+        tau: float = 0.1,
+        predict_by: str = "knn",
+        knn_k: int = 5,
+    ) -> None:
+        super().__init__(embedding_dim, num_classes, num_train)
+        if not tau > 0:
+            raise ConfigError(f"HAL temperature tau must be > 0, got {tau}; try tau=0.1")
+        if predict_by not in HAL_PREDICT:
+            raise ConfigError(f"unknown predict_by {predict_by!r} for hal; choose one of: {', '.join(HAL_PREDICT)}")
+        self.tau = float(tau)
+        self.predict_by = predict_by
+        self.predicts_by_knn = predict_by == "knn"
+        self.anchors = nn.Parameter(torch.randn(num_classes, embedding_dim))
+        self.knn = KNNHead(num_classes, knn_k)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
+        return hal_loss(embeddings, labels, self.anchors, self.tau)
+
+    def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
+        if self.predicts_by_knn:
+            self.knn.fit(F.normalize(embeddings.detach(), dim=1), labels)
+
+    @torch.no_grad()
+    def predict(self, embeddings: Tensor) -> Tensor:
+        if self.predict_by == "knn":
+            return self.knn.scores(F.normalize(embeddings, dim=1))
+        return hal_logits(embeddings, self.anchors, self.tau)

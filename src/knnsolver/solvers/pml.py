@@ -1,0 +1,156 @@
+"""The field's baselines from pytorch-metric-learning, each a thin Solver around one of its losses.
+
+:class:`PMLSolver` wraps any pml loss (and optional miner): ``forward`` returns
+``loss(embeddings, labels, miner(embeddings, labels))`` and ``predict`` votes among
+the ``knn_k`` nearest L2-normalised training embeddings (pml's distances normalise
+embeddings too). Each subclass below only builds its loss from typed options, so
+the CLI exposes them as flags. Proxy losses own their proxies as parameters of the
+wrapped loss, hence of the solver, so the trainer's optimiser trains them.
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+from pytorch_metric_learning import distances, losses, miners, regularizers
+from torch import Tensor, nn
+
+from knnsolver.errors import ConfigError
+from knnsolver.interfaces import Solver
+from knnsolver.solvers.knn import KNNHead
+
+
+def _require_positive(solver: str, **values: float) -> None:
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{solver} {name} must be > 0, got {value}")
+
+
+class PMLSolver(Solver):
+    """A pytorch-metric-learning loss (plus optional miner) as a Solver that predicts by kNN."""
+
+    predicts_by_knn = True
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        num_train: int = 0,
+        *,
+        loss: nn.Module,
+        miner: nn.Module | None = None,
+        knn_k: int = 5,
+    ) -> None:
+        super().__init__(embedding_dim, num_classes, num_train)
+        self.loss = loss
+        self.miner = miner
+        self.knn = KNNHead(num_classes, knn_k)
+
+    def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
+        indices = None if self.miner is None else self.miner(embeddings, labels)
+        return self.loss(embeddings, labels, indices)
+
+    def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
+        self.knn.fit(F.normalize(embeddings.detach(), dim=1), labels)
+
+    def predict(self, embeddings: Tensor) -> Tensor:
+        return self.knn.scores(F.normalize(embeddings, dim=1))
+
+
+class TripletSolver(PMLSolver):
+    """``TripletMarginLoss(margin)`` on the semi-hard triplets of ``TripletMarginMiner(margin)``."""
+
+    needs_balanced_sampler = True
+
+    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, margin: float = 0.1, knn_k: int = 5) -> None:
+        _require_positive("triplet", margin=margin)
+        super().__init__(
+            embedding_dim, num_classes, num_train, knn_k=knn_k, loss=losses.TripletMarginLoss(margin=margin),
+            miner=miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard"),
+        )
+
+
+class LiftedStructureSolver(PMLSolver):
+    """``LiftedStructureLoss(neg_margin, pos_margin=0)`` (Song et al. 2016) on normalised distances."""
+
+    needs_balanced_sampler = True
+
+    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, neg_margin: float = 1.0, knn_k: int = 5) -> None:
+        _require_positive("lifted", neg_margin=neg_margin)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=losses.LiftedStructureLoss(neg_margin=neg_margin))
+
+
+class NPairsSolver(PMLSolver):
+    """``NPairsLoss`` on raw dot products with Sohn's (2016) squared-L2 embedding penalty of weight ``embedding_reg``."""
+
+    needs_balanced_sampler = True
+
+    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, embedding_reg: float = 0.002, knn_k: int = 5) -> None:
+        if embedding_reg < 0:
+            raise ConfigError(f"npairs embedding_reg must be >= 0, got {embedding_reg}")
+        loss = losses.NPairsLoss(
+            distance=distances.DotProductSimilarity(normalize_embeddings=False),
+            embedding_regularizer=regularizers.LpRegularizer(power=2), embedding_reg_weight=embedding_reg,
+        )
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
+
+
+class NCASolver(PMLSolver):
+    """Batch ``NCALoss(softmax_scale)``: softmax over ``-softmax_scale * ||x̂_i - x̂_j||^2`` within the batch."""
+
+    needs_balanced_sampler = True
+
+    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, softmax_scale: float = 10.0, knn_k: int = 5) -> None:
+        _require_positive("nca", softmax_scale=softmax_scale)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=losses.NCALoss(softmax_scale=softmax_scale))
+
+
+class ProxyNCASolver(PMLSolver):
+    """``ProxyNCALoss(softmax_scale)``: NCA against one learnable proxy per class."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, softmax_scale: float = 10.0, knn_k: int = 5) -> None:
+        _require_positive("proxynca", softmax_scale=softmax_scale)
+        loss = losses.ProxyNCALoss(num_classes, embedding_dim, softmax_scale=softmax_scale)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
+
+
+class NormalizedSoftmaxSolver(PMLSolver):
+    """``NormalizedSoftmaxLoss(temperature)``: cross-entropy over cosine logits ``cos / temperature``."""
+
+    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, temperature: float = 0.05, knn_k: int = 5) -> None:
+        _require_positive("normsoftmax", temperature=temperature)
+        loss = losses.NormalizedSoftmaxLoss(num_classes, embedding_dim, temperature=temperature)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
+
+
+class MultiSimilaritySolver(PMLSolver):
+    """``MultiSimilarityLoss(alpha, beta, base)`` on the pairs of ``MultiSimilarityMiner(epsilon)`` (Wang et al. 2019)."""
+
+    needs_balanced_sampler = True
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        num_train: int = 0,
+        *,
+        alpha: float = 2.0,
+        beta: float = 50.0,
+        base: float = 0.5,
+        epsilon: float = 0.1,
+        knn_k: int = 5,
+    ) -> None:
+        _require_positive("multisimilarity", alpha=alpha, beta=beta, epsilon=epsilon)
+        super().__init__(
+            embedding_dim, num_classes, num_train, knn_k=knn_k,
+            loss=losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base), miner=miners.MultiSimilarityMiner(epsilon=epsilon),
+        )
+
+
+class ProxyAnchorSolver(PMLSolver):
+    """``ProxyAnchorLoss(margin, alpha)`` (Kim et al. 2020): one learnable proxy per class as the anchor."""
+
+    def __init__(
+        self, embedding_dim: int, num_classes: int, num_train: int = 0, *, margin: float = 0.1, alpha: float = 32.0, knn_k: int = 5
+    ) -> None:
+        _require_positive("proxyanchor", margin=margin, alpha=alpha)
+        loss = losses.ProxyAnchorLoss(num_classes, embedding_dim, margin=margin, alpha=alpha)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)

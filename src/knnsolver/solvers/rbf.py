@@ -1,0 +1,221 @@
+"""The nearest-neighbour RBF solver (Meyer, Harwood & Drummond, ICIP 2018; METHODS.md section 1).
+
+Every training row's embedding is an RBF centre with a weight ``w_i = exp(theta_i)``
+(initialised to 1); a sample is classified by Eq. 4 over its ``k`` nearest
+centres and trained with ``-log P(y|x)``. The maths lives in
+:mod:`knnsolver.functional.rbf`, including the hard-case rule (a sample with no
+true-class centre among its neighbours gets the nearest true-class centre added).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from knnsolver.bank import BANK_DTYPES, EmbeddingBank
+from knnsolver.errors import ConfigError
+from knnsolver.functional.rbf import _mean_finite, auto_sigma, rbf_log_probs, rbf_terms
+from knnsolver.interfaces import EpochContext, Solver, check_k
+from knnsolver.registry import SEARCHES
+
+NEIGHBOUR_MODES = ("stored", "fresh")
+# Cap on the (batch x k x d) neighbour block gathered at once in predict().
+_PREDICT_BLOCK = 2**24
+
+
+class RBFSolver(Solver):
+    """Nearest-neighbour RBF loss and classifier over a bank of stored training embeddings.
+
+    Options:
+        k: neighbours per sample in training (the paper uses 100 to 200).
+        sigma: global RBF width; ``0`` sets it at the first bank fill to the median
+            distance from a centre to its k-th nearest other centre
+            (:func:`~knnsolver.functional.rbf.auto_sigma`).
+        learn_sigma: learn ``log sigma`` with the network instead of keeping it fixed.
+        update_interval: refresh the bank (centres and neighbour lists) before
+            every epoch with ``epoch % update_interval == 0``; it is always filled
+            before the first epoch.
+        learn_weights: learn the per-centre log-weights ``theta_i``; the paper
+            freezes them (``w_i = 1``) for metric learning.
+        neighbour_mode: ``stored`` uses the neighbour list of the sample's own
+            centre, computed at the last refresh (the paper; needs row indices);
+            ``fresh`` searches the bank with the current embedding every batch,
+            excluding the sample's own row.
+        online_update: after each batch, write its detached embeddings into the
+            bank at its rows (neighbour lists still wait for the next refresh).
+        bank_dtype: storage of the centres, ``float32`` or ``float16``.
+        search: neighbour-search backend by name (``knnsolver.registry.SEARCHES``).
+        predict_k: centres searched per query in :meth:`predict`; ``0`` = ``k``.
+
+    :meth:`fit_reference` replaces the bank's centres with the given embeddings
+    (neighbour lists stay until the next refresh), so prediction uses the
+    current network. :meth:`add_centres` adds labelled centres, of new classes
+    too, with weight 1; they are used by prediction only.
+    """
+
+    predicts_by_knn = True
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        num_train: int,
+        *,
+        k: int = 200,
+        sigma: float = 0.0,
+        learn_sigma: bool = False,
+        update_interval: int = 10,
+        learn_weights: bool = True,
+        neighbour_mode: str = "stored",
+        online_update: bool = False,
+        bank_dtype: str = "float32",
+        search: str = "exact",
+        predict_k: int = 0,
+    ) -> None:
+        super().__init__(embedding_dim, num_classes, num_train)
+        if neighbour_mode not in NEIGHBOUR_MODES:
+            raise ConfigError(f"unknown neighbour_mode {neighbour_mode!r}; choose one of: {', '.join(NEIGHBOUR_MODES)}")
+        if bank_dtype not in BANK_DTYPES:
+            raise ConfigError(f"unknown bank_dtype {bank_dtype!r}; choose one of: {', '.join(BANK_DTYPES)}")
+        if not sigma >= 0 or math.isinf(sigma):
+            raise ConfigError(f"sigma must be a finite number >= 0 (0 = set automatically), got {sigma}")
+        if update_interval < 1:
+            raise ConfigError(f"update_interval must be >= 1 epoch, got {update_interval}")
+        if predict_k < 0:
+            raise ConfigError(f"predict_k must be >= 0 (0 = use k), got {predict_k}")
+        check_k(k, num_train, excluding_self=True)
+        if predict_k > num_train:
+            raise ConfigError(f"predict_k={predict_k} exceeds the {num_train} centres in the bank; use predict_k <= {num_train}")
+        self.k, self.predict_k = int(k), int(predict_k or k)
+        self.update_interval = int(update_interval)
+        self.neighbour_mode, self.online_update = neighbour_mode, bool(online_update)
+        self.search = SEARCHES.build(search)
+        self.bank = EmbeddingBank(
+            num_train, embedding_dim, self.k if neighbour_mode == "stored" else 0, dtype=bank_dtype, search=self.search
+        )
+        self.log_weights = nn.Parameter(torch.zeros(num_train), requires_grad=learn_weights)
+        # NaN until set: by the option, or automatically at the first bank fill.
+        self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma) if sigma > 0 else math.nan), requires_grad=learn_sigma)
+        self._stats = torch.zeros(4)  # sums of: mean distance, mean RBF value, true class absent; row count
+
+    @property
+    def sigma(self) -> Tensor:
+        """The global RBF width ``exp(log_sigma)`` (differentiable when learned)."""
+        if torch.isnan(self.log_sigma):
+            raise RuntimeError("sigma is not set yet: it is set automatically when the bank is first filled")
+        return self.log_sigma.exp()
+
+    @torch.no_grad()
+    def _set_auto_sigma(self, graph: Tensor | None) -> None:
+        if torch.isnan(self.log_sigma):
+            centres = self.bank.training_centres
+            if graph is None or graph.numel() == 0:
+                graph = self.search.knn_graph(centres, self.k)
+            self.log_sigma.fill_(math.log(auto_sigma(centres, graph)))
+
+    @torch.no_grad()
+    def refresh(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Store new centres for every training row and recompute their neighbour lists."""
+        self.bank.refresh(embeddings, labels)
+        self._set_auto_sigma(self.bank.neighbours)
+
+    def on_epoch_start(self, ctx: EpochContext) -> None:
+        if ctx.num_train != self.num_train:
+            raise ConfigError(
+                f"the solver was built for num_train={self.num_train} rows but the training set has {ctx.num_train}"
+            )
+        self._stats = torch.zeros(4, device=self.log_weights.device)
+        if not self.bank.filled or ctx.epoch % self.update_interval == 0:
+            self.refresh(*ctx.embed_train())
+
+    def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
+        """The paper's Figure 6 diagnostics over the epoch's training samples, plus ``sigma``."""
+        dist, rbf, absent, rows = self._stats.tolist()
+        if rows == 0 or torch.isnan(self.log_sigma):
+            return {}
+        return {
+            "mean_neighbour_distance": dist / rows,
+            "mean_rbf_value": rbf / rows,
+            "frac_true_class_absent": absent / rows,
+            "sigma": float(self.sigma),
+        }
+
+    def _neighbours(self, embeddings: Tensor, row_indices: Tensor | None) -> Tensor:
+        if self.neighbour_mode == "stored":
+            if row_indices is None:
+                raise ConfigError("neighbour_mode='stored' needs each sample's row index; use neighbour_mode='fresh'")
+            return self.bank.neighbours[row_indices]
+        centres = self.bank.training_centres
+        if row_indices is None:
+            return self.search.search(embeddings.detach(), centres, self.k)[1]
+        found = self.search.search(embeddings.detach(), centres, self.k + 1)[1].long()
+        keep = found != row_indices.unsqueeze(1)
+        keep[:, -1] &= ~keep.all(1)  # the own row was not found: drop the farthest instead
+        return found[keep].view(-1, self.k)
+
+    def _check_rows(self, labels: Tensor, row_indices: Tensor) -> None:
+        if row_indices.numel() and (int(row_indices.min()) < 0 or int(row_indices.max()) >= self.num_train):
+            raise ConfigError(
+                f"row indices must lie in [0, {self.num_train}) (the bank's training rows); "
+                f"got {int(row_indices.min())}..{int(row_indices.max())}"
+            )
+        if not torch.equal(self.bank.training_labels[row_indices], labels):
+            raise ConfigError(
+                "row indices do not match the bank: the stored labels at these rows differ from the batch's; "
+                "the dataset must yield each sample's position in the training set as its row index"
+            )
+
+    def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
+        """Mean ``-log P(y|x)`` over the batch (Eq. 3), the sample's own centre excluded."""
+        if not self.bank.filled:
+            raise RuntimeError("the RBF bank is empty: on_epoch_start (or refresh) must fill it before training")
+        labels = labels.long()
+        if row_indices is not None:
+            row_indices = row_indices.long()
+            self._check_rows(labels, row_indices)
+        neighbours = self._neighbours(embeddings, row_indices)
+        sigma = self.sigma
+        terms = rbf_terms(
+            embeddings, self.bank.training_centres, self.bank.training_labels, neighbours, self.log_weights, sigma, labels,
+            exclude=row_indices,
+        )
+        with torch.no_grad():
+            sq = terms.sq_distances
+            self._stats += torch.stack([
+                sq.sqrt().mean(1).sum(), (-sq / (2 * sigma**2)).exp().mean(1).sum(),
+                terms.true_absent.sum(), torch.tensor(float(len(labels)), device=sq.device),
+            ]).to(self._stats)
+            if self.online_update and row_indices is not None:
+                self.bank.write(row_indices, embeddings)
+        return _mean_finite(terms.nll)
+
+    def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Replace the bank's centres with fresh training embeddings before prediction."""
+        self.bank.set_centres(embeddings, labels)
+        self._set_auto_sigma(self.bank.neighbours)
+
+    def add_centres(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Add labelled centres (weight 1), new classes included, for prediction; the network is unchanged."""
+        if labels.numel() and int(labels.min()) < 0:
+            raise ConfigError("class labels must be >= 0")
+        self.bank.append(embeddings, labels)
+        self.num_classes = max(self.num_classes, int(self.bank.labels.max()) + 1)
+
+    @torch.no_grad()
+    def predict(self, embeddings: Tensor) -> Tensor:
+        """Log-probabilities ``(B, C)`` of Eq. 4 over each query's ``predict_k`` nearest centres in the bank."""
+        if not self.bank.filled:
+            raise RuntimeError("the RBF bank is empty: train the solver or call fit_reference(embeddings, labels) first")
+        centres, centre_labels = self.bank.centres, self.bank.labels
+        num_classes = max(self.num_classes, int(centre_labels.max()) + 1)  # added classes survive a reload
+        extra = centres.shape[0] - self.num_train
+        log_weights = torch.cat([self.log_weights, self.log_weights.new_zeros(extra)])
+        sigma = self.sigma
+        rows = max(1, _PREDICT_BLOCK // (self.predict_k * self.embedding_dim))
+        out = []
+        for start in range(0, embeddings.shape[0], rows):
+            query = embeddings[start : start + rows]
+            _, neighbours = self.search.search(query, centres, self.predict_k)
+            out.append(rbf_log_probs(query, centres, centre_labels, neighbours, log_weights, sigma, num_classes))
+        return torch.cat(out) if out else embeddings.new_zeros(0, num_classes)

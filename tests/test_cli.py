@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from knnsolver.cli.main import main
+
+
+def _run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_lists(capsys):
+    code, out, _ = _run(capsys, "datasets")
+    assert code == 0 and "digits" in out and "fashion-mnist" in out
+    code, out, _ = _run(capsys, "solvers")
+    assert code == 0 and "softmax" in out and "label_smoothing=0.0" in out
+
+
+def test_train_and_eval(tmp_path, capsys):
+    out_dir = tmp_path / "r"
+    code, out, err = _run(capsys, "train", "--dataset", "digits", "--solver", "softmax", "--epochs", "2", "--out",
+                          str(out_dir), "--width", "8", "--plots", "false", "--progress", "false",
+                          "--label-smoothing", "0.1")
+    assert code == 0, err
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert json.loads((out_dir / "config.json").read_text())["solver_options"] == {"label_smoothing": 0.1}
+    code, out, err = _run(capsys, "eval", str(out_dir))
+    assert code == 0, err
+    assert json.loads(out)["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_config_file_and_flag_precedence(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"dataset": "digits", "epochs": 5, "width": 8, "plots": False, "progress": False,
+                               "solver_options": {"label_smoothing": 0.2}}))
+    out_dir = tmp_path / "r"
+    code, _, err = _run(capsys, "train", "--config", str(cfg), "--epochs", "1", "--out", str(out_dir))
+    assert code == 0, err
+    saved = json.loads((out_dir / "config.json").read_text())
+    assert saved["epochs"] == 1 and saved["width"] == 8 and saved["solver_options"] == {"label_smoothing": 0.2}
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [(["train", "--solver", "nope", "--out", "x"], "unknown solver 'nope'"),
+     (["train", "--dataset", "nope", "--out", "x"], "unknown dataset 'nope'"),
+     (["train", "--epochs", "0", "--out", "x"], "epochs must be >= 1"),
+     (["train", "--config", "/no/such.json"], "config file /no/such.json does not exist"),
+     (["eval", "/no/such/run"], "/no/such/run is not a finished knnsolver run"),
+     (["frobnicate"], "unknown command 'frobnicate'")],
+)
+def test_errors_are_one_line(capsys, argv, message):
+    code, out, err = _run(capsys, *argv)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_bad_flag_value_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epochs", "many"])
+    assert exc.value.code == 2
+    assert "expected a value of type int, got 'many'" in capsys.readouterr().err

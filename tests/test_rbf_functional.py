@@ -1,0 +1,204 @@
+"""The RBF maths against direct float64 computations of Eq. 3/4 (loops, numpy)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import knnsolver.functional as F
+from knnsolver.functional.rbf import auto_sigma, nearest_class_centres, rbf_log_probs, rbf_loss, rbf_terms
+
+
+def reference_log_probs(x, centres, centre_labels, neighbours, log_weights, sigma, num_classes):
+    """Eq. 4 by loops in float64: sum of w_i f(x, c_i) per class over the non-padding neighbours."""
+    x, centres, log_weights = (np.asarray(a, dtype=np.float64) for a in (x, centres, log_weights))
+    out = np.full((len(x), num_classes), -np.inf)
+    for b in range(len(x)):
+        per_class = np.zeros(num_classes)
+        for j in neighbours[b]:
+            if j < 0:
+                continue
+            dist2 = float(((x[b] - centres[j]) ** 2).sum())
+            per_class[centre_labels[j]] += math.exp(log_weights[j] - dist2 / (2 * sigma**2))
+        with np.errstate(divide="ignore"):
+            out[b] = np.log(per_class / per_class.sum())
+    return out
+
+
+def reference_loss(x, labels, centres, centre_labels, neighbours, log_weights, sigma, exclude):
+    """Eq. 3 with the documented hard-case rule, by loops: add the nearest true-class centre when none is a neighbour."""
+    losses = []
+    for b in range(len(x)):
+        nb = [int(j) for j in neighbours[b] if j >= 0]
+        if not any(centre_labels[j] == labels[b] for j in nb):
+            candidates = [i for i in range(len(centres)) if centre_labels[i] == labels[b] and i != exclude[b]]
+            if not candidates:
+                continue  # unscorable: no other centre of its class
+            nb.append(min(candidates, key=lambda i: ((x[b] - centres[i]) ** 2).sum()))
+        lp = reference_log_probs(x[b : b + 1], centres, centre_labels, [nb], log_weights, sigma, int(centre_labels.max()) + 1)
+        losses.append(-lp[0, labels[b]])
+    return float(np.mean(losses)) if losses else 0.0
+
+
+def random_problem(seed=0, b=6, n=40, d=5, c=4, k=7, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n, d, generator=g, dtype=dtype)
+    centre_labels = torch.randint(0, c, (n,), generator=g)
+    x = torch.randn(b, d, generator=g, dtype=dtype)
+    neighbours = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(b)]).to(torch.int32)
+    log_weights = 0.3 * torch.randn(n, generator=g, dtype=dtype)
+    return x, centres, centre_labels, neighbours, log_weights
+
+
+def test_exported_from_functional_package():
+    assert F.rbf_log_probs is rbf_log_probs and F.rbf_loss is rbf_loss
+    assert {"rbf_log_probs", "rbf_loss", "rbf_terms", "auto_sigma"} <= set(F.rbf.__all__)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_log_probs_match_direct_eq4(dtype):
+    x, centres, cl, nb, lw = random_problem(dtype=dtype)
+    nb[0, -2:] = -1  # padding slots are ignored
+    sigma = 1.3
+    got = rbf_log_probs(x, centres, cl, nb, lw, sigma, 5).double().numpy()
+    want = reference_log_probs(x.double().numpy(), centres.double().numpy(), cl.numpy(), nb.numpy(), lw.double().numpy(), sigma, 5)
+    assert np.array_equal(np.isinf(got), np.isinf(want))  # class 4 has no centre; others may be absent by chance
+    assert np.isneginf(got[:, 4]).all()
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], rtol=1e-5 if dtype == torch.float32 else 1e-10, atol=1e-5)
+    np.testing.assert_allclose(np.exp(got).sum(1), 1.0, rtol=1e-5)
+
+
+def test_log_probs_in_log_space_survive_tiny_sigma():
+    x, centres, cl, nb, lw = random_problem(seed=1)
+    got = rbf_log_probs(x, centres, cl, nb, lw, 1e-4, 4)
+    assert not torch.isnan(got).any()
+    assert torch.allclose(torch.logsumexp(got, 1), torch.zeros(len(x), dtype=got.dtype))
+    # sigma -> 0: the nearest neighbour's class takes all the probability.
+    d2 = ((x[:, None] - centres[nb.long()]) ** 2).sum(-1)
+    nearest_class = cl[nb.long()].gather(1, d2.argmin(1, keepdim=True)).squeeze(1)
+    assert torch.equal(got.argmax(1), nearest_class)
+
+
+def test_loss_matches_reference_with_hard_case_and_self_exclusion():
+    x, centres, cl, nb, lw = random_problem(seed=2, b=8, k=5)
+    labels = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(3))
+    exclude = torch.arange(8)  # rows 0..7 are the samples' own centres
+    cl[:8] = labels
+    nb[nb < 8] = 20  # no sample lists a low row; the hard-case search must still skip its own
+    nb[1] = torch.tensor([i for i in range(40) if cl[i] != labels[1]][:5], dtype=torch.int32)  # true class absent
+    nb[2] = torch.tensor([i for i in range(40) if cl[i] != labels[2]][:5], dtype=torch.int32)
+    sigma = 0.9
+    got = rbf_loss(x, centres, cl, nb, lw, sigma, labels, exclude=exclude)
+    want = reference_loss(x.numpy(), labels.numpy(), centres.numpy(), cl.numpy(), nb.numpy(), lw.numpy(), sigma, exclude.numpy())
+    assert got.item() == pytest.approx(want, rel=1e-10)
+    terms = rbf_terms(x, centres, cl, nb, lw, sigma, labels, exclude=exclude)
+    assert terms.true_absent[1] and terms.true_absent[2] and terms.sq_distances.shape == (8, 5)
+
+
+def test_nearest_class_centres_against_brute_force():
+    g = torch.Generator().manual_seed(4)
+    centres, cl = torch.randn(50, 3, generator=g), torch.randint(0, 5, (50,), generator=g)
+    q, ql = centres[:10] + 0.01, cl[:10].clone()
+    ql[0] = 7  # a class with no centre
+    got = nearest_class_centres(q, ql, centres, cl, exclude=torch.arange(10))
+    for b in range(10):
+        cands = [i for i in range(50) if cl[i] == ql[b] and i != b]
+        want = min(cands, key=lambda i: float(((q[b] - centres[i]) ** 2).sum())) if cands else -1
+        assert int(got[b]) == want
+
+
+def test_gradcheck_log_probs_wrt_embeddings_log_weights_and_sigma():
+    x, centres, cl, nb, lw = random_problem(seed=5, b=3, n=12, c=3, k=12)  # every centre listed: all classes present
+    nb[0, 0] = -1
+    x.requires_grad_(True)
+    lw.requires_grad_(True)
+    sigma = torch.tensor(1.1, dtype=torch.float64, requires_grad=True)
+    assert torch.isfinite(rbf_log_probs(x, centres, cl, nb, lw, sigma, 3)).all()
+    assert torch.autograd.gradcheck(lambda a, w, s: rbf_log_probs(a, centres, cl, nb, w, s, 3), (x, lw, sigma))
+
+
+def test_gradcheck_loss_including_hard_rows():
+    x, centres, cl, nb, lw = random_problem(seed=6, b=4, n=30, c=3, k=4)
+    labels = torch.tensor([0, 1, 2, 0])
+    nb[0] = torch.tensor([i for i in range(30) if cl[i] != 0][:4], dtype=torch.int32)  # hard row
+    x.requires_grad_(True)
+    lw.requires_grad_(True)
+    sigma = torch.tensor(0.8, dtype=torch.float64, requires_grad=True)
+    assert rbf_terms(x, centres, cl, nb, lw, sigma, labels).true_absent[0]
+    assert torch.autograd.gradcheck(lambda a, w, s: rbf_loss(a, centres, cl, nb, w, s, labels), (x, lw, sigma))
+
+
+def test_no_gradient_reaches_centres():
+    x, centres, cl, nb, lw = random_problem(seed=7)
+    centres.requires_grad_(True)
+    x.requires_grad_(True)
+    rbf_loss(x, centres, cl, nb, lw, 1.0, torch.zeros(len(x), dtype=torch.long)).backward()
+    rbf_log_probs(x, centres, cl, nb, lw, 1.0, 4)[:, 0].sum().backward()
+    assert centres.grad is None and x.grad is not None
+
+
+def hard_case(scale=1.0, sigma=1.0):
+    """A sample whose neighbours are all of the wrong class; the true class lies farther away."""
+    centres = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [4.0, 4.0], [5.0, 5.0]]) * scale
+    cl = torch.tensor([1, 1, 1, 0, 0])
+    x = torch.zeros(1, 2, requires_grad=True)
+    lw = torch.zeros(5, requires_grad=True)
+    nb = torch.tensor([[0, 1, 2]], dtype=torch.int32)
+    return x, centres, cl, nb, lw, torch.tensor([0]), sigma
+
+
+@pytest.mark.parametrize("scale,sigma", [(1.0, 1.0), (1.0, 1e-4), (1e4, 1.0), (1e3, 1e-3)])
+def test_hard_cases_finite_with_useful_gradient(scale, sigma):
+    x, centres, cl, nb, lw, labels, sigma = hard_case(scale, sigma)
+    loss = rbf_loss(x, centres, cl, nb, lw, sigma, labels)
+    loss.backward()
+    assert torch.isfinite(loss) and loss > 0
+    assert torch.isfinite(x.grad).all() and x.grad.norm() > 0
+    assert torch.isfinite(lw.grad).all() and lw.grad[3] < 0  # raise the weight of the added true-class centre
+    # The step direction points towards the nearest true-class centre (4, 4): loss falls along -grad.
+    assert (-x.grad[0] @ centres[3]) > 0
+
+
+def test_hard_case_rule_is_the_augmented_neighbourhood():
+    x, centres, cl, nb, lw, labels, sigma = hard_case()
+    augmented = torch.tensor([[0, 1, 2, 3]], dtype=torch.int32)
+    expected = -rbf_log_probs(x, centres, cl, augmented, lw, sigma, 2)[0, 0]
+    assert rbf_loss(x, centres, cl, nb, lw, sigma, labels).item() == pytest.approx(expected.item())
+
+
+def test_unscorable_rows_are_left_out_of_the_mean():
+    x, centres, cl, nb, lw, _, sigma = hard_case()
+    only = torch.tensor([3])  # the one centre of class 0 is the sample itself
+    cl2 = cl.clone()
+    cl2[4] = 1
+    terms = rbf_terms(x, centres, cl2, nb, lw, sigma, torch.tensor([0]), exclude=only)
+    assert terms.nll[0] == float("inf")
+    loss = rbf_loss(x, centres, cl2, nb, lw, sigma, torch.tensor([0]), exclude=only)
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(x.grad, torch.zeros_like(x))
+    both = torch.cat([x.detach(), x.detach()]).requires_grad_(True)
+    mixed = rbf_loss(both, centres, cl2, nb.repeat(2, 1), lw, sigma, torch.tensor([0, 1]), exclude=torch.tensor([3, 3]))
+    scorable = rbf_loss(both[1:], centres, cl2, nb, lw, sigma, torch.tensor([1]))
+    assert mixed.item() == pytest.approx(scorable.item())
+
+
+def test_float16_centres():
+    x, centres, cl, nb, lw = random_problem(seed=8, dtype=torch.float32)
+    half = centres.half()
+    got = rbf_log_probs(x, half, cl, nb, lw, 1.0, 4)
+    want = rbf_log_probs(x, half.float(), cl, nb, lw, 1.0, 4)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_auto_sigma_is_median_distance_to_kth_neighbour():
+    g = torch.Generator().manual_seed(9)
+    points = torch.randn(30, 4, generator=g)
+    d = torch.cdist(points.double(), points.double())
+    d.fill_diagonal_(float("inf"))
+    order = d.argsort(1)[:, :5]
+    want = float(np.median(d.gather(1, order[:, -1:]).squeeze(1).numpy()))
+    assert auto_sigma(points, order.to(torch.int32)) == pytest.approx(want, rel=1e-5)
+    assert auto_sigma(torch.ones(4, 2), torch.tensor([[1], [0], [0], [0]])) == 1.0

@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from knnsolver.errors import ConfigError
+from knnsolver.training import TrainConfig, train
+from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(dataset="digits", solver="softmax", epochs=3, out=str(tmp_path / "run"), embedding_dim=16,
+                width=8, batch_size=64, progress=False, plots=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_softmax_digits_reaches_95_percent(tmp_path):
+    summary = train(_cfg(tmp_path, epochs=8, width=16, embedding_dim=32, plots=True))
+    assert summary["test_accuracy"] >= 0.95
+    run = tmp_path / "run"
+    for name in ("config.json", "checkpoint.pt", "best.pt", "log.jsonl", "summary.json", "loss.png", "metrics.png", "tsne.png"):
+        assert (run / name).is_file(), name
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(1, 9))
+    assert all("val_accuracy" in r and r["loss"] > 0 for r in log)
+    assert json.loads((run / "summary.json").read_text())["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_same_seed_same_result(tmp_path):
+    a = train(_cfg(tmp_path, out=str(tmp_path / "a"), epochs=2))
+    b = train(_cfg(tmp_path, out=str(tmp_path / "b"), epochs=2))
+    assert a == b
+    sa = load_checkpoint(tmp_path / "a" / "checkpoint.pt")["model"]
+    sb = load_checkpoint(tmp_path / "b" / "checkpoint.pt")["model"]
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    full = train(_cfg(tmp_path, out=str(tmp_path / "full"), epochs=4, dropout=0.2, augment=True))
+    train(_cfg(tmp_path, out=str(tmp_path / "part"), epochs=2, dropout=0.2, augment=True))
+    resumed = train(_cfg(tmp_path, out=str(tmp_path / "part"), epochs=4, dropout=0.2, augment=True), resume=True)
+    assert resumed == full
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    train(_cfg(tmp_path, epochs=1))
+    with pytest.raises(ConfigError, match="already holds a run.*--resume"):
+        train(_cfg(tmp_path, epochs=1))
+
+
+def test_resume_without_checkpoint_and_with_changed_settings(tmp_path):
+    with pytest.raises(ConfigError, match="cannot resume.*does not exist"):
+        train(_cfg(tmp_path), resume=True)
+    train(_cfg(tmp_path, epochs=1))
+    with pytest.raises(ConfigError, match="settings other than epochs differ"):
+        train(_cfg(tmp_path, epochs=2, lr=0.5), resume=True)
+
+
+def test_atomic_checkpoint_keeps_old_file_when_write_fails(tmp_path):
+    path = tmp_path / "c.pt"
+    save_checkpoint({"a": 1}, path)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        save_checkpoint({"a": Boom()}, path)
+    assert load_checkpoint(path) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [(dict(epochs=0), "epochs must be >= 1"), (dict(lr=-1.0), "lr must be > 0"),
+     (dict(optimizer="rmsprop"), "unknown optimizer 'rmsprop'"), (dict(split="random"), "unknown split 'random'"),
+     (dict(solver="nope"), "unknown solver 'nope'; choose one of: softmax"),
+     (dict(dataset="mnist"), "unknown dataset 'mnist'"),
+     (dict(solver_options={"bogus": 1}), "solver 'softmax' has no option bogus")],
+)
+def test_bad_settings_raise_config_error(tmp_path, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        train(_cfg(tmp_path, **kw))
+
+
+def test_optimizers_and_disjoint_split(tmp_path):
+    for opt in ("sgd", "adamw"):
+        s = train(_cfg(tmp_path, out=str(tmp_path / opt), optimizer=opt, epochs=1, lr=0.05 if opt == "sgd" else 1e-3))
+        assert 0 <= s["test_accuracy"] <= 1
+    s = train(_cfg(tmp_path, out=str(tmp_path / "dis"), split="disjoint", epochs=2))
+    expected = {"precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision", "nmi"}
+    assert expected <= set(s)
+    assert s["recall_at_8"] >= s["recall_at_1"] > 0.3
