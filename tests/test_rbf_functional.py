@@ -87,6 +87,7 @@ def test_loss_matches_reference_with_hard_case_and_self_exclusion():
     labels = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(3))
     exclude = torch.arange(8)  # rows 0..7 are the samples' own centres
     cl[:8] = labels
+    centres[:8] = x  # each sample's own centre is where it is: the nearest of its class, unless excluded
     nb[nb < 8] = 20  # no sample lists a low row; the hard-case search must still skip its own
     nb[1] = torch.tensor([i for i in range(40) if cl[i] != labels[1]][:5], dtype=torch.int32)  # true class absent
     nb[2] = torch.tensor([i for i in range(40) if cl[i] != labels[2]][:5], dtype=torch.int32)
@@ -96,6 +97,8 @@ def test_loss_matches_reference_with_hard_case_and_self_exclusion():
     assert got.item() == pytest.approx(want, rel=1e-10)
     terms = rbf_terms(x, centres, cl, nb, lw, sigma, labels, exclude=exclude)
     assert terms.true_absent[1] and terms.true_absent[2] and terms.sq_distances.shape == (8, 5)
+    no_exclusion = rbf_loss(x, centres, cl, nb, lw, sigma, labels)
+    assert no_exclusion < got  # the own centre (distance 0) would otherwise be added
 
 
 def test_nearest_class_centres_against_brute_force():
@@ -199,6 +202,7 @@ def test_auto_sigma_is_median_distance_to_kth_neighbour():
     d = torch.cdist(points.double(), points.double())
     d.fill_diagonal_(float("inf"))
     order = d.argsort(1)[:, :5]
-    want = float(np.median(d.gather(1, order[:, -1:]).squeeze(1).numpy()))
+    kth = np.sort(d.gather(1, order[:, -1:]).squeeze(1).numpy())
+    want = float(kth[(len(kth) - 1) // 2])  # the lower median
     assert auto_sigma(points, order.to(torch.int32)) == pytest.approx(want, rel=1e-5)
     assert auto_sigma(torch.ones(4, 2), torch.tensor([[1], [0], [0], [0]])) == 1.0

@@ -27,7 +27,7 @@ class DataBundle:
     """The datasets of one experiment.
 
     Attributes:
-        train: training rows, augmented when requested.
+        train: training rows, augmented when requested (otherwise the same object as ``train_eval``).
         train_eval: the same rows in the same order without augmentation (for embedding banks).
         val: validation rows carved from the training classes, or ``None`` when ``val_fraction`` is 0
             (or too small to carve a single row).

@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -98,7 +98,7 @@ class ImageFilePool(Pool):
         try:
             with Image.open(path) as img:
                 pixels = np.asarray(img.convert("RGB"))
-        except (OSError, UnidentifiedImageError, ValueError) as err:
+        except (OSError, ValueError) as err:
             raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
         x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
         return self.resize(x)
@@ -282,7 +282,7 @@ def _check_image_header(path: Path) -> None:
     try:
         with Image.open(path):
             pass
-    except (OSError, UnidentifiedImageError) as err:
+    except OSError as err:
         raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
 
 
@@ -388,6 +388,8 @@ def load_embeddings(data_dir: str | None = None) -> Source:
     path = Path(data_dir)
     if path.is_file() and path.suffix == ".npz":
         npz = _read_array(lambda: np.load(path, allow_pickle=False), str(path))
+        if not isinstance(npz, np.lib.npyio.NpzFile):
+            raise DataError(f"embeddings file {path} is a single .npy array, not an .npz archive; {_EMBEDDINGS_HINT}")
         with npz:
             present = set(npz.files)
             names = {k: f"{path} [{k}]" for k in ("x", "y", "x_test", "y_test")}

@@ -185,7 +185,7 @@ def _mean_finite(nll: Tensor) -> Tensor:
 
 @torch.no_grad()
 def auto_sigma(centres: Tensor, neighbours: Tensor) -> float:
-    """``sigma`` = median over centres of the distance to their farthest (k-th) listed neighbour.
+    """``sigma`` = (lower) median over centres of the distance to their farthest (k-th) listed neighbour.
 
     The typical neighbourhood then lies within one ``sigma`` (every listed
     neighbour has ``f >= exp(-1/2)``), so no centre is negligible when training

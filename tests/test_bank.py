@@ -1,0 +1,115 @@
+"""The embedding bank: refresh and neighbour lists against brute force, dtypes, state, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from knnsolver.bank import EmbeddingBank
+from knnsolver.errors import ConfigError
+from knnsolver.interfaces import NeighbourSearch
+from knnsolver.search.exact import ExactSearch
+
+
+def brute_force_graph(points: np.ndarray, k: int) -> np.ndarray:
+    d = ((points[:, None, :].astype(np.float64) - points[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    return np.argsort(d, axis=1, kind="stable")[:, :k]
+
+
+def table(n=60, d=6, c=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g), torch.randint(0, c, (n,), generator=g)
+
+
+class CountingSearch(NeighbourSearch):
+    """An injected backend that records its calls (the seam faiss / FANNG plug into)."""
+
+    def __init__(self):
+        self.calls = []
+        self.inner = ExactSearch(block_elements=64)  # tiny blocks: never an N x N matrix
+
+    def knn_graph(self, points, k):
+        self.calls.append((points.shape[0], k))
+        return self.inner.knn_graph(points, k)
+
+
+def test_refresh_stores_centres_and_brute_force_neighbours():
+    emb, labels = table()
+    bank = EmbeddingBank(60, 6, k=7)
+    assert not bank.filled
+    bank.refresh(emb, labels)
+    assert bank.filled and torch.equal(bank.centres, emb) and torch.equal(bank.labels, labels)
+    assert bank.neighbours.dtype == torch.int32 and bank.neighbours.shape == (60, 7)
+    assert not (bank.neighbours.long() == torch.arange(60)[:, None]).any()  # self excluded
+    np.testing.assert_array_equal(bank.neighbours.numpy(), brute_force_graph(emb.numpy(), 7))
+
+
+def test_refresh_uses_the_injected_search():
+    emb, labels = table()
+    search = CountingSearch()
+    bank = EmbeddingBank(60, 6, k=4, search=search)
+    bank.refresh(emb, labels)
+    bank.refresh(emb * 2, labels)
+    assert search.calls == [(60, 4), (60, 4)]
+    np.testing.assert_array_equal(bank.neighbours.numpy(), brute_force_graph(emb.numpy(), 4))
+
+
+def test_float16_bank_stores_half_and_searches_the_stored_values():
+    emb, labels = table(seed=1)
+    bank = EmbeddingBank(60, 6, k=5, dtype="float16")
+    bank.refresh(emb, labels)
+    assert bank.centres.dtype == torch.float16 and bank.neighbours.dtype == torch.int32
+    assert torch.equal(bank.centres, emb.half())
+    np.testing.assert_array_equal(bank.neighbours.numpy(), brute_force_graph(emb.half().float().numpy(), 5))
+
+
+def test_set_centres_write_and_append():
+    emb, labels = table()
+    bank = EmbeddingBank(60, 6, k=3)
+    bank.refresh(emb, labels)
+    graph = bank.neighbours.clone()
+    bank.append(torch.ones(2, 6), torch.tensor([9, 9]))
+    assert bank.centres.shape == (62, 6) and bank.training_centres.shape == (60, 6)
+    assert torch.equal(bank.training_labels, labels) and bank.labels[-2:].tolist() == [9, 9]
+    bank.set_centres(emb + 1, labels)  # training rows replaced, added rows kept, graph unchanged
+    assert torch.equal(bank.training_centres, emb + 1) and torch.equal(bank.centres[60:], torch.ones(2, 6))
+    assert torch.equal(bank.neighbours, graph)
+    bank.write(torch.tensor([0, 5]), torch.zeros(2, 6, requires_grad=True))
+    assert torch.equal(bank.centres[[0, 5]], torch.zeros(2, 6)) and not bank.centres.requires_grad
+    bank.refresh(emb, labels)
+    assert bank.centres.shape == (62, 6) and torch.equal(bank.neighbours, graph)  # graph over training rows only
+
+
+def test_state_dict_round_trip_resizes_buffers():
+    emb, labels = table()
+    bank = EmbeddingBank(60, 6, k=5, dtype="float16")
+    bank.refresh(emb, labels)
+    bank.append(torch.full((3, 6), 2.0), torch.tensor([1, 2, 3]))
+    fresh = EmbeddingBank(60, 6, k=5, dtype="float16")
+    assert set(bank.state_dict()) == {"centres", "labels", "neighbours"}
+    fresh.load_state_dict(bank.state_dict())
+    for name in ("centres", "labels", "neighbours"):
+        assert torch.equal(getattr(fresh, name), getattr(bank, name))
+        assert getattr(fresh, name).dtype == getattr(bank, name).dtype
+    empty = EmbeddingBank(60, 6, k=5)
+    bank.load_state_dict(empty.state_dict())  # back to unfilled
+    assert not bank.filled
+
+
+def test_errors_name_the_problem():
+    emb, labels = table()
+    with pytest.raises(ConfigError, match="num_train=60 rows but got 59 embeddings"):
+        EmbeddingBank(60, 6, k=3).refresh(emb[:59], labels[:59])
+    with pytest.raises(ConfigError, match=r"expects \(rows, 6\)"):
+        EmbeddingBank(60, 6).refresh(emb[:, :5], labels)
+    with pytest.raises(ConfigError, match="unknown bank dtype 'bfloat8'; choose one of: float32, float16"):
+        EmbeddingBank(60, 6, dtype="bfloat8")
+    with pytest.raises(ConfigError, match="k=60 neighbours requested but only 59 other points.*use k <= 59"):
+        EmbeddingBank(60, 6, k=60)
+    with pytest.raises(RuntimeError, match="bank is empty"):
+        EmbeddingBank(60, 6).append(emb[:2], labels[:2])
+    bank = EmbeddingBank(60, 6)
+    bank.refresh(emb, labels)
+    with pytest.raises(ConfigError, match="add_centres expects"):
+        bank.append(emb[:2], labels[:3])
