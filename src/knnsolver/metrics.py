@@ -68,30 +68,27 @@ def _check_ks(ks: Iterable[int], available: int) -> list[int]:
     return sorted({int(k) for k in ks})
 
 
-def _rank(d: Tensor, depth: int) -> Tensor:
-    """Indices of the ``depth`` smallest entries of each row of ``d``, ordered by (distance, index).
+def _nearest(qb: Tensor, ref: Tensor, ref_norm: Tensor, depth: int, self_start: int | None) -> Tensor:
+    """Indices of the ``depth`` nearest references of each query in ``qb``, ranked by (distance, index).
 
-    ``torch.topk`` finds the right values but, among entries equal to the last
-    value kept, may keep any subset and in any order; both are fixed here so the
-    ranking is deterministic: equal distances rank by lower reference index.
-    One extra neighbour is fetched to spot rows whose cut-off falls inside a run
-    of equal distances without a full pass over ``d``.
+    Squared distances ``||q - p||^2 = ||q||^2 - 2 q.p + ||p||^2`` are formed for
+    the whole block; with ``self_start`` row i is query ``self_start + i`` of
+    ``ref`` and its own column is set to infinity. Each distance then becomes
+    one int64 key, (float32 bits of max(d, 0)) * 2^32 + column index: the bits
+    of a non-negative float32 order like its value (and a negative distance,
+    -0.0 included, has negative bits, which clamp to those of 0.0), so keys
+    order by distance, then by index, and are unique. One ``topk`` over keys
+    thus gives a deterministic ranking; over raw distances it would keep an
+    arbitrary subset, in arbitrary order, of equal distances.
     """
-    vals, idx = torch.topk(d, min(depth + 1, d.shape[1]), dim=1, largest=False, sorted=True)
-    if vals.shape[1] > depth:
-        # Cut-off inside a run of equal distances: keep that run's lowest indices.
-        for row in (vals[:, depth] == vals[:, depth - 1]).nonzero().flatten().tolist():
-            last = vals[row, depth - 1]
-            n_kept = int((vals[row, :depth] == last).sum())
-            idx[row, depth - n_kept : depth] = (d[row] == last).nonzero().flatten()[:n_kept]
-        vals, idx = vals[:, :depth], idx[:, :depth]
-    # Rows with equal distances inside the kept list: sort by index, then stably by distance.
-    tied = (vals[:, 1:] == vals[:, :-1]).any(1).nonzero().flatten()
-    if tied.numel():
-        by_index, order = idx[tied].sort(dim=1)
-        _, order = vals[tied].gather(1, order).sort(dim=1, stable=True)
-        idx[tied] = by_index.gather(1, order)
-    return idx
+    d = torch.addmm(ref_norm, qb, ref.T, alpha=-2.0).add_((qb * qb).sum(1, keepdim=True))
+    if self_start is not None:
+        rows = torch.arange(qb.shape[0], device=d.device)
+        d[rows, self_start + rows] = float("inf")
+    keys = d.view(torch.int32).to(torch.int64)
+    del d
+    keys.clamp_(min=0).bitwise_left_shift_(32).bitwise_or_(torch.arange(ref.shape[0], device=keys.device))
+    return torch.topk(keys, depth, dim=1, largest=False, sorted=True).values.bitwise_and_(0xFFFFFFFF)
 
 
 @torch.no_grad()
@@ -106,7 +103,8 @@ def retrieval_metrics(
     """Retrieval quality of ``query`` embeddings against ``reference`` embeddings.
 
     Each query ranks the references by Euclidean distance (squared, which ranks
-    the same); equal distances rank by lower reference index. Without
+    the same, computed in float32 as ||q||^2 - 2 q.p + ||p||^2); equal computed
+    distances rank by lower reference index. Without
     ``reference`` the queries are their own reference and each query's own row
     is left out by index, so an exact duplicate of a query still counts as a
     neighbour. A separate ``reference`` is taken as disjoint from the queries.
@@ -145,10 +143,11 @@ def retrieval_metrics(
             raise ConfigError(f"query has dimension {q.shape[1]} but reference has {ref.shape[1]}")
         ref_lab = _as_labels(reference_labels, "reference_labels", ref.shape[0])
         exclude_self = False
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1):
         raise ConfigError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
     n_ref = ref.shape[0]
-    ks = _check_ks(ks, n_ref - exclude_self)
+    n_cand = n_ref - int(exclude_self)  # references a query can retrieve
+    ks = _check_ks(ks, n_cand)
     cuts = sorted({1, *ks})  # Precision@1 is the hit rate at cut-off 1.
 
     codes = torch.as_tensor(np.unique(np.concatenate([q_lab, ref_lab]), return_inverse=True)[1].reshape(-1))
@@ -158,10 +157,10 @@ def retrieval_metrics(
     if not valid.any():
         raise ConfigError("no query has a reference with its label, so no retrieval metric is defined")
 
-    # Neighbours needed: enough for the largest K and for the largest R (MAP@R, R-precision).
-    depth = min(n_ref - exclude_self, max(cuts[-1], int(r_count.max())))
-    # Per query row: 4N bytes of distances; per neighbour ~48 bytes of index/label/precision work.
-    rows = block_size or max(1, _BLOCK_BYTES // (4 * n_ref + 48 * depth))
+    # Neighbours to rank: enough for the largest K and the largest R (MAP@R, R-precision).
+    depth = min(n_cand, max(cuts[-1], int(r_count.max())))
+    # Per query row: 12N bytes of distances and int64 keys; per neighbour ~48 bytes of ranking work.
+    rows = block_size or max(1, _BLOCK_BYTES // (12 * n_ref + 48 * depth))
 
     n_q = q.shape[0]
     ref_norm = (ref * ref).sum(1)
@@ -170,24 +169,18 @@ def retrieval_metrics(
     avg_prec = torch.zeros(n_q, dtype=torch.float64, device=q.device)
     for start in range(0, n_q, rows):
         stop = min(start + rows, n_q)
-        qb = q[start:stop]
-        # ||q - p||^2 = ||p||^2 - 2 q.p + ||q||^2, one (rows x N) block.
-        d = torch.addmm(ref_norm, qb, ref.T, alpha=-2.0).add_((qb * qb).sum(1, keepdim=True)).clamp_(min=0.0)
-        if exclude_self:
-            local = torch.arange(stop - start, device=d.device)
-            d[local, start + local] = float("inf")
         r = r_count[start:stop]
-        idx = _rank(d, min(depth, max(cuts[-1], int(r.max()))))
-        del d
+        block_depth = min(n_cand, max(cuts[-1], int(r.max())))
+        idx = _nearest(q[start:stop], ref, ref_norm, block_depth, start if exclude_self else None)
         rel = ref_codes[idx] == q_codes[start:stop, None]
-        hits = rel.cumsum(1)
+        hits = rel.cumsum(1, dtype=torch.int32)
         for j, k in enumerate(cuts):
             hit_at[j, start:stop] = hits[:, k - 1] > 0
         r_safe = r.clamp(min=1)
         r_prec[start:stop] = hits.gather(1, (r_safe - 1)[:, None]).squeeze(1).double() / r_safe
         pos = torch.arange(1, rel.shape[1] + 1, device=rel.device, dtype=torch.float64)
-        in_top_r = rel & (pos <= r[:, None])
-        avg_prec[start:stop] = torch.where(in_top_r, hits / pos, 0.0).sum(1) / r_safe
+        precision = hits.double().div_(pos).mul_(rel & (pos <= r[:, None]))  # P(i) rel(i), i <= R
+        avg_prec[start:stop] = precision.sum(1) / r_safe
 
     hit_rate = dict(zip(cuts, hit_at[:, valid].double().mean(1).tolist()))
     out = {"precision_at_1": hit_rate[1]}
