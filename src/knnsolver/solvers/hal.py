@@ -22,6 +22,10 @@ class HALSolver(Solver):
 
         loss(x) = -log softmax_c(-||x̂ - â_c||^2 / tau)[y],   ||x̂ - â||^2 = 2 - 2 cos(x, a)
 
+    Under this reading HAL coincides with pytorch-metric-learning's ``ProxyNCALoss``
+    with ``softmax_scale = 1 / tau`` (normalised proxies, true class in the
+    denominator); the two differ only in initialisation and defaults.
+
     ``predict_by="knn"`` (default; HAL is a loss for kNN classifiers) votes among the
     ``knn_k`` nearest L2-normalised training embeddings given to :meth:`fit_reference`;
     ``predict_by="anchor"`` returns the logits above (nearest anchor wins, no reference needed).

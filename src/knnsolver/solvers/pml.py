@@ -60,7 +60,9 @@ class TripletSolver(PMLSolver):
 
     needs_balanced_sampler = True
 
-    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, margin: float = 0.1, knn_k: int = 5) -> None:
+    def __init__(
+        self, embedding_dim: int, num_classes: int, num_train: int = 0, *, margin: float = 0.1, knn_k: int = 5
+    ) -> None:
         _require_positive("triplet", margin=margin)
         super().__init__(
             embedding_dim, num_classes, num_train, knn_k=knn_k, loss=losses.TripletMarginLoss(margin=margin),
@@ -73,17 +75,22 @@ class LiftedStructureSolver(PMLSolver):
 
     needs_balanced_sampler = True
 
-    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, neg_margin: float = 1.0, knn_k: int = 5) -> None:
+    def __init__(
+        self, embedding_dim: int, num_classes: int, num_train: int = 0, *, neg_margin: float = 1.0, knn_k: int = 5
+    ) -> None:
         _require_positive("lifted", neg_margin=neg_margin)
-        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=losses.LiftedStructureLoss(neg_margin=neg_margin))
+        loss = losses.LiftedStructureLoss(neg_margin=neg_margin)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
 
 
 class NPairsSolver(PMLSolver):
-    """``NPairsLoss`` on raw dot products with Sohn's (2016) squared-L2 embedding penalty of weight ``embedding_reg``."""
+    """``NPairsLoss`` (Sohn 2016) on raw dot products, plus ``embedding_reg * ||x||^2`` (batch mean)."""
 
     needs_balanced_sampler = True
 
-    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, embedding_reg: float = 0.002, knn_k: int = 5) -> None:
+    def __init__(
+        self, embedding_dim: int, num_classes: int, num_train: int = 0, *, embedding_reg: float = 0.002, knn_k: int = 5
+    ) -> None:
         if embedding_reg < 0:
             raise ConfigError(f"npairs embedding_reg must be >= 0, got {embedding_reg}")
         loss = losses.NPairsLoss(
@@ -98,15 +105,20 @@ class NCASolver(PMLSolver):
 
     needs_balanced_sampler = True
 
-    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, softmax_scale: float = 10.0, knn_k: int = 5) -> None:
+    def __init__(
+        self, embedding_dim: int, num_classes: int, num_train: int = 0, *, softmax_scale: float = 10.0, knn_k: int = 5
+    ) -> None:
         _require_positive("nca", softmax_scale=softmax_scale)
-        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=losses.NCALoss(softmax_scale=softmax_scale))
+        loss = losses.NCALoss(softmax_scale=softmax_scale)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
 
 
 class ProxyNCASolver(PMLSolver):
     """``ProxyNCALoss(softmax_scale)``: NCA against one learnable proxy per class."""
 
-    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, softmax_scale: float = 10.0, knn_k: int = 5) -> None:
+    def __init__(
+        self, embedding_dim: int, num_classes: int, num_train: int = 0, *, softmax_scale: float = 10.0, knn_k: int = 5
+    ) -> None:
         _require_positive("proxynca", softmax_scale=softmax_scale)
         loss = losses.ProxyNCALoss(num_classes, embedding_dim, softmax_scale=softmax_scale)
         super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
@@ -115,14 +127,16 @@ class ProxyNCASolver(PMLSolver):
 class NormalizedSoftmaxSolver(PMLSolver):
     """``NormalizedSoftmaxLoss(temperature)``: cross-entropy over cosine logits ``cos / temperature``."""
 
-    def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, temperature: float = 0.05, knn_k: int = 5) -> None:
+    def __init__(
+        self, embedding_dim: int, num_classes: int, num_train: int = 0, *, temperature: float = 0.05, knn_k: int = 5
+    ) -> None:
         _require_positive("normsoftmax", temperature=temperature)
         loss = losses.NormalizedSoftmaxLoss(num_classes, embedding_dim, temperature=temperature)
         super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
 
 
 class MultiSimilaritySolver(PMLSolver):
-    """``MultiSimilarityLoss(alpha, beta, base)`` on the pairs of ``MultiSimilarityMiner(epsilon)`` (Wang et al. 2019)."""
+    """``MultiSimilarityLoss(alpha, beta, base)`` on ``MultiSimilarityMiner(epsilon)``'s pairs (Wang et al. 2019)."""
 
     needs_balanced_sampler = True
 
@@ -141,7 +155,8 @@ class MultiSimilaritySolver(PMLSolver):
         _require_positive("multisimilarity", alpha=alpha, beta=beta, epsilon=epsilon)
         super().__init__(
             embedding_dim, num_classes, num_train, knn_k=knn_k,
-            loss=losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base), miner=miners.MultiSimilarityMiner(epsilon=epsilon),
+            loss=losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base),
+            miner=miners.MultiSimilarityMiner(epsilon=epsilon),
         )
 
 
@@ -149,7 +164,14 @@ class ProxyAnchorSolver(PMLSolver):
     """``ProxyAnchorLoss(margin, alpha)`` (Kim et al. 2020): one learnable proxy per class as the anchor."""
 
     def __init__(
-        self, embedding_dim: int, num_classes: int, num_train: int = 0, *, margin: float = 0.1, alpha: float = 32.0, knn_k: int = 5
+        self,
+        embedding_dim: int,
+        num_classes: int,
+        num_train: int = 0,
+        *,
+        margin: float = 0.1,
+        alpha: float = 32.0,
+        knn_k: int = 5,
     ) -> None:
         _require_positive("proxyanchor", margin=margin, alpha=alpha)
         loss = losses.ProxyAnchorLoss(num_classes, embedding_dim, margin=margin, alpha=alpha)

@@ -1,0 +1,176 @@
+import numpy as np
+import pytest
+import torch
+
+from knnsolver.errors import ConfigError
+from knnsolver.functional import crc_code, crc_logits, crc_loss, crc_residuals
+from knnsolver.interfaces import EpochContext
+from knnsolver.registry import SOLVERS, options_of
+from knnsolver.solvers.crc import CRCSolver
+
+
+def _blobs(seed: int, per_class: int, num_classes: int = 4, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    means = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    return means[y] + torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed)), y
+
+
+def _ridge_lstsq(x: np.ndarray, atoms: np.ndarray, lam: float, keep: list[int]) -> np.ndarray:
+    """Ridge as augmented least squares: min || [D_keep; sqrt(lam) I] a - [x; 0] ||^2 (atoms as rows)."""
+    d = atoms[keep].T
+    lhs = np.vstack([d, np.sqrt(lam) * np.eye(len(keep))])
+    rhs = np.concatenate([x, np.zeros(len(keep))])
+    code = np.zeros(len(atoms))
+    code[keep] = np.linalg.lstsq(lhs, rhs, rcond=None)[0]
+    return code
+
+
+def _direct_residuals(x: np.ndarray, atoms: np.ndarray, labels: np.ndarray, alpha: np.ndarray, c: int) -> np.ndarray:
+    r = np.zeros((len(x), c))
+    for b in range(len(x)):
+        for k in range(c):
+            recon = sum((alpha[b, j] * atoms[j] for j in range(len(atoms)) if labels[j] == k), np.zeros_like(x[b]))
+            r[b, k] = np.sum((x[b] - recon) ** 2)
+    return r
+
+
+def _case(b=5, n=7, p=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, p, generator=g, dtype=torch.float64), torch.randn(n, p, generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("method", ["direct", "push-through", "auto"])
+@pytest.mark.parametrize("shape", [(5, 7, 3), (4, 3, 6)])  # dictionary larger / smaller than the metric dimension
+def test_coding_matches_lstsq(method, shape):
+    q, atoms = _case(*shape)
+    lam, n = 0.3, shape[1]
+    expected = np.stack([_ridge_lstsq(q[b].numpy(), atoms.numpy(), lam, list(range(n))) for b in range(len(q))])
+    np.testing.assert_allclose(crc_code(q, atoms, lam, method=method).numpy(), expected, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["direct", "push-through"])
+def test_excluded_atom_matches_lstsq_without_that_column(method):
+    q, atoms = _case()
+    exclude = torch.tensor([0, 3, 6, 2, 2])
+    expected = np.stack([
+        _ridge_lstsq(q[b].numpy(), atoms.numpy(), 0.3, [j for j in range(7) if j != exclude[b]]) for b in range(5)
+    ])
+    alpha = crc_code(q, atoms, 0.3, exclude=exclude, method=method)
+    np.testing.assert_allclose(alpha.numpy(), expected, atol=1e-10)
+    assert (alpha[torch.arange(5), exclude] == 0).all()
+
+
+def test_leave_one_out_over_the_batch_and_push_through_equals_direct():
+    x, _ = _case(b=6, n=1, p=4)
+    loo = torch.arange(6)
+    direct = crc_code(x, x, 0.05, exclude=loo, method="direct")
+    push = crc_code(x, x, 0.05, exclude=loo, method="push-through")
+    torch.testing.assert_close(direct, push)
+    assert torch.diagonal(direct).abs().max() == 0
+
+
+@pytest.mark.parametrize("per_class", [2, 40])  # Gram-block path and reconstruction path
+def test_residuals_match_direct_loops(per_class):
+    g = torch.Generator().manual_seed(2)
+    labels = torch.tensor([0, 2, 2, 4] * per_class)  # classes 1 and 3 have no atom
+    atoms = torch.randn(len(labels), 3, generator=g, dtype=torch.float64)
+    q = torch.randn(4, 3, generator=g, dtype=torch.float64)
+    alpha = crc_code(q, atoms, 0.1)
+    r = crc_residuals(q, atoms, labels, alpha, 5)
+    expected = _direct_residuals(q.numpy(), atoms.numpy(), labels.numpy(), alpha.numpy(), 5)
+    np.testing.assert_allclose(r.numpy(), expected, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(r[:, 1], (q * q).sum(1))  # absent class: residual = ||x'||^2
+
+
+def test_logits_apply_the_metric_and_temperature():
+    g = torch.Generator().manual_seed(3)
+    x, atoms = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(6, 3, generator=g, dtype=torch.float64)
+    labels, metric = torch.tensor([0, 1, 1, 2, 0, 2]), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    ql, al = x @ metric.T, atoms @ metric.T
+    expected = -crc_residuals(ql, al, labels, crc_code(ql, al, 0.2), 3) / 0.5
+    torch.testing.assert_close(crc_logits(x, atoms, labels, metric, 0.2, 0.5, 3), expected)
+
+
+def test_gradients_flow_to_metric_and_embeddings():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    metric = (torch.eye(3, dtype=torch.float64) + 0.1 * torch.randn(3, 3, generator=g, dtype=torch.float64)).requires_grad_()
+    labels = torch.tensor([0, 0, 1, 1, 2])
+    loo = torch.arange(5)
+    for method in ("direct", "push-through"):
+        def loss(x, metric, method=method):
+            return crc_loss(x, labels, x, labels, metric, 0.1, 0.5, 3, exclude=loo, method=method)
+        assert torch.autograd.gradcheck(loss, (x, metric))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lam": 0.0}, "lam must be > 0"),
+        ({"temperature": -1.0}, "temperature must be > 0"),
+        ({"dictionary": "means"}, "choose one of: batch, bank"),
+        ({"solve": "inverse"}, "choose one of: auto, direct, push-through"),
+        ({"metric_dim": 0}, "metric_dim must be >= 1"),
+        ({"bank_refresh_every": 0}, "bank_refresh_every must be >= 1"),
+    ],
+)
+def test_invalid_settings(options, message):
+    with pytest.raises(ConfigError, match=message):
+        CRCSolver(8, 3, **options)
+
+
+def test_functional_rejects_bad_values():
+    q, atoms = _case()
+    with pytest.raises(ConfigError, match="lam must be > 0"):
+        crc_code(q, atoms, 0.0)
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        crc_logits(q, atoms, torch.zeros(7, dtype=torch.long), torch.eye(3, dtype=torch.float64), 0.1, 0.0, 2)
+
+
+def test_registry_options_are_typed():
+    opts = {o.name: o.type for o in options_of(SOLVERS.get("crc"), skip=("num_train",))}
+    assert opts == {"dictionary": str, "metric_dim": int, "lam": float, "temperature": float, "normalize": bool,
+                    "bank_refresh_every": int, "solve": str}
+
+
+def test_metric_starts_at_identity_with_configurable_rows():
+    assert torch.equal(CRCSolver(6, 3).metric, torch.eye(6))
+    assert CRCSolver(6, 3, metric_dim=4).metric.shape == (4, 6)
+
+
+@pytest.mark.parametrize("dictionary", ["batch", "bank"])
+def test_user_loop_lowers_loss_and_predicts(dictionary):
+    torch.manual_seed(0)
+    x, y = _blobs(0, 8)
+    xt, yt = _blobs(1, 50)
+    net, solver = torch.nn.Linear(16, 8), CRCSolver(8, 4, len(y), dictionary=dictionary, metric_dim=6)
+    opt = torch.optim.Adam([*net.parameters(), *solver.parameters()], lr=0.01)
+    rows = torch.arange(len(y))
+
+    def embed_train():
+        with torch.no_grad():
+            return net(x), y
+
+    losses = []
+    for step in range(20):
+        solver.on_epoch_start(EpochContext(step, embed_train, len(y)))
+        loss = solver(net(x), y, rows)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    assert not torch.equal(solver.metric, torch.eye(6, 8))  # L is trained through the solve
+    with torch.no_grad():
+        solver.fit_reference(net(x), y)
+        scores = solver.predict(net(xt))
+    assert scores.shape == (len(xt), 4)
+    assert (scores.argmax(1) == yt).float().mean() >= 0.75
+
+
+def test_bank_and_prediction_need_the_training_embeddings():
+    solver = CRCSolver(4, 2, dictionary="bank")
+    with pytest.raises(RuntimeError, match="fit_reference"):
+        solver(torch.randn(3, 4), torch.tensor([0, 1, 1]))
+    with pytest.raises(RuntimeError, match="fit_reference"):
+        solver.predict(torch.randn(3, 4))

@@ -1,0 +1,103 @@
+import numpy as np
+import pytest
+import torch
+from pytorch_metric_learning import losses
+
+from knnsolver.errors import ConfigError
+from knnsolver.functional import hal_logits, hal_loss
+from knnsolver.registry import SOLVERS, options_of
+from knnsolver.solvers.hal import HALSolver
+
+
+def _blobs(seed: int, per_class: int, num_classes: int = 4, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    means = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    return means[y] + torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed)), y
+
+
+def _direct_hal(x: np.ndarray, y: np.ndarray, a: np.ndarray, tau: float) -> tuple[np.ndarray, float]:
+    """Float64 loops: distances between unit vectors, then -log of the NCA softmax."""
+    logits = np.zeros((len(x), len(a)))
+    for b in range(len(x)):
+        xb = x[b] / np.linalg.norm(x[b])
+        for c in range(len(a)):
+            ac = a[c] / np.linalg.norm(a[c])
+            logits[b, c] = -np.sum((xb - ac) ** 2) / tau
+    losses = [-(logits[b, y[b]] - np.log(np.sum(np.exp(logits[b])))) for b in range(len(x))]
+    return logits, float(np.mean(losses))
+
+
+def test_hal_matches_direct_float64_computation():
+    g = torch.Generator().manual_seed(0)
+    x, a = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 2, 1, 0, 0])
+    logits, loss = _direct_hal(x.numpy(), y.numpy(), a.numpy(), 0.3)
+    np.testing.assert_allclose(hal_logits(x, a, 0.3).numpy(), logits, rtol=1e-12, atol=1e-12)
+    assert hal_loss(x, y, a, 0.3).item() == pytest.approx(loss, rel=1e-12)
+
+
+def test_hal_logits_are_the_sphere_closed_form():
+    g = torch.Generator().manual_seed(1)
+    x, a = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
+    cos = torch.nn.functional.cosine_similarity(x[:, None], a[None], dim=2)
+    torch.testing.assert_close(hal_logits(x, a, 0.5), -(2 - 2 * cos) / 0.5)
+    # scale invariance: only directions matter on the hypersphere
+    torch.testing.assert_close(hal_logits(3 * x, 0.1 * a, 0.5), hal_logits(x, a, 0.5))
+
+
+def test_hal_reading_equals_pml_proxy_nca_with_scale_one_over_tau():
+    """Under METHODS.md's reading, HAL is ProxyNCA with normalised proxies and a full softmax."""
+    g = torch.Generator().manual_seed(2)
+    x, anchors = torch.randn(8, 6, generator=g), torch.randn(4, 6, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
+    proxy_nca = losses.ProxyNCALoss(4, 6, softmax_scale=1 / 0.25)
+    with torch.no_grad():
+        proxy_nca.proxies.copy_(anchors)
+    assert hal_loss(x, y, anchors, 0.25).item() == pytest.approx(proxy_nca(x, y).item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"tau": 0.0}, "tau must be > 0"),
+        ({"tau": -1.0}, "tau must be > 0"),
+        ({"predict_by": "proxy"}, "choose one of: knn, anchor"),
+        ({"knn_k": 0}, "knn_k must be >= 1"),
+    ],
+)
+def test_invalid_settings(options, message):
+    with pytest.raises(ConfigError, match=message):
+        HALSolver(8, 3, **options)
+
+
+def test_registry_options_are_typed():
+    opts = {o.name: o.type for o in options_of(SOLVERS.get("hal"), skip=("num_train",))}
+    assert opts == {"tau": float, "predict_by": str, "knn_k": int}
+
+
+@pytest.mark.parametrize("predict_by", ["knn", "anchor"])
+def test_user_loop_lowers_loss_and_predicts(predict_by):
+    torch.manual_seed(0)
+    x, y = _blobs(0, 8)
+    xt, yt = _blobs(1, 50)
+    net, solver = torch.nn.Linear(16, 8), HALSolver(8, 4, predict_by=predict_by)
+    assert solver.predicts_by_knn == (predict_by == "knn")
+    opt = torch.optim.Adam([*net.parameters(), *solver.parameters()], lr=0.01)
+    losses = []
+    for _ in range(20):
+        loss = solver(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    with torch.no_grad():
+        solver.fit_reference(net(x), y)
+        scores = solver.predict(net(xt))
+    assert scores.shape == (len(xt), 4)
+    assert (scores.argmax(1) == yt).float().mean() >= 0.8
+
+
+def test_knn_prediction_needs_reference():
+    with pytest.raises(RuntimeError, match="fit_reference"):
+        HALSolver(4, 2).predict(torch.randn(3, 4))

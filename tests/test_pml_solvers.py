@@ -1,0 +1,85 @@
+import pytest
+import torch
+from pytorch_metric_learning import losses, miners
+
+from knnsolver.errors import ConfigError
+from knnsolver.registry import SOLVERS, options_of
+from knnsolver.solvers.pml import PMLSolver
+
+# name -> (key options with their types, uses the class-balanced sampler, owns proxies)
+PML = {
+    "triplet": ({"margin": float}, True, False),
+    "lifted": ({"neg_margin": float}, True, False),
+    "npairs": ({"embedding_reg": float}, True, False),
+    "nca": ({"softmax_scale": float}, True, False),
+    "proxynca": ({"softmax_scale": float}, False, True),
+    "normsoftmax": ({"temperature": float}, False, True),
+    "multisimilarity": ({"alpha": float, "beta": float, "base": float, "epsilon": float}, True, False),
+    "proxyanchor": ({"margin": float, "alpha": float}, False, True),
+}
+
+
+def _blobs(seed: int, per_class: int, num_classes: int = 4, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    means = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    return means[y] + torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed)), y
+
+
+@pytest.mark.parametrize("name", PML)
+def test_solver_shape_options_and_flags(name):
+    options, balanced, has_proxies = PML[name]
+    cls = SOLVERS.get(name)
+    assert issubclass(cls, PMLSolver) and cls.__mro__[1] is PMLSolver
+    assert {o.name: o.type for o in options_of(cls, skip=("num_train",))} == {**options, "knn_k": int}
+    solver = SOLVERS.build(name, embedding_dim=8, num_classes=5)
+    assert solver.needs_balanced_sampler is balanced and solver.predicts_by_knn
+    loss_params = list(solver.loss.parameters())
+    assert bool(loss_params) is has_proxies
+    assert {id(p) for p in loss_params} <= {id(p) for p in solver.parameters()}  # the optimiser sees the proxies
+
+
+def test_triplet_uses_semihard_mining():
+    solver = SOLVERS.build("triplet", embedding_dim=4, num_classes=2, margin=0.3)
+    assert isinstance(solver.miner, miners.TripletMarginMiner) and solver.miner.type_of_triplets == "semihard"
+    assert isinstance(solver.loss, losses.TripletMarginLoss) and solver.loss.margin == 0.3 == solver.miner.margin
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message"),
+    [
+        ("triplet", {"margin": 0.0}, "triplet margin must be > 0"),
+        ("lifted", {"neg_margin": -1.0}, "lifted neg_margin must be > 0"),
+        ("npairs", {"embedding_reg": -0.1}, "npairs embedding_reg must be >= 0"),
+        ("nca", {"softmax_scale": 0.0}, "nca softmax_scale must be > 0"),
+        ("proxynca", {"softmax_scale": -2.0}, "proxynca softmax_scale must be > 0"),
+        ("normsoftmax", {"temperature": 0.0}, "normsoftmax temperature must be > 0"),
+        ("multisimilarity", {"beta": 0.0}, "multisimilarity beta must be > 0"),
+        ("proxyanchor", {"alpha": -1.0}, "proxyanchor alpha must be > 0"),
+        ("nca", {"knn_k": 0}, "knn_k must be >= 1"),
+    ],
+)
+def test_invalid_settings(name, options, message):
+    with pytest.raises(ConfigError, match=message):
+        SOLVERS.build(name, embedding_dim=8, num_classes=3, **options)
+
+
+@pytest.mark.parametrize("name", PML)
+def test_user_loop_lowers_loss_and_predicts(name):
+    torch.manual_seed(0)
+    x, y = _blobs(0, 8)
+    xt, yt = _blobs(1, 50)
+    net, solver = torch.nn.Linear(16, 8), SOLVERS.build(name, embedding_dim=8, num_classes=4)
+    opt = torch.optim.Adam([*net.parameters(), *solver.parameters()], lr=0.01)
+    losses_seen = []
+    for _ in range(20):
+        loss = solver(net(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses_seen.append(loss.item())
+    assert losses_seen[-1] < 0.8 * losses_seen[0]
+    with torch.no_grad():
+        solver.fit_reference(net(x), y)
+        scores = solver.predict(net(xt))
+    assert scores.shape == (len(xt), 4)
+    assert (scores.argmax(1) == yt).float().mean() >= 0.75
