@@ -96,3 +96,19 @@ def test_optimizers_and_disjoint_split(tmp_path):
     expected = {"precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r", "r_precision", "nmi"}
     assert expected <= set(s)
     assert s["recall_at_8"] >= s["recall_at_1"] > 0.3
+
+
+def test_samples_per_class_rule():
+    from knnsolver.training.trainer import samples_per_class
+
+    assert samples_per_class(64, 10) == 8  # 8 classes x 8
+    assert samples_per_class(64, 5) == 16  # 4 classes x 16
+    assert samples_per_class(64, 100) == 4
+    assert samples_per_class(60, 10, requested=6) == 6
+    with pytest.raises(ConfigError, match="batch_size 7 cannot be split"):
+        samples_per_class(7, 10)
+
+
+def test_pair_solver_trains_with_default_batch(tmp_path):
+    s = train(_cfg(tmp_path, solver="triplet", epochs=1, split="disjoint"))
+    assert s["recall_at_1"] > 0.3

@@ -38,7 +38,7 @@ class TrainConfig:
     augment: bool = False
     image_size: int = 64
     balanced: bool | None = None  # None: the class-balanced sampler only where the solver needs it
-    samples_per_class: int = 4
+    samples_per_class: int = 0  # class-balanced sampler's m; 0 picks it from batch size and class count
     eval_every: int = 1
     eval_batch_size: int = 512
     plots: bool = True
@@ -48,10 +48,12 @@ class TrainConfig:
 
     def validate(self) -> "TrainConfig":
         """Raise :class:`ConfigError` naming the first bad value."""
-        positive = ("epochs", "batch_size", "embedding_dim", "width", "eval_every", "eval_batch_size", "samples_per_class")
+        positive = ("epochs", "batch_size", "embedding_dim", "width", "eval_every", "eval_batch_size")
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.samples_per_class < 0:
+            raise ConfigError(f"samples_per_class must be >= 0 (0 = automatic), got {self.samples_per_class}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:

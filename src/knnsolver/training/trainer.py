@@ -104,12 +104,27 @@ def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.O
     return cls(params, lr=config.lr, weight_decay=config.weight_decay)
 
 
+def samples_per_class(batch_size: int, num_classes: int, requested: int = 0) -> int:
+    """The class-balanced sampler's m: ``requested`` if set, else the smallest m >= 4
+    dividing ``batch_size`` into 2 to ``num_classes`` classes per batch."""
+    if requested:
+        return requested
+    for m in range(4, batch_size // 2 + 1):
+        if batch_size % m == 0 and batch_size // m <= num_classes:
+            return m
+    raise ConfigError(
+        f"batch_size {batch_size} cannot be split into equal groups of >= 4 samples from 2 to {num_classes} "
+        f"classes; choose a batch size with such a divisor or set samples_per_class"
+    )
+
+
 def _batches(run: Run, epoch: int) -> Iterator[list[int]]:
     """Row-index batches for one epoch: class-balanced where needed, else a seeded shuffle."""
     cfg = run.config
     balanced = run.solver.needs_balanced_sampler if cfg.balanced is None else cfg.balanced
     if balanced:
-        sampler = ClassBalancedBatchSampler(run.data.train_labels, cfg.batch_size, cfg.samples_per_class, seed=cfg.seed)
+        m = samples_per_class(cfg.batch_size, run.data.num_classes, cfg.samples_per_class)
+        sampler = ClassBalancedBatchSampler(run.data.train_labels, cfg.batch_size, m, seed=cfg.seed)
         sampler.set_epoch(epoch)
         return iter(sampler)
     n = len(run.data.train)
