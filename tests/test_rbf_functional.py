@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import knnsolver.functional as F
-from knnsolver.functional.rbf import auto_sigma, nearest_class_centres, rbf_log_probs, rbf_loss, rbf_terms
+from knnsolver.functional.rbf import rbf_auto_sigma, rbf_nearest_class_centres, rbf_log_probs, rbf_loss, rbf_terms
 
 
 def reference_log_probs(x, centres, centre_labels, neighbours, log_weights, sigma, num_classes):
@@ -54,7 +54,7 @@ def random_problem(seed=0, b=6, n=40, d=5, c=4, k=7, dtype=torch.float64):
 
 def test_exported_from_functional_package():
     assert F.rbf_log_probs is rbf_log_probs and F.rbf_loss is rbf_loss
-    assert {"rbf_log_probs", "rbf_loss", "rbf_terms", "auto_sigma"} <= set(F.rbf.__all__)
+    assert {"rbf_log_probs", "rbf_loss", "rbf_terms", "rbf_auto_sigma"} <= set(F.rbf.__all__)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -106,7 +106,7 @@ def test_nearest_class_centres_against_brute_force():
     centres, cl = torch.randn(50, 3, generator=g), torch.randint(0, 5, (50,), generator=g)
     q, ql = centres[:10] + 0.01, cl[:10].clone()
     ql[0] = 7  # a class with no centre
-    got = nearest_class_centres(q, ql, centres, cl, exclude=torch.arange(10))
+    got = rbf_nearest_class_centres(q, ql, centres, cl, exclude=torch.arange(10))
     for b in range(10):
         cands = [i for i in range(50) if cl[i] == ql[b] and i != b]
         want = min(cands, key=lambda i: float(((q[b] - centres[i]) ** 2).sum())) if cands else -1
@@ -196,13 +196,17 @@ def test_float16_centres():
     assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
-def test_auto_sigma_is_median_distance_to_kth_neighbour():
+def test_auto_sigma_is_median_distance_to_nearest_other_centre():
     g = torch.Generator().manual_seed(9)
-    points = torch.randn(30, 4, generator=g)
+    points = torch.randn(31, 4, generator=g)
     d = torch.cdist(points.double(), points.double())
     d.fill_diagonal_(float("inf"))
-    order = d.argsort(1)[:, :5]
-    kth = np.sort(d.gather(1, order[:, -1:]).squeeze(1).numpy())
-    want = float(kth[(len(kth) - 1) // 2])  # the lower median
-    assert auto_sigma(points, order.to(torch.int32)) == pytest.approx(want, rel=1e-5)
-    assert auto_sigma(torch.ones(4, 2), torch.tensor([[1], [0], [0], [0]])) == 1.0
+    nearest = np.sort(d.min(1).values.numpy())
+    assert rbf_auto_sigma(points) == pytest.approx(float(nearest[15]), rel=1e-5)
+    sub = [0, 10, 20, 30]  # max_points=4: evenly spaced rows
+    assert rbf_auto_sigma(points, max_points=4) == pytest.approx(float(np.sort(d.min(1).values.numpy()[sub])[1]), rel=1e-5)
+    twins = torch.cat([points, points[:6]])  # a duplicate is its twin's nearest other centre: distance 0
+    dt = torch.cdist(twins.double(), twins.double())
+    dt.fill_diagonal_(float("inf"))
+    assert rbf_auto_sigma(twins) == pytest.approx(float(np.sort(dt.min(1).values.numpy())[18]), rel=1e-5)
+    assert rbf_auto_sigma(torch.ones(4, 2)) == 1.0

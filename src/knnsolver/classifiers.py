@@ -9,7 +9,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import Tensor
 
 from knnsolver.errors import ConfigError
-from knnsolver.functional.rbf import auto_sigma, rbf_log_probs
+from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs
 from knnsolver.interfaces import check_k
 from knnsolver.registry import SEARCHES
 
@@ -47,12 +47,12 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
             raise ConfigError(f"fit expects X of shape (n, d) and y of shape (n,), got {tuple(points.shape)} and {labels.shape}")
         if not self.sigma >= 0:
             raise ConfigError(f"sigma must be >= 0 (0 = set automatically), got {self.sigma}")
-        check_k(self.k, points.shape[0], excluding_self=self.sigma == 0)
+        check_k(self.k, points.shape[0], excluding_self=False)
         self.classes_, codes = np.unique(labels, return_inverse=True)
         self._search = SEARCHES.build(self.search)
         self._points, self._codes = points, torch.from_numpy(codes.astype(np.int64))
         self.n_features_in_ = points.shape[1]
-        self.sigma_ = float(self.sigma) or auto_sigma(points, self._search.knn_graph(points, self.k))
+        self.sigma_ = float(self.sigma) or rbf_auto_sigma(points)
         return self
 
     @torch.no_grad()
@@ -71,4 +71,5 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
         return self._log_proba(X).exp().numpy()
 
     def predict(self, X: Any) -> np.ndarray:
-        return self.classes_[self._log_proba(X).argmax(1).numpy()]
+        codes = self._log_proba(X).argmax(1).numpy()
+        return self.classes_[codes]

@@ -35,7 +35,9 @@ class EmbeddingBank(nn.Module):
     labels: Tensor
     neighbours: Tensor
 
-    def __init__(self, num_rows: int, dim: int, k: int = 0, *, dtype: str = "float32", search: NeighbourSearch | None = None) -> None:
+    def __init__(
+        self, num_rows: int, dim: int, k: int = 0, *, dtype: str = "float32", search: NeighbourSearch | None = None
+    ) -> None:
         super().__init__()
         if dtype not in BANK_DTYPES:
             raise ConfigError(f"unknown bank dtype {dtype!r}; choose one of: {', '.join(BANK_DTYPES)}")
@@ -75,7 +77,7 @@ class EmbeddingBank(nn.Module):
     def set_centres(self, embeddings: Tensor, labels: Tensor) -> None:
         """Replace the training rows' centres and labels (added rows are kept); neighbour lists unchanged."""
         self._check_table(embeddings, labels)
-        new = embeddings.detach().to(self.centres.dtype)
+        new = embeddings.detach().to(self.centres.dtype, copy=True)  # never alias the caller's tensor
         labels = labels.detach().long().to(new.device)
         if self.filled:
             new = torch.cat([new, self.centres[self.num_rows :].to(new.device)])

@@ -22,15 +22,17 @@ mean.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from knnsolver.search.exact import blocked_knn
+
 __all__ = [
     "RBFTerms",
-    "auto_sigma",
-    "nearest_class_centres",
+    "rbf_auto_sigma",
+    "rbf_nearest_class_centres",
     "rbf_log_probs",
     "rbf_logits",
     "rbf_loss",
@@ -38,6 +40,28 @@ __all__ = [
 ]
 
 _NEG_INF = float("-inf")
+
+
+class _SquaredDistances(torch.autograd.Function):
+    """``||x_b - c_{index[b, j]}||^2`` for embeddings ``x (B, d)`` and constant centres ``c (N, d)``.
+
+    The same maths as autograd on ``((x - c)^2).sum()``, with a single ``(B, k, d)``
+    block: the gathered centres are turned into differences in place, a norm
+    gives the forward, a batched matmul the backward
+    (``dL/dx_b = 2 sum_j g_bj (x_b - c_j)``). No gradient for the centres.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, centres: Tensor, index: Tensor) -> Tensor:
+        diff = centres.index_select(0, index.reshape(-1)).view(*index.shape, -1).to(x.dtype)
+        diff.sub_(x.unsqueeze(1))  # c - x, in place: the gathered copy is ours
+        ctx.save_for_backward(diff)
+        return torch.linalg.vector_norm(diff, dim=2).square()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (diff,) = ctx.saved_tensors
+        return -2.0 * torch.bmm(grad.unsqueeze(1), diff).squeeze(1), None, None
 
 
 def rbf_logits(
@@ -52,8 +76,7 @@ def rbf_logits(
     index = neighbours.long()
     padding = index < 0
     index = index.clamp(min=0)
-    gathered = centres.detach()[index].to(embeddings.dtype)  # (B, k, d)
-    sq = (embeddings.unsqueeze(1) - gathered).pow(2).sum(-1)
+    sq = _SquaredDistances.apply(embeddings, centres.detach(), index)
     logits = log_weights[index].to(sq.dtype) - sq / (2.0 * sigma**2)
     return logits.masked_fill(padding, _NEG_INF), sq.detach().masked_fill(padding, float("inf"))
 
@@ -94,7 +117,7 @@ def rbf_log_probs(
 
 
 @torch.no_grad()
-def nearest_class_centres(
+def rbf_nearest_class_centres(
     queries: Tensor, labels: Tensor, centres: Tensor, centre_labels: Tensor, exclude: Tensor | None = None
 ) -> Tensor:
     """Index of the nearest centre with each query's label, or ``-1`` when there is none.
@@ -123,6 +146,11 @@ class RBFTerms(NamedTuple):
     sq_distances: Tensor  # (B, k) detached squared distances to the given neighbours N(x)
     true_absent: Tensor  # (B,) bool: no true-class centre among the given neighbours (the hard case)
 
+    def loss(self) -> Tensor:
+        """Mean ``nll`` over the scorable (finite) rows; 0, still differentiable, if there are none."""
+        finite = torch.isfinite(self.nll)
+        return torch.where(finite, self.nll, torch.zeros_like(self.nll)).sum() / finite.sum().clamp(min=1)
+
 
 def rbf_terms(
     embeddings: Tensor,
@@ -139,20 +167,21 @@ def rbf_terms(
 
     Rows whose neighbours hold no centre of their class get one extra neighbour,
     the nearest centre of their class in the bank (``exclude`` = each row's own
-    centre, skipped); every other row gets a padding slot. Then
-    ``nll = logsumexp_{N'} a_j - logsumexp_{y ∩ N'} a_j``.
+    centre, skipped); the other rows then get a padding slot. Then
+    ``nll = logsumexp_{N'} a_j - logsumexp_{y ∩ N'} a_j`` (a masked logsumexp
+    over the true class only: the loss needs no per-class scatter).
     """
     labels = labels.long()
     index = neighbours.long()
     neighbour_labels = centre_labels[index.clamp(min=0)].long()
     true_absent = ~((neighbour_labels == labels.unsqueeze(1)) & (index >= 0)).any(1)
-    extra = torch.full_like(labels, -1)
     if bool(true_absent.any()):
         hard = true_absent.nonzero().squeeze(1)
-        extra[hard] = nearest_class_centres(
+        extra = torch.full_like(labels, -1)
+        extra[hard] = rbf_nearest_class_centres(
             embeddings[hard], labels[hard], centres, centre_labels, None if exclude is None else exclude[hard].long()
         )
-    index = torch.cat([index, extra.unsqueeze(1)], dim=1)
+        index = torch.cat([index, extra.unsqueeze(1)], dim=1)
     logits, sq = rbf_logits(embeddings, centres, index, log_weights, sigma)
     is_true = (centre_labels[index.clamp(min=0)].long() == labels.unsqueeze(1)) & (index >= 0)
     scorable = is_true.any(1, keepdim=True)
@@ -160,7 +189,7 @@ def rbf_terms(
     true_logits = torch.where(scorable, logits.masked_fill(~is_true, _NEG_INF), torch.zeros_like(logits))
     nll = torch.logsumexp(logits, 1) - torch.logsumexp(true_logits, 1)
     nll = torch.where(scorable.squeeze(1), nll, torch.full_like(nll, float("inf")))
-    return RBFTerms(nll, sq[:, :-1], true_absent)
+    return RBFTerms(nll, sq[:, : neighbours.shape[1]], true_absent)
 
 
 def rbf_loss(
@@ -175,24 +204,23 @@ def rbf_loss(
     exclude: Tensor | None = None,
 ) -> Tensor:
     """Mean of ``-log P(y|x)`` (Eq. 3) over the scorable rows of :func:`rbf_terms`; 0 if none."""
-    return _mean_finite(rbf_terms(embeddings, centres, centre_labels, neighbours, log_weights, sigma, labels, exclude=exclude).nll)
-
-
-def _mean_finite(nll: Tensor) -> Tensor:
-    finite = torch.isfinite(nll)
-    return torch.where(finite, nll, torch.zeros_like(nll)).sum() / finite.sum().clamp(min=1)
+    return rbf_terms(embeddings, centres, centre_labels, neighbours, log_weights, sigma, labels, exclude=exclude).loss()
 
 
 @torch.no_grad()
-def auto_sigma(centres: Tensor, neighbours: Tensor) -> float:
-    """``sigma`` = (lower) median over centres of the distance to their farthest (k-th) listed neighbour.
+def rbf_auto_sigma(centres: Tensor, max_points: int = 2048) -> float:
+    """``sigma`` = (lower) median distance from a centre to its nearest other centre.
 
-    The typical neighbourhood then lies within one ``sigma`` (every listed
-    neighbour has ``f >= exp(-1/2)``), so no centre is negligible when training
-    starts and the scale follows the embedding's. Falls back to 1 if all
-    centres coincide.
+    The typical spacing of the bank: a sample's nearest centre then has
+    ``f ~ exp(-1/2)`` and farther ones fall off, whatever the embedding's overall
+    scale. Estimated on at most ``max_points`` evenly spaced rows (exact search
+    of each against all centres, blocked: never ``N x N``). Falls back to 1 when
+    the distances are all 0.
     """
-    points = centres.float()
-    far = points[neighbours[:, -1].long()]
-    value = float((points - far).norm(dim=1).median())
+    n = centres.shape[0]
+    rows = torch.linspace(0, n - 1, min(n, max_points), device=centres.device).round().long().unique()
+    dist, index = blocked_knn(centres[rows], centres, min(2, n))
+    own = index[:, 0].long() == rows  # the first hit is the row itself unless a duplicate ties with it
+    nearest = torch.where(own, dist[:, -1], dist[:, 0]).clamp(min=0).sqrt()
+    value = float(nearest.median())
     return value if value > 0 else 1.0

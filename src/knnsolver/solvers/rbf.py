@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from knnsolver.bank import BANK_DTYPES, EmbeddingBank
 from knnsolver.errors import ConfigError
-from knnsolver.functional.rbf import _mean_finite, auto_sigma, rbf_log_probs, rbf_terms
+from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs, rbf_terms
 from knnsolver.interfaces import EpochContext, Solver, check_k
 from knnsolver.registry import SEARCHES
 
@@ -29,9 +29,15 @@ class RBFSolver(Solver):
 
     Options:
         k: neighbours per sample in training (the paper uses 100 to 200).
-        sigma: global RBF width; ``0`` sets it at the first bank fill to the median
-            distance from a centre to its k-th nearest other centre
-            (:func:`~knnsolver.functional.rbf.auto_sigma`).
+        sigma: global RBF width; ``0`` = automatic: set once, when the bank is
+            first filled, to the median distance from a centre to its nearest
+            other centre (:func:`~knnsolver.functional.rbf.rbf_auto_sigma`: the
+            bank's typical spacing), then kept (or learned, with ``learn_sigma``)
+            like a hand-set value; the paper fixes sigma before training. Caveat:
+            a network trained from scratch with BatchNorm fills the bank in eval
+            mode with untrained running statistics, so the first fill (and this
+            sigma) can be on a much smaller scale than later embeddings; give
+            sigma explicitly there.
         learn_sigma: learn ``log sigma`` with the network instead of keeping it fixed.
         update_interval: refresh the bank (centres and neighbour lists) before
             every epoch with ``epoch % update_interval == 0``; it is always filled
@@ -50,8 +56,17 @@ class RBFSolver(Solver):
 
     :meth:`fit_reference` replaces the bank's centres with the given embeddings
     (neighbour lists stay until the next refresh), so prediction uses the
-    current network. :meth:`add_centres` adds labelled centres, of new classes
-    too, with weight 1; they are used by prediction only.
+    current network; the trainer calls it on a copy, so evaluating never
+    changes training. :meth:`add_centres` adds labelled centres, of new classes
+    too, with weight 1; they are used by prediction only. The online update
+    writes training-mode embeddings (with any dropout or augmentation).
+
+    :meth:`on_epoch_end` returns the paper's Figure 6 diagnostics, accumulated
+    over the epoch's batches from the distances the loss already computed:
+    ``mean_neighbour_distance`` (mean Euclidean distance to the k neighbour
+    centres), ``mean_rbf_value`` (mean ``f(x, c)`` over them),
+    ``frac_true_class_absent`` (share of samples with no true-class centre
+    among their neighbours, the hard case), and ``sigma``.
     """
 
     predicts_by_knn = True
@@ -86,7 +101,9 @@ class RBFSolver(Solver):
             raise ConfigError(f"predict_k must be >= 0 (0 = use k), got {predict_k}")
         check_k(k, num_train, excluding_self=True)
         if predict_k > num_train:
-            raise ConfigError(f"predict_k={predict_k} exceeds the {num_train} centres in the bank; use predict_k <= {num_train}")
+            raise ConfigError(
+                f"predict_k={predict_k} exceeds the {num_train} centres in the bank; use predict_k <= {num_train}"
+            )
         self.k, self.predict_k = int(k), int(predict_k or k)
         self.update_interval = int(update_interval)
         self.neighbour_mode, self.online_update = neighbour_mode, bool(online_update)
@@ -95,7 +112,7 @@ class RBFSolver(Solver):
             num_train, embedding_dim, self.k if neighbour_mode == "stored" else 0, dtype=bank_dtype, search=self.search
         )
         self.log_weights = nn.Parameter(torch.zeros(num_train), requires_grad=learn_weights)
-        # NaN until set: by the option, or automatically at the first bank fill.
+        # NaN until set (automatic sigma: when the bank is first filled).
         self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma) if sigma > 0 else math.nan), requires_grad=learn_sigma)
         self._stats = torch.zeros(4)  # sums of: mean distance, mean RBF value, true class absent; row count
 
@@ -103,22 +120,20 @@ class RBFSolver(Solver):
     def sigma(self) -> Tensor:
         """The global RBF width ``exp(log_sigma)`` (differentiable when learned)."""
         if torch.isnan(self.log_sigma):
-            raise RuntimeError("sigma is not set yet: it is set automatically when the bank is first filled")
+            raise RuntimeError("sigma is not set yet: it is set automatically when the bank is filled")
         return self.log_sigma.exp()
 
     @torch.no_grad()
-    def _set_auto_sigma(self, graph: Tensor | None) -> None:
+    def _init_sigma(self) -> None:
+        """Set an automatic sigma from the bank the first time it is filled (see ``sigma`` above)."""
         if torch.isnan(self.log_sigma):
-            centres = self.bank.training_centres
-            if graph is None or graph.numel() == 0:
-                graph = self.search.knn_graph(centres, self.k)
-            self.log_sigma.fill_(math.log(auto_sigma(centres, graph)))
+            self.log_sigma.fill_(math.log(rbf_auto_sigma(self.bank.training_centres)))
 
     @torch.no_grad()
     def refresh(self, embeddings: Tensor, labels: Tensor) -> None:
         """Store new centres for every training row and recompute their neighbour lists."""
         self.bank.refresh(embeddings, labels)
-        self._set_auto_sigma(self.bank.neighbours)
+        self._init_sigma()
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         if ctx.num_train != self.num_train:
@@ -132,13 +147,13 @@ class RBFSolver(Solver):
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         """The paper's Figure 6 diagnostics over the epoch's training samples, plus ``sigma``."""
         dist, rbf, absent, rows = self._stats.tolist()
-        if rows == 0 or torch.isnan(self.log_sigma):
+        if rows == 0:
             return {}
         return {
             "mean_neighbour_distance": dist / rows,
             "mean_rbf_value": rbf / rows,
             "frac_true_class_absent": absent / rows,
-            "sigma": float(self.sigma),
+            "sigma": self.sigma.item(),
         }
 
     def _neighbours(self, embeddings: Tensor, row_indices: Tensor | None) -> Tensor:
@@ -188,12 +203,12 @@ class RBFSolver(Solver):
             ]).to(self._stats)
             if self.online_update and row_indices is not None:
                 self.bank.write(row_indices, embeddings)
-        return _mean_finite(terms.nll)
+        return terms.loss()
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         """Replace the bank's centres with fresh training embeddings before prediction."""
         self.bank.set_centres(embeddings, labels)
-        self._set_auto_sigma(self.bank.neighbours)
+        self._init_sigma()
 
     def add_centres(self, embeddings: Tensor, labels: Tensor) -> None:
         """Add labelled centres (weight 1), new classes included, for prediction; the network is unchanged."""
