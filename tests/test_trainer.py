@@ -112,3 +112,27 @@ def test_samples_per_class_rule():
 def test_pair_solver_trains_with_default_batch(tmp_path):
     s = train(_cfg(tmp_path, solver="triplet", epochs=1, split="disjoint"))
     assert s["recall_at_1"] > 0.3
+
+
+def test_calibrate_batchnorm_matches_data_statistics():
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from knnsolver.training.trainer import calibrate_batchnorm
+
+    torch.manual_seed(0)
+    x = torch.randn(300, 3) * 5 + 2
+    data = TensorDataset(x, torch.zeros(300), torch.arange(300))
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    assert calibrate_batchnorm(model, data, batch_size=50, device=torch.device("cpu"))
+    with torch.no_grad():
+        h = model[0](x)
+    bn = model[1]
+    assert torch.allclose(bn.running_mean, h.mean(0), atol=1e-4)
+    assert torch.allclose(bn.running_var, h.var(0), rtol=0.05)  # mean of per-batch unbiased variances
+    assert bn.momentum == 0.1 and model.training
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert torch.allclose(out.std(0), torch.ones(4), atol=0.1)  # eval embeddings now on the training scale
+    assert not calibrate_batchnorm(nn.Linear(3, 2), data, 50, torch.device("cpu"))

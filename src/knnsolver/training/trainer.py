@@ -97,6 +97,35 @@ def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
     return Run(config, data, model.to(config.device), solver.to(config.device))
 
 
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, dataset, batch_size: int, device: torch.device) -> bool:
+    """Set a fresh network's BatchNorm running statistics from one no-grad pass over ``dataset``.
+
+    An untrained network in eval mode uses BatchNorm's initial statistics (mean 0,
+    variance 1), so its eval-mode embeddings can be on a scale 100x off its
+    training-mode ones. Solvers that embed the training set before the first
+    epoch (the RBF bank and its automatic sigma) would then start from the wrong
+    scale. The pass runs in train mode with a cumulative average (momentum None),
+    changes no weights, and returns whether the model has BatchNorm at all.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return False
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    was_training = model.training
+    model.train()
+    for x, _, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
+        if len(x) > 1:
+            model(x.to(device))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum
+    model.train(was_training)
+    return True
+
+
 def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
@@ -165,6 +194,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, mo
         run.solver.load_state_dict(state["solver"])
         optimizer.load_state_dict(state["optimizer"])
         history, best_score, start_epoch = state["history"], state["best_score"], state["epoch"] + 1
+    else:
+        calibrate_batchnorm(run.model, run.data.train_eval, config.batch_size, run.device)
     out.mkdir(parents=True, exist_ok=True)
     write_json(config.to_dict(), out / CONFIG)
 
