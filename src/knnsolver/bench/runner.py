@@ -1,0 +1,262 @@
+"""Execute a suite's runs in order, one result file per run, resuming where a previous call stopped.
+
+Each finished run is written atomically to ``<out>/<suite>/<run_id>.json``
+(config, summary, best validation score, per-epoch log, wall time, command,
+commit, date, machine); a run whose file exists is skipped. A training run
+works in ``<out>/<suite>/runs/<run_id>/``, so a run killed mid-training resumes
+from its last finished epoch.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from knnsolver.bench.data import prepare_unseen_subset
+from knnsolver.bench.suites import (
+    UNSEEN_SUBSET,
+    VAL_KEYS,
+    Preset,
+    RunSpec,
+    Suite,
+    build_specs,
+    comparable,
+    params_text,
+    resolve,
+)
+from knnsolver.errors import ConfigError
+from knnsolver.interfaces import EpochContext
+from knnsolver.registry import SOLVERS
+from knnsolver.training import TrainConfig, build_run, train
+from knnsolver.training.checkpoint import write_json
+
+RESULT_FORMAT = 1
+
+
+def git_commit(cwd: str | Path | None = None) -> str:
+    """``git rev-parse HEAD`` (with ``+modified`` when the work tree differs), or ``unknown``."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+modified" if dirty else "")
+
+
+def machine() -> dict[str, Any]:
+    """What the timings depend on: platform, CPU, core and thread counts, library versions."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+
+
+def load_results(folder: Path) -> dict[str, dict]:
+    """Every stored result of a suite folder, by run id."""
+    results = {}
+    for path in sorted(folder.glob("*.json")):
+        data = json.loads(path.read_text())
+        results[data["run_id"]] = data
+    return results
+
+
+def read_log(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "log.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def best_val(history: Sequence[Mapping[str, Any]], key: str) -> float:
+    """The validation score the trainer selected its checkpoint by (its maximum over epochs)."""
+    scores = [row[key] for row in history if key in row]
+    if not scores:
+        raise ConfigError(f"the run logged no {key}: the benchmarks need a validation split (val_fraction > 0)")
+    return max(scores)
+
+
+def _can_resume(run_dir: Path, cfg: TrainConfig) -> bool:
+    """Whether ``run_dir`` holds a checkpoint of exactly this configuration (not of a moved or changed run)."""
+    if not (run_dir / "checkpoint.pt").is_file() or not (run_dir / "config.json").is_file():
+        return False
+    return json.loads((run_dir / "config.json").read_text()) == cfg.to_dict()
+
+
+def _train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
+    """Train (resuming a killed run of the same configuration, else from scratch) and collect the result."""
+    cfg = spec.train_config(str(run_dir))
+    resume = _can_resume(run_dir, cfg)
+    summary = train(cfg, resume=resume, overwrite=not resume)
+    history = read_log(run_dir)
+    key = VAL_KEYS[cfg.split]
+    return {"config": cfg.to_dict(), "summary": summary, "val_key": key, "best_val": best_val(history, key),
+            "history": history}
+
+
+def _refresh_seconds(spec: RunSpec, run_dir: Path) -> float:
+    """Time of one ``on_epoch_start`` (bank refresh with its neighbour search) of a freshly built run."""
+    run = build_run(spec.train_config(str(run_dir)))
+    ctx = run.context(0)
+    start = time.perf_counter()
+    run.solver.on_epoch_start(ctx)
+    return time.perf_counter() - start
+
+
+def _quartile_times(fn: Callable[[], None], repeats: int, budget_s: float) -> tuple[float, float, float, int]:
+    """(25th percentile, median, 75th percentile) seconds of ``fn`` and the number of timed calls.
+
+    One warm-up call, then up to ``repeats`` timed calls, stopping early once
+    ``budget_s`` seconds have been spent; a warm-up call over the budget is the
+    only measurement.
+    """
+    start = time.perf_counter()
+    fn()
+    warm_up = time.perf_counter() - start
+    if warm_up > budget_s:
+        return warm_up, warm_up, warm_up, 1
+    times: list[float] = []
+    while len(times) < repeats and (not times or sum(times) < budget_s):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    if len(times) < 2:
+        return times[0], times[0], times[0], 1
+    q1, q2, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q1, q2, q3, len(times)
+
+
+def step_cost(spec: RunSpec) -> list[dict[str, Any]]:
+    """Forward + backward time of the solver's loss on random embeddings, per class count and batch size.
+
+    Labels and row indices come from a training set of ``bank_size`` rows with
+    balanced labels; a solver with a bank (rbf) gets it filled by its own
+    ``on_epoch_start`` from random embeddings, as after a refresh. Once a step
+    takes over ``max_step_s``, larger batches of that class count are skipped
+    (pytorch-metric-learning's lifted structure loss grows far faster than B^2).
+    """
+    c = spec.config
+    gen = torch.Generator().manual_seed(spec.seed)
+    rows = []
+    for num_classes in c["class_counts"]:
+        n, dim = int(c["bank_size"]), int(c["embedding_dim"])
+        train_labels = torch.arange(n) % num_classes
+        bank = torch.randn(n, dim, generator=gen)
+        solver = SOLVERS.build(spec.solver, embedding_dim=dim, num_classes=num_classes, num_train=n, **c["solver_options"])
+        solver.on_epoch_start(EpochContext(0, lambda: (bank, train_labels), n))
+        solver.train()
+        for batch in sorted(c["batch_sizes"]):
+            idx = torch.randperm(n, generator=gen)[:batch]
+            emb = torch.randn(batch, dim, generator=gen, requires_grad=True)
+            labels = train_labels[idx]
+
+            def step() -> None:
+                loss = solver(emb, labels, idx)
+                if loss.requires_grad:
+                    loss.backward()
+                emb.grad = None
+                solver.zero_grad(set_to_none=True)
+
+            q1, median, q3, calls = _quartile_times(step, int(c["repeats"]), float(c["budget_s"]))
+            rows.append({"batch_size": batch, "num_classes": num_classes, "q1_s": q1, "median_s": median, "q3_s": q3,
+                         "calls": calls})
+            if median > float(c["max_step_s"]):
+                break
+    return rows
+
+
+def execute(spec: RunSpec, folder: Path) -> dict[str, Any]:
+    """Run one resolved spec and return the kind-specific part of its result."""
+    run_dir = folder / "runs" / spec.run_id
+    if spec.kind == "train":
+        return _train(spec, run_dir)
+    if spec.kind == "epoch_cost":
+        out = _train(spec, run_dir)
+        out["refresh_seconds"] = _refresh_seconds(spec, run_dir)
+        return out
+    if spec.kind == "step_cost":
+        return {"config": dict(spec.config), "step_times": step_cost(spec)}
+    raise ConfigError(f"unknown run kind {spec.kind!r}")
+
+
+def _check_same(spec: RunSpec, stored: Mapping[str, Any], path: Path) -> None:
+    """Refuse to mix results of different settings (another preset) in one folder."""
+    if spec.params is None or spec.pick is not None:
+        return  # its settings depend on choices; they were checked when it ran
+    expected = spec.train_config(stored["config"]["out"]).to_dict() if spec.kind != "step_cost" else dict(spec.config)
+    if comparable(stored.get("config", {})) != comparable(expected):
+        raise ConfigError(
+            f"{path} was made with other settings than this run (another --preset?); "
+            "use another --out folder or delete the old results"
+        )
+
+
+def _result_line(result: Mapping[str, Any]) -> str:
+    summary = result.get("summary", {})
+    test = summary.get("test_accuracy", summary.get("precision_at_1"))
+    parts = [f"params {params_text(result.get('params') or {})}"]
+    if "best_val" in result:
+        parts.append(f"val {result['best_val']:.4f}")
+    if test is not None:
+        parts.append(f"test {test:.4f}")
+    return ", ".join(parts) + f" ({result['wall_seconds']:.0f} s)"
+
+
+def run_suite(
+    suite: Suite,
+    preset: Preset,
+    out: str | Path,
+    solvers: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    command: str = "",
+) -> dict[str, dict]:
+    """Run every missing run of ``suite`` in order; return all its results by run id."""
+    out = Path(out)
+    folder = out / suite.name
+    specs = build_specs(suite, preset, out, solvers, seeds)
+    if suite.uses_unseen_subset and preset.unseen_subset:
+        prepare_unseen_subset(out / "data" / UNSEEN_SUBSET)
+    results = load_results(folder)
+    commit, host = git_commit(Path(__file__).parent), machine()
+    bar = tqdm(total=len(specs), desc=suite.name, unit="run")
+    for number, spec in enumerate(specs, 1):
+        label = f"[{number}/{len(specs)}] {suite.name} {spec.run_id}"
+        path = folder / f"{spec.run_id}.json"
+        if spec.run_id in results:
+            _check_same(spec, results[spec.run_id], path)
+            tqdm.write(f"{label}: done already")
+            bar.update()
+            continue
+        spec, same_as = resolve(spec, results)
+        start = time.perf_counter()
+        result: dict[str, Any] = {
+            "format": RESULT_FORMAT, "suite": suite.name, "run_id": spec.run_id, "kind": spec.kind,
+            "method": spec.method, "condition": spec.condition, "seed": spec.seed, "role": spec.role,
+            "params": dict(spec.params or {}), "grid_index": spec.grid_index, "preset": preset.name,
+        }
+        if same_as is not None:
+            result.update({k: same_as[k] for k in ("config", "summary", "val_key", "best_val", "history", "wall_seconds")
+                           if k in same_as})
+            result["same_run_as"] = same_as["run_id"]
+        else:
+            result.update(execute(spec, folder))
+            result["wall_seconds"] = time.perf_counter() - start
+        result.update(command=command, commit=commit, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                      machine=host)
+        write_json(result, path)
+        results[spec.run_id] = result
+        tqdm.write(f"{label}: {_result_line(result)}" + (f" = {same_as['run_id']}" if same_as else ""))
+        bar.update()
+    bar.close()
+    return results

@@ -1,0 +1,520 @@
+"""The benchmark suites: the runs each one makes under a preset, and the claims it tests.
+
+A suite is a list of :class:`RunSpec` in execution order. Fair comparison
+(Musgrave et al. 2020, METHODS.md): within a suite every solver gets the same
+backbone, embedding size, augmentation, batch size and epoch budget (the
+preset's ``standard`` or ``disjoint`` settings), plus the fixed solver settings
+of :data:`FIXED`. Each solver's key hyperparameters come from the small grid in
+:data:`GRIDS`: a ``grid`` run per grid point with the first seed, then ``final``
+runs over every seed with the grid point of best *validation* score. Finals
+hold ``params=None`` until the runner resolves them (:func:`resolve`) from the
+stored grid results, so test data never steers a choice.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import re
+import statistics
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from knnsolver.errors import ConfigError
+from knnsolver.registry import SOLVERS
+from knnsolver.training.config import TrainConfig
+
+# Key hyperparameters chosen on validation, per solver (TrainConfig fields or solver options).
+GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
+    "softmax": {"lr": (1e-3, 3e-3)},
+    "rbf": {"sigma": (0.0, 1.0)},  # 0: sigma set automatically by the solver at its first bank fill
+    "hal": {"tau": (0.1, 0.25)},
+    "crc": {"lam": (0.01, 0.1)},
+    "centralized": {"margin": (1.0, 4.0)},
+    "triplet": {"margin": (0.1, 0.2)},
+    "lifted": {"neg_margin": (0.5, 1.0)},
+    "npairs": {"embedding_reg": (0.002, 0.02)},
+    "nca": {"softmax_scale": (10.0, 30.0)},
+    "proxynca": {"softmax_scale": (10.0, 30.0)},
+    "normsoftmax": {"temperature": (0.05, 0.1)},
+    "multisimilarity": {"base": (0.5, 0.7)},
+    "proxyanchor": {"margin": (0.1, 0.2)},
+}
+# Settings that differ from a solver's defaults in every suite: short budgets need a bank
+# refreshed every epoch (the paper's 10-epoch interval assumes ~100 epochs), k as in the paper.
+FIXED: dict[str, dict[str, Any]] = {"rbf": {"k": 100, "update_interval": 1}}
+# The kNN baselines of the HAL claim (every pytorch-metric-learning baseline predicts by kNN) and
+# the batch losses whose O(B^2 d) pair cost its cost claim is about.
+PML_BASELINES = ("triplet", "lifted", "npairs", "nca", "proxynca", "normsoftmax", "multisimilarity", "proxyanchor")
+PAIRWISE_KNN_LOSSES = ("nca", "triplet", "lifted", "npairs", "multisimilarity")
+UNSEEN_BASELINES = ("triplet", "lifted", "npairs")
+SCARCITY_SOLVERS = ("softmax", "rbf", "hal")
+TARGET_SOLVERS = ("centralized", "triplet")
+STEP_BUDGET_S = 2.0  # seconds of timed loss steps per (batch size, class count), at least one step
+STEP_MAX_S = 2.0  # a loss step slower than this skips the solver's larger batch sizes
+VAL_KEYS = {"standard": "val_accuracy", "disjoint": "val_precision_at_1"}
+UNSEEN_SUBSET = "fashion-mnist-unseen"
+_CONFIG_FIELDS = frozenset(f.name for f in fields(TrainConfig))
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The scale of every suite: data, network, budgets, seeds.
+
+    ``standard`` and ``disjoint`` are the TrainConfig fields every classification
+    and every unseen-class run shares; the other fields size the individual suites.
+    """
+
+    name: str
+    description: str
+    seeds: tuple[int, ...]
+    num_classes: int
+    standard: Mapping[str, Any]
+    disjoint: Mapping[str, Any]
+    unseen_subset: bool  # train/test retrieval on the prepared Fashion-MNIST subset (knnsolver.bench.data)
+    scarcity_sizes: tuple[int | None, ...]  # training samples per class; None = all
+    scarcity_reference: int | None  # the size whose grid chooses every size's hyperparameters
+    scarcity_steps: int  # optimiser steps per run (epochs = steps / batches per epoch)
+    scarcity_min_epochs: int
+    scarcity_evals: int  # validation passes per run
+    embedding_dims: tuple[int, ...]
+    ablation: Mapping[str, Any]  # overrides of ``standard`` for the RBF ablation
+    ablation_k: tuple[int, ...]
+    ablation_sigma: tuple[float, ...]
+    ablation_intervals: tuple[int, ...]
+    cost_epochs: int
+    target_epochs: int
+    step_batch_sizes: tuple[int, ...]
+    step_class_counts: tuple[int, ...]
+    step_bank_size: int
+    step_repeats: int
+    budgets: Mapping[str, str] = field(default_factory=dict)  # suite -> how its budget was sized
+
+
+_FULL_STANDARD = dict(
+    dataset="fashion-mnist", split="standard", model="conv28", width=16, embedding_dim=64, dropout=0.0,
+    batch_size=64, samples_per_class=8, epochs=10, optimizer="adam", lr=1e-3, weight_decay=0.0,
+    max_per_class=500, val_fraction=0.05, augment=False, eval_every=1,
+)
+_TINY_STANDARD = dict(
+    dataset="digits", split="standard", model="conv8", width=4, embedding_dim=16, dropout=0.0,
+    batch_size=32, samples_per_class=4, epochs=1, optimizer="adam", lr=1e-3, weight_decay=0.0,
+    max_per_class=None, val_fraction=0.1, augment=False, eval_every=1,
+)
+
+PRESETS: dict[str, Preset] = {
+    "full": Preset(
+        name="full",
+        description=(
+            "Fashion-MNIST, a 3-block convnet (conv28), Adam lr 1e-3, batch 64, no augmentation, 1 torch thread; "
+            "classification on 500 training images per class (5,000), validation 5% of the official training set "
+            "(3,000 images), the official 10,000 test images"
+        ),
+        seeds=(0, 1, 2),
+        num_classes=10,
+        standard=_FULL_STANDARD,
+        disjoint=dict(_FULL_STANDARD, split="disjoint", width=32, max_per_class=300, samples_per_class=16, epochs=8),
+        unseen_subset=True,
+        scarcity_sizes=(10, 20, 50, 100, 500, None),
+        scarcity_reference=100,
+        scarcity_steps=400,
+        scarcity_min_epochs=2,
+        scarcity_evals=5,
+        embedding_dims=(16, 32, 64, 128),
+        ablation=dict(max_per_class=300, epochs=15),
+        ablation_k=(10, 50, 100, 200),
+        ablation_sigma=(0.0, 0.3, 1.0, 3.0, 10.0),
+        ablation_intervals=(1, 5, 10),
+        cost_epochs=2,
+        target_epochs=15,
+        step_batch_sizes=(32, 64, 128, 256),
+        step_class_counts=(10, 50),
+        step_bank_size=10_000,
+        step_repeats=20,
+        budgets={
+            "classification": "width 16, 10 epochs of 5,000 images; 13 solvers x (2 grid points + 2 more seeds) = "
+                              "52 trainings. Timed with 1 thread on the loaded 2-core machine: 40-50 s per 8-epoch run "
+                              "(rbf 67-84 s, bank refreshed every epoch), so about 55 minutes",
+            "scarcity": "width 16, about 400 optimiser steps per run (epochs = 400 / batches per epoch, at least 2, so "
+                        "'all' = 57,000 images gets 2 epochs), 5 validation passes; grids at 100 per class; 3 solvers x "
+                        "6 sizes x 3 seeds. Timed: about 30 s per small-data run, 1.5-5 min per run on all images "
+                        "(rbf 5 min: two refreshes of a 57,000-centre bank), so about 55 minutes",
+            "unseen-classes": "width 32 (128 features, so a 128-d embedding is not rank-limited), 8 epochs of 1,500 "
+                              "images of classes 0-4; 13 solvers x (2 grid points + 2 more seeds) at 64-d plus rbf, "
+                              "triplet and the best other solver x 3 sizes x 3 seeds = 79 trainings. Timed: 35-54 s "
+                              "per 10-epoch run, so about 50 minutes",
+            "cost": "loss steps on random embeddings (20 repeats); 2 epochs per solver for the epoch time; time to "
+                    "target: 15 epochs on the unseen-class split x 2 solvers x (2 grid points + 2 more seeds); "
+                    "about 20 minutes",
+            "ablation": "width 16, 15 epochs of 3,000 images, a 5-point sigma grid then 9 RBF variants x 3 seeds "
+                        "= 31 trainings of about 75 s, so about 40 minutes",
+        },
+    ),
+    "tiny": Preset(
+        name="tiny",
+        description="scikit-learn digits, width 4, 1 epoch, one seed: a smoke test of the machinery, not a benchmark",
+        seeds=(0,),
+        num_classes=10,
+        standard=_TINY_STANDARD,
+        disjoint=dict(_TINY_STANDARD, split="disjoint", samples_per_class=8),
+        unseen_subset=False,
+        scarcity_sizes=(10, None),
+        scarcity_reference=None,
+        scarcity_steps=4,
+        scarcity_min_epochs=1,
+        scarcity_evals=1,
+        embedding_dims=(8, 16),
+        ablation=dict(epochs=2),
+        ablation_k=(10, 20),
+        ablation_sigma=(0.0, 10.0),
+        ablation_intervals=(1, 2),
+        cost_epochs=1,
+        target_epochs=2,
+        step_batch_sizes=(16, 32),
+        step_class_counts=(10,),
+        step_bank_size=200,
+        step_repeats=2,
+        budgets={},
+    ),
+}
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One run of a suite, stored as ``<out>/<suite>/<run_id>.json``.
+
+    Attributes:
+        run_id: file-name-safe unique name within the suite.
+        kind: ``train`` (train and evaluate), ``epoch_cost`` (train, then time one
+            ``on_epoch_start``) or ``step_cost`` (time loss steps on random embeddings).
+        method: the row of the report (usually the solver name).
+        condition: the column of the report (``"n=10"``, ``"dim=16"``...), ``""`` for none.
+        seed: the run's seed.
+        role: ``grid`` (a grid point, first seed) or ``final`` (the chosen setting).
+        config: TrainConfig fields without ``params`` (train kinds), or measurement settings.
+        params: the grid values of this run; ``None`` until resolved for tuned finals.
+        tune_from: ``(method, condition)`` of the grid a final takes its params from.
+        pick: a choice made from earlier results when the run starts (``"best-other"``).
+        grid_index: position of a grid run in its grid (ties go to the first).
+    """
+
+    run_id: str
+    kind: str
+    method: str
+    condition: str
+    seed: int
+    role: str
+    config: Mapping[str, Any]
+    params: Mapping[str, Any] | None = None
+    tune_from: tuple[str, str] | None = None
+    pick: str | None = None
+    grid_index: int = 0
+
+    @property
+    def solver(self) -> str:
+        return str(self.config["solver"])
+
+    def train_config(self, out: str) -> TrainConfig:
+        """The full TrainConfig of a resolved train-kind run writing to ``out``."""
+        if self.params is None:
+            raise RuntimeError(f"run {self.run_id} is not resolved yet")
+        cfg = apply_settings(self.config, self.params)
+        cfg.update(seed=self.seed, out=out, progress=False, plots=False)
+        return TrainConfig.from_dict(cfg).validate()
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A named benchmark: its claims and how it builds its runs for a preset."""
+
+    name: str
+    title: str
+    claims: tuple[str, ...]
+    build: Callable[[Preset, Path, tuple[str, ...], tuple[int, ...]], list[RunSpec]]
+    uses_unseen_subset: bool = False
+
+
+def apply_settings(config: Mapping[str, Any], settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Merge ``settings`` into a TrainConfig dict: config fields at the top, the rest as solver options."""
+    out = {k: v for k, v in config.items()}
+    out["solver_options"] = dict(config.get("solver_options", {}))
+    for key, value in settings.items():
+        if key in _CONFIG_FIELDS:
+            out[key] = value
+        else:
+            out["solver_options"][key] = value
+    return out
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=+@-]+", "-", text).strip("-")
+
+
+def _value_text(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def params_text(params: Mapping[str, Any]) -> str:
+    """``sigma=10,k=100`` (``-`` when empty)."""
+    return ",".join(f"{k}={_value_text(v)}" for k, v in params.items()) or "-"
+
+
+def _run_id(method: str, condition: str, tag: str, seed: int) -> str:
+    parts = [method + (f"@{condition}" if condition else ""), tag, f"s{seed}"]
+    return _slug("__".join(p for p in parts if p))
+
+
+def _solver_config(base: Mapping[str, Any], solver: str, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    cfg = apply_settings(dict(base, solver=solver, solver_options={}), FIXED.get(solver, {}))
+    return apply_settings(cfg, extra or {})
+
+
+def tuned(
+    method: str, condition: str, config: Mapping[str, Any], grid: Mapping[str, Sequence[Any]], seeds: Sequence[int],
+    *, kind: str = "train", tune_from: tuple[str, str] | None = None,
+) -> list[RunSpec]:
+    """Grid runs (first seed, one per grid point) then final runs (every seed) for one method.
+
+    With ``tune_from`` the grid of another (method, condition) chooses the
+    params and no grid is run here.
+    """
+    specs = []
+    if tune_from is None:
+        keys = list(grid)
+        for index, values in enumerate(itertools.product(*(grid[k] for k in keys))):
+            params = dict(zip(keys, values))
+            specs.append(RunSpec(_run_id(method, condition, params_text(params), seeds[0]), kind, method, condition,
+                                 seeds[0], "grid", config, params, grid_index=index))
+    source = tune_from or (method, condition)
+    specs += [RunSpec(_run_id(method, condition, "final", s), kind, method, condition, s, "final", config, None, source)
+              for s in seeds]
+    return specs
+
+
+def _select(solvers: tuple[str, ...], wanted: Sequence[str]) -> list[str]:
+    return [s for s in wanted if s in solvers]
+
+
+def build_classification(preset: Preset, out: Path, solvers: tuple[str, ...], seeds: tuple[int, ...]) -> list[RunSpec]:
+    specs = []
+    for solver in solvers:
+        specs += tuned(solver, "", _solver_config(preset.standard, solver), GRIDS[solver], seeds)
+    return specs
+
+
+def scarcity_epochs(preset: Preset, per_class: int | None) -> int:
+    """Epochs giving about ``scarcity_steps`` optimiser steps with ``per_class`` images per class."""
+    if per_class is None:
+        return preset.scarcity_min_epochs
+    batches = math.ceil(per_class * preset.num_classes / preset.standard["batch_size"])
+    return max(preset.scarcity_min_epochs, math.ceil(preset.scarcity_steps / batches))
+
+
+def size_text(per_class: int | None) -> str:
+    return f"n={'all' if per_class is None else per_class}"
+
+
+def build_scarcity(preset: Preset, out: Path, solvers: tuple[str, ...], seeds: tuple[int, ...]) -> list[RunSpec]:
+    specs = []
+    reference = size_text(preset.scarcity_reference)
+    sizes = sorted(preset.scarcity_sizes, key=lambda n: (n is None, n))
+    ordered = [n for n in sizes if size_text(n) == reference] + [n for n in sizes if size_text(n) != reference]
+    for solver in _select(solvers, SCARCITY_SOLVERS):
+        for per_class in ordered:
+            epochs = scarcity_epochs(preset, per_class)
+            extra: dict[str, Any] = dict(max_per_class=per_class, epochs=epochs,
+                                         eval_every=max(1, epochs // preset.scarcity_evals))
+            if solver == "rbf" and per_class is not None:  # k must stay below the bank size
+                extra["k"] = min(FIXED["rbf"]["k"], per_class * preset.num_classes - 1)
+            cond = size_text(per_class)
+            tune_from = None if cond == reference else (solver, reference)
+            specs += tuned(solver, cond, _solver_config(preset.standard, solver, extra), GRIDS[solver], seeds,
+                           tune_from=tune_from)
+    return specs
+
+
+def dim_text(dim: int) -> str:
+    return f"dim={dim}"
+
+
+def _disjoint_base(preset: Preset, out: Path) -> dict[str, Any]:
+    base = dict(preset.disjoint)
+    if preset.unseen_subset:
+        base["data_dir"] = str(out / "data" / UNSEEN_SUBSET)
+    return base
+
+
+def build_unseen(preset: Preset, out: Path, solvers: tuple[str, ...], seeds: tuple[int, ...]) -> list[RunSpec]:
+    base = _disjoint_base(preset, out)
+    main = dim_text(64)
+    specs = []
+    for solver in solvers:
+        specs += tuned(solver, main, _solver_config(base, solver, {"embedding_dim": 64}), GRIDS[solver], seeds)
+    swept = _select(solvers, ("rbf", "triplet"))
+    others = [s for s in solvers if s not in swept]
+    for dim in (d for d in preset.embedding_dims if d != 64):
+        for solver in swept:
+            cfg = _solver_config(base, solver, {"embedding_dim": dim})
+            specs += tuned(solver, dim_text(dim), cfg, GRIDS[solver], seeds, tune_from=(solver, main))
+        if others:
+            cfg = dict(base, embedding_dim=dim, solver="", solver_options={})
+            specs += [RunSpec(_run_id("other", dim_text(dim), "final", s), "train", "other", dim_text(dim), s, "final",
+                              cfg, pick="best-other") for s in seeds]
+    return specs
+
+
+def build_cost(preset: Preset, out: Path, solvers: tuple[str, ...], seeds: tuple[int, ...]) -> list[RunSpec]:
+    step = dict(batch_sizes=list(preset.step_batch_sizes), class_counts=list(preset.step_class_counts),
+                embedding_dim=preset.standard["embedding_dim"], bank_size=preset.step_bank_size,
+                repeats=preset.step_repeats, budget_s=STEP_BUDGET_S, max_step_s=STEP_MAX_S)
+    specs = []
+    for solver in solvers:
+        cfg = dict(step, solver=solver, solver_options=dict(FIXED.get(solver, {})))
+        specs.append(RunSpec(_run_id(solver, "step", "", seeds[0]), "step_cost", solver, "step", seeds[0], "final", cfg, {}))
+    epoch_cfg = dict(preset.standard, epochs=preset.cost_epochs, eval_every=preset.cost_epochs)
+    for solver in solvers:
+        specs.append(RunSpec(_run_id(solver, "epoch", "", seeds[0]), "epoch_cost", solver, "epoch", seeds[0], "final",
+                             _solver_config(epoch_cfg, solver), {}))
+    target_cfg = dict(_disjoint_base(preset, out), epochs=preset.target_epochs, eval_every=1)
+    for solver in _select(solvers, TARGET_SOLVERS):
+        specs += tuned(solver, "target", _solver_config(target_cfg, solver), GRIDS[solver], seeds)
+    return specs
+
+
+def ablation_variants(preset: Preset) -> list[tuple[str, str, dict[str, Any]]]:
+    """``(axis, variant, rbf options)`` of every ablation run besides the sigma grid; the first is the base."""
+    base = dict(FIXED["rbf"])
+    variants = [("base", f"k={base['k']},interval={base['update_interval']}", {})]
+    variants += [("neighbours k", f"k={k}", {"k": k}) for k in preset.ablation_k if k != base["k"]]
+    variants += [("update interval", f"interval={i}", {"update_interval": i})
+                 for i in preset.ablation_intervals if i != base["update_interval"]]
+    variants += [
+        ("update interval", f"online,interval={max(preset.ablation_intervals)}",
+         {"online_update": True, "update_interval": max(preset.ablation_intervals)}),
+        ("weights", "fixed weights", {"learn_weights": False}),
+        ("neighbour lists", "fresh neighbours", {"neighbour_mode": "fresh"}),
+    ]
+    return variants
+
+
+def build_ablation(preset: Preset, out: Path, solvers: tuple[str, ...], seeds: tuple[int, ...]) -> list[RunSpec]:
+    if "rbf" not in solvers:
+        raise ConfigError("suite 'ablation' studies the rbf solver; include rbf in --solvers")
+    base = dict(preset.standard, **preset.ablation)
+    sigma_grid = tuned("rbf", "sigma", _solver_config(base, "rbf"), {"sigma": preset.ablation_sigma}, seeds)
+    specs = [s for s in sigma_grid if s.role == "grid"]  # its finals are the base variant's
+    for _, variant, options in ablation_variants(preset):
+        cfg = _solver_config(base, "rbf", options)
+        specs += tuned("rbf", variant, cfg, {}, seeds, tune_from=("rbf", "sigma"))
+    return specs
+
+
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in (
+        Suite("classification", "Classification accuracy with the same network",
+              ("RBF beats softmax.", "HAL beats the kNN losses (every pytorch-metric-learning baseline) by more than 1%."),
+              build_classification),
+        Suite("scarcity", "Classification with scarce training data",
+              ("The RBF gain over softmax grows as training data shrinks.",), build_scarcity),
+        Suite("unseen-classes", "Retrieval on unseen classes",
+              ("RBF beats triplet, lifted structure and N-pairs.",
+               "RBF improves with embedding size while triplet does not."), build_unseen, uses_unseen_subset=True),
+        Suite("cost", "Computational cost",
+              ("HAL costs under 10% of the kNN (pairwise batch) losses.",
+               "The centralized ranking loss trains about 5x faster than triplet."), build_cost, uses_unseen_subset=True),
+        Suite("ablation", "RBF ablation", (), build_ablation),
+    )
+}
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise ConfigError(f"unknown benchmark suite {name!r}; choose one of: {', '.join(SUITES)}")
+    return SUITES[name]
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def check_solvers(names: Sequence[str]) -> tuple[str, ...]:
+    """Validate solver names against the registry (keeping registry order, no duplicates)."""
+    valid = SOLVERS.names()
+    unknown = [n for n in names if n not in valid]
+    if unknown:
+        raise ConfigError(f"unknown solver(s) {', '.join(unknown)}; choose from: {', '.join(valid)}")
+    return tuple(n for n in valid if n in set(names))
+
+
+def build_specs(suite: Suite, preset: Preset, out: Path, solvers: Sequence[str] | None = None,
+                seeds: Sequence[int] | None = None) -> list[RunSpec]:
+    """The runs of ``suite`` under ``preset``, restricted to ``solvers`` and ``seeds`` when given."""
+    chosen = check_solvers(solvers) if solvers else tuple(SOLVERS.names())
+    seed_list = tuple(dict.fromkeys(int(s) for s in seeds)) if seeds else preset.seeds
+    if any(s < 0 for s in seed_list):
+        raise ConfigError(f"seeds must be >= 0, got {', '.join(map(str, seed_list))}")
+    specs = suite.build(preset, out, chosen, seed_list)
+    if not specs:
+        raise ConfigError(f"suite {suite.name!r} has no run for solvers {', '.join(chosen)}")
+    ids = [s.run_id for s in specs]
+    assert len(ids) == len(set(ids)), "run ids must be unique within a suite"
+    return specs
+
+
+# ---- choices made from stored results -------------------------------------------------
+
+
+def grid_results(results: Mapping[str, dict], method: str, condition: str) -> list[dict]:
+    """The stored grid runs of ``(method, condition)``, in grid order."""
+    found = [r for r in results.values() if r["role"] == "grid" and r["method"] == method and r["condition"] == condition]
+    return sorted(found, key=lambda r: r["grid_index"])
+
+
+def choose(grid: Sequence[dict]) -> dict:
+    """The grid run with the best validation score (the first one on ties)."""
+    if not grid:
+        raise ConfigError("no grid result to choose from")
+    return max(grid, key=lambda r: (r["best_val"], -r["grid_index"]))
+
+
+def final_results(results: Mapping[str, dict], method: str, condition: str) -> list[dict]:
+    found = [r for r in results.values() if r["role"] == "final" and r["method"] == method and r["condition"] == condition]
+    return sorted(found, key=lambda r: r["seed"])
+
+
+def best_other(results: Mapping[str, dict], condition: str, exclude: Sequence[str]) -> str:
+    """The method (other than ``exclude``) with the best mean validation score of its finals at ``condition``."""
+    scores: dict[str, list[float]] = {}
+    for r in results.values():
+        if r["role"] == "final" and r["condition"] == condition and r["method"] not in exclude:
+            scores.setdefault(r["method"], []).append(r["best_val"])
+    if not scores:
+        raise ConfigError(f"no finished run at {condition} to pick the best other solver from")
+    return max(scores, key=lambda m: statistics.fmean(scores[m]))
+
+
+def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A config without its paths, which follow the spelling of the --out folder."""
+    return {k: v for k, v in config.items() if k not in ("out", "data_dir")}
+
+
+def resolve(spec: RunSpec, results: Mapping[str, dict]) -> tuple[RunSpec, dict | None]:
+    """Fill in a spec's late choices from ``results``; also return a stored grid run it repeats exactly.
+
+    A final run whose chosen setting and seed are those of a finished grid run
+    is the same run: the runner copies that result instead of training again.
+    """
+    if spec.pick == "best-other":
+        method = best_other(results, dim_text(64), exclude=("rbf", "triplet"))
+        cfg = apply_settings(dict(spec.config, solver=method, solver_options={}), FIXED.get(method, {}))
+        spec = replace(spec, method=method, config=cfg, tune_from=(method, dim_text(64)), pick=None)
+    if spec.params is not None:
+        return spec, None
+    chosen = choose(grid_results(results, *spec.tune_from))
+    spec = replace(spec, params=dict(chosen["params"]))
+    same = (chosen["seed"] == spec.seed and chosen["kind"] == spec.kind
+            and comparable(spec.train_config("").to_dict()) == comparable(chosen["config"]))
+    return spec, chosen if same else None

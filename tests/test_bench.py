@@ -1,0 +1,150 @@
+"""The benchmark machinery on the tiny preset: per-run result files, resume, report rendering."""
+import json
+import shutil
+
+import pytest
+
+from knnsolver.bench import runner
+from knnsolver.bench.cli import main as bench_main
+from knnsolver.bench.report import FAILS, HOLDS, OPEN, combine, compare, write_report
+from knnsolver.bench.suites import build_specs, get_preset, get_suite
+from knnsolver.errors import ConfigError
+
+SOLVERS = "softmax,rbf"
+
+
+def _bench(out, *extra, suite="classification", solvers=SOLVERS, seeds="0,1"):
+    return bench_main([suite, "--preset", "tiny", "--out", str(out), "--solvers", solvers, "--seeds", seeds, *extra])
+
+
+def _count_training(monkeypatch):
+    """Record the run folder of every training started by the runner."""
+    started = []
+    real = runner.train
+
+    def counting(cfg, resume=False, **kw):
+        started.append((cfg.out.rsplit("/", 1)[-1], resume))
+        return real(cfg, resume=resume, **kw)
+
+    monkeypatch.setattr(runner, "train", counting)
+    return started
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """The tiny classification suite with softmax and rbf over two seeds, run once for the module."""
+    out = tmp_path_factory.mktemp("bench")
+    assert _bench(out) == 0
+    return out
+
+
+def test_each_run_writes_its_result_file(finished):
+    folder = finished / "classification"
+    ids = {p.stem for p in folder.glob("*.json")}
+    # per solver: 2 grid points on seed 0, then the chosen point on seeds 0 and 1
+    assert len(ids) == 8
+    grid = json.loads((folder / "softmax__lr=0.001__s0.json").read_text())
+    assert grid["role"] == "grid" and grid["params"] == {"lr": 0.001}
+    assert grid["config"]["lr"] == 0.001 and grid["config"]["dataset"] == "digits"
+    assert grid["best_val"] == max(row["val_accuracy"] for row in grid["history"])
+    assert 0 <= grid["summary"]["test_accuracy"] <= 1
+    for key in ("wall_seconds", "command", "commit", "date", "machine"):
+        assert key in grid
+    assert grid["machine"]["torch_threads"] >= 1 and "--preset tiny" in grid["command"]
+    final0 = json.loads((folder / "softmax__final__s0.json").read_text())
+    final1 = json.loads((folder / "softmax__final__s1.json").read_text())
+    chosen = max(json.loads((folder / f"softmax__lr={lr}__s0.json").read_text())["best_val"] for lr in ("0.001", "0.003"))
+    assert final0["best_val"] == chosen and final0["same_run_as"].startswith("softmax__lr=")
+    assert final1["params"] == final0["params"] and final1["seed"] == 1 and "same_run_as" not in final1
+    assert (folder / "runs" / "softmax__final__s1" / "checkpoint.pt").is_file()
+
+
+def test_resume_skips_finished_runs_and_reruns_unfinished(tmp_path, monkeypatch):
+    assert _bench(tmp_path, solvers="softmax", seeds="0,1,2") == 0
+    folder = tmp_path / "classification"
+    before = json.loads((folder / "softmax__final__s2.json").read_text())
+    # s1 was killed after its last epoch, before its result was written; s2 before any epoch ended
+    (folder / "softmax__final__s1.json").unlink()
+    (folder / "softmax__final__s2.json").unlink()
+    for name in ("checkpoint.pt", "best.pt"):
+        (folder / "runs" / "softmax__final__s2" / name).unlink()
+    started = _count_training(monkeypatch)
+    assert _bench(tmp_path, solvers="softmax", seeds="0,1,2") == 0
+    assert started == [("softmax__final__s1", True), ("softmax__final__s2", False)]
+    assert json.loads((folder / "softmax__final__s2.json").read_text())["summary"] == before["summary"]
+    started.clear()
+    assert _bench(tmp_path, solvers="softmax", seeds="0,1,2") == 0
+    assert started == []
+
+
+def test_a_moved_results_folder_restarts_unfinished_runs(finished, tmp_path, monkeypatch):
+    out = tmp_path / "moved"
+    shutil.copytree(finished, out)
+    (out / "classification" / "rbf__final__s1.json").unlink()
+    started = _count_training(monkeypatch)
+    assert _bench(out) == 0
+    assert started == [("rbf__final__s1", False)]
+
+
+def test_results_of_other_settings_are_refused(finished, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    path = out / "classification" / "softmax__lr=0.001__s0.json"
+    data = json.loads(path.read_text())
+    data["config"]["width"] = 99
+    path.write_text(json.dumps(data))
+    with pytest.raises(ConfigError, match="other settings"):
+        _bench(out)
+
+
+def test_report_renders_tables_claims_commands_and_plots(finished, tmp_path):
+    output = tmp_path / "report" / "BENCHMARKS.md"
+    write_report(finished, output, tmp_path / "report" / "plots")
+    text = output.read_text()
+    assert "## 1. Classification accuracy with the same network" in text
+    assert "| softmax | lr=0.001 |" in text and "**chosen**" in text
+    assert "### Test accuracy of the chosen setting (%)" in text
+    assert "**RBF beats softmax.**" in text and "| classification | RBF beats softmax. |" in text
+    assert "`knnsolver bench classification --preset tiny" in text
+    assert "Commit: `" in text and "CPUs" in text
+    assert "Not run yet: `knnsolver bench scarcity" in text
+    assert (tmp_path / "report" / "plots" / "classification_accuracy.png").stat().st_size > 1000
+    assert "](plots/classification_accuracy.png)" in text
+
+
+def test_unknown_names_and_bad_flags_are_clear_errors(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="unknown benchmark suite 'nope'; choose one of: classification"):
+        bench_main(["nope"])
+    with pytest.raises(ConfigError, match="unknown solver.*bogus"):
+        _bench(tmp_path, solvers="softmax,bogus")
+    with pytest.raises(ConfigError, match="studies the rbf solver"):
+        _bench(tmp_path, suite="ablation", solvers="softmax")
+    with pytest.raises(SystemExit):
+        _bench(tmp_path, "--preset", "huge")
+
+
+def test_dry_run_lists_runs_without_running(finished, capsys):
+    assert _bench(finished, "--dry-run") == 0
+    out = capsys.readouterr().out
+    assert "done  softmax__lr=0.001__s0" in out and "8 of 8 runs done" in out
+
+
+def test_suites_plan_grids_before_finals_for_every_preset(tmp_path):
+    for name in ("classification", "scarcity", "unseen-classes", "cost", "ablation"):
+        for preset in ("tiny", "full"):
+            specs = build_specs(get_suite(name), get_preset(preset), tmp_path)
+            seen = set()
+            for spec in specs:
+                if spec.tune_from:
+                    assert (spec.tune_from in seen) or spec.pick, (name, spec.run_id)
+                if spec.role == "grid":
+                    seen.add((spec.method, spec.condition))
+
+
+def test_verdicts():
+    assert compare([0.9, 0.91, 0.92], [0.8, 0.81, 0.82]) == HOLDS
+    assert compare([0.8, 0.81, 0.82], [0.9, 0.91, 0.92]) == FAILS
+    assert compare([0.90, 0.95, 0.85], [0.89, 0.9, 0.91]) == OPEN
+    assert compare([0.9, 0.91, 0.92], [0.895, 0.9, 0.905], margin=0.01) == OPEN
+    assert compare([0.9], [0.8]) == OPEN  # one seed: no spread to judge by
+    assert combine([HOLDS, HOLDS]) == HOLDS and combine([HOLDS, OPEN]) == OPEN and combine([OPEN, FAILS]) == FAILS
