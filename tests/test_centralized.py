@@ -8,12 +8,7 @@ from knnsolver.errors import ConfigError
 from knnsolver.functional import centralized_ranking_loss, centre_sq_distances, gram_schmidt, normalize_scale
 from knnsolver.registry import SOLVERS, options_of
 from knnsolver.solvers.centralized import CentralizedSolver
-
-
-def _blobs(seed: int, per_class: int, num_classes: int = 4, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    means = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))
-    y = torch.arange(num_classes).repeat_interleave(per_class)
-    return means[y] + torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed)), y
+from helpers import blobs
 
 
 def _direct_loss(x: np.ndarray, y: np.ndarray, c: np.ndarray, m: float, form: str) -> float:
@@ -123,8 +118,8 @@ def test_learnable_scale_is_a_trained_parameter():
 @pytest.mark.parametrize(("predict_by", "form"), [("centre", "hinge"), ("knn", "hinge"), ("centre", "softplus")])
 def test_user_loop_lowers_loss_and_predicts(predict_by, form):
     torch.manual_seed(0)
-    x, y = _blobs(0, 8)
-    xt, yt = _blobs(1, 50)
+    x, y = blobs(0, 8)
+    xt, yt = blobs(1, 50)
     net = torch.nn.Linear(16, 8)
     solver = CentralizedSolver(8, 4, predict_by=predict_by, form=form, decorrelate_every=5)
     opt = torch.optim.Adam([*net.parameters(), *solver.parameters()], lr=0.01)

@@ -7,12 +7,7 @@ from knnsolver.functional import crc_code, crc_logits, crc_loss, crc_residuals
 from knnsolver.interfaces import EpochContext
 from knnsolver.registry import SOLVERS, options_of
 from knnsolver.solvers.crc import CRCSolver
-
-
-def _blobs(seed: int, per_class: int, num_classes: int = 4, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    means = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))
-    y = torch.arange(num_classes).repeat_interleave(per_class)
-    return means[y] + torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed)), y
+from helpers import blobs
 
 
 def _ridge_lstsq(x: np.ndarray, atoms: np.ndarray, lam: float, keep: list[int]) -> np.ndarray:
@@ -141,8 +136,8 @@ def test_metric_starts_at_identity_with_configurable_rows():
 @pytest.mark.parametrize("dictionary", ["batch", "bank"])
 def test_user_loop_lowers_loss_and_predicts(dictionary):
     torch.manual_seed(0)
-    x, y = _blobs(0, 8)
-    xt, yt = _blobs(1, 50)
+    x, y = blobs(0, 8)
+    xt, yt = blobs(1, 50)
     net, solver = torch.nn.Linear(16, 8), CRCSolver(8, 4, len(y), dictionary=dictionary, metric_dim=6)
     opt = torch.optim.Adam([*net.parameters(), *solver.parameters()], lr=0.01)
     rows = torch.arange(len(y))

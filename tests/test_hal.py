@@ -7,12 +7,7 @@ from knnsolver.errors import ConfigError
 from knnsolver.functional import hal_logits, hal_loss
 from knnsolver.registry import SOLVERS, options_of
 from knnsolver.solvers.hal import HALSolver
-
-
-def _blobs(seed: int, per_class: int, num_classes: int = 4, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    means = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))
-    y = torch.arange(num_classes).repeat_interleave(per_class)
-    return means[y] + torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed)), y
+from helpers import blobs
 
 
 def _direct_hal(x: np.ndarray, y: np.ndarray, a: np.ndarray, tau: float) -> tuple[np.ndarray, float]:
@@ -78,8 +73,8 @@ def test_registry_options_are_typed():
 @pytest.mark.parametrize("predict_by", ["knn", "anchor"])
 def test_user_loop_lowers_loss_and_predicts(predict_by):
     torch.manual_seed(0)
-    x, y = _blobs(0, 8)
-    xt, yt = _blobs(1, 50)
+    x, y = blobs(0, 8)
+    xt, yt = blobs(1, 50)
     net, solver = torch.nn.Linear(16, 8), HALSolver(8, 4, predict_by=predict_by)
     assert solver.predicts_by_knn == (predict_by == "knn")
     opt = torch.optim.Adam([*net.parameters(), *solver.parameters()], lr=0.01)

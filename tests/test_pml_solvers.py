@@ -5,6 +5,7 @@ from pytorch_metric_learning import losses, miners
 from knnsolver.errors import ConfigError
 from knnsolver.registry import SOLVERS, options_of
 from knnsolver.solvers.pml import PMLSolver
+from helpers import blobs
 
 # name -> (key options with their types, uses the class-balanced sampler, owns proxies)
 PML = {
@@ -17,12 +18,6 @@ PML = {
     "multisimilarity": ({"alpha": float, "beta": float, "base": float, "epsilon": float}, True, False),
     "proxyanchor": ({"margin": float, "alpha": float}, False, True),
 }
-
-
-def _blobs(seed: int, per_class: int, num_classes: int = 4, dim: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
-    means = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))
-    y = torch.arange(num_classes).repeat_interleave(per_class)
-    return means[y] + torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed)), y
 
 
 @pytest.mark.parametrize("name", PML)
@@ -66,8 +61,8 @@ def test_invalid_settings(name, options, message):
 @pytest.mark.parametrize("name", PML)
 def test_user_loop_lowers_loss_and_predicts(name):
     torch.manual_seed(0)
-    x, y = _blobs(0, 8)
-    xt, yt = _blobs(1, 50)
+    x, y = blobs(0, 8)
+    xt, yt = blobs(1, 50)
     net, solver = torch.nn.Linear(16, 8), SOLVERS.build(name, embedding_dim=8, num_classes=4)
     opt = torch.optim.Adam([*net.parameters(), *solver.parameters()], lr=0.01)
     losses_seen = []
