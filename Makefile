@@ -20,7 +20,7 @@ $(STAMP): $(PY) pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/knnsolver train --dataset digits --solver rbf --epochs 15 --out runs/demo
+	$(VENV)/bin/knnsolver train --dataset digits --solver rbf --epochs 15 --out runs/demo --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2

@@ -36,10 +36,6 @@ except ImportError as exc:  # pragma: no cover - exercised by monkeypatching in 
     ) from exc
 
 
-def _same_points(cached: Tensor | None, version: int, points: Tensor) -> bool:
-    return cached is points and version == points._version
-
-
 class _FaissSearch(NeighbourSearch):
     """Shared build/search/cache logic; subclasses describe their index."""
 
@@ -73,12 +69,13 @@ class _FaissSearch(NeighbourSearch):
         self._prepare(index, data, k)
         return index
 
-    def _index_for(self, points: Tensor, data: np.ndarray, k: int):
-        if self._cache is not None and _same_points(self._cache[0], self._cache[1], points):
-            index = self._cache[2]
-            self._set_search_params(index, k)
-            return index
-        index = self._build(points, data, k)
+    def _index_for(self, points: Tensor, k: int):
+        """The cached index when ``points`` is the same, unmodified tensor; else a new one."""
+        cached = self._cache
+        if cached is not None and cached[0] is points and cached[1] == points._version:
+            self._set_search_params(cached[2], k)
+            return cached[2]
+        index = self._build(points, as_float32_array(points), k)
         self._cache = (points, points._version, index)
         return index
 
@@ -97,12 +94,12 @@ class _FaissSearch(NeighbourSearch):
     @torch.no_grad()
     def search(self, queries: Tensor, points: Tensor, k: int) -> tuple[Tensor, Tensor]:
         check_dims(queries, points)
-        data = as_float32_array(points)
-        check_k(k, data.shape[0], excluding_self=False)
+        check_k(k, points.shape[0], excluding_self=False)
         q = as_float32_array(queries)
-        index = self._index_for(points, data, k)
+        index = self._index_for(points, k)
         distances, indices = index.search(q, k)
-        complete_rows(distances, indices, q, data)
+        if (indices < 0).any():
+            complete_rows(distances, indices, q, as_float32_array(points))
         device = queries.device
         return (
             torch.from_numpy(np.maximum(distances, 0.0).astype(np.float32)).to(device),
@@ -129,7 +126,8 @@ class FaissIVFSearch(_FaissSearch):
         nlist: number of k-means cells; ``None`` picks ``round(4 * sqrt(N))``,
             capped so each cell gets at least 39 training points (faiss's minimum).
         nprobe: cells visited per query (higher: better recall, slower).
-        train_size: at most this many points (a seeded random sample) train k-means.
+        train_size: k-means trains on a seeded random sample of this many points
+            (or 39 per cell, if more).
         seed: seeds the training sample and k-means.
         gpu: use faiss's GPU build when available and the points are on CUDA.
     """
@@ -156,18 +154,23 @@ class FaissIVFSearch(_FaissSearch):
         wanted = self.nlist if self.nlist is not None else round(4 * math.sqrt(n))
         return max(1, min(wanted, n // 39 if n >= 39 else 1))
 
+    def _training_rows(self, n: int, nlist: int) -> int:
+        """Training sample size: ``train_size``, or 39 per cell (faiss's minimum) if more, at most ``n``."""
+        return min(n, max(self.train_size, 39 * nlist))
+
     def _make_index(self, data: np.ndarray):
         nlist = self.cells_for(data.shape[0])
         index = faiss.IndexIVFFlat(faiss.IndexFlatL2(data.shape[1]), data.shape[1], nlist, faiss.METRIC_L2)
         index.cp.seed = self.seed
-        index.cp.max_points_per_centroid = max(1, self.train_size // nlist)
+        # The sample is drawn (seeded) in _prepare; stop faiss from subsampling it again.
+        index.cp.max_points_per_centroid = -(-self._training_rows(data.shape[0], nlist) // nlist)
         return index
 
     def _prepare(self, index, data: np.ndarray, k: int) -> None:
         n = data.shape[0]
-        if n > self.train_size:
-            rows = np.random.default_rng(self.seed).choice(n, self.train_size, replace=False)
-            index.train(data[np.sort(rows)])
+        rows = self._training_rows(n, index.nlist)
+        if rows < n:
+            index.train(data[np.sort(np.random.default_rng(self.seed).choice(n, rows, replace=False))])
         else:
             index.train(data)
         index.add(data)
