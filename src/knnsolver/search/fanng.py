@@ -458,17 +458,6 @@ def _leaf_knn(x, perm, leaf_lo, leaf_hi, n_leaves, knn, knn_d):
                 _insert_unique(knn[q], knn_d[q], d, p)
 
 
-@njit(parallel=True, **_JIT)
-def _sorted_edge_lengths(x, adj, deg, adj_d):
-    """Fill ``adj_d`` with edge lengths and sort every edge list by length."""
-    for p in prange(adj.shape[0]):
-        for j in range(deg[p]):
-            adj_d[p, j] = _sqdist(x[p], x[adj[p, j]])
-        order = np.argsort(adj_d[p, : deg[p]], kind="mergesort")
-        adj[p, : deg[p]] = adj[p, : deg[p]][order]
-        adj_d[p, : deg[p]] = adj_d[p, : deg[p]][order]
-
-
 @njit(**_JIT)
 def _traverse_add(x, adj, adj_d, deg, sources, targets, row_i, row_d):
     """Paper's traverse-add over the given pairs (module docstring, step 2); returns edges added."""
@@ -525,6 +514,7 @@ def _traverse_add(x, adj, adj_d, deg, sources, targets, row_i, row_d):
 
 
 def _check_positive(**values: float) -> None:
+    """Raise a ConfigError naming the first option below 1."""
     for label, value in values.items():
         if value < 1:
             raise ConfigError(f"{label} must be >= 1, got {value}")
