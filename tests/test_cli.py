@@ -63,3 +63,26 @@ def test_bad_flag_value_is_a_usage_error(capsys):
         main(["train", "--epochs", "many"])
     assert exc.value.code == 2
     assert "expected a value of type int, got 'many'" in capsys.readouterr().err
+
+
+def test_embed_writes_embeddings_matching_the_best_network(tmp_path, capsys):
+    import numpy as np
+    import torch
+
+    from knnsolver.training import TrainConfig, build_run
+    from knnsolver.training.checkpoint import load_checkpoint
+
+    out_dir = tmp_path / "r"
+    assert _run(capsys, "train", "--epochs", "1", "--width", "8", "--embedding-dim", "12", "--out", str(out_dir),
+                "--plots", "false", "--progress", "false")[0] == 0
+    code, out, err = _run(capsys, "embed", str(out_dir), "--part", "test", "--out", str(tmp_path / "e.npy"))
+    assert code == 0, err
+    emb, labels = np.load(tmp_path / "e.npy"), np.load(tmp_path / "e_labels.npy")
+    run = build_run(TrainConfig.from_dict(json.loads((out_dir / "config.json").read_text())))
+    run.model.load_state_dict(load_checkpoint(out_dir / "best.pt")["model"])
+    expected, expected_labels = run.embed(run.data.test)
+    assert emb.shape == (len(run.data.test), 12)
+    np.testing.assert_allclose(emb, expected.numpy(), rtol=1e-5, atol=1e-6)
+    assert np.array_equal(labels, expected_labels.numpy())
+    code, _, err = _run(capsys, "embed", str(out_dir), "--part", "holdout", "--out", str(tmp_path / "x.npy"))
+    assert code == 2 and "unknown part 'holdout'" in err

@@ -110,6 +110,26 @@ def cmd_eval(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_embed(argv: Sequence[str]) -> int:
+    import numpy as np
+
+    from knnsolver.training import embed_saved
+
+    parser = argparse.ArgumentParser(
+        prog="knnsolver embed", description="Write a saved run's embeddings and labels to .npy files."
+    )
+    parser.add_argument("run_dir", help="folder written by knnsolver train")
+    parser.add_argument("--part", default="train", help="train (no augmentation), val or test (default: train)")
+    parser.add_argument("--out", required=True, help="embeddings file FILE.npy; labels go to FILE_labels.npy")
+    args = parser.parse_args(argv)
+    emb, labels = embed_saved(args.run_dir, args.part)
+    stem = args.out[:-4] if args.out.endswith(".npy") else args.out
+    np.save(f"{stem}.npy", emb.cpu().numpy())
+    np.save(f"{stem}_labels.npy", labels.cpu().numpy())
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {stem}.npy and labels to {stem}_labels.npy")
+    return 0
+
+
 def cmd_datasets(argv: Sequence[str]) -> int:
     argparse.ArgumentParser(prog="knnsolver datasets", description="List datasets.").parse_args(argv)
     for name in DATASETS.names():
@@ -137,7 +157,7 @@ def cmd_bench(argv: Sequence[str]) -> int:
     return bench_main(argv)
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "datasets": cmd_datasets, "solvers": cmd_solvers}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "embed": cmd_embed, "bench": cmd_bench, "datasets": cmd_datasets, "solvers": cmd_solvers}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -146,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("usage: knnsolver {" + ",".join(COMMANDS) + "} ...\n\n"
               "  train     train a network with a solver and evaluate it\n"
               "  eval      re-evaluate a saved run\n"
+              "  embed     write a saved run's embeddings to .npy\n"
               "  bench     run a benchmark suite or render the report\n"
               "  datasets  list datasets\n"
               "  solvers   list solvers and their options")

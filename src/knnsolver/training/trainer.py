@@ -267,12 +267,33 @@ def finish(run: Run, out: Path) -> dict[str, Any]:
     return summary
 
 
-def evaluate_saved(out: str | Path) -> dict[str, Any]:
-    """Rebuild a saved run from its folder and evaluate its best checkpoint on test again."""
+def load_saved(out: str | Path) -> tuple[Run, Path]:
+    """Rebuild a saved run from its folder (plots off), weights not yet loaded."""
     out = Path(out)
     for name in (CONFIG, BEST, CHECKPOINT):
         if not (out / name).is_file():
             raise ConfigError(f"{out} is not a finished knnsolver run: {name} is missing")
     config = TrainConfig.from_dict(load_config_file(out / CONFIG))
     config.plots = False
-    return finish(build_run(config), out)
+    return build_run(config), out
+
+
+def evaluate_saved(out: str | Path) -> dict[str, Any]:
+    """Evaluate a saved run's best checkpoint on its test split again."""
+    return finish(*load_saved(out))
+
+
+SPLIT_PARTS = ("train", "val", "test")
+
+
+def embed_saved(out: str | Path, part: str = "train") -> tuple[Tensor, Tensor]:
+    """Embeddings and labels of one part of a saved run's data (train rows without
+    augmentation), computed by its best checkpoint's network."""
+    if part not in SPLIT_PARTS:
+        raise ConfigError(f"unknown part {part!r}; choose one of: {', '.join(SPLIT_PARTS)}")
+    run, out = load_saved(out)
+    run.model.load_state_dict(load_checkpoint(out / BEST)["model"])
+    dataset = run.data.train_eval if part == "train" else getattr(run.data, part)
+    if dataset is None:
+        raise ConfigError(f"the run in {out} has no {part} split (val_fraction was 0)")
+    return run.embed(dataset)
