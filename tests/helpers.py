@@ -1,4 +1,6 @@
 """Small data helpers shared by the solver tests."""
+from collections.abc import Callable
+
 import torch
 
 
@@ -7,3 +9,34 @@ def blobs(seed: int, per_class: int, num_classes: int = 4, dim: int = 16) -> tup
     means = torch.randn(num_classes, dim, generator=torch.Generator().manual_seed(123))
     y = torch.arange(num_classes).repeat_interleave(per_class)
     return means[y] + torch.randn(len(y), dim, generator=torch.Generator().manual_seed(seed)), y
+
+
+
+def train_in_plain_loop(make_solver: Callable[[], torch.nn.Module], steps: int = 20,
+                        on_step: Callable | None = None) -> tuple[torch.nn.Module, list[float], float]:
+    """Train a linear net (16 -> 8) plus a solver on 4 blobs with Adam, as a user's own loop would.
+
+    ``make_solver()`` builds the solver after the seed is set (8-d embeddings, 4 classes);
+    ``on_step(step, solver, net, x, y)`` runs before each step (e.g. a solver's ``on_epoch_start``).
+    Returns the solver, the loss per step and the test accuracy of ``solver.predict``
+    after ``fit_reference`` on the training embeddings.
+    """
+    torch.manual_seed(0)
+    x, y = blobs(0, 8)
+    xt, yt = blobs(1, 50)
+    net, solver = torch.nn.Linear(16, 8), make_solver()
+    opt = torch.optim.Adam([*net.parameters(), *solver.parameters()], lr=0.01)
+    losses = []
+    for step in range(steps):
+        if on_step is not None:
+            on_step(step, solver, net, x, y)
+        loss = solver(net(x), y, torch.arange(len(y)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        solver.fit_reference(net(x), y)
+        scores = solver.predict(net(xt))
+    assert scores.shape == (len(xt), 4)
+    return solver, losses, (scores.argmax(1) == yt).float().mean().item()
