@@ -25,10 +25,9 @@ class EmbeddingBank(nn.Module):
     Seams for later backends: the neighbour graph comes from the injected
     :class:`~knnsolver.interfaces.NeighbourSearch` (``knn_graph``), so faiss or
     FANNG plug in through ``search=``; :meth:`refresh` takes the full ``(T, d)``
-    table, so a rank-sharded refresh under ``torch.distributed`` embeds its shard
-    of rows, all-gathers the shards into that table and calls :meth:`refresh`
-    (or a subclass overrides it) with no change to the solver, which only ever
-    calls ``refresh``, ``set_centres``, ``write`` and ``append``.
+    table: under ``torch.distributed`` the trainer embeds one shard of rows per
+    process and all-gathers them into that table (``Run.embed_all``), so every
+    process holds the same bank.
     """
 
     centres: Tensor

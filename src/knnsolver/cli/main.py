@@ -13,6 +13,7 @@ import sys
 from dataclasses import fields
 from typing import Any, Sequence, get_args, get_type_hints
 
+from knnsolver.distributed import launch_rank
 from knnsolver.errors import ConfigError, KnnSolverError
 from knnsolver.registry import DATASETS, SOLVERS, options_of, parse_value
 
@@ -95,8 +96,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     solver_options.update({dests[d]: args.pop(d) for d in list(args) if d in dests})
     cfg = TrainConfig.from_dict({**file_cfg, **args, "solver_options": solver_options})
     summary = train(cfg, resume=resume, overwrite=overwrite)
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    print(f"run written to {cfg.out}")
+    if launch_rank() == 0:  # under torchrun every process returns the summary; one prints it
+        print(json.dumps(summary, indent=2, sort_keys=True))
+        print(f"run written to {cfg.out}")
     return 0
 
 

@@ -13,6 +13,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from knnsolver import distributed
 from knnsolver.bank import BANK_DTYPES, EmbeddingBank
 from knnsolver.errors import ConfigError
 from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs, rbf_terms
@@ -67,6 +68,10 @@ class RBFSolver(Solver):
     centres), ``mean_rbf_value`` (mean ``f(x, c)`` over them),
     ``frac_true_class_absent`` (share of samples with no true-class centre
     among their neighbours, the hard case), and ``sigma``.
+
+    Under ``torch.distributed`` (:mod:`knnsolver.distributed`) the online update
+    all-gathers the batch so every process's bank stays the same, and the
+    diagnostics sum over all processes; ``forward`` is then a collective call.
     """
 
     predicts_by_knn = True
@@ -146,7 +151,7 @@ class RBFSolver(Solver):
 
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         """The paper's Figure 6 diagnostics over the epoch's training samples, plus ``sigma``."""
-        dist, rbf, absent, rows = self._stats.tolist()
+        dist, rbf, absent, rows = distributed.all_reduce_sum(self._stats).tolist()
         if rows == 0:
             return {}
         return {
@@ -202,7 +207,8 @@ class RBFSolver(Solver):
                 terms.true_absent.sum(), torch.tensor(float(len(labels)), device=sq.device),
             ]).to(self._stats)
             if self.online_update and row_indices is not None:
-                self.bank.write(row_indices, embeddings)
+                # Every process writes every process's batch, so the banks stay equal.
+                self.bank.write(distributed.all_gather_rows(row_indices), distributed.all_gather_rows(embeddings))
         return terms.loss()
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:

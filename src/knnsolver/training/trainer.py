@@ -12,22 +12,41 @@ One run writes to ``out/``:
 Determinism: the global RNG is reseeded from ``(seed, epoch)`` at every epoch
 start and the sampler is seeded the same way, so a resumed run replays exactly
 the epochs an uninterrupted run would have, and ends with the same result.
+
+Distributed data parallel (launched with ``torchrun``; see :mod:`knnsolver.distributed`):
+every process builds the same data, network and solver; network and solver are
+wrapped in ``DistributedDataParallel`` (gradients averaged over processes; the
+solver only if it has trainable parameters, and without broadcasting its
+buffers, which the solvers keep equal themselves: the RBF bank is refreshed
+from embeddings gathered from every process and its online update gathers the
+batch). Each epoch's batch plan is the single-process one, dealt round-robin to
+the processes (a remainder of fewer batches than processes is dropped), so
+``batch_size`` is per process and an epoch still visits every training row
+once. Embedding the training set for a bank refresh is sharded over the
+processes and all-gathered. BatchNorm statistics are rank 0's (DDP's buffer
+broadcast, and a last sync at the end of each epoch). Rank 0 alone validates, writes every file and shows progress; the
+others return the same summary. Resuming loads the checkpoint on rank 0 and
+broadcasts it, so only rank 0 needs the run folder.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import pickle
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import BatchSampler, DataLoader
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import BatchSampler, DataLoader, Subset
 from tqdm.auto import tqdm
 
+from knnsolver import distributed
 from knnsolver.data import DataBundle, build_data
 from knnsolver.data.sampler import ClassBalancedBatchSampler
 from knnsolver.errors import ConfigError
@@ -67,8 +86,15 @@ class Run:
     def embed(self, dataset) -> tuple[Tensor, Tensor]:
         return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device)
 
+    def embed_all(self, dataset) -> tuple[Tensor, Tensor]:
+        """:meth:`embed` of every row of ``dataset``, each process embedding its shard (collective)."""
+        if not distributed.is_distributed():
+            return self.embed(dataset)
+        emb, labels = self.embed(Subset(dataset, distributed.shard(len(dataset))))
+        return distributed.all_gather_rows(emb), distributed.all_gather_rows(labels)
+
     def context(self, epoch: int) -> EpochContext:
-        return EpochContext(epoch, lambda: self.embed(self.data.train_eval), len(self.data.train_eval), self.device)
+        return EpochContext(epoch, lambda: self.embed_all(self.data.train_eval), len(self.data.train_eval), self.device)
 
     def evaluate(self, dataset, prefix: str) -> dict[str, float]:
         """Accuracy (standard split) or retrieval metrics (disjoint split) on ``dataset``."""
@@ -148,7 +174,7 @@ def samples_per_class(batch_size: int, num_classes: int, requested: int = 0) -> 
 
 
 def _batches(run: Run, epoch: int) -> Iterator[list[int]]:
-    """Row-index batches for one epoch: class-balanced where needed, else a seeded shuffle."""
+    """Row-index batches for one epoch (all processes together): class-balanced where needed, else a seeded shuffle."""
     cfg = run.config
     balanced = run.solver.needs_balanced_sampler if cfg.balanced is None else cfg.balanced
     if balanced:
@@ -162,8 +188,63 @@ def _batches(run: Run, epoch: int) -> Iterator[list[int]]:
     return iter(BatchSampler(order, cfg.batch_size, drop_last=n % cfg.batch_size == 1))
 
 
+def _process_batches(run: Run, epoch: int) -> list[list[int]]:
+    """This process's share of the epoch's batches: every ``world_size``-th, from its rank."""
+    batches = list(_batches(run, epoch))
+    size = distributed.world_size()
+    if size == 1:
+        return batches
+    if len(batches) < size:
+        raise ConfigError(
+            f"an epoch has {len(batches)} batches, fewer than the {size} processes; lower batch_size or use fewer processes"
+        )
+    return batches[distributed.rank() : len(batches) - len(batches) % size : size]
+
+
+class LossStep(nn.Module):
+    """``solver(model(x), y, rows)`` as one call: what one training step differentiates."""
+
+    def __init__(self, model: nn.Module, solver: Solver) -> None:
+        super().__init__()
+        self.model, self.solver = model, solver
+
+    def forward(self, x: Tensor, labels: Tensor, rows: Tensor) -> Tensor:
+        return self.solver(self.model(x), labels, rows)
+
+
+def _loss_step(run: Run) -> nn.Module:
+    """The training step, with network and solver wrapped for data parallelism when distributed."""
+    if not distributed.is_distributed():
+        return LossStep(run.model, run.solver)
+    ids = [run.device.index or 0] if run.device.type == "cuda" else None
+    model = DistributedDataParallel(run.model, device_ids=ids)
+    solver = run.solver
+    if any(p.requires_grad for p in solver.parameters()):
+        # The solvers keep their buffers (the RBF bank) equal on every process themselves.
+        solver = DistributedDataParallel(solver, device_ids=ids, forward_sync_buffers=False)
+    return LossStep(model, solver)
+
+
 def _select_key(config: TrainConfig) -> str:
     return "val_accuracy" if config.split == "standard" else "val_precision_at_1"
+
+
+def _open_run(config: TrainConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Check the run folder and load the checkpoint to resume from (rank 0's view of the files)."""
+    out = Path(config.out)
+    ckpt_path = out / CHECKPOINT
+    if resume:
+        if not ckpt_path.is_file():
+            raise ConfigError(f"cannot resume: {ckpt_path} does not exist; start the run without --resume")
+    elif ckpt_path.exists() and not overwrite:
+        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if not resume:
+        return None
+    state = load_checkpoint(ckpt_path)
+    saved = TrainConfig.from_dict(state["config"])
+    if {**saved.to_dict(), "epochs": config.epochs, "progress": config.progress} != config.to_dict():
+        raise ConfigError(f"cannot resume {out}: settings other than epochs differ from the saved run's config.json")
+    return state
 
 
 def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, model: nn.Module | None = None) -> dict[str, Any]:
@@ -172,79 +253,127 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, mo
     ``resume`` continues the run in ``config.out`` from its last checkpoint (the
     epoch count may be raised). Without ``resume`` an existing run folder is
     refused unless ``overwrite`` is set, so finished work is never lost.
+    Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel over the
+    processes (module docstring) and every process returns the summary.
     """
+    started = distributed.init_from_env(config.device)
+    try:
+        return _train(config, resume, overwrite, model)
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module | None) -> dict[str, Any]:
     out = Path(config.out)
-    ckpt_path = out / CHECKPOINT
-    if resume:
-        if not ckpt_path.is_file():
-            raise ConfigError(f"cannot resume: {ckpt_path} does not exist; start the run without --resume")
-    elif ckpt_path.exists() and not overwrite:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    state = _on_main(lambda: _open_run(config, resume, overwrite))
+    if not distributed.is_main():
+        config = dataclasses.replace(config, progress=False)
     run = build_run(config, model)
     params = [p for p in [*run.model.parameters(), *run.solver.parameters()] if p.requires_grad]
     optimizer = _optimizer(config, params)
     history: list[dict[str, Any]] = []
     best_score, start_epoch = -math.inf, 0
-    if resume:
-        state = load_checkpoint(ckpt_path)
-        saved = TrainConfig.from_dict(state["config"])
-        if {**saved.to_dict(), "epochs": config.epochs, "progress": config.progress} != config.to_dict():
-            raise ConfigError(f"cannot resume {out}: settings other than epochs differ from the saved run's config.json")
+    if state is not None:
         run.model.load_state_dict(state["model"])
         run.solver.load_state_dict(state["solver"])
         optimizer.load_state_dict(state["optimizer"])
         history, best_score, start_epoch = state["history"], state["best_score"], state["epoch"] + 1
     else:
         calibrate_batchnorm(run.model, run.data.train_eval, config.batch_size, run.device)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(config.to_dict(), out / CONFIG)
+    _on_main(lambda: write_json(config.to_dict(), out / CONFIG))
+    step = _loss_step(run)
 
-    select_key = _select_key(config)
     for epoch in range(start_epoch, config.epochs):
-        torch.manual_seed(_epoch_seed(config.seed, epoch))
-        ctx = run.context(epoch)
-        row = _train_epoch(run, optimizer, epoch, ctx)
-        is_eval_epoch = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
-        if is_eval_epoch and run.data.val is not None:
-            row.update(run.evaluate(run.data.val, "val_"))
-        history.append(row)
-        score = row.get(select_key)
-        if run.data.val is None and epoch + 1 == config.epochs:
-            score = 0.0  # no validation split: the last epoch is the one kept
-        if score is not None and score > best_score:
-            best_score = score
-            save_checkpoint({"model": run.model.state_dict(), "solver": run.solver.state_dict(), "epoch": epoch}, out / BEST)
-        write_jsonl(history, out / LOG)
-        save_checkpoint(
-            {"config": config.to_dict(), "model": run.model.state_dict(), "solver": run.solver.state_dict(),
-             "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history, "best_score": best_score},
-            ckpt_path,
-        )
-    return finish(run, out)
+        # Rank 0 keeps the single-process seed; the others draw their own dropout and augmentation.
+        torch.manual_seed(_epoch_seed(config.seed, epoch) + 7_919 * distributed.rank())
+        row = _train_epoch(run, step, optimizer, epoch, run.context(epoch))
+        best_score = _on_main(lambda: _end_epoch(run, optimizer, epoch, row, history, best_score))
+    return _on_main(lambda: finish(run, out))
 
 
-def _train_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, ctx: EpochContext) -> dict[str, Any]:
+def _on_main(work: Callable[[], Any]) -> Any:
+    """Run ``work`` on rank 0 and hand its result, or the error it raised, to every process.
+
+    So a failure on rank 0 (a refused run folder, a full disk) stops every
+    process at once instead of leaving them waiting in the next collective.
+    """
+    if not distributed.is_distributed():
+        return work()
+    result: tuple[str, Any] = ("ok", None)
+    failure: Exception | None = None
+    if distributed.is_main():
+        try:
+            result = ("ok", work())
+        except Exception as err:  # re-raised on every process below
+            failure = err
+            result = ("error", err if _picklable(err) else RuntimeError(f"rank 0 failed: {type(err).__name__}: {err}"))
+    status, value = distributed.broadcast_object(result)
+    if failure is not None:
+        raise failure
+    if status == "error":
+        raise value
+    return value
+
+
+def _picklable(obj: Any) -> bool:
+    try:
+        pickle.loads(pickle.dumps(obj))
+    except Exception:
+        return False
+    return True
+
+
+def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, row: dict[str, Any],
+               history: list[dict[str, Any]], best_score: float) -> float:
+    """Validate, keep the best checkpoint, append to the log, save the resumable checkpoint; return the best score."""
+    config, out = run.config, Path(run.config.out)
+    is_eval_epoch = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
+    if is_eval_epoch and run.data.val is not None:
+        row.update(run.evaluate(run.data.val, "val_"))
+    history.append(row)
+    score = row.get(_select_key(config))
+    if run.data.val is None and epoch + 1 == config.epochs:
+        score = 0.0  # no validation split: the last epoch is the one kept
+    if score is not None and score > best_score:
+        best_score = score
+        save_checkpoint({"model": run.model.state_dict(), "solver": run.solver.state_dict(), "epoch": epoch}, out / BEST)
+    write_jsonl(history, out / LOG)
+    save_checkpoint(
+        {"config": config.to_dict(), "model": run.model.state_dict(), "solver": run.solver.state_dict(),
+         "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history, "best_score": best_score},
+        out / CHECKPOINT,
+    )
+    return best_score
+
+
+def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, ctx: EpochContext) -> dict[str, Any]:
+    """One epoch of this process's batches; the logged loss and throughput cover all processes."""
     cfg, dev = run.config, run.device
     run.solver.on_epoch_start(ctx)
     run.model.train()
     run.solver.train()
-    batches = list(_batches(run, epoch))
-    loader = DataLoader(run.data.train, batch_sampler=batches)
-    total_loss, seen, start = 0.0, 0, time.perf_counter()
+    loader = DataLoader(run.data.train, batch_sampler=_process_batches(run, epoch))
+    total = torch.zeros(2, dtype=torch.float64)  # summed loss x rows, rows: over every process
+    start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, unit="batch")
     for x, y, idx in bar:
         x, y, idx = x.to(dev), torch.as_tensor(y).to(dev), torch.as_tensor(idx).to(dev)
-        loss = run.solver(run.model(x), y, idx)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at epoch {epoch + 1}; lower the learning rate")
+        loss = step(x, y, idx)
+        # Summed over processes, so a non-finite loss anywhere stops every process at the same step.
+        batch = distributed.all_reduce_sum(torch.stack([loss.detach().double() * len(y), torch.tensor(float(len(y)), dtype=torch.float64, device=dev)]))
+        if not torch.isfinite(batch[0]):
+            raise FloatingPointError(f"loss became {batch[0].item()} at epoch {epoch + 1}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total_loss += loss.item() * len(y)
-        seen += len(y)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", samples_s=f"{seen / (time.perf_counter() - start):.0f}")
+        total += batch.cpu()
+        bar.set_postfix(loss=f"{total[0] / total[1]:.4f}", samples_s=f"{total[1] / (time.perf_counter() - start):.0f}")
     elapsed = time.perf_counter() - start
-    row = {"epoch": epoch + 1, "loss": total_loss / max(1, seen), "seconds": elapsed, "samples_per_s": seen / elapsed}
+    # DDP broadcasts rank 0's BatchNorm statistics before each step; the last step's update is synced here.
+    distributed.sync_buffers(run.model)
+    seen = int(total[1])
+    row = {"epoch": epoch + 1, "loss": float(total[0]) / max(1, seen), "seconds": elapsed, "samples_per_s": seen / elapsed}
     row.update({f"solver_{k}": float(v) for k, v in run.solver.on_epoch_end(ctx).items()})
     return row
 

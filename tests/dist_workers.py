@@ -1,0 +1,99 @@
+"""Process bodies for tests/test_distributed.py (importable by spawned children).
+
+Each worker joins a gloo process group through torchrun's environment variables,
+does its part, and saves what the parent test checks to ``<folder>/rank<r>.pt``.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.multiprocessing as mp
+
+from knnsolver import distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, size: int, port: int, folder: str, body: Callable, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    result = body(*args)
+    torch.save(result, Path(folder) / f"rank{rank}.pt")
+
+
+def spawn(body: Callable, folder: Path, *args: Any, size: int = 2) -> list[Any]:
+    """Run ``body(*args)`` in ``size`` processes of one group; return each rank's result."""
+    mp.spawn(_entry, args=(size, free_port(), str(folder), body, args), nprocs=size)
+    return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(size)]
+
+
+def _with_group(work: Callable[[], Any]) -> Any:
+    started = distributed.init_from_env("cpu")
+    try:
+        return work()
+    finally:
+        if started:
+            torch.distributed.destroy_process_group()
+
+
+def gather_and_shard(n: int) -> dict[str, Any]:
+    """Each rank contributes ``rank + 1`` rows; also report the rank's shard of ``range(n)``."""
+    def work():
+        r = distributed.rank()
+        mine = torch.full((r + 1, 3), float(r))
+        return {"rank": r, "size": distributed.world_size(), "gathered": distributed.all_gather_rows(mine),
+                "shard": list(distributed.shard(n)), "sum": distributed.all_reduce_sum(torch.tensor([r + 1.0])),
+                "broadcast": distributed.broadcast_object(f"from {r}")}
+    return _with_group(work)
+
+
+def one_step(make: Callable[[], tuple[torch.nn.Module, torch.nn.Module]], x: torch.Tensor, y: torch.Tensor,
+             rows: torch.Tensor, fill: Callable[[torch.nn.Module, torch.nn.Module], None]) -> dict[str, Any]:
+    """One SGD step of ``_loss_step`` on this rank's half of the batch; return the states after it."""
+    from types import SimpleNamespace
+
+    from knnsolver.training.trainer import _loss_step
+
+    def work():
+        model, solver = make()
+        fill(model, solver)
+        run = SimpleNamespace(model=model, solver=solver, device=torch.device("cpu"))
+        step = _loss_step(run)
+        part = torch.arange(len(y)).chunk(distributed.world_size())[distributed.rank()]
+        opt = torch.optim.SGD([*model.parameters(), *solver.parameters()], lr=0.5)
+        loss = step(x[part], y[part], rows[part])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"model": model.state_dict(), "solver": solver.state_dict()}
+    return _with_group(work)
+
+
+def small_net() -> torch.nn.Module:
+    """A digits (1 x 8 x 8) network with BatchNorm, so DDP's buffer broadcast is exercised."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.BatchNorm1d(32),
+                               torch.nn.ReLU(), torch.nn.Linear(32, 16))
+
+
+def train_run(config: dict[str, Any], resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """``knnsolver.training.train`` of :func:`small_net` under the group: the summary
+    and the network's final weights, or the error the call raised."""
+    from knnsolver.errors import KnnSolverError
+    from knnsolver.training import TrainConfig, train
+
+    model = small_net()
+    try:
+        summary = train(TrainConfig(**config), resume=resume, overwrite=overwrite, model=model)
+    except KnnSolverError as err:
+        return {"error": f"{type(err).__name__}: {err}"}
+    return {"summary": summary, "model": model.state_dict()}

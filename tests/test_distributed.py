@@ -1,0 +1,152 @@
+"""Data-parallel training over torch.distributed (gloo, 2 CPU processes)."""
+import json
+import shutil
+import subprocess
+import sys
+from functools import partial
+from pathlib import Path
+
+import pytest
+import torch
+
+import dist_workers
+from knnsolver import distributed
+from knnsolver.errors import ConfigError
+from knnsolver.solvers.hal import HALSolver
+from knnsolver.solvers.rbf import RBFSolver
+from knnsolver.training.checkpoint import load_checkpoint
+from knnsolver.training.trainer import LossStep
+
+
+def test_helpers_are_the_identity_in_one_process():
+    t = torch.randn(3, 2)
+    assert distributed.all_gather_rows(t) is t and distributed.all_reduce_sum(t) is t
+    assert distributed.broadcast_object({"a": 1}) == {"a": 1}
+    assert (distributed.rank(), distributed.world_size(), distributed.is_main()) == (0, 1, True)
+    assert distributed.shard(7) == range(7)
+    assert distributed.init_from_env("cpu") is False  # no WORLD_SIZE: single process, nothing started
+
+
+def test_init_from_env_names_the_missing_variables(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ConfigError, match="RANK, MASTER_ADDR, MASTER_PORT not set; launch with torchrun"):
+        distributed.init_from_env("cpu")
+
+
+@pytest.mark.parametrize(("n", "size"), [(10, 3), (2, 4), (9, 2)])
+def test_shards_partition_the_rows_in_order(monkeypatch, n, size):
+    shards = []
+    for r in range(size):
+        monkeypatch.setattr(distributed, "world_size", lambda: size)
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shards.append(list(distributed.shard(n)))
+    assert sum(shards, []) == list(range(n))
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_collectives_across_two_processes(tmp_path):
+    results = dist_workers.spawn(dist_workers.gather_and_shard, tmp_path, 5)
+    expected = torch.cat([torch.zeros(1, 3), torch.ones(2, 3)])  # rank 0 sent 1 row of 0s, rank 1 2 rows of 1s
+    for r, res in enumerate(results):
+        assert (res["rank"], res["size"]) == (r, 2)
+        assert torch.equal(res["gathered"], expected)
+        assert res["sum"].item() == 3.0
+        assert res["broadcast"] == "from 0"
+    assert results[0]["shard"] + results[1]["shard"] == [0, 1, 2, 3, 4]
+
+
+def _make_rbf():
+    torch.manual_seed(0)
+    return torch.nn.Linear(6, 4), RBFSolver(4, 3, 16, k=5, sigma=1.0, learn_weights=True, online_update=True)
+
+
+def _make_hal():
+    torch.manual_seed(0)
+    return torch.nn.Linear(6, 4), HALSolver(4, 3)
+
+
+def _fill(x, y, model, solver):
+    if isinstance(solver, RBFSolver):
+        with torch.no_grad():  # centres off the current embeddings, so the online update changes them
+            solver.refresh(model(x) + 1.0, y)
+
+
+@pytest.mark.parametrize("make", [_make_rbf, _make_hal], ids=["rbf", "hal"])
+def test_two_process_step_equals_one_step_on_the_whole_batch(tmp_path, make):
+    """DDP over 2 halves of a batch == one process on the whole batch (per-row mean losses):
+    network, solver parameters (RBF weights, HAL anchors) and the online-updated RBF bank."""
+    g = torch.Generator().manual_seed(1)
+    x, y, rows = torch.randn(16, 6, generator=g), torch.arange(3).repeat(6)[:16], torch.arange(16)
+    fill = partial(_fill, x, y)
+    results = dist_workers.spawn(dist_workers.one_step, tmp_path, make, x, y, rows, fill)
+
+    model, solver = make()
+    fill(model, solver)
+    opt = torch.optim.SGD([*model.parameters(), *solver.parameters()], lr=0.5)
+    loss = LossStep(model, solver)(x, y, rows)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    before = make()[0].state_dict()
+    assert not torch.equal(model.state_dict()["weight"], before["weight"])  # the step moved the network
+    for res in results:
+        for key, value in model.state_dict().items():
+            torch.testing.assert_close(res["model"][key], value)
+        for key, value in solver.state_dict().items():
+            torch.testing.assert_close(res["solver"][key], value)
+
+
+def _config(tmp_path, **kw):
+    cfg = dict(dataset="digits", solver="rbf", epochs=2, out=str(tmp_path / "run"), embedding_dim=16, batch_size=32,
+               progress=False, plots=False, solver_options={"k": 20, "update_interval": 1, "online_update": True})
+    cfg.update(kw)
+    return cfg
+
+
+def test_distributed_training_run(tmp_path):
+    results = dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path))
+    summaries = [r["summary"] for r in results]
+    assert summaries[0] == summaries[1]  # every process returns rank 0's summary
+    assert summaries[0]["test_accuracy"] >= 0.6  # 10 classes: chance is 0.1
+    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    for key, value in ckpt["model"].items():  # the replicas stayed equal, BatchNorm buffers included
+        assert torch.equal(results[0]["model"][key], value) and torch.equal(results[1]["model"][key], value), key
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+    assert all(0 < r["solver_frac_true_class_absent"] + r["solver_mean_rbf_value"] and "val_accuracy" in r for r in log)
+    assert not list(tmp_path.glob("run/.*.tmp"))
+
+
+def test_refused_run_folder_stops_every_process(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "checkpoint.pt").write_bytes(b"")
+    results = dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path))
+    for res in results:
+        assert res["error"].startswith("ConfigError: ") and "already holds a run" in res["error"]
+
+
+@pytest.mark.slow
+def test_distributed_resume_equals_uninterrupted(tmp_path):
+    full = dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path, out=str(tmp_path / "full")))
+    dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path, out=str(tmp_path / "part"), epochs=1))
+    resumed = dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path, out=str(tmp_path / "part")), True)
+    assert resumed[0]["summary"] == full[0]["summary"]
+    for key, value in full[0]["model"].items():
+        assert torch.equal(resumed[0]["model"][key], value) and torch.equal(resumed[1]["model"][key], value), key
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun", path=str(Path(sys.executable).parent)) is None, reason="no torchrun")
+def test_torchrun_cli(tmp_path):
+    """The README's launch line: torchrun starts 2 processes of the knnsolver CLI."""
+    bin_dir = Path(sys.executable).parent
+    cmd = [str(bin_dir / "torchrun"), "--nproc-per-node", "2", "--master-port", str(dist_workers.free_port()),
+           "--no-python", str(bin_dir / "knnsolver"), "train", "--dataset", "digits", "--solver", "hal",
+           "--epochs", "2", "--out", str(tmp_path / "run"), "--progress", "false", "--plots", "false"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1", "PATH": str(bin_dir)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("run written to") == 1  # rank 0 alone reports
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["solver"] == "hal" and summary["test_accuracy"] >= 0.8
