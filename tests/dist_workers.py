@@ -85,13 +85,16 @@ def small_net() -> torch.nn.Module:
                                torch.nn.ReLU(), torch.nn.Linear(32, 16))
 
 
-def train_run(config: dict[str, Any], resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
-    """``knnsolver.training.train`` of :func:`small_net` under the group: the summary
-    and the network's final weights, or the error the call raised."""
+def train_run(config: dict[str, Any], resume: bool = False, overwrite: bool = False,
+              per_rank: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``knnsolver.training.train`` of :func:`small_net` under the group (``per_rank``:
+    settings that differ on some ranks): the summary and the network's final
+    weights, or the error the call raised."""
     from knnsolver.errors import KnnSolverError
     from knnsolver.training import TrainConfig, train
 
     model = small_net()
+    config = {**config, **(per_rank or {}).get(distributed.launch_rank(), {})}
     try:
         summary = train(TrainConfig(**config), resume=resume, overwrite=overwrite, model=model)
     except KnnSolverError as err:

@@ -81,6 +81,17 @@ def test_set_centres_write_and_append():
     assert bank.centres.shape == (62, 6) and torch.equal(bank.neighbours, graph)  # graph over training rows only
 
 
+def test_write_of_a_repeated_row_keeps_its_last_embedding():
+    emb, labels = table()
+    bank = EmbeddingBank(60, 6)
+    bank.refresh(emb, labels)
+    rows = torch.tensor([3, 7, 3, 3, 7, 1])
+    new = torch.arange(6.0).unsqueeze(1).expand(6, 6)  # row i of the batch holds the value i
+    bank.write(rows, new)
+    assert bank.centres[[1, 3, 7], 0].tolist() == [5.0, 3.0, 4.0]
+    assert torch.equal(bank.centres[0], emb[0])
+
+
 def test_state_dict_round_trip_resizes_buffers():
     emb, labels = table()
     bank = EmbeddingBank(60, 6, k=5, dtype="float16")

@@ -110,8 +110,8 @@ def test_distributed_training_run(tmp_path):
     summaries = [r["summary"] for r in results]
     assert summaries[0] == summaries[1]  # every process returns rank 0's summary
     assert summaries[0]["test_accuracy"] >= 0.6  # 10 classes: chance is 0.1
-    ckpt = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    for key, value in ckpt["model"].items():  # the replicas stayed equal, BatchNorm buffers included
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    for key, value in best["model"].items():  # every process ends with the best weights, BatchNorm buffers included
         assert torch.equal(results[0]["model"][key], value) and torch.equal(results[1]["model"][key], value), key
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
@@ -125,6 +125,26 @@ def test_refused_run_folder_stops_every_process(tmp_path):
     results = dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path))
     for res in results:
         assert res["error"].startswith("ConfigError: ") and "already holds a run" in res["error"]
+
+
+def test_processes_with_different_settings_are_refused(tmp_path):
+    results = dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path), False, False, {1: {"epochs": 3}})
+    for res in results:
+        assert res["error"] == ("ConfigError: the processes were launched with different settings; "
+                                "give every process the same flags")
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_named_gpu_is_refused_under_torchrun(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29999")
+    with pytest.raises(ConfigError, match="device 'cuda:0' names one GPU; under torchrun use --device cuda"):
+        distributed.init_from_env("cuda:0")
+    assert distributed.launch_rank() == 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.launch_rank() == 0  # a stray RANK without a multi-process launch
 
 
 @pytest.mark.slow

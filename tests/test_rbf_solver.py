@@ -149,6 +149,9 @@ def test_online_update_writes_batch_rows():
     off, *_ = filled(sigma=1.0)
     off(new, labels[rows], rows)
     assert torch.equal(off.bank.centres, emb)
+    evaluating, *_ = filled(sigma=1.0, online_update=True)
+    evaluating.eval()(new, labels[rows], rows)  # a validation loss leaves the bank alone
+    assert torch.equal(evaluating.bank.centres, emb)
 
 
 def test_epoch_end_diagnostics_match_direct_computation():

@@ -39,18 +39,20 @@ def is_main() -> bool:
 
 
 def launch_rank() -> int:
-    """This process's rank as set by the launcher (torchrun's ``RANK``), 0 without one;
-    valid before the process group starts and after it ends."""
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank as set by a multi-process launch (torchrun's ``RANK`` with
+    ``WORLD_SIZE`` > 1), else 0; valid before the process group starts and after it ends."""
+    return int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
 
 
 def init_from_env(device: str) -> bool:
     """Start the default process group from torchrun's variables if ``WORLD_SIZE`` > 1.
 
-    Uses ``nccl`` for a CUDA ``device`` (and selects the GPU ``LOCAL_RANK``), ``gloo``
-    otherwise. Returns whether this call started the group (the caller then ends
-    it with ``dist.destroy_process_group``); ``False`` if one runs already or the
-    run is single-process.
+    Uses ``nccl`` for a CUDA ``device`` (each process takes GPU ``LOCAL_RANK``, so
+    the device must be plain ``cuda``), ``gloo`` otherwise. The timeout (2 hours)
+    bounds how long the other processes wait while rank 0 validates or tests
+    alone. Returns whether this call started the group (the caller then ends it
+    with ``dist.destroy_process_group``); ``False`` if one runs already or the run
+    is single-process.
     """
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1 or (dist.is_available() and dist.is_initialized()):
@@ -63,10 +65,14 @@ def init_from_env(device: str) -> bool:
             f"WORLD_SIZE={size} but {', '.join(missing)} not set; launch with torchrun "
             "(torchrun --nproc-per-node N --no-python knnsolver train ...)"
         )
-    cuda = torch.device(device).type == "cuda"
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
     if cuda:
+        if dev.index is not None:
+            raise ConfigError(f"device {device!r} names one GPU; under torchrun use --device cuda, "
+                              "and each process takes the GPU of its LOCAL_RANK")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=60))
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return True
 
 

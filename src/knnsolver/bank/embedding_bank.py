@@ -92,8 +92,17 @@ class EmbeddingBank(nn.Module):
 
     @torch.no_grad()
     def write(self, rows: Tensor, embeddings: Tensor) -> None:
-        """Overwrite the centres of training ``rows`` in place (the online update)."""
-        self.centres[rows.long()] = embeddings.detach().to(self.centres.dtype)
+        """Overwrite the centres of training ``rows`` in place (the online update).
+
+        A row given more than once (a class-balanced batch repeats rows) takes its
+        last embedding: indexed assignment with repeated indices has no defined
+        order, and every process must write the same bank.
+        """
+        rows = rows.long()
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        position = torch.arange(len(rows), device=rows.device)
+        last = torch.full_like(unique, -1).scatter_reduce(0, inverse, position, "amax")
+        self.centres[unique] = embeddings.detach()[last].to(self.centres.dtype)
 
     @torch.no_grad()
     def append(self, embeddings: Tensor, labels: Tensor) -> None:

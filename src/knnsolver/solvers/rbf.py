@@ -49,8 +49,9 @@ class RBFSolver(Solver):
             centre, computed at the last refresh (the paper; needs row indices);
             ``fresh`` searches the bank with the current embedding every batch,
             excluding the sample's own row.
-        online_update: after each batch, write its detached embeddings into the
-            bank at its rows (neighbour lists still wait for the next refresh).
+        online_update: after each training-mode batch, write its detached
+            embeddings into the bank at its rows (neighbour lists still wait for
+            the next refresh); an eval-mode call (a validation loss) writes nothing.
         bank_dtype: storage of the centres, ``float32`` or ``float16``.
         search: neighbour-search backend by name (``knnsolver.registry.SEARCHES``).
         predict_k: centres searched per query in :meth:`predict`; ``0`` = ``k``.
@@ -206,7 +207,7 @@ class RBFSolver(Solver):
                 sq.sqrt().mean(1).sum(), (-sq / (2 * sigma**2)).exp().mean(1).sum(),
                 terms.true_absent.sum(), torch.tensor(float(len(labels)), device=sq.device),
             ]).to(self._stats)
-            if self.online_update and row_indices is not None:
+            if self.online_update and self.training and row_indices is not None:
                 # Every process writes every process's batch, so the banks stay equal.
                 self.bank.write(distributed.all_gather_rows(row_indices), distributed.all_gather_rows(embeddings))
         return terms.loss()

@@ -14,23 +14,31 @@ start and the sampler is seeded the same way, so a resumed run replays exactly
 the epochs an uninterrupted run would have, and ends with the same result.
 
 Distributed data parallel (launched with ``torchrun``; see :mod:`knnsolver.distributed`):
-every process builds the same data, network and solver; network and solver are
-wrapped in ``DistributedDataParallel`` (gradients averaged over processes; the
-solver only if it has trainable parameters, and without broadcasting its
-buffers, which the solvers keep equal themselves: the RBF bank is refreshed
-from embeddings gathered from every process and its online update gathers the
-batch). Each epoch's batch plan is the single-process one, dealt round-robin to
-the processes (a remainder of fewer batches than processes is dropped), so
-``batch_size`` is per process and an epoch still visits every training row
-once. Embedding the training set for a bank refresh is sharded over the
-processes and all-gathered. BatchNorm statistics are rank 0's (DDP's buffer
-broadcast, and a last sync at the end of each epoch). Rank 0 alone validates, writes every file and shows progress; the
-others return the same summary. Resuming loads the checkpoint on rank 0 and
-broadcasts it, so only rank 0 needs the run folder.
+
+* every process builds the same data, network and solver; both are wrapped in
+  ``DistributedDataParallel`` (gradients averaged; the solver only if it has
+  trainable parameters, and without broadcasting its buffers, which the solvers
+  keep equal themselves: the RBF bank is refreshed from embeddings gathered from
+  every process, and its online update gathers the batch);
+* each epoch's single-process batch plan is dealt round-robin to the processes,
+  so ``batch_size`` is per process and an epoch visits every training row once,
+  less a dropped remainder of fewer batches than processes (DDP weighs a short
+  last batch like a full one); step counters (the centralized solver's
+  ``decorrelate_every``) count this process's steps;
+* embedding the training set for a bank refresh is sharded over the processes
+  and all-gathered; BatchNorm statistics are rank 0's (DDP's buffer broadcast,
+  and a last sync at the end of each epoch);
+* rank 0 alone validates, writes every file and shows progress; the others end
+  with the same best weights and return the same summary. Resuming loads the
+  checkpoint on rank 0 and broadcasts it, so only rank 0 needs the run folder;
+* every process must be given the same settings (checked at the start). An
+  error in rank 0's own work is handed to every process; an error on another
+  process ends the run through the launcher (torchrun stops the group).
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import pickle
 import random
@@ -212,16 +220,22 @@ class LossStep(nn.Module):
         return self.solver(self.model(x), labels, rows)
 
 
+# Not broadcasting a module's buffers at each forward: ``forward_sync_buffers`` from torch 2.13 on.
+_NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                   if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters
+                   else {"broadcast_buffers": False})
+
+
 def _loss_step(run: Run) -> nn.Module:
     """The training step, with network and solver wrapped for data parallelism when distributed."""
     if not distributed.is_distributed():
         return LossStep(run.model, run.solver)
-    ids = [run.device.index or 0] if run.device.type == "cuda" else None
+    ids = [torch.cuda.current_device()] if run.device.type == "cuda" else None
     model = DistributedDataParallel(run.model, device_ids=ids)
     solver = run.solver
     if any(p.requires_grad for p in solver.parameters()):
         # The solvers keep their buffers (the RBF bank) equal on every process themselves.
-        solver = DistributedDataParallel(solver, device_ids=ids, forward_sync_buffers=False)
+        solver = DistributedDataParallel(solver, device_ids=ids, **_NO_BUFFER_SYNC)
     return LossStep(model, solver)
 
 
@@ -266,6 +280,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, mo
 
 def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module | None) -> dict[str, Any]:
     out = Path(config.out)
+    _check_same_config(config)
     state = _on_main(lambda: _open_run(config, resume, overwrite))
     if not distributed.is_main():
         config = dataclasses.replace(config, progress=False)
@@ -289,7 +304,22 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
         torch.manual_seed(_epoch_seed(config.seed, epoch) + 7_919 * distributed.rank())
         row = _train_epoch(run, step, optimizer, epoch, run.context(epoch))
         best_score = _on_main(lambda: _end_epoch(run, optimizer, epoch, row, history, best_score))
+    if distributed.is_distributed():  # every process ends with the best weights, as rank 0 does in finish()
+        best = _on_main(lambda: load_checkpoint(out / BEST))
+        run.model.load_state_dict(best["model"])
+        run.solver.load_state_dict(best["solver"])
     return _on_main(lambda: finish(run, out))
+
+
+def _check_same_config(config: TrainConfig) -> None:
+    """Refuse, on every process, a launch whose processes were given different settings
+    (the data folder and run folder may differ between machines)."""
+    if not distributed.is_distributed():
+        return
+    own = {**config.to_dict(), "progress": None, "data_dir": None, "out": None}
+    differs = distributed.broadcast_object(own) != own
+    if distributed.all_reduce_sum(torch.tensor([float(differs)])).item():
+        raise ConfigError("the processes were launched with different settings; give every process the same flags")
 
 
 def _on_main(work: Callable[[], Any]) -> Any:
