@@ -33,6 +33,19 @@ apart), faster at higher recall on the Fashion-MNIST stand-in
 (100 to 200) of the RBF solver with no tuning. On CUDA exact search is far cheaper; raise the
 threshold there.
 
+At the RBF solver's k = 100 the crossover comes earlier (same command with ``--k 100
+--backends exact,faiss-hnsw,fanng --sizes 5000 10000 20000 50000``, machine otherwise
+idle, ``benchmarks/results/search/crossover-k100``)::
+
+    N         exact     faiss-hnsw (recall@100)    fanng (recall@100)
+    5,000      0.73     0.20 (0.991)               0.36 (1.000)
+    10,000     1.80     0.38 (0.9995)              0.68 (1.000)
+    20,000     3.47     0.97 (0.984)               1.77 (1.000)
+    50,000    17.7      4.23 (0.989)               7.55 (1.000)
+
+The threshold stays at 10,000: below it an exact graph costs under 2 s a refresh, and
+exact neighbours are worth that; ``AutoSearch(threshold=...)`` lowers it.
+
 """
 from __future__ import annotations
 
