@@ -56,6 +56,17 @@ def gather_and_shard(n: int) -> dict[str, Any]:
     return _with_group(work)
 
 
+def bank_graph(points: torch.Tensor, k: int) -> torch.Tensor:
+    """The neighbour lists of an ``EmbeddingBank`` refreshed under the group (sharded graph)."""
+    from knnsolver.bank import EmbeddingBank
+
+    def work():
+        bank = EmbeddingBank(points.shape[0], points.shape[1], k)
+        bank.refresh(points, torch.zeros(points.shape[0], dtype=torch.long))
+        return bank.neighbours
+    return _with_group(work)
+
+
 def one_step(make: Callable[[], tuple[torch.nn.Module, torch.nn.Module]], x: torch.Tensor, y: torch.Tensor,
              rows: torch.Tensor, fill: Callable[[torch.nn.Module, torch.nn.Module], None]) -> dict[str, Any]:
     """One SGD step of ``_loss_step`` on this rank's half of the batch; return the states after it."""

@@ -12,6 +12,7 @@ import torch
 import dist_workers
 from knnsolver import distributed
 from knnsolver.errors import ConfigError
+from knnsolver.search.exact import ExactSearch
 from knnsolver.solvers.hal import HALSolver
 from knnsolver.solvers.rbf import RBFSolver
 from knnsolver.training.checkpoint import load_checkpoint
@@ -55,6 +56,13 @@ def test_collectives_across_two_processes(tmp_path):
         assert res["sum"].item() == 3.0
         assert res["broadcast"] == "from 0"
     assert results[0]["shard"] + results[1]["shard"] == [0, 1, 2, 3, 4]
+
+
+def test_sharded_bank_graph_equals_the_single_process_graph(tmp_path):
+    points = torch.randn(101, 8, generator=torch.Generator().manual_seed(3))  # odd: unequal shards
+    single = ExactSearch().knn_graph(points, 7)
+    for graph in dist_workers.spawn(dist_workers.bank_graph, tmp_path, points, 7):
+        assert graph.dtype == torch.int32 and torch.equal(graph, single)
 
 
 def _make_rbf():

@@ -229,3 +229,11 @@ def test_benchmark_writes_cases_plot_and_resumes(tmp_path, capsys):
     capsys.readouterr()
     assert bench.run(parser.parse_args(argv)) == 0
     assert "clustered synthetic bank), 100 queries" not in capsys.readouterr().out, "finished cases are not rerun"
+
+
+def test_drop_own_rows_removes_the_own_row_or_else_the_farthest():
+    from knnsolver.search.common import drop_own_rows
+
+    found = torch.tensor([[4, 7, 2], [9, 1, 5], [3, 8, 6]])
+    kept = drop_own_rows(found, torch.tensor([7, 0, 3]))  # row 0: own in the middle; 1: absent; 2: first
+    assert kept.tolist() == [[4, 2], [9, 1], [8, 6]]

@@ -6,8 +6,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from knnsolver import distributed
 from knnsolver.errors import ConfigError
 from knnsolver.interfaces import NeighbourSearch, check_k
+from knnsolver.search.common import drop_own_rows
 from knnsolver.search.exact import ExactSearch
 
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -26,8 +28,8 @@ class EmbeddingBank(nn.Module):
     :class:`~knnsolver.interfaces.NeighbourSearch` (``knn_graph``), so faiss or
     FANNG plug in through ``search=``; :meth:`refresh` takes the full ``(T, d)``
     table: under ``torch.distributed`` the trainer embeds one shard of rows per
-    process and all-gathers them into that table (``Run.embed_all``), so every
-    process holds the same bank.
+    process and all-gathers them into that table (``Run.embed_all``), and the
+    neighbour graph is sharded the same way, so every process holds the same bank.
     """
 
     centres: Tensor
@@ -88,7 +90,18 @@ class EmbeddingBank(nn.Module):
         """Store fresh centres, then recompute each training row's ``k`` nearest other training rows."""
         self.set_centres(embeddings, labels)
         if self.k:
-            self.neighbours = self.search.knn_graph(self.training_centres, self.k).to(torch.int32)
+            self.neighbours = self._knn_graph(self.training_centres)
+
+    def _knn_graph(self, centres: Tensor) -> Tensor:
+        """The backend's ``knn_graph``; under ``torch.distributed`` each process searches
+        its shard of rows (``k + 1`` neighbours, own row dropped) and the shards are
+        all-gathered, so the graph costs each process 1 / world_size of it."""
+        if not distributed.is_distributed():
+            return self.search.knn_graph(centres, self.k).to(torch.int32)
+        mine = distributed.shard(centres.shape[0])
+        own = torch.arange(mine.start, mine.stop, device=centres.device)
+        found = self.search.search(centres[mine.start : mine.stop], centres, self.k + 1)[1].long()
+        return distributed.all_gather_rows(drop_own_rows(found, own).to(torch.int32))
 
     @torch.no_grad()
     def write(self, rows: Tensor, embeddings: Tensor) -> None:

@@ -1,4 +1,4 @@
-"""Helpers shared by the search backends that work on numpy copies of the points."""
+"""Helpers shared by the search backends (most work on numpy copies of the points) and their users."""
 from __future__ import annotations
 
 import numpy as np
@@ -35,6 +35,18 @@ def drop_self(indices: np.ndarray, k: int) -> np.ndarray:
     missing = ~own.any(axis=1)
     own[missing, -1] = True
     return indices[~own].reshape(n, k)
+
+
+def drop_own_rows(found: Tensor, own: Tensor) -> Tensor:
+    """From ``(Q, k+1)`` neighbours of queries that are bank rows ``own`` keep ``k`` others.
+
+    The torch twin of :func:`drop_self` for a subset of the rows: each query's own
+    row is removed; a query whose own row was not found (exact duplicates, or an
+    approximate search) loses its farthest entry instead.
+    """
+    keep = found != own.to(found.dtype).unsqueeze(1)
+    keep[:, -1] &= ~keep.all(1)
+    return found[keep].view(found.shape[0], found.shape[1] - 1)
 
 
 def complete_rows(

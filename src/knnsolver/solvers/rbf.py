@@ -19,6 +19,7 @@ from knnsolver.errors import ConfigError
 from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs, rbf_terms
 from knnsolver.interfaces import EpochContext, Solver, check_k
 from knnsolver.registry import SEARCHES
+from knnsolver.search.common import drop_own_rows
 
 NEIGHBOUR_MODES = ("stored", "fresh")
 # Cap on the (batch x k x d) neighbour block gathered at once in predict().
@@ -170,10 +171,7 @@ class RBFSolver(Solver):
         centres = self.bank.training_centres
         if row_indices is None:
             return self.search.search(embeddings.detach(), centres, self.k)[1]
-        found = self.search.search(embeddings.detach(), centres, self.k + 1)[1].long()
-        keep = found != row_indices.unsqueeze(1)
-        keep[:, -1] &= ~keep.all(1)  # the own row was not found: drop the farthest instead
-        return found[keep].view(-1, self.k)
+        return drop_own_rows(self.search.search(embeddings.detach(), centres, self.k + 1)[1].long(), row_indices)
 
     def _check_rows(self, labels: Tensor, row_indices: Tensor) -> None:
         if row_indices.numel() and (int(row_indices.min()) < 0 or int(row_indices.max()) >= self.num_train):
