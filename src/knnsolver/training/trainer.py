@@ -25,8 +25,8 @@ Distributed data parallel (launched with ``torchrun``; see :mod:`knnsolver.distr
   less a dropped remainder of fewer batches than processes (DDP weighs a short
   last batch like a full one); step counters (the centralized solver's
   ``decorrelate_every``) count this process's steps;
-* embedding the training set for a bank refresh is sharded over the processes
-  and all-gathered; BatchNorm statistics are rank 0's (DDP's buffer broadcast,
+* embedding the training set for a bank refresh (and the bank's kNN graph) is
+  sharded over the processes and all-gathered; BatchNorm statistics are rank 0's (DDP's buffer broadcast,
   and a last sync at the end of each epoch);
 * rank 0 alone validates, writes every file and shows progress; the others end
   with the same best weights and return the same summary. Resuming loads the
