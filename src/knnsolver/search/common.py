@@ -24,25 +24,13 @@ def check_dims(queries: Tensor, points: Tensor) -> None:
         raise ConfigError(f"queries have dimension {queries.shape[1]} but points have {points.shape[1]}")
 
 
-def drop_self(indices: np.ndarray, k: int) -> np.ndarray:
-    """From ``(N, k+1)`` neighbour lists of the points themselves keep ``k`` others.
-
-    Each row's own index is removed wherever it appears; a row without it loses
-    its last (farthest) entry.
-    """
-    n = indices.shape[0]
-    own = indices == np.arange(n, dtype=indices.dtype)[:, None]
-    missing = ~own.any(axis=1)
-    own[missing, -1] = True
-    return indices[~own].reshape(n, k)
-
-
 def drop_own_rows(found: Tensor, own: Tensor) -> Tensor:
     """From ``(Q, k+1)`` neighbours of queries that are bank rows ``own`` keep ``k`` others.
 
-    The torch twin of :func:`drop_self` for a subset of the rows: each query's own
-    row is removed; a query whose own row was not found (exact duplicates, or an
-    approximate search) loses its farthest entry instead.
+    Each query's own row is removed wherever it appears; a query whose own row
+    was not found (exact duplicates, or an approximate search) loses its farthest
+    entry instead. With ``own = arange(N)`` this turns an all-points search into
+    the kNN graph.
     """
     keep = found != own.to(found.dtype).unsqueeze(1)
     keep[:, -1] &= ~keep.all(1)

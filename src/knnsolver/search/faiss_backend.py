@@ -26,7 +26,7 @@ from torch import Tensor
 
 from knnsolver.errors import ConfigError, MissingDependencyError
 from knnsolver.interfaces import NeighbourSearch, check_k
-from knnsolver.search.common import as_float32_array, check_dims, complete_rows, drop_self
+from knnsolver.search.common import as_float32_array, check_dims, complete_rows, drop_own_rows
 
 try:
     import faiss
@@ -89,7 +89,8 @@ class _FaissSearch(NeighbourSearch):
         index = self._build(points, data, k + 1)
         distances, indices = index.search(data, k + 1)
         complete_rows(distances, indices, data, data)
-        return torch.from_numpy(drop_self(indices, k).astype(np.int32)).to(points.device)
+        own = torch.arange(len(indices))
+        return drop_own_rows(torch.from_numpy(indices), own).to(torch.int32).to(points.device)
 
     @torch.no_grad()
     def search(self, queries: Tensor, points: Tensor, k: int) -> tuple[Tensor, Tensor]:

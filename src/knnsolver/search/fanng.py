@@ -81,7 +81,7 @@ from torch import Tensor
 
 from knnsolver.errors import ConfigError, MissingDependencyError
 from knnsolver.interfaces import NeighbourSearch, check_k
-from knnsolver.search.common import as_float32_array, check_dims, complete_rows, drop_self
+from knnsolver.search.common import as_float32_array, check_dims, complete_rows, drop_own_rows
 
 try:
     import numba
@@ -706,7 +706,7 @@ class FANNGSearch(NeighbourSearch):
         n = data.shape[0]
         distances, indices = graph.search(data, k + 1, self.budget_for(k + 1), starts=np.arange(n, dtype=np.int32))
         complete_rows(distances, indices, data, data)
-        return torch.from_numpy(drop_self(indices, k)).to(points.device)
+        return drop_own_rows(torch.from_numpy(indices), torch.arange(n)).to(points.device)
 
     @torch.no_grad()
     def search(self, queries: Tensor, points: Tensor, k: int) -> tuple[Tensor, Tensor]:

@@ -26,8 +26,8 @@ Distributed data parallel (launched with ``torchrun``; see :mod:`knnsolver.distr
   last batch like a full one); step counters (the centralized solver's
   ``decorrelate_every``) count this process's steps;
 * embedding the training set for a bank refresh (and the bank's kNN graph) is
-  sharded over the processes and all-gathered; BatchNorm statistics are rank 0's (DDP's buffer broadcast,
-  and a last sync at the end of each epoch);
+  sharded over the processes and all-gathered; BatchNorm statistics are rank 0's
+  (DDP's buffer broadcast, and a last sync at the end of each epoch);
 * rank 0 alone validates, writes every file and shows progress; the others end
   with the same best weights and return the same summary. Resuming loads the
   checkpoint on rank 0 and broadcasts it, so only rank 0 needs the run folder;
@@ -37,13 +37,12 @@ Distributed data parallel (launched with ``torchrun``; see :mod:`knnsolver.distr
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 import pickle
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -283,7 +282,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
     _check_same_config(config)
     state = _on_main(lambda: _open_run(config, resume, overwrite))
     if not distributed.is_main():
-        config = dataclasses.replace(config, progress=False)
+        config = replace(config, progress=False)
     run = build_run(config, model)
     params = [p for p in [*run.model.parameters(), *run.solver.parameters()] if p.requires_grad]
     optimizer = _optimizer(config, params)
@@ -391,7 +390,8 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, ep
         x, y, idx = x.to(dev), torch.as_tensor(y).to(dev), torch.as_tensor(idx).to(dev)
         loss = step(x, y, idx)
         # Summed over processes, so a non-finite loss anywhere stops every process at the same step.
-        batch = distributed.all_reduce_sum(torch.stack([loss.detach().double() * len(y), torch.tensor(float(len(y)), dtype=torch.float64, device=dev)]))
+        rows = torch.tensor(float(len(y)), dtype=torch.float64, device=dev)
+        batch = distributed.all_reduce_sum(torch.stack([loss.detach().double() * rows, rows]))
         if not torch.isfinite(batch[0]):
             raise FloatingPointError(f"loss became {batch[0].item()} at epoch {epoch + 1}; lower the learning rate")
         optimizer.zero_grad(set_to_none=True)
