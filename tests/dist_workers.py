@@ -31,8 +31,17 @@ def _entry(rank: int, size: int, port: int, folder: str, body: Callable, args: t
 
 
 def spawn(body: Callable, folder: Path, *args: Any, size: int = 2) -> list[Any]:
-    """Run ``body(*args)`` in ``size`` processes of one group; return each rank's result."""
-    mp.spawn(_entry, args=(size, free_port(), str(folder), body, args), nprocs=size)
+    """Run ``body(*args)`` in ``size`` processes of one group; return each rank's result.
+
+    The port is free when chosen but another process may take it before the group
+    binds it, so a start that fails with the address in use is tried once more.
+    """
+    try:
+        mp.spawn(_entry, args=(size, free_port(), str(folder), body, args), nprocs=size)
+    except mp.ProcessRaisedException as err:
+        if "address already in use" not in str(err).lower() and "EADDRINUSE" not in str(err):
+            raise
+        mp.spawn(_entry, args=(size, free_port(), str(folder), body, args), nprocs=size)
     return [torch.load(folder / f"rank{r}.pt", weights_only=False) for r in range(size)]
 
 
