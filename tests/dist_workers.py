@@ -90,7 +90,7 @@ def one_step(make: Callable[[], tuple[torch.nn.Module, torch.nn.Module]], x: tor
         step = _loss_step(run)
         part = torch.arange(len(y)).chunk(distributed.world_size())[distributed.rank()]
         opt = torch.optim.SGD([*model.parameters(), *solver.parameters()], lr=0.5)
-        loss = step(x[part], y[part], rows[part])
+        loss, _ = step(x[part], y[part], rows[part])
         opt.zero_grad()
         loss.backward()
         opt.step()

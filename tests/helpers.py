@@ -40,3 +40,27 @@ def train_in_plain_loop(make_solver: Callable[[], torch.nn.Module], steps: int =
         scores = solver.predict(net(xt))
     assert scores.shape == (len(xt), 4)
     return solver, losses, (scores.argmax(1) == yt).float().mean().item()
+
+
+def train_interrupted(config, stop_after: int) -> None:
+    """Run ``train(config)`` and stop it, as Ctrl-C would, once epoch ``stop_after`` has been saved.
+
+    Resuming the same config must then end as an uninterrupted run does (a
+    shorter ``epochs`` would not do: the cosine schedule depends on ``epochs``).
+    """
+    import pytest
+
+    from knnsolver.training import trainer
+
+    original = trainer._end_epoch
+
+    def end_epoch(run, optimizer, epoch, *args):
+        result = original(run, optimizer, epoch, *args)
+        if epoch + 1 == stop_after:
+            raise KeyboardInterrupt
+        return result
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "_end_epoch", end_epoch)
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train(config)

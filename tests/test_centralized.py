@@ -112,7 +112,7 @@ def test_learnable_scale_is_a_trained_parameter():
     assert not CentralizedSolver(8, 3).log_scale.requires_grad
     solver = CentralizedSolver(8, 3, scale=2.0, learn_scale=True)
     assert solver.log_scale.requires_grad and solver.scale.item() == pytest.approx(2.0)
-    torch.testing.assert_close(solver.embed(torch.randn(4, 8)).norm(dim=1), torch.full((4,), 2.0))
+    torch.testing.assert_close(solver.transform(torch.randn(4, 8)).norm(dim=1), torch.full((4,), 2.0))
 
 
 @pytest.mark.parametrize(("predict_by", "form"), [("centre", "hinge"), ("knn", "hinge"), ("centre", "softplus")])

@@ -93,7 +93,7 @@ def test_two_process_step_equals_one_step_on_the_whole_batch(tmp_path, make):
     model, solver = make()
     fill(model, solver)
     opt = torch.optim.SGD([*model.parameters(), *solver.parameters()], lr=0.5)
-    loss = LossStep(model, solver)(x, y, rows)
+    loss, _ = LossStep(model, solver)(x, y, rows)
     opt.zero_grad()
     loss.backward()
     opt.step()

@@ -59,7 +59,7 @@ def test_unknown_model_and_shape():
 def test_any_user_module_is_a_backbone(tmp_path):
     net = nn.Sequential(nn.Flatten(), nn.Linear(64, 16))
     before = net[1].weight.detach().clone()
-    summary = train(TrainConfig(epochs=3, lr=0.01, out=str(tmp_path / "r"), embedding_dim=16, progress=False,
+    summary = train(TrainConfig(epochs=3, lr=0.01, lr_schedule="constant", out=str(tmp_path / "r"), embedding_dim=16, progress=False,
                                 plots=False), model=net)
     assert summary["test_accuracy"] > 0.85
     assert not torch.equal(before, net[1].weight), "the user's module itself is trained"

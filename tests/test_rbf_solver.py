@@ -61,7 +61,7 @@ def test_registered_with_typed_options():
     types = {o.name: o.type for o in options_of(RBFSolver)}
     assert types == {
         "k": int, "sigma": float, "learn_sigma": bool, "update_interval": int, "learn_weights": bool,
-        "neighbour_mode": str, "online_update": bool, "bank_dtype": str, "search": str, "predict_k": int,
+        "normalize": bool, "radius": float, "neighbour_mode": str, "online_update": bool, "bank_dtype": str, "search": str, "predict_k": int,
     }
 
 
@@ -122,19 +122,27 @@ def test_learnable_sigma_gets_a_gradient_matching_the_functional():
     assert solver.log_sigma.grad.item() == pytest.approx(s.grad.item() * 1.5, rel=1e-4)  # d/dlog s = s d/ds
 
 
-def test_auto_sigma_set_at_first_fill_then_kept():
+def test_auto_sigma_follows_the_bank_at_every_refresh():
+    """Issue 10, finding 2: an automatic sigma set once lost its meaning as the embedding grew."""
     emb, labels, _ = clustered()
     solver = RBFSolver(D, C, N, k=10)
     with pytest.raises(RuntimeError, match="sigma is not set yet"):
         solver.sigma
     solver.on_epoch_start(Trainer(emb, labels).ctx(0))
     assert solver.sigma.item() == pytest.approx(rbf_auto_sigma(emb), rel=1e-6)
-    solver.on_epoch_start(Trainer(emb * 3, labels).ctx(10))  # a later refresh keeps it
-    solver.fit_reference(emb * 2, labels)
+    solver.on_epoch_start(Trainer(emb * 3, labels).ctx(5))  # not a refresh epoch (interval 10): kept
     assert solver.sigma.item() == pytest.approx(rbf_auto_sigma(emb), rel=1e-6)
+    solver.on_epoch_start(Trainer(emb * 30, labels).ctx(10))  # the embedding grew 30x: sigma follows
+    assert solver.sigma.item() == pytest.approx(30 * rbf_auto_sigma(emb), rel=1e-4)
+    solver.fit_reference(emb * 2, labels)  # prediction uses the same rule on the reference set
+    assert solver.sigma.item() == pytest.approx(rbf_auto_sigma(emb * 2), rel=1e-6)
     first = RBFSolver(D, C, N, k=10)
     first.fit_reference(emb * 2, labels)  # prediction before training: the same rule
     assert first.sigma.item() == pytest.approx(rbf_auto_sigma(emb * 2), rel=1e-6)
+    learned = RBFSolver(D, C, N, k=10, learn_sigma=True)  # a learned sigma starts automatic, then is learned
+    learned.refresh(emb, labels)
+    learned.refresh(emb * 3, labels)
+    assert learned.sigma.item() == pytest.approx(rbf_auto_sigma(emb), rel=1e-6)
     fixed, *_ = filled(emb, labels, sigma=0.7)
     assert fixed.sigma.item() == pytest.approx(0.7)
 
@@ -313,8 +321,10 @@ def test_resume_with_a_bank_replays_the_straight_run(tmp_path):
     from knnsolver.training import train
     from knnsolver.training.checkpoint import load_checkpoint
 
+    from helpers import train_interrupted
+
     straight = train(_train_config(tmp_path / "straight"))
-    train(_train_config(tmp_path / "resumed", epochs=2))
+    train_interrupted(_train_config(tmp_path / "resumed"), stop_after=2)
     resumed = train(_train_config(tmp_path / "resumed"), resume=True)  # refreshes at epoch 3, not at 2
     assert resumed["test_accuracy"] == straight["test_accuracy"]
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["solver"]

@@ -37,14 +37,25 @@ def test_same_seed_same_result(tmp_path):
 
 
 def test_resume_equals_uninterrupted(tmp_path):
-    full = train(_cfg(tmp_path, out=str(tmp_path / "full"), epochs=4, dropout=0.2, augment=True))
-    train(_cfg(tmp_path, out=str(tmp_path / "part"), epochs=2, dropout=0.2, augment=True))
-    resumed = train(_cfg(tmp_path, out=str(tmp_path / "part"), epochs=4, dropout=0.2, augment=True), resume=True)
+    from helpers import train_interrupted
+
+    kw = dict(epochs=4, dropout=0.2, augment=True, warmup_epochs=1, clip_grad_norm=1.0, bn_mode="frozen")
+    full = train(_cfg(tmp_path, out=str(tmp_path / "full"), **kw))
+    train_interrupted(_cfg(tmp_path, out=str(tmp_path / "part"), **kw), stop_after=2)
+    resumed = train(_cfg(tmp_path, out=str(tmp_path / "part"), **kw), resume=True)
     assert resumed == full
     a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
     b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+    assert [r["lr"] for r in a["history"]] == [r["lr"] for r in b["history"]]
+
+
+def test_resume_with_more_epochs_on_a_constant_schedule(tmp_path):
+    full = train(_cfg(tmp_path, out=str(tmp_path / "full"), epochs=4, lr_schedule="constant"))
+    train(_cfg(tmp_path, out=str(tmp_path / "part"), epochs=2, lr_schedule="constant"))
+    resumed = train(_cfg(tmp_path, out=str(tmp_path / "part"), epochs=4, lr_schedule="constant"), resume=True)
+    assert resumed == full
 
 
 def test_existing_run_is_not_overwritten(tmp_path):

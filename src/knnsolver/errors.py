@@ -15,3 +15,11 @@ class DataError(KnnSolverError):
 
 class MissingDependencyError(KnnSolverError, ImportError):
     """An optional package needed for the requested feature is not installed."""
+
+
+class TrainingWarning(UserWarning):
+    """Something about a run the user should know (divergence, degenerate data); the run goes on."""
+
+
+class DivergenceError(KnnSolverError, FloatingPointError):
+    """Training produced a non-finite loss, embedding or gradient; the last finished epoch stays saved."""

@@ -50,10 +50,22 @@ class Solver(nn.Module):
             (pair/triplet losses); the trainer then uses the class-balanced sampler.
         predicts_by_knn: :meth:`predict` needs :meth:`fit_reference` to have been
             called with the training embeddings first.
+        uses_bank: the loss compares training-mode embeddings with a bank of
+            stored eval-mode embeddings (the RBF solver); the trainer's
+            ``bn_mode="auto"`` then freezes BatchNorm so both share one normalisation.
+
+    Geometry: :attr:`embedding_space` names the space the solver trains in and
+    :meth:`transform` maps raw network outputs into it. The same transform serves
+    the solver's own kNN prediction, the retrieval metrics of an evaluation,
+    ``knnsolver embed`` and the benchmarks, so every solver is scored in the
+    geometry it was trained for (``"euclidean"``: raw embeddings;
+    ``"l2-normalised"``: unit vectors, i.e. cosine ranking).
     """
 
     needs_balanced_sampler: bool = False
     predicts_by_knn: bool = False
+    uses_bank: bool = False
+    embedding_space: str = "euclidean"
 
     def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0) -> None:
         super().__init__()
@@ -72,6 +84,17 @@ class Solver(nn.Module):
     def predict(self, embeddings: Tensor) -> Tensor:
         """Return class scores of shape ``(B, num_classes)``; argmax is the prediction."""
         raise NotImplementedError
+
+    @classmethod
+    def protocol_defaults(cls, split: str) -> dict[str, object]:
+        """Option values the trainer uses on ``split`` unless the user set them (the papers' protocols)."""
+        return {}
+
+    def transform(self, embeddings: Tensor) -> Tensor:
+        """Map raw embeddings into :attr:`embedding_space` (identity for ``"euclidean"``)."""
+        if self.embedding_space == "l2-normalised":
+            return torch.nn.functional.normalize(embeddings, dim=1)
+        return embeddings
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         """Hook called before each training epoch (e.g. refresh a bank)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from dataclasses import fields
 from typing import Any, Sequence, get_args, get_type_hints
 
@@ -123,8 +124,10 @@ def cmd_embed(argv: Sequence[str]) -> int:
     parser.add_argument("run_dir", help="folder written by knnsolver train")
     parser.add_argument("--part", default="train", help="train (no augmentation), val or test (default: train)")
     parser.add_argument("--out", required=True, help="embeddings file FILE.npy; labels go to FILE_labels.npy")
+    parser.add_argument("--raw", action="store_true",
+                        help="the network's raw outputs instead of the solver's own space (e.g. L2-normalised)")
     args = parser.parse_args(argv)
-    emb, labels = embed_saved(args.run_dir, args.part)
+    emb, labels = embed_saved(args.run_dir, args.part, raw=args.raw)
     stem = args.out[:-4] if args.out.endswith(".npy") else args.out
     np.save(f"{stem}.npy", emb.cpu().numpy())
     np.save(f"{stem}_labels.npy", labels.cpu().numpy())
@@ -162,8 +165,13 @@ def cmd_bench(argv: Sequence[str]) -> int:
 COMMANDS = {"train": cmd_train, "eval": cmd_eval, "embed": cmd_embed, "bench": cmd_bench, "datasets": cmd_datasets, "solvers": cmd_solvers}
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"knnsolver: warning: {message}\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.formatwarning = _one_line_warning
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: knnsolver {" + ",".join(COMMANDS) + "} ...\n\n"
               "  train     train a network with a solver and evaluate it\n"

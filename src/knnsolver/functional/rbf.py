@@ -18,7 +18,7 @@ is 0 (its code clamps it at 1e-10: a constant loss with no gradient). Here
 (the sample's own centre excluded), so the loss stays finite and its gradient
 pulls ``x`` towards its class and away from the wrong neighbours. Rows whose
 class has no other centre in the bank cannot be scored and are left out of the
-mean.
+mean (the solver counts them); a NaN anywhere else propagates into the loss.
 """
 from __future__ import annotations
 
@@ -145,11 +145,18 @@ class RBFTerms(NamedTuple):
     nll: Tensor  # (B,) -log P(y|x); +inf where the row's class has no other centre in the bank
     sq_distances: Tensor  # (B, k) detached squared distances to the given neighbours N(x)
     true_absent: Tensor  # (B,) bool: no true-class centre among the given neighbours (the hard case)
+    scorable: Tensor  # (B,) bool: the row's class has a centre in the (augmented) neighbourhood
 
     def loss(self) -> Tensor:
-        """Mean ``nll`` over the scorable (finite) rows; 0, still differentiable, if there are none."""
-        finite = torch.isfinite(self.nll)
-        return torch.where(finite, self.nll, torch.zeros_like(self.nll)).sum() / finite.sum().clamp(min=1)
+        """Mean ``nll`` over the scorable rows; 0, still differentiable, if there are none.
+
+        Only rows that cannot be scored (no other centre of their class in the
+        bank) are left out; a NaN or infinite ``nll`` of a scorable row (non-finite
+        embeddings, an overflowing distance) propagates into the loss, so the
+        trainer's non-finite guard sees it.
+        """
+        kept = torch.where(self.scorable, self.nll, torch.zeros_like(self.nll))
+        return kept.sum() / self.scorable.sum().clamp(min=1)
 
 
 def rbf_terms(
@@ -188,8 +195,9 @@ def rbf_terms(
     # Unscorable rows get finite dummy logits so no NaN reaches the gradient.
     true_logits = torch.where(scorable, logits.masked_fill(~is_true, _NEG_INF), torch.zeros_like(logits))
     nll = torch.logsumexp(logits, 1) - torch.logsumexp(true_logits, 1)
-    nll = torch.where(scorable.squeeze(1), nll, torch.full_like(nll, float("inf")))
-    return RBFTerms(nll, sq[:, : neighbours.shape[1]], true_absent)
+    scorable = scorable.squeeze(1)
+    nll = torch.where(scorable, nll, torch.full_like(nll, float("inf")))
+    return RBFTerms(nll, sq[:, : neighbours.shape[1]], true_absent, scorable)
 
 
 def rbf_loss(

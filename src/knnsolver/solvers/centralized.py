@@ -40,9 +40,14 @@ class CentralizedSolver(Solver):
       centres are orthonormalised and the other ``C - d`` stay as they are (learnt,
       correlated).
 
+    Geometry: ``embedding_space = "l2-normalised"``; :meth:`transform` is the
+    Normalize-Scale layer (unit vectors times ``s``, the same ranking).
+
     ``predict_by="centre"`` (default) scores ``-||x̂ - ĉ_k||^2`` (nearest centre);
     ``predict_by="knn"`` votes among the ``knn_k`` nearest training ``x̂``.
     """
+
+    embedding_space = "l2-normalised"
 
     def __init__(
         self,
@@ -97,7 +102,7 @@ class CentralizedSolver(Solver):
         first = min(self.num_classes, self.embedding_dim)
         self.centres[:first] = gram_schmidt(self.centres[:first])
 
-    def embed(self, embeddings: Tensor) -> Tensor:
+    def transform(self, embeddings: Tensor) -> Tensor:
         """The Normalize-Scale layer, ``x̂ = s x / ||x||``."""
         return normalize_scale(embeddings, self.scale)
 
@@ -106,15 +111,15 @@ class CentralizedSolver(Solver):
             self.steps += 1
             if self.decorrelate_every and int(self.steps) % self.decorrelate_every == 0:
                 self.decorrelate()
-        return centralized_ranking_loss(self.embed(embeddings), labels, self.embed(self.centres), self.margin, self.form)
+        return centralized_ranking_loss(self.transform(embeddings), labels, self.transform(self.centres), self.margin, self.form)
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         if self.predicts_by_knn:
-            self.knn.fit(self.embed(embeddings.detach()), labels)
+            self.knn.fit(self.transform(embeddings.detach()), labels)
 
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> Tensor:
-        x = self.embed(embeddings)
+        x = self.transform(embeddings)
         if self.predicts_by_knn:
             return self.knn.scores(x)
-        return -centre_sq_distances(x, self.embed(self.centres))
+        return -centre_sq_distances(x, self.transform(self.centres))

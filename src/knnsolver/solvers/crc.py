@@ -32,6 +32,10 @@ class CRCSolver(Solver):
       are given leaves out its own bank row; gradients flow to queries and ``L``.
       Coding uses the push-through ``p x p`` system, O(N p^2 + B N p) per step.
 
+    Geometry: ``embedding_space = "mahalanobis"``; :meth:`transform` maps
+    ``x`` to ``L x'`` (``x'`` normalised with ``normalize``), where Euclidean
+    distance is the learned metric ``(x' - z')^T M (x' - z')``.
+
     :meth:`predict` codes over the training embeddings given to :meth:`fit_reference`
     and returns ``-r / T``. A class with no atom in the dictionary gets ``r_c = ||x'||^2``.
     ``solve`` picks the ridge system (``auto``: push-through when the dictionary is
@@ -39,6 +43,7 @@ class CRCSolver(Solver):
     """
 
     predicts_by_knn = True  # predict needs the training dictionary from fit_reference
+    embedding_space = "mahalanobis"
 
     def __init__(
         self,
@@ -69,6 +74,7 @@ class CRCSolver(Solver):
         if metric_dim < 1:
             raise ConfigError(f"metric_dim must be >= 1, got {metric_dim}; leave it unset for metric_dim = embedding_dim")
         self.dictionary = dictionary
+        self.uses_bank = dictionary == "bank"  # train-mode queries coded over stored eval-mode embeddings
         self.lam, self.temperature = float(lam), float(temperature)
         self.normalize = normalize
         self.bank_refresh_every = int(bank_refresh_every)
@@ -79,6 +85,10 @@ class CRCSolver(Solver):
 
     def _prepare(self, embeddings: Tensor) -> Tensor:
         return F.normalize(embeddings, dim=1) if self.normalize else embeddings
+
+    def transform(self, embeddings: Tensor) -> Tensor:
+        """``L x'``: the space whose Euclidean distance is the learned Mahalanobis metric."""
+        return self._prepare(embeddings) @ self.metric.T
 
     def _logits(self, queries: Tensor, atoms: Tensor, atom_labels: Tensor, exclude: Tensor | None) -> Tensor:
         return crc_logits(queries, atoms, atom_labels, self.metric, self.lam, self.temperature, self.num_classes,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from knnsolver.errors import ConfigError
@@ -32,6 +31,7 @@ class HALSolver(Solver):
     """
 
     predicts_by_knn = True
+    embedding_space = "l2-normalised"
 
     def __init__(
         self,
@@ -59,10 +59,10 @@ class HALSolver(Solver):
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         if self.predicts_by_knn:
-            self.knn.fit(F.normalize(embeddings.detach(), dim=1), labels)
+            self.knn.fit(self.transform(embeddings.detach()), labels)
 
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> Tensor:
         if self.predict_by == "knn":
-            return self.knn.scores(F.normalize(embeddings, dim=1))
+            return self.knn.scores(self.transform(embeddings))
         return hal_logits(embeddings, self.anchors, self.tau)

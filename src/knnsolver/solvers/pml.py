@@ -9,7 +9,6 @@ wrapped loss, hence of the solver, so the trainer's optimiser trains them.
 """
 from __future__ import annotations
 
-import torch.nn.functional as F
 from pytorch_metric_learning import distances, losses, miners, regularizers
 from torch import Tensor, nn
 
@@ -25,9 +24,20 @@ def _require_positive(solver: str, **values: float) -> None:
 
 
 class PMLSolver(Solver):
-    """A pytorch-metric-learning loss (plus optional miner) as a Solver that predicts by kNN."""
+    """A pytorch-metric-learning loss (plus optional miner) as a Solver that predicts by kNN.
+
+    Evaluated on L2-normalised embeddings (``embedding_space``): the space of the
+    losses whose distance normalises (all but N-pairs), and for N-pairs, which
+    trains on raw dot products, the field's evaluation convention (Musgrave et
+    al. 2020 normalise every method's embeddings).
+
+    A non-finite embedding makes the loss NaN even when a miner leaves its row
+    out of every pair (``0 * sum(x)`` is added: zero for finite input, NaN
+    otherwise), so the trainer's guard sees it.
+    """
 
     predicts_by_knn = True
+    embedding_space = "l2-normalised"
 
     def __init__(
         self,
@@ -46,13 +56,13 @@ class PMLSolver(Solver):
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         indices = None if self.miner is None else self.miner(embeddings, labels)
-        return self.loss(embeddings, labels, indices)
+        return self.loss(embeddings, labels, indices) + 0.0 * embeddings.sum()
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
-        self.knn.fit(F.normalize(embeddings.detach(), dim=1), labels)
+        self.knn.fit(self.transform(embeddings.detach()), labels)
 
     def predict(self, embeddings: Tensor) -> Tensor:
-        return self.knn.scores(F.normalize(embeddings, dim=1))
+        return self.knn.scores(self.transform(embeddings))
 
 
 class TripletSolver(PMLSolver):

@@ -9,13 +9,15 @@ true-class centre among its neighbours gets the nearest true-class centre added)
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from knnsolver import distributed
 from knnsolver.bank import BANK_DTYPES, EmbeddingBank
-from knnsolver.errors import ConfigError
+from knnsolver.errors import ConfigError, TrainingWarning
 from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs, rbf_terms
 from knnsolver.interfaces import EpochContext, Solver, check_k
 from knnsolver.registry import SEARCHES
@@ -24,6 +26,8 @@ from knnsolver.search.common import drop_own_rows
 NEIGHBOUR_MODES = ("stored", "fresh")
 # Cap on the (batch x k x d) neighbour block gathered at once in predict().
 _PREDICT_BLOCK = 2**24
+# Most own-centre distances kept per epoch for the median diagnostic (the first batches' rows).
+_OWN_SAMPLE = 2**16
 
 
 class RBFSolver(Solver):
@@ -31,21 +35,27 @@ class RBFSolver(Solver):
 
     Options:
         k: neighbours per sample in training (the paper uses 100 to 200).
-        sigma: global RBF width; ``0`` = automatic: set once, when the bank is
-            first filled, to the median distance from a centre to its nearest
-            other centre (:func:`~knnsolver.functional.rbf.rbf_auto_sigma`: the
-            bank's typical spacing), then kept (or learned, with ``learn_sigma``)
-            like a hand-set value; the paper fixes sigma before training. Caveat:
-            a network trained from scratch with BatchNorm fills the bank in eval
-            mode with untrained running statistics, so the first fill (and this
-            sigma) can be on a much smaller scale than later embeddings; give
-            sigma explicitly there.
+        sigma: global RBF width; ``0`` = automatic: re-estimated at every bank
+            refresh (and :meth:`fit_reference`) as the median distance from a
+            centre to its nearest other centre
+            (:func:`~knnsolver.functional.rbf.rbf_auto_sigma`: the bank's typical
+            spacing), so it follows the embedding's scale as training rescales it
+            (the paper fine-tunes at lr 1e-5, where the scale barely moves; from
+            scratch the unnormalised embedding grows 16-40x and a sigma set once
+            turns the solver into a hard nearest-neighbour rule). With
+            ``learn_sigma`` an automatic sigma is set at the first fill only and then learned.
         learn_sigma: learn ``log sigma`` with the network instead of keeping it fixed.
-        update_interval: refresh the bank (centres and neighbour lists) before
-            every epoch with ``epoch % update_interval == 0``; it is always filled
-            before the first epoch.
+        update_interval: refresh the bank (centres, neighbour lists, automatic
+            sigma) before every epoch with ``epoch % update_interval == 0``; it is
+            always filled before the first epoch.
         learn_weights: learn the per-centre log-weights ``theta_i``; the paper
-            freezes them (``w_i = 1``) for metric learning.
+            learns them for classification and fixes ``w_i = 1`` for metric learning,
+            so the trainer sets ``False`` on the disjoint split unless you set it.
+        normalize: put embeddings (queries and centres) on a sphere of radius
+            ``radius`` before the RBF, fixing the scale so that a hand-set sigma
+            keeps its meaning (in units of the radius); retrieval then ranks in
+            that space (``embedding_space = "l2-normalised"``).
+        radius: the sphere's radius with ``normalize``.
         neighbour_mode: ``stored`` uses the neighbour list of the sample's own
             centre, computed at the last refresh (the paper; needs row indices);
             ``fresh`` searches the bank with the current embedding every batch,
@@ -69,7 +79,10 @@ class RBFSolver(Solver):
     ``mean_neighbour_distance`` (mean Euclidean distance to the k neighbour
     centres), ``mean_rbf_value`` (mean ``f(x, c)`` over them),
     ``frac_true_class_absent`` (share of samples with no true-class centre
-    among their neighbours, the hard case), and ``sigma``.
+    among their neighbours, the hard case), ``sigma``; plus
+    ``median_own_centre_distance`` (a training query's distance to its own
+    stored centre: how far training-mode queries drift from the bank) and
+    ``frac_unscorable`` (rows whose class has no other centre, left out of the loss).
 
     Under ``torch.distributed`` (:mod:`knnsolver.distributed`) the online update
     all-gathers the batch so every process's bank stays the same, and the
@@ -77,6 +90,7 @@ class RBFSolver(Solver):
     """
 
     predicts_by_knn = True
+    uses_bank = True
 
     def __init__(
         self,
@@ -89,6 +103,8 @@ class RBFSolver(Solver):
         learn_sigma: bool = False,
         update_interval: int = 10,
         learn_weights: bool = True,
+        normalize: bool = False,
+        radius: float = 1.0,
         neighbour_mode: str = "stored",
         online_update: bool = False,
         bank_dtype: str = "float32",
@@ -102,6 +118,8 @@ class RBFSolver(Solver):
             raise ConfigError(f"unknown bank_dtype {bank_dtype!r}; choose one of: {', '.join(BANK_DTYPES)}")
         if not sigma >= 0 or math.isinf(sigma):
             raise ConfigError(f"sigma must be a finite number >= 0 (0 = set automatically), got {sigma}")
+        if not radius > 0 or math.isinf(radius):
+            raise ConfigError(f"radius must be a finite number > 0, got {radius}")
         if update_interval < 1:
             raise ConfigError(f"update_interval must be >= 1 epoch, got {update_interval}")
         if predict_k < 0:
@@ -112,6 +130,9 @@ class RBFSolver(Solver):
                 f"predict_k={predict_k} exceeds the {num_train} centres in the bank; use predict_k <= {num_train}"
             )
         self.k, self.predict_k = int(k), int(predict_k or k)
+        self.auto_sigma = sigma == 0 and not learn_sigma
+        self.normalize, self.radius = bool(normalize), float(radius)
+        self.embedding_space = "l2-normalised" if self.normalize else "euclidean"
         self.update_interval = int(update_interval)
         self.neighbour_mode, self.online_update = neighbour_mode, bool(online_update)
         self.search = SEARCHES.build(search)
@@ -121,7 +142,17 @@ class RBFSolver(Solver):
         self.log_weights = nn.Parameter(torch.zeros(num_train), requires_grad=learn_weights)
         # NaN until set (automatic sigma: when the bank is first filled).
         self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma) if sigma > 0 else math.nan), requires_grad=learn_sigma)
-        self._stats = torch.zeros(4)  # sums of: mean distance, mean RBF value, true class absent; row count
+        self._stats = torch.zeros(5)  # sums of: mean distance, mean RBF value, true class absent, unscorable; rows
+        self._own: list[Tensor] = []  # this epoch's distances from training queries to their own stored centres
+
+    @classmethod
+    def protocol_defaults(cls, split: str) -> dict[str, object]:
+        """Fixed weights (``w_i = 1``) for metric learning on unseen classes, as in the paper."""
+        return {"learn_weights": False} if split == "disjoint" else {}
+
+    def transform(self, embeddings: Tensor) -> Tensor:
+        """The space the RBF works in: raw embeddings, or the radius-``radius`` sphere with ``normalize``."""
+        return self.radius * F.normalize(embeddings, dim=1) if self.normalize else embeddings
 
     @property
     def sigma(self) -> Tensor:
@@ -131,37 +162,69 @@ class RBFSolver(Solver):
         return self.log_sigma.exp()
 
     @torch.no_grad()
-    def _init_sigma(self) -> None:
-        """Set an automatic sigma from the bank the first time it is filled (see ``sigma`` above)."""
-        if torch.isnan(self.log_sigma):
+    def _update_sigma(self) -> None:
+        """Re-estimate an automatic sigma from the bank (a learned one only at the first fill)."""
+        if self.auto_sigma or torch.isnan(self.log_sigma):
             self.log_sigma.fill_(math.log(rbf_auto_sigma(self.bank.training_centres)))
 
     @torch.no_grad()
+    def _checked(self, embeddings: Tensor, what: str) -> Tensor:
+        """The embeddings in the solver's space, after checking they are finite."""
+        if not bool(torch.isfinite(embeddings).all()):
+            raise FloatingPointError(
+                f"{what} got non-finite embeddings: the network produced inf/NaN; lower the learning rate "
+                "or check the inputs for inf/NaN"
+            )
+        return self.transform(embeddings)
+
+    @torch.no_grad()
     def refresh(self, embeddings: Tensor, labels: Tensor) -> None:
-        """Store new centres for every training row and recompute their neighbour lists."""
-        self.bank.refresh(embeddings, labels)
-        self._init_sigma()
+        """Store new centres for every training row, recompute their neighbour lists and an automatic sigma.
+
+        Warns when some rows cannot be scored (their class has no other centre)
+        and refuses a bank where no row can.
+        """
+        self.bank.refresh(self._checked(embeddings, "the RBF bank refresh"), labels)
+        self._update_sigma()
+        counts = torch.bincount(self.bank.training_labels)
+        alone = int((counts[self.bank.training_labels] < 2).sum())
+        if alone == self.num_train:
+            raise ConfigError(
+                "no training row has another centre of its class in the RBF bank (every class has one row), so the "
+                "loss would be 0 and nothing would be learnt; use at least 2 training rows per class"
+            )
+        if alone:
+            warnings.warn(
+                f"{alone} of {self.num_train} training rows are the only row of their class; the RBF loss cannot score "
+                "them and leaves them out (counted as solver_frac_unscorable in the log)", TrainingWarning, stacklevel=2,
+            )
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         if ctx.num_train != self.num_train:
             raise ConfigError(
                 f"the solver was built for num_train={self.num_train} rows but the training set has {ctx.num_train}"
             )
-        self._stats = torch.zeros(4, device=self.log_weights.device)
+        self._stats = torch.zeros(5, device=self.log_weights.device)
+        self._own = []
         if not self.bank.filled or ctx.epoch % self.update_interval == 0:
             self.refresh(*ctx.embed_train())
 
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
-        """The paper's Figure 6 diagnostics over the epoch's training samples, plus ``sigma``."""
-        dist, rbf, absent, rows = distributed.all_reduce_sum(self._stats).tolist()
+        """The paper's Figure 6 diagnostics over the epoch's training samples, plus sigma and drift (class docstring)."""
+        dist, rbf, absent, unscorable, rows = distributed.all_reduce_sum(self._stats).tolist()
         if rows == 0:
             return {}
-        return {
+        out = {
             "mean_neighbour_distance": dist / rows,
             "mean_rbf_value": rbf / rows,
             "frac_true_class_absent": absent / rows,
+            "frac_unscorable": unscorable / rows,
             "sigma": self.sigma.item(),
         }
+        own = distributed.all_gather_rows(torch.cat(self._own)) if self._own else None
+        if own is not None and own.numel():
+            out["median_own_centre_distance"] = float(own.median())
+        return out
 
     def _neighbours(self, embeddings: Tensor, row_indices: Tensor | None) -> Tensor:
         if self.neighbour_mode == "stored":
@@ -193,6 +256,7 @@ class RBFSolver(Solver):
         if row_indices is not None:
             row_indices = row_indices.long()
             self._check_rows(labels, row_indices)
+        embeddings = self.transform(embeddings)
         neighbours = self._neighbours(embeddings, row_indices)
         sigma = self.sigma
         terms = rbf_terms(
@@ -202,24 +266,27 @@ class RBFSolver(Solver):
         with torch.no_grad():
             sq = terms.sq_distances
             self._stats += torch.stack([
-                sq.sqrt().mean(1).sum(), (-sq / (2 * sigma**2)).exp().mean(1).sum(),
-                terms.true_absent.sum(), torch.tensor(float(len(labels)), device=sq.device),
+                sq.sqrt().mean(1).sum(), (-sq / (2 * sigma**2)).exp().mean(1).sum(), terms.true_absent.sum(),
+                (~terms.scorable).sum(), torch.tensor(float(len(labels)), device=sq.device),
             ]).to(self._stats)
+            if row_indices is not None and self.training and sum(map(len, self._own)) < _OWN_SAMPLE:
+                own = self.bank.training_centres[row_indices].to(embeddings.dtype)
+                self._own.append((embeddings.detach() - own).norm(dim=1))
             if self.online_update and self.training and row_indices is not None:
                 # Every process writes every process's batch, so the banks stay equal.
                 self.bank.write(distributed.all_gather_rows(row_indices), distributed.all_gather_rows(embeddings))
         return terms.loss()
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
-        """Replace the bank's centres with fresh training embeddings before prediction."""
-        self.bank.set_centres(embeddings, labels)
-        self._init_sigma()
+        """Replace the bank's centres with fresh training embeddings (and re-estimate an automatic sigma)."""
+        self.bank.set_centres(self._checked(embeddings, "fit_reference"), labels)
+        self._update_sigma()
 
     def add_centres(self, embeddings: Tensor, labels: Tensor) -> None:
         """Add labelled centres (weight 1), new classes included, for prediction; the network is unchanged."""
         if labels.numel() and int(labels.min()) < 0:
             raise ConfigError("class labels must be >= 0")
-        self.bank.append(embeddings, labels)
+        self.bank.append(self._checked(embeddings, "add_centres"), labels)
         self.num_classes = max(self.num_classes, int(self.bank.labels.max()) + 1)
 
     @torch.no_grad()
@@ -232,6 +299,7 @@ class RBFSolver(Solver):
         extra = centres.shape[0] - self.num_train
         log_weights = torch.cat([self.log_weights, self.log_weights.new_zeros(extra)])
         sigma = self.sigma
+        embeddings = self.transform(embeddings)
         rows = max(1, _PREDICT_BLOCK // (self.predict_k * self.embedding_dim))
         out = []
         for start in range(0, embeddings.shape[0], rows):

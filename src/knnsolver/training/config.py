@@ -10,11 +10,33 @@ from knnsolver.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SPLITS = ("standard", "disjoint")
+LR_SCHEDULES = ("constant", "cosine", "step")
+BN_MODES = ("auto", "batch", "frozen")
 
 
 @dataclass
 class TrainConfig:
-    """Every setting of a training run; ``solver_options`` go to the solver's constructor."""
+    """Every setting of a training run; ``solver_options`` go to the solver's constructor.
+
+    Training controls:
+
+    * ``lr_schedule``: ``cosine`` (default) decays the learning rate from ``lr`` to 0
+      over the run, step by step; ``step`` multiplies it by ``lr_gamma`` every
+      ``lr_step_epochs`` epochs; ``constant`` keeps ``lr``. ``warmup_epochs`` (may be
+      fractional) first ramps it linearly from ``lr / warm-up steps`` to ``lr``. The
+      rate is a pure function of the step, so ``--resume`` stays bit-exact; raising
+      ``epochs`` on resume stretches the rest of a cosine schedule.
+    * ``clip_grad_norm``: clip the global gradient norm to this value (``None``: off).
+    * ``precise_bn``: before every evaluation and every bank refresh, re-estimate the
+      BatchNorm running statistics with a no-grad pass over at most
+      ``precise_bn_rows`` training rows (evenly spaced, no augmentation, dropout off).
+    * ``bn_mode``: how BatchNorm normalises during training. ``batch``: batch
+      statistics (PyTorch's train mode); ``frozen``: the running statistics,
+      re-estimated at every epoch start, so training-mode queries and an
+      eval-mode embedding bank share one normalisation (the RBF paper's code
+      trains with the network in eval mode); ``auto``: ``frozen`` for solvers that
+      train against a bank of stored embeddings (``Solver.uses_bank``), else ``batch``.
+    """
 
     dataset: str = "digits"
     solver: str = "softmax"
@@ -39,6 +61,14 @@ class TrainConfig:
     image_size: int = 64
     balanced: bool | None = None  # None: the class-balanced sampler only where the solver needs it
     samples_per_class: int = 0  # class-balanced sampler's m; 0 picks it from batch size and class count
+    lr_schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    lr_step_epochs: int = 10
+    lr_gamma: float = 0.1
+    clip_grad_norm: float | None = None
+    precise_bn: bool = True
+    precise_bn_rows: int = 10_000
+    bn_mode: str = "auto"
     eval_every: int = 1
     eval_batch_size: int = 512
     plots: bool = True
@@ -52,6 +82,21 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
+        if self.bn_mode not in BN_MODES:
+            raise ConfigError(f"unknown bn_mode {self.bn_mode!r}; choose one of: {', '.join(BN_MODES)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ConfigError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
+        if self.lr_step_epochs < 1:
+            raise ConfigError(f"lr_step_epochs must be >= 1, got {self.lr_step_epochs}")
+        if not 0 < self.lr_gamma <= 1:
+            raise ConfigError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
+        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
+            raise ConfigError(f"clip_grad_norm must be > 0 (leave it unset to turn clipping off), got {self.clip_grad_norm}")
+        if self.precise_bn_rows < 1:
+            raise ConfigError(f"precise_bn_rows must be >= 1 (turn re-estimation off with precise_bn=false), "
+                              f"got {self.precise_bn_rows}")
         if self.samples_per_class < 0:
             raise ConfigError(f"samples_per_class must be >= 0 (0 = automatic), got {self.samples_per_class}")
         if not self.lr > 0:

@@ -42,6 +42,7 @@ import math
 import pickle
 import random
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -56,15 +57,19 @@ from tqdm.auto import tqdm
 from knnsolver import distributed
 from knnsolver.data import DataBundle, build_data
 from knnsolver.data.sampler import ClassBalancedBatchSampler
-from knnsolver.errors import ConfigError
+from knnsolver.errors import ConfigError, DivergenceError, TrainingWarning
 from knnsolver.evaluation import embed_dataset, retrieval_summary, solver_accuracy
 from knnsolver.interfaces import EpochContext, Solver
 from knnsolver.models import build_model
 from knnsolver.registry import SOLVERS
+from knnsolver.training.batchnorm import calibrate_batchnorm, freeze_batchnorm
 from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from knnsolver.training.config import TrainConfig, load_config_file
+from knnsolver.training.schedule import lr_factor
 
 CHECKPOINT, BEST, CONFIG, LOG, SUMMARY = "checkpoint.pt", "best.pt", "config.json", "log.jsonl", "summary.json"
+# A run whose epoch loss exceeds this multiple of its first epoch's is flagged as diverged.
+DIVERGENCE_FACTOR = 10.0
 
 
 def seed_everything(seed: int) -> None:
@@ -79,12 +84,20 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 @dataclass
 class Run:
-    """Everything a run is made of, built from a config."""
+    """Everything a run is made of, built from a config.
+
+    ``bn_mode`` is the resolved BatchNorm mode (``batch`` or ``frozen``; see
+    :class:`TrainConfig`); ``bn_current`` says whether the running statistics
+    were re-estimated for the current weights (a re-estimation is skipped then:
+    it would give the same values).
+    """
 
     config: TrainConfig
     data: DataBundle
     model: nn.Module
     solver: Solver
+    bn_mode: str = "batch"
+    bn_current: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -100,63 +113,79 @@ class Run:
         emb, labels = self.embed(Subset(dataset, distributed.shard(len(dataset))))
         return distributed.all_gather_rows(emb), distributed.all_gather_rows(labels)
 
+    def calibrate(self, force: bool = False) -> None:
+        """Re-estimate BatchNorm statistics for the current weights (precise BN), unless already current.
+
+        Runs when ``config.precise_bn`` is set, or when ``force`` is (the frozen
+        mode's epoch start, and the very first pass of an untrained network).
+        """
+        if self.bn_current or not (self.config.precise_bn or force):
+            return
+        cfg = self.config
+        calibrate_batchnorm(self.model, self.data.train_eval, cfg.batch_size, self.device, cfg.precise_bn_rows)
+        self.bn_current = True
+
+    def bank_embeddings(self) -> tuple[Tensor, Tensor]:
+        """Training-set embeddings for a bank refresh, after re-estimating BatchNorm (collective)."""
+        self.calibrate()
+        return self.embed_all(self.data.train_eval)
+
     def context(self, epoch: int) -> EpochContext:
-        return EpochContext(epoch, lambda: self.embed_all(self.data.train_eval), len(self.data.train_eval), self.device)
+        return EpochContext(epoch, self.bank_embeddings, len(self.data.train_eval), self.device)
 
     def evaluate(self, dataset, prefix: str) -> dict[str, float]:
-        """Accuracy (standard split) or retrieval metrics (disjoint split) on ``dataset``."""
+        """Accuracy (standard split) or retrieval metrics (disjoint split) on ``dataset``.
+
+        BatchNorm statistics are re-estimated first (``precise_bn``); retrieval
+        ranks the embeddings in the solver's own space (``Solver.transform``).
+        """
+        self.calibrate()
         emb, labels = self.embed(dataset)
         if self.config.split == "standard":
             train_emb, train_labels = self.embed(self.data.train_eval)
             return {f"{prefix}accuracy": solver_accuracy(self.solver, train_emb, train_labels, emb, labels)}
+        with torch.no_grad():
+            emb = self.solver.transform(emb)
         metrics = retrieval_summary(emb, labels, with_nmi=prefix == "test_", seed=self.config.seed)
         return {f"{prefix}{k}" if prefix != "test_" else k: v for k, v in metrics.items()}
 
+    def load_weights(self, state: dict[str, Any]) -> None:
+        """Load a checkpoint's network and solver (their BatchNorm statistics are then not known to be current)."""
+        self.model.load_state_dict(state["model"])
+        self.solver.load_state_dict(state["solver"])
+        self.bn_current = False
+
 
 def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
-    """Build data, backbone and solver for ``config`` (``model`` overrides the named backbone)."""
+    """Build data, backbone and solver for ``config`` (``model`` overrides the named backbone).
+
+    The solver gets its paper's protocol values for the split
+    (:meth:`Solver.protocol_defaults`, e.g. fixed RBF weights on the disjoint
+    split) wherever ``solver_options`` does not set them.
+    """
     config.validate()
     seed_everything(config.seed)
     data = build_data(
         config.dataset, split=config.split, val_fraction=config.val_fraction, max_per_class=config.max_per_class,
         seed=config.seed, data_dir=config.data_dir, augment=config.augment, image_size=config.image_size,
     )
+    classes = int(torch.unique(data.train_labels).numel())
+    if classes < 2:
+        raise ConfigError(
+            f"the training set of {config.dataset!r} holds {classes} class; nothing can be learnt and accuracy would be "
+            "trivially 1.0; use data with at least 2 classes (check --max-per-class and the class folders)"
+        )
     if model is None:
         model = build_model(config.model, data.input_shape, config.embedding_dim, config.dropout, config.width, config.pretrained)
+    options = {**SOLVERS.get(config.solver).protocol_defaults(config.split), **config.solver_options}
     solver = SOLVERS.build(
         config.solver, embedding_dim=config.embedding_dim, num_classes=data.num_classes, num_train=len(data.train),
-        **config.solver_options,
+        **options,
     )
-    return Run(config, data, model.to(config.device), solver.to(config.device))
-
-
-@torch.no_grad()
-def calibrate_batchnorm(model: nn.Module, dataset, batch_size: int, device: torch.device) -> bool:
-    """Set a fresh network's BatchNorm running statistics from one no-grad pass over ``dataset``.
-
-    An untrained network in eval mode uses BatchNorm's initial statistics (mean 0,
-    variance 1), so its eval-mode embeddings can be on a scale 100x off its
-    training-mode ones. Solvers that embed the training set before the first
-    epoch (the RBF bank and its automatic sigma) would then start from the wrong
-    scale. The pass runs in train mode with a cumulative average (momentum None),
-    changes no weights, and returns whether the model has BatchNorm at all.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return False
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    was_training = model.training
-    model.train()
-    for x, _, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        if len(x) > 1:
-            model(x.to(device))
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.train(was_training)
-    return True
+    bn_mode = config.bn_mode
+    if bn_mode == "auto":
+        bn_mode = "frozen" if solver.uses_bank else "batch"
+    return Run(config, data, model.to(config.device), solver.to(config.device), bn_mode=bn_mode)
 
 
 def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -209,14 +238,19 @@ def _process_batches(run: Run, epoch: int) -> list[list[int]]:
 
 
 class LossStep(nn.Module):
-    """``solver(model(x), y, rows)`` as one call: what one training step differentiates."""
+    """``solver(model(x), y, rows)`` as one call: what one training step differentiates.
+
+    Returns the loss and a 0-d bool tensor saying whether every embedding was
+    finite (checked on the device, read with the step's other flags).
+    """
 
     def __init__(self, model: nn.Module, solver: Solver) -> None:
         super().__init__()
         self.model, self.solver = model, solver
 
-    def forward(self, x: Tensor, labels: Tensor, rows: Tensor) -> Tensor:
-        return self.solver(self.model(x), labels, rows)
+    def forward(self, x: Tensor, labels: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        embeddings = self.model(x)
+        return self.solver(embeddings, labels, rows), torch.isfinite(embeddings.detach()).all()
 
 
 # Not broadcasting a module's buffers at each forward: ``forward_sync_buffers`` from torch 2.13 on.
@@ -289,24 +323,24 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
     history: list[dict[str, Any]] = []
     best_score, start_epoch = -math.inf, 0
     if state is not None:
-        run.model.load_state_dict(state["model"])
-        run.solver.load_state_dict(state["solver"])
+        run.load_weights(state)
         optimizer.load_state_dict(state["optimizer"])
         history, best_score, start_epoch = state["history"], state["best_score"], state["epoch"] + 1
     else:
-        calibrate_batchnorm(run.model, run.data.train_eval, config.batch_size, run.device)
+        # An untrained network's running statistics are BatchNorm's defaults (mean 0, variance 1),
+        # which can put eval-mode embeddings (an RBF bank and its sigma) on a 100x smaller scale.
+        run.calibrate(force=True)
     _on_main(lambda: write_json(config.to_dict(), out / CONFIG))
     step = _loss_step(run)
 
     for epoch in range(start_epoch, config.epochs):
         # Rank 0 keeps the single-process seed; the others draw their own dropout and augmentation.
         torch.manual_seed(_epoch_seed(config.seed, epoch) + 7_919 * distributed.rank())
-        row = _train_epoch(run, step, optimizer, epoch, run.context(epoch))
+        row = _train_epoch(run, step, optimizer, epoch, run.context(epoch), history)
         best_score = _on_main(lambda: _end_epoch(run, optimizer, epoch, row, history, best_score))
+        distributed.sync_buffers(run.model)  # rank 0 may have re-estimated BatchNorm statistics
     if distributed.is_distributed():  # every process ends with the best weights, as rank 0 does in finish()
-        best = _on_main(lambda: load_checkpoint(out / BEST))
-        run.model.load_state_dict(best["model"])
-        run.solver.load_state_dict(best["solver"])
+        run.load_weights(_on_main(lambda: load_checkpoint(out / BEST)))
     return _on_main(lambda: finish(run, out))
 
 
@@ -366,6 +400,7 @@ def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, row: dict
         score = 0.0  # no validation split: the last epoch is the one kept
     if score is not None and score > best_score:
         best_score = score
+        run.calibrate()  # best.pt holds the statistics its evaluation used (no-op after validation)
         save_checkpoint({"model": run.model.state_dict(), "solver": run.solver.state_dict(), "epoch": epoch}, out / BEST)
     write_jsonl(history, out / LOG)
     save_checkpoint(
@@ -376,52 +411,106 @@ def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, row: dict
     return best_score
 
 
-def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, ctx: EpochContext) -> dict[str, Any]:
-    """One epoch of this process's batches; the logged loss and throughput cover all processes."""
+def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, ctx: EpochContext,
+                 history: list[dict[str, Any]]) -> dict[str, Any]:
+    """One epoch of this process's batches; the logged loss and throughput cover all processes.
+
+    Every step sets the scheduled learning rate, clips gradients when asked,
+    and checks (one host read per step, summed over processes) that the loss,
+    the embeddings and the gradient norm are finite before the optimiser
+    steps, so a diverging run stops with weights that were never NaN.
+    """
     cfg, dev = run.config, run.device
+    if run.bn_mode == "frozen":
+        run.calibrate(force=True)  # the statistics this epoch's training forward (and any refresh) uses
     run.solver.on_epoch_start(ctx)
     run.model.train()
     run.solver.train()
-    loader = DataLoader(run.data.train, batch_sampler=_process_batches(run, epoch))
+    if run.bn_mode == "frozen":
+        freeze_batchnorm(run.model)
+    run.bn_current = False
+    batches = _process_batches(run, epoch)
+    loader = DataLoader(run.data.train, batch_sampler=batches)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
     total = torch.zeros(2, dtype=torch.float64)  # summed loss x rows, rows: over every process
     start = time.perf_counter()
     bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, unit="batch")
-    for x, y, idx in bar:
+    for i, (x, y, idx) in enumerate(bar):
+        lr = cfg.lr * lr_factor(cfg, epoch * len(batches) + i, len(batches))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         x, y, idx = x.to(dev), torch.as_tensor(y).to(dev), torch.as_tensor(idx).to(dev)
-        loss = step(x, y, idx)
-        # Summed over processes, so a non-finite loss anywhere stops every process at the same step.
-        rows = torch.tensor(float(len(y)), dtype=torch.float64, device=dev)
-        batch = distributed.all_reduce_sum(torch.stack([loss.detach().double() * rows, rows]))
-        if not torch.isfinite(batch[0]):
-            raise FloatingPointError(f"loss became {batch[0].item()} at epoch {epoch + 1}; lower the learning rate")
+        loss, embeddings_finite = step(x, y, idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        grads = [p.grad for p in params if p.grad is not None]
+        if cfg.clip_grad_norm is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=dev)
+        rows = torch.tensor(float(len(y)), dtype=torch.float64, device=dev)
+        flags = torch.stack([~torch.isfinite(loss.detach()), ~embeddings_finite, ~torch.isfinite(grad_norm)])
+        status = distributed.all_reduce_sum(torch.cat([torch.stack([loss.detach().double() * rows, rows]),
+                                                       flags.double()])).cpu()
+        if status[2:].any():
+            raise DivergenceError(_divergence_message(run, epoch, i, lr, status[2:].tolist(), history))
         optimizer.step()
-        total += batch.cpu()
+        total += status[:2]
         bar.set_postfix(loss=f"{total[0] / total[1]:.4f}", samples_s=f"{total[1] / (time.perf_counter() - start):.0f}")
     elapsed = time.perf_counter() - start
     # DDP broadcasts rank 0's BatchNorm statistics before each step; the last step's update is synced here.
     distributed.sync_buffers(run.model)
     seen = int(total[1])
-    row = {"epoch": epoch + 1, "loss": float(total[0]) / max(1, seen), "seconds": elapsed, "samples_per_s": seen / elapsed}
+    row = {"epoch": epoch + 1, "loss": float(total[0]) / max(1, seen), "seconds": elapsed, "samples_per_s": seen / elapsed,
+           "lr": lr if batches else cfg.lr}
     row.update({f"solver_{k}": float(v) for k, v in run.solver.on_epoch_end(ctx).items()})
+    first = history[0]["loss"] if history else row["loss"]
+    if first > 0 and row["loss"] > DIVERGENCE_FACTOR * first:
+        row["diverged"] = True
+        if distributed.is_main():
+            warnings.warn(
+                f"epoch {epoch + 1}: training loss {row['loss']:.4g} is over {DIVERGENCE_FACTOR:g}x the first epoch's "
+                f"({first:.4g}); the run is marked diverged in log.jsonl and summary.json; try a lower --lr or "
+                "--clip-grad-norm", TrainingWarning, stacklevel=2,
+            )
     return row
 
 
+def _divergence_message(run: Run, epoch: int, step: int, lr: float, flags: list[float], history: list[dict[str, Any]]) -> str:
+    """One line: what became non-finite, where, the likely cause, what to try, and what is saved."""
+    what = ", ".join(name for name, bad in zip(("loss", "embeddings", "gradients"), flags) if bad)
+    saved = (f"the checkpoint of epoch {len(history)} in {run.config.out} is intact (continue with --resume)"
+             if history else "no epoch had finished, so nothing was saved")
+    return (
+        f"non-finite {what} at epoch {epoch + 1}, step {step + 1}: training diverged. Likely cause: learning rate "
+        f"{lr:g} ({run.config.optimizer}) too high for this network and solver, or inputs holding inf/NaN. Try a lower "
+        f"--lr, --clip-grad-norm 1.0 or --warmup-epochs 1; {saved}"
+    )
+
+
 def finish(run: Run, out: Path) -> dict[str, Any]:
-    """Load the best checkpoint, evaluate it on test, write ``summary.json`` and plots."""
+    """Load the best checkpoint, evaluate it on test, write ``summary.json`` and plots.
+
+    The summary records the evaluation geometry (``embedding_space``), the
+    BatchNorm mode, and ``diverged`` (some epoch's loss rose over
+    :data:`DIVERGENCE_FACTOR` times the first epoch's).
+    """
     best = load_checkpoint(out / BEST)
-    run.model.load_state_dict(best["model"])
-    run.solver.load_state_dict(best["solver"])
+    run.load_weights(best)
+    history = load_checkpoint(out / CHECKPOINT)["history"]
     summary: dict[str, Any] = {"best_epoch": best["epoch"] + 1, "dataset": run.config.dataset,
-                               "solver": run.config.solver, "split": run.config.split}
+                               "solver": run.config.solver, "split": run.config.split,
+                               "embedding_space": run.solver.embedding_space, "bn_mode": run.bn_mode,
+                               "precise_bn": run.config.precise_bn,
+                               "diverged": any(row.get("diverged", False) for row in history)}
     summary.update(run.evaluate(run.data.test, "test_"))
     write_json(summary, out / SUMMARY)
     if run.config.plots:
         from knnsolver.training.plots import plot_run
 
         test_emb, test_labels = run.embed(run.data.test)
-        history = load_checkpoint(out / CHECKPOINT)["history"]
+        with torch.no_grad():
+            test_emb = run.solver.transform(test_emb)
         plot_run(history, test_emb.cpu().numpy(), test_labels.cpu().numpy(), out, seed=run.config.seed)
     return summary
 
@@ -445,14 +534,21 @@ def evaluate_saved(out: str | Path) -> dict[str, Any]:
 SPLIT_PARTS = ("train", "val", "test")
 
 
-def embed_saved(out: str | Path, part: str = "train") -> tuple[Tensor, Tensor]:
+def embed_saved(out: str | Path, part: str = "train", raw: bool = False) -> tuple[Tensor, Tensor]:
     """Embeddings and labels of one part of a saved run's data (train rows without
-    augmentation), computed by its best checkpoint's network."""
+    augmentation), computed by its best checkpoint's network after re-estimating
+    BatchNorm (``precise_bn``), in the solver's own space (``Solver.transform``)
+    unless ``raw``."""
     if part not in SPLIT_PARTS:
         raise ConfigError(f"unknown part {part!r}; choose one of: {', '.join(SPLIT_PARTS)}")
     run, out = load_saved(out)
-    run.model.load_state_dict(load_checkpoint(out / BEST)["model"])
+    run.load_weights(load_checkpoint(out / BEST))
     dataset = run.data.train_eval if part == "train" else getattr(run.data, part)
     if dataset is None:
         raise ConfigError(f"the run in {out} has no {part} split (val_fraction was 0)")
-    return run.embed(dataset)
+    run.calibrate()
+    emb, labels = run.embed(dataset)
+    if not raw:
+        with torch.no_grad():
+            emb = run.solver.transform(emb)
+    return emb, labels
