@@ -11,7 +11,9 @@ shape ``(p, d)``), ``x' = L x`` and ``D' = L D`` (dictionary atoms as columns):
     logits = -r(x) / T,   loss = cross-entropy(logits, y)
 
 Both systems are symmetric positive definite for ``lam > 0`` and are solved by
-Cholesky factorisation (no explicit inverse); gradients flow through the solve to
+Cholesky factorisation (no explicit inverse; ``cholesky_ex``, so a non-finite
+embedding turns into a NaN loss for the trainer's guard instead of a linear-algebra
+error); gradients flow through the solve to
 ``L``, the queries and the atoms.
 
 Conventions: tensors hold atoms and queries as *rows* (``atoms`` is ``(N, d)``).
@@ -59,7 +61,7 @@ def crc_code(
         raise ConfigError(f"ridge lam must be > 0 (it keeps the system positive definite), got {lam}")
     push_through = method == "push-through" or (method == "auto" and n > p)
     if push_through:
-        chol = torch.linalg.cholesky(atoms.T @ atoms + lam * torch.eye(p, dtype=atoms.dtype, device=atoms.device))
+        chol = torch.linalg.cholesky_ex(atoms.T @ atoms + lam * torch.eye(p, dtype=atoms.dtype, device=atoms.device)).L
         z = torch.cholesky_solve(queries.T, chol)  # (p, B): A^{-1} x'
         if exclude is not None:
             d = atoms[exclude].T  # (p, B)
@@ -67,7 +69,7 @@ def crc_code(
             z = z + v * ((d * z).sum(0) / (1.0 - (d * v).sum(0)))
         alpha = (atoms @ z).T
     else:
-        chol = torch.linalg.cholesky(atoms @ atoms.T + lam * torch.eye(n, dtype=atoms.dtype, device=atoms.device))
+        chol = torch.linalg.cholesky_ex(atoms @ atoms.T + lam * torch.eye(n, dtype=atoms.dtype, device=atoms.device)).L
         alpha = torch.cholesky_solve(atoms @ queries.T, chol).T  # (B, N)
         if exclude is not None:
             h = torch.cholesky_solve(F.one_hot(exclude, n).T.to(atoms.dtype), chol).T  # (B, N): H[:, e_b]

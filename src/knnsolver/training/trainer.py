@@ -464,7 +464,7 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, ep
     row = {"epoch": epoch + 1, "loss": float(total[0]) / max(1, seen), "seconds": elapsed, "samples_per_s": seen / elapsed,
            "lr": lr if batches else cfg.lr}
     row.update({f"solver_{k}": float(v) for k, v in run.solver.on_epoch_end(ctx).items()})
-    first = history[0]["loss"] if history else row["loss"]
+    first = history[0]["loss"] if history else 0.0
     if first > 0 and row["loss"] > DIVERGENCE_FACTOR * first:
         row["diverged"] = True
         if distributed.is_main():

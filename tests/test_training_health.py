@@ -1,0 +1,293 @@
+"""Issue 10, "trustworthy training": one regression test per finding, on small data.
+
+1. stale BatchNorm statistics at evaluation; 2. the RBF scale running away from
+sigma (also tests/test_rbf_solver.py); 3. training-mode queries against an
+eval-mode bank; 4. hidden NaN; 5. retrieval scored in the wrong geometry;
+6. the RBF metric-learning protocol; 7. missing training controls. Plus the
+divergence flag and degenerate data.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader
+
+from knnsolver.cli.main import main
+from knnsolver.errors import ConfigError, DivergenceError, TrainingWarning
+from knnsolver.evaluation import retrieval_summary
+from knnsolver.functional.rbf import rbf_loss
+from knnsolver.registry import SOLVERS
+from knnsolver.solvers.rbf import RBFSolver
+from knnsolver.training import TrainConfig, train
+from knnsolver.training.batchnorm import batchnorm_layers, calibrate_batchnorm, freeze_batchnorm
+from knnsolver.training.checkpoint import load_checkpoint
+from knnsolver.training.schedule import lr_factor
+from knnsolver.training.trainer import build_run
+
+
+def _cfg(tmp_path, **kw) -> TrainConfig:
+    base = dict(dataset="digits", solver="softmax", epochs=2, out=str(tmp_path / "run"), embedding_dim=16, width=8,
+                batch_size=64, progress=False, plots=False)
+    return TrainConfig(**{**base, **kw})
+
+
+# 1. Stale BatchNorm statistics ------------------------------------------------------------------------------------
+
+def test_saved_weights_carry_re_estimated_batchnorm_statistics(tmp_path):
+    """best.pt's running statistics equal torch's own re-estimation over the training rows, and the
+    reported test accuracy is what those weights give (the old code kept momentum-averaged statistics)."""
+    cfg = _cfg(tmp_path, epochs=3)
+    summary = train(cfg)
+    run = build_run(cfg)
+    run.model.load_state_dict(load_checkpoint(tmp_path / "run" / "best.pt")["model"])
+    run.solver.load_state_dict(load_checkpoint(tmp_path / "run" / "best.pt")["solver"])
+    saved = {k: v.clone() for k, v in run.model.state_dict().items() if "running" in k}
+    assert saved
+    update_bn((x for x, _, _ in DataLoader(run.data.train_eval, batch_size=cfg.batch_size)), run.model)
+    for key, value in saved.items():
+        torch.testing.assert_close(run.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+    run.model.eval()
+    with torch.no_grad():
+        x = torch.stack([run.data.test[i][0] for i in range(len(run.data.test))])
+        y = torch.tensor([run.data.test[i][1] for i in range(len(run.data.test))])
+        accuracy = (run.solver.predict(run.model(x)).argmax(1) == y).float().mean().item()
+    assert summary["test_accuracy"] == pytest.approx(accuracy, abs=1e-6)
+    assert summary["precise_bn"] is True and summary["bn_mode"] == "batch"
+
+
+def test_calibration_leaves_weights_modes_and_random_stream_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Dropout(0.5))
+    data = [(torch.randn(3) * 5 + 2, 0, i) for i in range(40)]
+    model.train()
+    weights = [p.detach().clone() for p in model.parameters()]
+    state = torch.random.get_rng_state()
+    calibrate_batchnorm(model, data, batch_size=8, device=torch.device("cpu"), max_rows=20)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    rows = torch.stack([data[i][0] for i in np.linspace(0, 39, 20).round().astype(int)])
+    hidden = model[0](rows)
+    means = torch.stack([hidden[i:i + 8].mean(0) for i in range(0, 20, 8) if len(hidden[i:i + 8]) > 1])
+    torch.testing.assert_close(model[1].running_mean, means.mean(0))
+
+
+# 2 and 3. RBF scale and consistent query/bank normalisation ---------------------------------------------------------
+
+def _rbf_cfg(tmp_path, **kw) -> TrainConfig:
+    return _cfg(tmp_path, solver="rbf", max_per_class=40, embedding_dim=32,
+                solver_options={"k": 30, "update_interval": 1}, **kw)
+
+
+@pytest.mark.parametrize("bn_mode", ["frozen", "batch"])
+def test_training_queries_meet_their_own_stored_centre(tmp_path, bn_mode):
+    """Right after a refresh, a training row's training-mode embedding is its stored centre with frozen
+    BatchNorm (the default for the RBF solver); with batch statistics it lies far from it."""
+    run = build_run(_rbf_cfg(tmp_path, bn_mode=bn_mode))
+    assert run.bn_mode == bn_mode
+    run.calibrate(force=True)
+    run.solver.on_epoch_start(run.context(0))
+    run.model.train()
+    if run.bn_mode == "frozen":
+        freeze_batchnorm(run.model)
+    rows = torch.arange(32)
+    x = torch.stack([run.data.train[i][0] for i in rows.tolist()])
+    with torch.no_grad():
+        own = (run.model(x) - run.solver.bank.training_centres[rows]).norm(dim=1).median().item()
+    sigma = run.solver.sigma.item()
+    if bn_mode == "frozen":
+        assert own < 1e-4 * sigma
+    else:
+        assert own > 0.1 * sigma
+
+
+def test_rbf_defaults_and_diagnostics_in_the_log(tmp_path):
+    summary = train(_rbf_cfg(tmp_path, epochs=3))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert summary["bn_mode"] == "frozen" and summary["embedding_space"] == "euclidean" and not summary["diverged"]
+    for row in log:
+        for key in ("solver_sigma", "solver_mean_neighbour_distance", "solver_mean_rbf_value",
+                    "solver_median_own_centre_distance", "solver_frac_unscorable", "lr"):
+            assert math.isfinite(row[key]), key
+        # sigma is the bank's spacing, so the nearest centres carry real weight (not a hard nearest-neighbour rule)
+        assert row["solver_mean_rbf_value"] > 0.01
+    assert len({row["solver_sigma"] for row in log}) == 3  # re-estimated at every refresh
+
+
+def test_sphere_option_fixes_the_scale():
+    emb, labels = torch.randn(60, 8) * 50, torch.arange(60) % 3
+    solver = RBFSolver(8, 3, 60, k=10, normalize=True, radius=2.0)
+    solver.refresh(emb, labels)
+    torch.testing.assert_close(solver.bank.training_centres.norm(dim=1), torch.full((60,), 2.0))
+    assert solver.embedding_space == "l2-normalised"
+    torch.testing.assert_close(solver.transform(emb), 2.0 * F.normalize(emb, dim=1))
+    rows = torch.arange(6)
+    loss_big = solver(emb[rows], labels[rows], rows)
+    loss_small = solver(emb[rows] / 1000, labels[rows], rows)  # scale-free: the same point on the sphere
+    torch.testing.assert_close(loss_big, loss_small)
+
+
+# 4. Non-finite values are never hidden ------------------------------------------------------------------------------
+
+def test_rbf_loss_propagates_nan_and_overflow():
+    g = torch.Generator().manual_seed(0)
+    centres, cl = torch.randn(20, 4, generator=g), torch.arange(20) % 2
+    nb = torch.stack([torch.randperm(20, generator=g)[:6] for _ in range(5)])
+    x, labels = torch.randn(5, 4, generator=g), torch.tensor([0, 1, 0, 1, 0])
+    lw = torch.zeros(20)
+    x[2, 1] = float("nan")
+    assert torch.isnan(rbf_loss(x, centres, cl, nb, lw, 1.0, labels))
+    assert not torch.isfinite(rbf_loss(torch.randn(5, 4) * 1e20, centres, cl, nb, lw, 1.0, labels))
+
+
+SOLVER_NAMES = ["softmax", "rbf", "hal", "crc", "centralized", "triplet", "lifted", "npairs", "nca", "proxynca",
+                "normsoftmax", "multisimilarity", "proxyanchor"]
+
+
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_every_solver_loss_propagates_a_nan_embedding(name):
+    torch.manual_seed(0)
+    solver = SOLVERS.build(name, embedding_dim=16, num_classes=4, num_train=32, **({"k": 10} if name == "rbf" else {}))
+    emb, labels, rows = torch.randn(32, 16), torch.arange(32) % 4, torch.arange(32)
+    solver.on_epoch_start(type("Ctx", (), {"epoch": 0, "num_train": 32, "embed_train": lambda self=None: (emb, labels),
+                                           "device": torch.device("cpu")})())
+    if name == "rbf":
+        solver.refresh(emb, labels)
+    bad = emb.clone()
+    bad[5, 3] = float("nan")
+    assert torch.isfinite(solver(emb, labels, rows))
+    assert not torch.isfinite(solver(bad, labels, rows)), name
+
+
+def test_cli_stops_a_diverging_rbf_run_with_one_line(tmp_path, capsys):
+    out = tmp_path / "r"
+    code = main(["train", "--dataset", "digits", "--solver", "rbf", "--k", "20", "--optimizer", "sgd", "--lr", "100",
+                 "--epochs", "2", "--out", str(out), "--plots", "false", "--progress", "false"])
+    err = capsys.readouterr().err
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("knnsolver: error: non-finite") and "epoch" in line and "--lr" in line
+    for name in ("best.pt", "checkpoint.pt"):  # whatever was saved holds finite weights
+        if (out / name).is_file():
+            state = load_checkpoint(out / name)
+            assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_divergence_error_names_the_saved_epoch(tmp_path, monkeypatch):
+    """A run that breaks after an epoch finished says the checkpoint of that epoch is intact."""
+    from knnsolver.solvers.softmax import SoftmaxSolver
+
+    calls = {"n": 0}
+    original = SoftmaxSolver.forward
+
+    def forward(self, embeddings, labels, rows=None):
+        calls["n"] += 1
+        loss = original(self, embeddings, labels, rows)
+        return loss * float("nan") if calls["n"] > 30 else loss  # 23 steps an epoch on digits
+
+    monkeypatch.setattr(SoftmaxSolver, "forward", forward)
+    with pytest.raises(DivergenceError, match=r"non-finite loss.* at epoch 2, step \d+.*checkpoint of epoch 1 .* intact"):
+        train(_cfg(tmp_path, epochs=3))
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["epoch"] == 0 and all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_a_rising_loss_is_flagged_diverged(tmp_path, monkeypatch):
+    from knnsolver.training import trainer
+
+    monkeypatch.setattr(trainer, "DIVERGENCE_FACTOR", 0.05)  # any later epoch over 5% of the first counts
+    with pytest.warns(TrainingWarning, match="marked diverged"):
+        summary = train(_cfg(tmp_path, epochs=2))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert summary["diverged"] is True and "diverged" not in log[0] and log[1]["diverged"] is True
+
+
+# 5. One evaluation geometry per solver ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name,space", [("triplet", "l2-normalised"), ("hal", "l2-normalised"), ("rbf", "euclidean"),
+                                        ("softmax", "euclidean")])
+def test_disjoint_retrieval_ranks_in_the_solver_space(tmp_path, name, space):
+    options = {"k": 20} if name == "rbf" else {}
+    run = build_run(_cfg(tmp_path, solver=name, split="disjoint", solver_options=options, max_per_class=60))
+    assert run.solver.embedding_space == space
+    got = run.evaluate(run.data.test, "test_")
+    emb, labels = run.embed(run.data.test)
+    expected_emb = F.normalize(emb, dim=1) if space == "l2-normalised" else emb
+    assert got == retrieval_summary(expected_emb, labels, seed=0)
+    if space == "l2-normalised":
+        assert got != retrieval_summary(emb, labels, seed=0)  # the geometry matters here
+
+
+# 6. Protocol ------------------------------------------------------------------------------------------------------
+
+def test_rbf_weights_fixed_for_metric_learning_unless_set(tmp_path):
+    disjoint = build_run(_cfg(tmp_path, solver="rbf", split="disjoint", solver_options={"k": 20}))
+    assert not disjoint.solver.log_weights.requires_grad
+    standard = build_run(_cfg(tmp_path, solver="rbf", solver_options={"k": 20}))
+    assert standard.solver.log_weights.requires_grad
+    chosen = build_run(_cfg(tmp_path, solver="rbf", split="disjoint", solver_options={"k": 20, "learn_weights": True}))
+    assert chosen.solver.log_weights.requires_grad
+
+
+# 7. Training controls ---------------------------------------------------------------------------------------------
+
+def test_learning_rate_schedules():
+    cosine = TrainConfig(epochs=4, warmup_epochs=1)
+    assert [lr_factor(cosine, s, 10) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_factor(cosine, 10, 10) == pytest.approx(1.0)
+    assert lr_factor(cosine, 25, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 30)))
+    step = TrainConfig(epochs=30, lr_schedule="step", lr_step_epochs=10, lr_gamma=0.5)
+    assert [lr_factor(step, e * 7, 7) for e in (0, 9, 10, 25)] == pytest.approx([1, 1, 0.5, 0.25])
+    assert lr_factor(TrainConfig(lr_schedule="constant"), 123, 10) == 1.0
+
+
+def test_trainer_follows_the_schedule_and_clips(tmp_path):
+    cfg = _cfg(tmp_path, epochs=2, optimizer="sgd", momentum=0.0, lr=0.5, lr_schedule="constant",
+               clip_grad_norm=1e-6, precise_bn=False)
+    run = build_run(cfg)
+    before = torch.cat([p.detach().flatten() for p in [*run.model.parameters(), *run.solver.parameters()]])
+    train(cfg)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    run.model.load_state_dict(state["model"])
+    run.solver.load_state_dict(state["solver"])
+    after = torch.cat([p.detach().flatten() for p in [*run.model.parameters(), *run.solver.parameters()]])
+    steps = sum(math.ceil(1437 / 64) for _ in range(2))  # upper bound on the steps taken
+    assert 0 < (after - before).norm() <= 0.5 * 1e-6 * steps * (1 + 1e-4)
+    cosine = train(_cfg(tmp_path, out=str(tmp_path / "cos"), epochs=3, lr=0.01))
+    log = [json.loads(line) for line in (tmp_path / "cos" / "log.jsonl").read_text().splitlines()]
+    assert cosine and log[0]["lr"] > log[1]["lr"] > log[2]["lr"] >= 0
+
+
+def test_bad_control_values_are_refused(tmp_path):
+    for kw, message in ((dict(lr_schedule="linear"), "unknown lr_schedule"), (dict(bn_mode="eval"), "unknown bn_mode"),
+                        (dict(warmup_epochs=2), r"warmup_epochs must be in \[0, epochs=2\)"),
+                        (dict(clip_grad_norm=0.0), "clip_grad_norm must be > 0"),
+                        (dict(precise_bn_rows=0), "precise_bn_rows must be >= 1")):
+        with pytest.raises(ConfigError, match=message):
+            _cfg(tmp_path, **kw).validate()
+
+
+# Degenerate data --------------------------------------------------------------------------------------------------
+
+def test_one_class_training_set_is_refused(tmp_path):
+    path = tmp_path / "one.npz"
+    rng = np.random.default_rng(0)
+    np.savez(path, x=rng.normal(size=(50, 8)).astype(np.float32), y=np.zeros(50, dtype=np.int64))
+    with pytest.raises(ConfigError, match="holds 1 class.*trivially 1.0"):
+        build_run(_cfg(tmp_path, dataset="embeddings", data_dir=str(path), model="mlp"))
+
+
+def test_rbf_bank_without_any_scorable_row_is_refused():
+    solver = RBFSolver(4, 6, 6, k=2)
+    with pytest.raises(ConfigError, match="every class has one row.*at least 2 training rows per class"):
+        solver.refresh(torch.randn(6, 4), torch.arange(6))
+    partly = RBFSolver(4, 5, 6, k=2)
+    with pytest.warns(TrainingWarning, match="4 of 6 training rows are the only row of their class"):
+        partly.refresh(torch.randn(6, 4), torch.tensor([0, 0, 1, 2, 3, 4]))
+    assert batchnorm_layers(torch.nn.Linear(2, 2)) == []
