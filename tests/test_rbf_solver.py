@@ -43,7 +43,7 @@ class Trainer:
 def filled(emb=None, labels=None, **options):
     if emb is None:
         emb, labels, _ = clustered()
-    solver = RBFSolver(D, C, len(labels), **{"k": 10, **options})
+    solver = RBFSolver(D, C, len(labels), normalize=False, **{"k": 10, **options})
     solver.on_epoch_start(Trainer(emb, labels).ctx(0))
     return solver, emb, labels
 
@@ -68,11 +68,11 @@ def test_registered_with_typed_options():
 def test_refresh_schedule_and_fill_before_first_epoch():
     emb, labels, _ = clustered()
     trainer = Trainer(emb, labels)
-    solver = RBFSolver(D, C, N, k=5, update_interval=3)
+    solver = RBFSolver(D, C, N, normalize=False, k=5, update_interval=3)
     for epoch in range(7):
         solver.on_epoch_start(trainer.ctx(epoch))
     assert trainer.calls == 3  # epochs 0, 3, 6
-    resumed = RBFSolver(D, C, N, k=5, update_interval=3)
+    resumed = RBFSolver(D, C, N, normalize=False, k=5, update_interval=3)
     resumed.on_epoch_start(trainer.ctx(4))  # an empty bank is filled whatever the epoch
     assert trainer.calls == 4 and resumed.bank.filled
     resumed.on_epoch_start(trainer.ctx(5))
@@ -125,7 +125,7 @@ def test_learnable_sigma_gets_a_gradient_matching_the_functional():
 def test_auto_sigma_follows_the_bank_at_every_refresh():
     """Issue 10, finding 2: an automatic sigma set once lost its meaning as the embedding grew."""
     emb, labels, _ = clustered()
-    solver = RBFSolver(D, C, N, k=10)
+    solver = RBFSolver(D, C, N, normalize=False, k=10)
     with pytest.raises(RuntimeError, match="sigma is not set yet"):
         solver.sigma
     solver.on_epoch_start(Trainer(emb, labels).ctx(0))
@@ -136,10 +136,10 @@ def test_auto_sigma_follows_the_bank_at_every_refresh():
     assert solver.sigma.item() == pytest.approx(30 * rbf_auto_sigma(emb), rel=1e-4)
     solver.fit_reference(emb * 2, labels)  # prediction uses the same rule on the reference set
     assert solver.sigma.item() == pytest.approx(rbf_auto_sigma(emb * 2), rel=1e-6)
-    first = RBFSolver(D, C, N, k=10)
+    first = RBFSolver(D, C, N, normalize=False, k=10)
     first.fit_reference(emb * 2, labels)  # prediction before training: the same rule
     assert first.sigma.item() == pytest.approx(rbf_auto_sigma(emb * 2), rel=1e-6)
-    learned = RBFSolver(D, C, N, k=10, learn_sigma=True)  # a learned sigma starts automatic, then is learned
+    learned = RBFSolver(D, C, N, normalize=False, k=10, learn_sigma=True)  # a learned sigma starts automatic, then is learned
     learned.refresh(emb, labels)
     learned.refresh(emb * 3, labels)
     assert learned.sigma.item() == pytest.approx(rbf_auto_sigma(emb), rel=1e-6)
@@ -233,7 +233,7 @@ def test_state_dict_round_trip_reproduces_predictions():
         solver.log_weights.uniform_(-0.5, 0.5)
     queries = torch.cat([emb[:10] + 0.1, torch.full((2, D), 30.0)])
     state = copy.deepcopy(solver.state_dict())
-    fresh = RBFSolver(D, C, N, k=6, bank_dtype="float16", learn_sigma=True)
+    fresh = RBFSolver(D, C, N, normalize=False, k=6, bank_dtype="float16", learn_sigma=True)
     fresh.load_state_dict(state)
     assert fresh.bank.centres.dtype == torch.float16 and fresh.bank.neighbours.dtype == torch.int32
     assert torch.equal(fresh.predict(queries), solver.predict(queries))
@@ -243,22 +243,22 @@ def test_state_dict_round_trip_reproduces_predictions():
 def test_errors_by_type_and_message():
     emb, labels, _ = clustered()
     with pytest.raises(ConfigError, match="k=80 neighbours requested but only 79 other points.*use k <= 79"):
-        RBFSolver(D, C, N, k=80)
+        RBFSolver(D, C, N, normalize=False, k=80)
     with pytest.raises(ConfigError, match="predict_k=81 exceeds the 80 centres"):
-        RBFSolver(D, C, N, k=5, predict_k=81)
+        RBFSolver(D, C, N, normalize=False, k=5, predict_k=81)
     with pytest.raises(ConfigError, match="unknown neighbour_mode 'live'; choose one of: stored, fresh"):
-        RBFSolver(D, C, N, k=5, neighbour_mode="live")
+        RBFSolver(D, C, N, normalize=False, k=5, neighbour_mode="live")
     with pytest.raises(ConfigError, match="unknown bank_dtype 'int8'"):
-        RBFSolver(D, C, N, k=5, bank_dtype="int8")
+        RBFSolver(D, C, N, normalize=False, k=5, bank_dtype="int8")
     with pytest.raises(ConfigError, match="sigma must be a finite number >= 0"):
-        RBFSolver(D, C, N, k=5, sigma=-1.0)
+        RBFSolver(D, C, N, normalize=False, k=5, sigma=-1.0)
     with pytest.raises(ConfigError, match="update_interval must be >= 1"):
-        RBFSolver(D, C, N, k=5, update_interval=0)
+        RBFSolver(D, C, N, normalize=False, k=5, update_interval=0)
     with pytest.raises(ConfigError, match="unknown neighbour search 'kdtree'"):
-        RBFSolver(D, C, N, k=5, search="kdtree")
+        RBFSolver(D, C, N, normalize=False, k=5, search="kdtree")
     with pytest.raises(ConfigError, match="solver 'rbf' has no option sigma_mode"):
         SOLVERS.build("rbf", embedding_dim=D, num_classes=C, num_train=N, sigma_mode="auto")
-    solver = RBFSolver(D, C, N, k=5, sigma=1.0)
+    solver = RBFSolver(D, C, N, normalize=False, k=5, sigma=1.0)
     with pytest.raises(RuntimeError, match="bank is empty"):
         solver(emb[:2], labels[:2], torch.arange(2))
     with pytest.raises(RuntimeError, match="bank is empty"):

@@ -80,16 +80,16 @@ def test_calibration_leaves_weights_modes_and_random_stream_alone():
 
 # 2 and 3. RBF scale and consistent query/bank normalisation ---------------------------------------------------------
 
-def _rbf_cfg(tmp_path, **kw) -> TrainConfig:
+def _rbf_cfg(tmp_path, normalize: bool = True, **kw) -> TrainConfig:
     return _cfg(tmp_path, solver="rbf", max_per_class=40, embedding_dim=32,
-                solver_options={"k": 30, "update_interval": 1}, **kw)
+                solver_options={"k": 30, "update_interval": 1, "normalize": normalize}, **kw)
 
 
 @pytest.mark.parametrize("bn_mode", ["frozen", "batch"])
 def test_training_queries_meet_their_own_stored_centre(tmp_path, bn_mode):
     """Right after a refresh, a training row's training-mode embedding is its stored centre with frozen
     BatchNorm (the default for the RBF solver); with batch statistics it lies far from it."""
-    run = build_run(_rbf_cfg(tmp_path, bn_mode=bn_mode))
+    run = build_run(_rbf_cfg(tmp_path, normalize=False, bn_mode=bn_mode))
     assert run.bn_mode == bn_mode
     run.calibrate(force=True)
     run.solver.on_epoch_start(run.context(0))
@@ -100,9 +100,10 @@ def test_training_queries_meet_their_own_stored_centre(tmp_path, bn_mode):
     x = torch.stack([run.data.train[i][0] for i in rows.tolist()])
     with torch.no_grad():
         own = (run.model(x) - run.solver.bank.training_centres[rows]).norm(dim=1).median().item()
+    # frozen: the identical normalisation; batch: the measured drift (the default all the same: better on validation)
     sigma = run.solver.sigma.item()
     if bn_mode == "frozen":
-        assert own < 1e-4 * sigma
+        assert own < 1e-3 * sigma
     else:
         assert own > 0.1 * sigma
 
@@ -110,7 +111,7 @@ def test_training_queries_meet_their_own_stored_centre(tmp_path, bn_mode):
 def test_rbf_defaults_and_diagnostics_in_the_log(tmp_path):
     summary = train(_rbf_cfg(tmp_path, epochs=3))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert summary["bn_mode"] == "frozen" and summary["embedding_space"] == "euclidean" and not summary["diverged"]
+    assert summary["bn_mode"] == "batch" and summary["embedding_space"] == "l2-normalised" and not summary["diverged"]
     for row in log:
         for key in ("solver_sigma", "solver_mean_neighbour_distance", "solver_mean_rbf_value",
                     "solver_median_own_centre_distance", "solver_frac_unscorable", "lr"):
@@ -167,8 +168,9 @@ def test_every_solver_loss_propagates_a_nan_embedding(name):
 
 def test_cli_stops_a_diverging_rbf_run_with_one_line(tmp_path, capsys):
     out = tmp_path / "r"
+    # The issue's command, with the paper's free-scale embedding (the default sphere keeps this run finite).
     code = main(["train", "--dataset", "digits", "--solver", "rbf", "--k", "20", "--optimizer", "sgd", "--lr", "100",
-                 "--epochs", "2", "--out", str(out), "--plots", "false", "--progress", "false"])
+                 "--epochs", "2", "--out", str(out), "--plots", "false", "--progress", "false", "--normalize", "false"])
     err = capsys.readouterr().err
     assert code == 2
     line = err.strip().splitlines()[-1]
@@ -210,10 +212,11 @@ def test_a_rising_loss_is_flagged_diverged(tmp_path, monkeypatch):
 
 # 5. One evaluation geometry per solver ----------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name,space", [("triplet", "l2-normalised"), ("hal", "l2-normalised"), ("rbf", "euclidean"),
-                                        ("softmax", "euclidean")])
-def test_disjoint_retrieval_ranks_in_the_solver_space(tmp_path, name, space):
-    options = {"k": 20} if name == "rbf" else {}
+@pytest.mark.parametrize("name,space,options", [
+    ("triplet", "l2-normalised", {}), ("hal", "l2-normalised", {}), ("rbf", "l2-normalised", {"k": 20}),
+    ("rbf", "euclidean", {"k": 20, "normalize": False}), ("softmax", "euclidean", {}),
+])
+def test_disjoint_retrieval_ranks_in_the_solver_space(tmp_path, name, space, options):
     run = build_run(_cfg(tmp_path, solver=name, split="disjoint", solver_options=options, max_per_class=60))
     assert run.solver.embedding_space == space
     got = run.evaluate(run.data.test, "test_")

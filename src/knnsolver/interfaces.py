@@ -50,9 +50,6 @@ class Solver(nn.Module):
             (pair/triplet losses); the trainer then uses the class-balanced sampler.
         predicts_by_knn: :meth:`predict` needs :meth:`fit_reference` to have been
             called with the training embeddings first.
-        uses_bank: the loss compares training-mode embeddings with a bank of
-            stored eval-mode embeddings (the RBF solver); the trainer's
-            ``bn_mode="auto"`` then freezes BatchNorm so both share one normalisation.
 
     Geometry: :attr:`embedding_space` names the space the solver trains in and
     :meth:`transform` maps raw network outputs into it. The same transform serves
@@ -64,7 +61,6 @@ class Solver(nn.Module):
 
     needs_balanced_sampler: bool = False
     predicts_by_knn: bool = False
-    uses_bank: bool = False
     embedding_space: str = "euclidean"
 
     def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0) -> None:

@@ -74,7 +74,6 @@ class CRCSolver(Solver):
         if metric_dim < 1:
             raise ConfigError(f"metric_dim must be >= 1, got {metric_dim}; leave it unset for metric_dim = embedding_dim")
         self.dictionary = dictionary
-        self.uses_bank = dictionary == "bank"  # train-mode queries coded over stored eval-mode embeddings
         self.lam, self.temperature = float(lam), float(temperature)
         self.normalize = normalize
         self.bank_refresh_every = int(bank_refresh_every)

@@ -86,18 +86,20 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 class Run:
     """Everything a run is made of, built from a config.
 
-    ``bn_mode`` is the resolved BatchNorm mode (``batch`` or ``frozen``; see
-    :class:`TrainConfig`); ``bn_current`` says whether the running statistics
-    were re-estimated for the current weights (a re-estimation is skipped then:
-    it would give the same values).
+    ``bn_current`` says whether the BatchNorm running statistics were
+    re-estimated for the current weights (a re-estimation is skipped then: it
+    would give the same values).
     """
 
     config: TrainConfig
     data: DataBundle
     model: nn.Module
     solver: Solver
-    bn_mode: str = "batch"
     bn_current: bool = False
+
+    @property
+    def bn_mode(self) -> str:
+        return self.config.bn_mode
 
     @property
     def device(self) -> torch.device:
@@ -182,10 +184,7 @@ def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
         config.solver, embedding_dim=config.embedding_dim, num_classes=data.num_classes, num_train=len(data.train),
         **options,
     )
-    bn_mode = config.bn_mode
-    if bn_mode == "auto":
-        bn_mode = "frozen" if solver.uses_bank else "batch"
-    return Run(config, data, model.to(config.device), solver.to(config.device), bn_mode=bn_mode)
+    return Run(config, data, model.to(config.device), solver.to(config.device))
 
 
 def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
