@@ -77,23 +77,29 @@ def val_curve(result: dict[str, Any], key: str = "val_accuracy") -> list[float]:
 
 
 def largest_step(values: list[float], skip: int = 0) -> float:
+    """Largest absolute change between consecutive values from index ``skip`` on."""
     tail = values[skip:]
     return max((abs(b - a) for a, b in zip(tail, tail[1:])), default=0.0)
 
 
+def largest_drop(values: list[float]) -> float:
+    """Largest fall from one value to the next (0 if it never falls)."""
+    return max((a - b for a, b in zip(values, values[1:])), default=0.0)
+
+
 def softmax(out: Path, seeds: list[int]) -> None:
     print("## softmax, 100 images per class, 20 epochs (validation 3,000 images, test 10,000)")
-    print("| settings | seed | val accuracy per epoch (%) | largest epoch-to-epoch change (pts) | test acc | "
-          "test acc after fresh BN re-estimation | gap (pts) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| settings | seed | val accuracy per epoch (%) | largest epoch-to-epoch drop (pts) | largest change "
+          "from epoch 5 on (pts) | test acc | test acc after fresh BN re-estimation | gap (pts) |")
+    print("|---|---|---|---|---|---|---|---|")
     for label, extra in (("old (no precise BN, constant lr)", OLD), ("new defaults", {})):
         for seed in seeds:
             tag = "old" if extra else "new"
             r = run(out, f"softmax-{tag}-s{seed}", solver="softmax", max_per_class=100, epochs=20, seed=seed, **extra)
             curve = [100 * v for v in val_curve(r)]
             test, fresh = 100 * r["summary"]["test_accuracy"], 100 * r["fresh_bn_test_accuracy"]
-            print(f"| {label} | {seed} | {' '.join(f'{v:.0f}' for v in curve)} | {largest_step(curve):.1f} | "
-                  f"{test:.2f} | {fresh:.2f} | {abs(test - fresh):.2f} |")
+            print(f"| {label} | {seed} | {' '.join(f'{v:.0f}' for v in curve)} | {largest_drop(curve):.1f} | "
+                  f"{largest_step(curve, skip=4):.1f} | {test:.2f} | {fresh:.2f} | {abs(test - fresh):.2f} |")
             sys.stdout.flush()
 
 
