@@ -3,23 +3,32 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+
+from knnsolver.data.batches import iterate_batches, sequential_plan
 
 
 @torch.no_grad()
-def embed_dataset(model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu") -> tuple[Tensor, Tensor]:
-    """Return ``(embeddings, labels)`` for every item of ``dataset`` in order.
+def embed_dataset(
+    model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu",
+    rows: range | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Return ``(embeddings, labels)`` for every item of ``dataset`` (or its ``rows``) in order.
 
     The model is put in eval mode (no dropout, BatchNorm running statistics) and
-    restored to its previous mode afterwards.
+    restored to its previous mode afterwards. In-memory datasets are batched on
+    the device (:mod:`knnsolver.data.batches`).
     """
     was_training = model.training
     model.eval()
     embs, labels = [], []
     try:
-        for x, y, _ in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-            embs.append(model(x.to(device)).float())
-            labels.append(torch.as_tensor(y))
+        plan = sequential_plan(range(len(dataset)) if rows is None else rows, batch_size)
+        for x, y, _ in iterate_batches(dataset, plan, torch.device(device)):
+            embs.append(model(x).float())
+            labels.append(y)
     finally:
         model.train(was_training)
+    if not embs:
+        return torch.empty(0, 0, device=device), torch.empty(0, dtype=torch.long, device=device)
     return torch.cat(embs), torch.cat(labels).long().to(device)

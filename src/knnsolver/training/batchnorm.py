@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
+
+from knnsolver.data.batches import iterate_batches, sequential_plan
 
 __all__ = ["batchnorm_layers", "calibrate_batchnorm", "calibration_rows", "freeze_batchnorm"]
 
@@ -55,11 +57,11 @@ def calibrate_batchnorm(
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        rows = calibration_rows(len(dataset), max_rows)
-        with torch.random.fork_rng(devices=[]):  # a DataLoader draws a seed: leave the run's RNG stream alone
-            for x, _, _ in DataLoader(Subset(dataset, rows), batch_size=batch_size, shuffle=False):
+        plan = sequential_plan(calibration_rows(len(dataset), max_rows), batch_size)
+        with torch.random.fork_rng(devices=[]):  # loading draws a seed: leave the run's random stream alone
+            for x, _, _ in iterate_batches(dataset, plan, device):
                 if len(x) > 1:
-                    model(x.to(device))
+                    model(x)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

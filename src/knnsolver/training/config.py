@@ -73,6 +73,7 @@ class TrainConfig:
     bn_mode: str = "batch"
     eval_every: int = 1
     eval_batch_size: int = 512
+    num_workers: int = 0  # DataLoader worker processes for file-backed or augmented data
     plots: bool = True
     progress: bool = True
     device: str = "cpu"
@@ -99,6 +100,8 @@ class TrainConfig:
         if self.precise_bn_rows < 1:
             raise ConfigError(f"precise_bn_rows must be >= 1 (turn re-estimation off with precise_bn=false), "
                               f"got {self.precise_bn_rows}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be >= 0 (0 = load in the main process), got {self.num_workers}")
         if self.samples_per_class < 0:
             raise ConfigError(f"samples_per_class must be >= 0 (0 = automatic), got {self.samples_per_class}")
         if not self.lr > 0:

@@ -51,11 +51,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import BatchSampler, DataLoader, Subset
+from torch.utils.data import BatchSampler
 from tqdm.auto import tqdm
 
 from knnsolver import distributed
 from knnsolver.data import DataBundle, build_data
+from knnsolver.data.batches import iterate_batches
 from knnsolver.data.sampler import ClassBalancedBatchSampler
 from knnsolver.errors import ConfigError, DivergenceError, TrainingWarning
 from knnsolver.evaluation import embed_dataset, retrieval_summary, solver_accuracy
@@ -105,14 +106,14 @@ class Run:
     def device(self) -> torch.device:
         return torch.device(self.config.device)
 
-    def embed(self, dataset) -> tuple[Tensor, Tensor]:
-        return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device)
+    def embed(self, dataset, rows: range | None = None) -> tuple[Tensor, Tensor]:
+        return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device, rows)
 
     def embed_all(self, dataset) -> tuple[Tensor, Tensor]:
         """:meth:`embed` of every row of ``dataset``, each process embedding its shard (collective)."""
         if not distributed.is_distributed():
             return self.embed(dataset)
-        emb, labels = self.embed(Subset(dataset, distributed.shard(len(dataset))))
+        emb, labels = self.embed(dataset, distributed.shard(len(dataset)))
         return distributed.all_gather_rows(emb), distributed.all_gather_rows(labels)
 
     def calibrate(self, force: bool = False) -> None:
@@ -429,16 +430,16 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, ep
         freeze_batchnorm(run.model)
     run.bn_current = False
     batches = _process_batches(run, epoch)
-    loader = DataLoader(run.data.train, batch_sampler=batches)
+    loader = iterate_batches(run.data.train, batches, dev, cfg.num_workers)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     total = torch.zeros(2, dtype=torch.float64)  # summed loss x rows, rows: over every process
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, unit="batch")
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, unit="batch",
+               total=len(batches))
     for i, (x, y, idx) in enumerate(bar):
         lr = cfg.lr * lr_factor(cfg, epoch * len(batches) + i, len(batches))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y, idx = x.to(dev), torch.as_tensor(y).to(dev), torch.as_tensor(idx).to(dev)
         loss, embeddings_finite = step(x, y, idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
