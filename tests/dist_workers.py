@@ -86,7 +86,8 @@ def one_step(make: Callable[[], tuple[torch.nn.Module, torch.nn.Module]], x: tor
     def work():
         model, solver = make()
         fill(model, solver)
-        run = SimpleNamespace(model=model, solver=solver, device=torch.device("cpu"))
+        run = SimpleNamespace(model=model, solver=solver, device=torch.device("cpu"),
+                              config=SimpleNamespace(compile=False, precision="fp32"))
         step = _loss_step(run)
         part = torch.arange(len(y)).chunk(distributed.world_size())[distributed.rank()]
         opt = torch.optim.SGD([*model.parameters(), *solver.parameters()], lr=0.5)

@@ -54,8 +54,8 @@ def train_interrupted(config, stop_after: int) -> None:
 
     original = trainer._end_epoch
 
-    def end_epoch(run, optimizer, epoch, *args):
-        result = original(run, optimizer, epoch, *args)
+    def end_epoch(run, optimizer, scaler, epoch, *args):
+        result = original(run, optimizer, scaler, epoch, *args)
         if epoch + 1 == stop_after:
             raise KeyboardInterrupt
         return result

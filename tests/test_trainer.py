@@ -147,3 +147,72 @@ def test_calibrate_batchnorm_matches_data_statistics():
         out = model(x)
     assert torch.allclose(out.std(0), torch.ones(4), atol=0.1)  # eval embeddings now on the training scale
     assert not calibrate_batchnorm(nn.Linear(3, 2), data, 50, torch.device("cpu"))
+
+
+def test_batched_reads_stop_at_the_first_bad_step_with_finite_weights(tmp_path, monkeypatch):
+    """The GPU path reads the step flags every few steps: the error names the first bad step and the
+    flagged steps' gradients are zeroed, so no weight ever becomes NaN."""
+    from knnsolver.errors import DivergenceError
+    from knnsolver.solvers.softmax import SoftmaxSolver
+    from knnsolver.training import trainer
+
+    calls = {"n": 0}
+    original = SoftmaxSolver.forward
+
+    def forward(self, embeddings, labels, rows=None):
+        calls["n"] += 1
+        loss = original(self, embeddings, labels, rows)
+        return loss * float("nan") if calls["n"] in (6, 7) else loss
+
+    monkeypatch.setattr(SoftmaxSolver, "forward", forward)
+    monkeypatch.setattr(trainer, "_read_every", lambda device: 4)
+    seen = {}
+    step = trainer._train_epoch
+
+    def spy(run, *args):
+        seen["run"] = run
+        return step(run, *args)
+
+    monkeypatch.setattr(trainer, "_train_epoch", spy)
+    with pytest.raises(DivergenceError, match=r"non-finite loss, gradients at epoch 1, step 6:"):
+        train(_cfg(tmp_path, epochs=1))
+    params = [*seen["run"].model.parameters(), *seen["run"].solver.parameters()]
+    assert calls["n"] == 8 and all(torch.isfinite(p).all() for p in params)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_fp32_solver_maths(tmp_path, precision):
+    from knnsolver.solvers.softmax import SoftmaxSolver
+
+    dtypes = set()
+    original = SoftmaxSolver.forward
+
+    def forward(self, embeddings, labels, rows=None):
+        dtypes.add(embeddings.dtype)
+        return original(self, embeddings, labels, rows)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SoftmaxSolver, "forward", forward)
+        summary = train(_cfg(tmp_path, epochs=3, width=16, precision=precision))
+    assert dtypes == {torch.float32} and summary["test_accuracy"] > 0.8
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert ("scale" in state["scaler"]) == (precision == "fp16")
+
+
+def test_device_choice(tmp_path):
+    assert TrainConfig().device == "auto"
+    assert TrainConfig().torch_device == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA GPU is visible; use --device cpu or auto"):
+            _cfg(tmp_path, device="cuda").validate()
+    with pytest.raises(ConfigError, match="unknown device 'gpu0'"):
+        _cfg(tmp_path, device="gpu0").validate()
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'"):
+        _cfg(tmp_path, precision="fp8").validate()
+
+
+@pytest.mark.slow
+def test_compiled_network_trains_like_the_eager_one(tmp_path):
+    eager = train(_cfg(tmp_path, out=str(tmp_path / "eager"), epochs=1))
+    compiled = train(_cfg(tmp_path, out=str(tmp_path / "compiled"), epochs=1, compile=True))
+    assert compiled["test_accuracy"] == pytest.approx(eager["test_accuracy"], abs=0.02)

@@ -6,11 +6,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from knnsolver.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SPLITS = ("standard", "disjoint")
 LR_SCHEDULES = ("constant", "cosine", "step")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BN_MODES = ("batch", "frozen")
 
 
@@ -30,6 +33,12 @@ class TrainConfig:
     * ``precise_bn``: before every evaluation and every bank refresh, re-estimate the
       BatchNorm running statistics with a no-grad pass over at most
       ``precise_bn_rows`` training rows (evenly spaced, no augmentation, dropout off).
+    * ``device``: ``auto`` (default) trains on CUDA when a GPU is visible, else
+      on the CPU; or a torch device name (``cpu``, ``cuda``, ``cuda:1``).
+    * ``precision``: ``fp32`` (default); ``bf16`` or ``fp16`` run the network under
+      autocast (fp16 with a gradient scaler) while every solver's maths stays
+      in fp32 (the embeddings are cast up before the solver).
+    * ``compile``: run the network through ``torch.compile``.
     * ``bn_mode``: how BatchNorm normalises during training. ``batch`` (default):
       batch statistics (PyTorch's train mode); ``frozen``: the running statistics,
       re-estimated at every epoch start, so training-mode queries and an
@@ -76,7 +85,9 @@ class TrainConfig:
     num_workers: int = 0  # DataLoader worker processes for file-backed or augmented data
     plots: bool = True
     progress: bool = True
-    device: str = "cpu"
+    device: str = "auto"
+    precision: str = "fp32"
+    compile: bool = False
     solver_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> "TrainConfig":
@@ -85,6 +96,9 @@ class TrainConfig:
         for name in positive:
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        self.torch_device  # checks the device name
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
         if self.bn_mode not in BN_MODES:
@@ -117,6 +131,19 @@ class TrainConfig:
         if not isinstance(self.solver_options, dict):
             raise ConfigError("solver_options must be a mapping of option name to value")
         return self
+
+    @property
+    def torch_device(self) -> torch.device:
+        """``device`` resolved: ``auto`` is CUDA when a GPU is visible, else the CPU."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, ValueError):
+            raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(f"device {self.device!r} asked for but no CUDA GPU is visible; use --device cpu or auto")
+        return device
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

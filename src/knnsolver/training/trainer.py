@@ -65,12 +65,14 @@ from knnsolver.models import build_model
 from knnsolver.registry import SOLVERS
 from knnsolver.training.batchnorm import calibrate_batchnorm, freeze_batchnorm
 from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
-from knnsolver.training.config import TrainConfig, load_config_file
+from knnsolver.training.config import PRECISIONS, TrainConfig, load_config_file
 from knnsolver.training.schedule import lr_factor
 
 CHECKPOINT, BEST, CONFIG, LOG, SUMMARY = "checkpoint.pt", "best.pt", "config.json", "log.jsonl", "summary.json"
 # A run whose epoch loss exceeds this multiple of its first epoch's is flagged as diverged.
 DIVERGENCE_FACTOR = 10.0
+# On a GPU the step's non-finite flags and loss are read back every this many steps, not every step.
+_GPU_READ_EVERY = 32
 
 
 def seed_everything(seed: int) -> None:
@@ -104,7 +106,7 @@ class Run:
 
     @property
     def device(self) -> torch.device:
-        return torch.device(self.config.device)
+        return self.config.torch_device
 
     def embed(self, dataset, rows: range | None = None) -> tuple[Tensor, Tensor]:
         return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device, rows)
@@ -185,7 +187,10 @@ def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
         config.solver, embedding_dim=config.embedding_dim, num_classes=data.num_classes, num_train=len(data.train),
         **options,
     )
-    return Run(config, data, model.to(config.device), solver.to(config.device))
+    device = config.torch_device
+    if device.type == "cuda" and len(data.input_shape) == 3:
+        model = model.to(memory_format=torch.channels_last)  # faster convolutions on GPUs
+    return Run(config, data, model.to(device), solver.to(device))
 
 
 def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -240,16 +245,22 @@ def _process_batches(run: Run, epoch: int) -> list[list[int]]:
 class LossStep(nn.Module):
     """``solver(model(x), y, rows)`` as one call: what one training step differentiates.
 
-    Returns the loss and a 0-d bool tensor saying whether every embedding was
-    finite (checked on the device, read with the step's other flags).
+    The network runs under autocast when ``autocast_dtype`` is given (mixed
+    precision); its embeddings are cast to fp32 before the solver, whose maths
+    (distances, log-sum-exps, ridge solves) stays in fp32. Returns the loss and
+    a 0-d bool tensor saying whether every embedding was finite (checked on the
+    device, read with the step's other flags).
     """
 
-    def __init__(self, model: nn.Module, solver: Solver) -> None:
+    def __init__(self, model: nn.Module, solver: Solver, autocast_dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.model, self.solver = model, solver
+        self.autocast_dtype = autocast_dtype
 
     def forward(self, x: Tensor, labels: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
-        embeddings = self.model(x)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            embeddings = self.model(x)
+        embeddings = embeddings.float()
         return self.solver(embeddings, labels, rows), torch.isfinite(embeddings.detach()).all()
 
 
@@ -260,16 +271,18 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
 
 
 def _loss_step(run: Run) -> nn.Module:
-    """The training step, with network and solver wrapped for data parallelism when distributed."""
-    if not distributed.is_distributed():
-        return LossStep(run.model, run.solver)
-    ids = [torch.cuda.current_device()] if run.device.type == "cuda" else None
-    model = DistributedDataParallel(run.model, device_ids=ids)
-    solver = run.solver
-    if any(p.requires_grad for p in solver.parameters()):
-        # The solvers keep their buffers (the RBF bank) equal on every process themselves.
-        solver = DistributedDataParallel(solver, device_ids=ids, **_NO_BUFFER_SYNC)
-    return LossStep(model, solver)
+    """The training step: network and solver wrapped for data parallelism when distributed,
+    the network compiled with ``config.compile``, autocast with ``config.precision``."""
+    model, solver = run.model, run.solver
+    if distributed.is_distributed():
+        ids = [torch.cuda.current_device()] if run.device.type == "cuda" else None
+        model = DistributedDataParallel(model, device_ids=ids)
+        if any(p.requires_grad for p in solver.parameters()):
+            # The solvers keep their buffers (the RBF bank) equal on every process themselves.
+            solver = DistributedDataParallel(solver, device_ids=ids, **_NO_BUFFER_SYNC)
+    if run.config.compile:
+        model = torch.compile(model)
+    return LossStep(model, solver, PRECISIONS[run.config.precision])
 
 
 def _select_key(config: TrainConfig) -> str:
@@ -303,7 +316,7 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, mo
     Under ``torchrun`` (``WORLD_SIZE`` > 1) the run is data-parallel over the
     processes (module docstring) and every process returns the summary.
     """
-    started = distributed.init_from_env(config.device)
+    started = distributed.init_from_env(str(config.torch_device))
     try:
         return _train(config, resume, overwrite, model)
     finally:
@@ -320,11 +333,14 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
     run = build_run(config, model)
     params = [p for p in [*run.model.parameters(), *run.solver.parameters()] if p.requires_grad]
     optimizer = _optimizer(config, params)
+    scaler = torch.amp.GradScaler(run.device.type, enabled=config.precision == "fp16")
     history: list[dict[str, Any]] = []
     best_score, start_epoch = -math.inf, 0
     if state is not None:
         run.load_weights(state)
         optimizer.load_state_dict(state["optimizer"])
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
         history, best_score, start_epoch = state["history"], state["best_score"], state["epoch"] + 1
     else:
         # An untrained network's running statistics are BatchNorm's defaults (mean 0, variance 1),
@@ -336,8 +352,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
     for epoch in range(start_epoch, config.epochs):
         # Rank 0 keeps the single-process seed; the others draw their own dropout and augmentation.
         torch.manual_seed(_epoch_seed(config.seed, epoch) + 7_919 * distributed.rank())
-        row = _train_epoch(run, step, optimizer, epoch, run.context(epoch), history)
-        best_score = _on_main(lambda: _end_epoch(run, optimizer, epoch, row, history, best_score))
+        row = _train_epoch(run, step, optimizer, scaler, epoch, run.context(epoch), history)
+        best_score = _on_main(lambda: _end_epoch(run, optimizer, scaler, epoch, row, history, best_score))
         distributed.sync_buffers(run.model)  # rank 0 may have re-estimated BatchNorm statistics
     if distributed.is_distributed():  # every process ends with the best weights, as rank 0 does in finish()
         run.load_weights(_on_main(lambda: load_checkpoint(out / BEST)))
@@ -387,7 +403,7 @@ def _picklable(obj: Any) -> bool:
     return True
 
 
-def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, row: dict[str, Any],
+def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, row: dict[str, Any],
                history: list[dict[str, Any]], best_score: float) -> float:
     """Validate, keep the best checkpoint, append to the log, save the resumable checkpoint; return the best score."""
     config, out = run.config, Path(run.config.out)
@@ -405,20 +421,26 @@ def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, epoch: int, row: dict
     write_jsonl(history, out / LOG)
     save_checkpoint(
         {"config": config.to_dict(), "model": run.model.state_dict(), "solver": run.solver.state_dict(),
-         "optimizer": optimizer.state_dict(), "epoch": epoch, "history": history, "best_score": best_score},
+         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
+         "best_score": best_score},
         out / CHECKPOINT,
     )
     return best_score
 
 
-def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, epoch: int, ctx: EpochContext,
-                 history: list[dict[str, Any]]) -> dict[str, Any]:
+def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                 epoch: int, ctx: EpochContext, history: list[dict[str, Any]]) -> dict[str, Any]:
     """One epoch of this process's batches; the logged loss and throughput cover all processes.
 
     Every step sets the scheduled learning rate, clips gradients when asked,
-    and checks (one host read per step, summed over processes) that the loss,
-    the embeddings and the gradient norm are finite before the optimiser
-    steps, so a diverging run stops with weights that were never NaN.
+    and flags (on the device, summed over processes) a non-finite loss,
+    embedding or gradient norm. On the CPU the flags are read before every
+    optimiser step, so a diverging run stops with weights that were never NaN;
+    on a GPU they are read every :data:`_GPU_READ_EVERY` steps (no host
+    synchronisation per step) and a flagged step's gradients are zeroed on the
+    device, so the weights stay finite until the run stops. With fp16 the
+    gradient scaler skips steps with non-finite gradients itself, so only the
+    loss and the embeddings are guarded there.
     """
     cfg, dev = run.config, run.device
     if run.bn_mode == "frozen":
@@ -430,39 +452,54 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, ep
         freeze_batchnorm(run.model)
     run.bn_current = False
     batches = _process_batches(run, epoch)
-    loader = iterate_batches(run.data.train, batches, dev, cfg.num_workers)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    read_every = _read_every(dev)
     total = torch.zeros(2, dtype=torch.float64)  # summed loss x rows, rows: over every process
+    window = torch.zeros(5, dtype=torch.float64, device=dev)  # the same, then non-finite loss, embeddings, gradients
+    first_bad = torch.full((), -1, dtype=torch.long, device=dev)
+    lr = cfg.lr
     start = time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False, unit="batch",
-               total=len(batches))
+    bar = tqdm(iterate_batches(run.data.train, batches, dev, cfg.num_workers), desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not cfg.progress, leave=False, unit="batch", total=len(batches))
     for i, (x, y, idx) in enumerate(bar):
         lr = cfg.lr * lr_factor(cfg, epoch * len(batches) + i, len(batches))
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss, embeddings_finite = step(x, y, idx)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
         grads = [p.grad for p in params if p.grad is not None]
         if cfg.clip_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
         else:
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=dev)
+        grads_bad = ~torch.isfinite(grad_norm) if not scaler.is_enabled() else torch.zeros((), dtype=torch.bool, device=dev)
         rows = torch.tensor(float(len(y)), dtype=torch.float64, device=dev)
-        flags = torch.stack([~torch.isfinite(loss.detach()), ~embeddings_finite, ~torch.isfinite(grad_norm)])
-        status = distributed.all_reduce_sum(torch.cat([torch.stack([loss.detach().double() * rows, rows]),
-                                                       flags.double()])).cpu()
-        if status[2:].any():
-            raise DivergenceError(_divergence_message(run, epoch, i, lr, status[2:].tolist(), history))
-        optimizer.step()
-        total += status[:2]
-        bar.set_postfix(loss=f"{total[0] / total[1]:.4f}", samples_s=f"{total[1] / (time.perf_counter() - start):.0f}")
+        flags = torch.stack([~torch.isfinite(loss.detach()), ~embeddings_finite, grads_bad])
+        status = distributed.all_reduce_sum(torch.cat([torch.stack([loss.detach().double() * rows, rows]), flags.double()]))
+        window += status
+        if read_every > 1:
+            bad = status[2:].any()
+            first_bad = torch.where(bad & (first_bad < 0), torch.tensor(i, device=dev), first_bad)
+            for g in grads:  # a flagged step moves nothing by its gradients
+                g.masked_fill_(bad, 0.0)
+        if (i + 1) % read_every == 0 or i + 1 == len(batches):
+            read = window.cpu()
+            if read[2:].any():
+                at = i if read_every == 1 else int(first_bad)
+                raise DivergenceError(_divergence_message(run, epoch, at, lr, read[2:].tolist(), history))
+            total += read[:2]
+            window.zero_()
+            bar.set_postfix(loss=f"{total[0] / total[1]:.4f}", samples_s=f"{total[1] / (time.perf_counter() - start):.0f}")
+        scaler.step(optimizer)
+        scaler.update()
     elapsed = time.perf_counter() - start
     # DDP broadcasts rank 0's BatchNorm statistics before each step; the last step's update is synced here.
     distributed.sync_buffers(run.model)
     seen = int(total[1])
     row = {"epoch": epoch + 1, "loss": float(total[0]) / max(1, seen), "seconds": elapsed, "samples_per_s": seen / elapsed,
-           "lr": lr if batches else cfg.lr}
+           "lr": lr}
     row.update({f"solver_{k}": float(v) for k, v in run.solver.on_epoch_end(ctx).items()})
     first = history[0]["loss"] if history else 0.0
     if first > 0 and row["loss"] > DIVERGENCE_FACTOR * first:
@@ -474,6 +511,11 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, ep
                 "--clip-grad-norm", TrainingWarning, stacklevel=2,
             )
     return row
+
+
+def _read_every(device: torch.device) -> int:
+    """Steps between host reads of the loss and the non-finite flags: every step on the CPU, where a read is free."""
+    return 1 if device.type == "cpu" else _GPU_READ_EVERY
 
 
 def _divergence_message(run: Run, epoch: int, step: int, lr: float, flags: list[float], history: list[dict[str, Any]]) -> str:
