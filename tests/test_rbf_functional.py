@@ -210,3 +210,32 @@ def test_auto_sigma_is_median_distance_to_nearest_other_centre():
     dt.fill_diagonal_(float("inf"))
     assert rbf_auto_sigma(twins) == pytest.approx(float(np.sort(dt.min(1).values.numpy())[18]), rel=1e-5)
     assert rbf_auto_sigma(torch.ones(4, 2)) == 1.0
+
+
+def test_sync_free_hard_case_search_gives_the_same_centres():
+    g = torch.Generator().manual_seed(4)
+    centres, cl = torch.randn(50, 5, generator=g), torch.randint(0, 6, (50,), generator=g)
+    queries, labels = torch.randn(12, 5, generator=g), torch.randint(0, 7, (12,), generator=g)  # class 6: no centre
+    exclude = torch.randint(0, 50, (12,), generator=g)
+    want = rbf_nearest_class_centres(queries, labels, centres, cl, exclude)
+    got = rbf_nearest_class_centres(queries, labels, centres, cl, exclude, sync_free=True)
+    assert torch.equal(got, want) and (want[labels == 6] == -1).all()
+
+
+def test_accelerator_path_of_the_loss_equals_the_cpu_path(monkeypatch):
+    """The sync-free hard-case rule (used on GPUs) gives the same loss and gradients, tested on the CPU."""
+    import knnsolver.functional.rbf as rbf
+
+    g = torch.Generator().manual_seed(5)
+    centres, cl = torch.randn(40, 4, generator=g), torch.arange(40) % 5
+    neighbours = torch.randint(0, 40, (10, 6), generator=g)
+    labels, lw = torch.randint(0, 5, (10,), generator=g), torch.zeros(40, requires_grad=True)
+    x = torch.randn(10, 4, generator=g, requires_grad=True)
+    results = []
+    for sync_free in (False, True):
+        monkeypatch.setattr(rbf, "_avoid_host_sync", lambda device, value=sync_free: value)
+        loss = rbf_loss(x, centres, cl, neighbours, lw, 0.7, labels, exclude=torch.arange(10))
+        results.append((loss.detach(), *torch.autograd.grad(loss, (x, lw))))
+    assert rbf_terms(x, centres, cl, neighbours, lw, 0.7, labels).true_absent.any()  # the hard case occurs
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

@@ -118,17 +118,23 @@ def rbf_log_probs(
 
 @torch.no_grad()
 def rbf_nearest_class_centres(
-    queries: Tensor, labels: Tensor, centres: Tensor, centre_labels: Tensor, exclude: Tensor | None = None
+    queries: Tensor, labels: Tensor, centres: Tensor, centre_labels: Tensor, exclude: Tensor | None = None,
+    *, sync_free: bool = False,
 ) -> Tensor:
     """Index of the nearest centre with each query's label, or ``-1`` when there is none.
 
     Only centres of the queried classes are compared (``(Q, n_candidates)``
     distances, never ``N x N``). ``exclude`` (``(Q,)`` row indices) removes each
-    query's own centre.
+    query's own centre. ``sync_free`` compares against every centre instead of
+    selecting the candidates first (a selection needs the host to learn their
+    number): more arithmetic, no host synchronisation, the same answer.
     """
-    candidates = torch.isin(centre_labels, labels).nonzero().squeeze(1)
-    if candidates.numel() == 0:
-        return torch.full_like(labels, -1, dtype=torch.long)
+    if sync_free:
+        candidates = torch.arange(centres.shape[0], device=centres.device)
+    else:
+        candidates = torch.isin(centre_labels, labels).nonzero().squeeze(1)
+        if candidates.numel() == 0:
+            return torch.full_like(labels, -1, dtype=torch.long)
     points = centres[candidates].float()
     dist = (points * points).sum(1) - 2.0 * (queries.detach().float() @ points.T)
     dist.masked_fill_(centre_labels[candidates].unsqueeze(0) != labels.unsqueeze(1), float("inf"))
@@ -137,6 +143,11 @@ def rbf_nearest_class_centres(
     best = dist.argmin(1)
     found = torch.isfinite(dist.gather(1, best.unsqueeze(1)).squeeze(1))
     return torch.where(found, candidates[best], torch.full_like(best, -1))
+
+
+def _avoid_host_sync(device: torch.device) -> bool:
+    """Whether to trade arithmetic for no host synchronisation (on accelerators; on the CPU a read is free)."""
+    return device.type != "cpu"
 
 
 class RBFTerms(NamedTuple):
@@ -182,7 +193,14 @@ def rbf_terms(
     index = neighbours.long()
     neighbour_labels = centre_labels[index.clamp(min=0)].long()
     true_absent = ~((neighbour_labels == labels.unsqueeze(1)) & (index >= 0)).any(1)
-    if bool(true_absent.any()):
+    if _avoid_host_sync(embeddings.device):
+        # No host synchronisation on an accelerator: every row's nearest true-class centre is
+        # found, and used where the class is absent (a padding slot elsewhere; the same loss).
+        nearest = rbf_nearest_class_centres(
+            embeddings, labels, centres, centre_labels, None if exclude is None else exclude.long(), sync_free=True
+        )
+        index = torch.cat([index, torch.where(true_absent, nearest, torch.full_like(nearest, -1)).unsqueeze(1)], dim=1)
+    elif bool(true_absent.any()):
         hard = true_absent.nonzero().squeeze(1)
         extra = torch.full_like(labels, -1)
         extra[hard] = rbf_nearest_class_centres(

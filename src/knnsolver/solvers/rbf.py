@@ -148,6 +148,8 @@ class RBFSolver(Solver):
         self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma) if sigma > 0 else math.nan), requires_grad=learn_sigma)
         self._stats = torch.zeros(5)  # sums of: mean distance, mean RBF value, true class absent, unscorable; rows
         self._own: list[Tensor] = []  # this epoch's distances from training queries to their own stored centres
+        self._sigma_known = sigma > 0
+        self._rows_checked = False  # on an accelerator, row indices are checked once per refresh (a host read)
 
     @classmethod
     def protocol_defaults(cls, split: str) -> dict[str, object]:
@@ -161,15 +163,22 @@ class RBFSolver(Solver):
     @property
     def sigma(self) -> Tensor:
         """The global RBF width ``exp(log_sigma)`` (differentiable when learned)."""
-        if torch.isnan(self.log_sigma):
-            raise RuntimeError("sigma is not set yet: it is set automatically when the bank is filled")
+        if not self._sigma_known:  # read from the device only until it is set
+            if torch.isnan(self.log_sigma):
+                raise RuntimeError("sigma is not set yet: it is set automatically when the bank is filled")
+            self._sigma_known = True
         return self.log_sigma.exp()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._sigma_known = self._rows_checked = False  # a loaded state is read afresh
 
     @torch.no_grad()
     def _update_sigma(self) -> None:
         """Re-estimate an automatic sigma from the bank (a learned one only at the first fill)."""
         if self.auto_sigma or torch.isnan(self.log_sigma):
             self.log_sigma.fill_(math.log(rbf_auto_sigma(self.bank.training_centres)))
+            self._sigma_known = True
 
     @torch.no_grad()
     def _checked(self, embeddings: Tensor, what: str) -> Tensor:
@@ -190,6 +199,7 @@ class RBFSolver(Solver):
         """
         self.bank.refresh(self._checked(embeddings, "the RBF bank refresh"), labels)
         self._update_sigma()
+        self._rows_checked = False
         counts = torch.bincount(self.bank.training_labels)
         alone = int((counts[self.bank.training_labels] < 2).sum())
         if alone == self.num_train:
@@ -259,7 +269,9 @@ class RBFSolver(Solver):
         labels = labels.long()
         if row_indices is not None:
             row_indices = row_indices.long()
-            self._check_rows(labels, row_indices)
+            if row_indices.device.type == "cpu" or not self._rows_checked:
+                self._check_rows(labels, row_indices)
+                self._rows_checked = True
         embeddings = self.transform(embeddings)
         neighbours = self._neighbours(embeddings, row_indices)
         sigma = self.sigma
