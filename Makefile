@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all data setup clean
+.PHONY: demo test test-all data setup clean gpu-bundle
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ test-all: $(STAMP)
 
 data:
 	apt-get update && apt-get install -y dataset-fashion-mnist
+
+# What benchmarks/gpu_check.sh needs on a GPU machine without network (both folders are git-ignored).
+gpu-bundle:
+	mkdir -p .whl .data/fashion-mnist
+	python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl faiss-cpu==1.15.1 pytorch-metric-learning==2.9.0
+	cp /usr/share/datasets/fashion-mnist/*.gz .data/fashion-mnist/
 
 clean:
 	rm -rf $(VENV) runs

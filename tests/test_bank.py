@@ -23,15 +23,15 @@ def table(n=60, d=6, c=5, seed=0):
 
 
 class CountingSearch(NeighbourSearch):
-    """An injected backend that records its calls (the seam faiss / FANNG plug into)."""
+    """An injected backend that records the indexes it builds (the seam faiss / FANNG plug into)."""
 
     def __init__(self):
         self.calls = []
         self.inner = ExactSearch(block_elements=64)  # tiny blocks: never an N x N matrix
 
-    def knn_graph(self, points, k):
-        self.calls.append((points.shape[0], k))
-        return self.inner.knn_graph(points, k)
+    def build(self, points):
+        self.calls.append(points.shape[0])
+        return self.inner.build(points)
 
 
 def test_refresh_stores_centres_and_brute_force_neighbours():
@@ -51,7 +51,7 @@ def test_refresh_uses_the_injected_search():
     bank = EmbeddingBank(60, 6, k=4, search=search)
     bank.refresh(emb, labels)
     bank.refresh(emb * 2, labels)
-    assert search.calls == [(60, 4), (60, 4)]
+    assert search.calls == [60, 60]  # one index per refresh
     np.testing.assert_array_equal(bank.neighbours.numpy(), brute_force_graph(emb.numpy(), 4))
 
 
@@ -98,7 +98,7 @@ def test_state_dict_round_trip_resizes_buffers():
     bank.refresh(emb, labels)
     bank.append(torch.full((3, 6), 2.0), torch.tensor([1, 2, 3]))
     fresh = EmbeddingBank(60, 6, k=5, dtype="float16")
-    assert set(bank.state_dict()) == {"centres", "labels", "neighbours"}
+    assert set(bank.state_dict()) == {"embeddings", "labels", "neighbours"}
     fresh.load_state_dict(bank.state_dict())
     for name in ("centres", "labels", "neighbours"):
         assert torch.equal(getattr(fresh, name), getattr(bank, name))
@@ -124,3 +124,25 @@ def test_errors_name_the_problem():
     bank.refresh(emb, labels)
     with pytest.raises(ConfigError, match="add_centres expects"):
         bank.append(emb[:2], labels[:3])
+
+
+def test_fresh_neighbours_build_one_index_per_refresh():
+    """Issue 12: the identity-keyed caches rebuilt the index on every batch in neighbour_mode='fresh'."""
+    from knnsolver.solvers.rbf import RBFSolver
+
+    emb, labels = table()
+    search = CountingSearch()
+    solver = RBFSolver(6, 3, 60, k=5, neighbour_mode="fresh")
+    solver.bank.search = search
+    solver.refresh(emb, labels)
+    for start in (0, 20, 40):
+        rows = torch.arange(start, start + 20)
+        solver(emb[rows] + 0.01, labels[rows], rows)
+    assert search.calls == [60]
+    solver.refresh(emb * 2, labels)
+    solver(emb[:20], labels[:20], torch.arange(20))
+    assert search.calls == [60, 60]
+    solver.add_centres(torch.randn(4, 6), torch.tensor([0, 1, 2, 3]))
+    solver.predict(emb[:5])  # prediction searches every centre: a second index over 64 rows
+    solver.predict(emb[5:9])
+    assert search.calls == [60, 60, 64]

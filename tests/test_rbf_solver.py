@@ -329,8 +329,8 @@ def test_resume_with_a_bank_replays_the_straight_run(tmp_path):
     assert resumed["test_accuracy"] == straight["test_accuracy"]
     a = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["solver"]
     b = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["solver"]
-    assert a["bank.centres"].shape == (len(a["bank.labels"]), 32) and a["bank.neighbours"].dtype == torch.int32
-    for key in ("bank.centres", "bank.labels", "bank.neighbours", "log_weights", "log_sigma"):
+    assert a["bank.embeddings"].shape == (len(a["bank.labels"]), 32) and a["bank.neighbours"].dtype == torch.int32
+    for key in ("bank.embeddings", "bank.labels", "bank.neighbours", "log_weights", "log_sigma"):
         assert torch.equal(a[key], b[key]), key
 
 

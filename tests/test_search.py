@@ -12,8 +12,9 @@ import torch
 
 from knnsolver.errors import ConfigError, MissingDependencyError
 from knnsolver.registry import SEARCHES
+from knnsolver.search import cpu_exact
 from knnsolver.search.auto import AutoSearch
-from knnsolver.search.exact import ExactSearch
+from knnsolver.search.exact import ExactSearch, blocked_knn
 from knnsolver.search.faiss_backend import FaissFlatSearch, FaissHNSWSearch, FaissIVFSearch
 from knnsolver.search.fanng import EVALS_PER_NEIGHBOUR, FANNGSearch
 
@@ -53,13 +54,15 @@ def recall(found: torch.Tensor, truth: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module", params=list(BACKENDS))
 def backend(request):
+    """(name, search, recall target, knn_graph, search result, an index built once)."""
     cls, options, target = BACKENDS[request.param]
     search = cls(**options)
-    return request.param, search, target, search.knn_graph(POINTS, K), search.search(QUERIES, POINTS, K)
+    graph, found = search.knn_graph(POINTS, K), search.search(QUERIES, POINTS, K)
+    return request.param, search, target, graph, found, search.build(POINTS)
 
 
 def test_knn_graph_shape_dtype_self_exclusion_and_recall(backend):
-    name, _, target, graph, _ = backend
+    name, _, target, graph, _, _ = backend
     assert graph.shape == (len(POINTS), K) and graph.dtype == torch.int32
     assert not (graph.long() == torch.arange(len(POINTS))[:, None]).any(), f"{name} returned a point as its own neighbour"
     assert all(len(set(row.tolist())) == K for row in graph), "neighbours repeat"
@@ -67,19 +70,193 @@ def test_knn_graph_shape_dtype_self_exclusion_and_recall(backend):
 
 
 def test_duplicates_find_each_other_not_themselves(backend):
-    _, _, _, graph, _ = backend
+    _, _, _, graph, _, _ = backend
     for p, twins in ((3, {7, 11}), (7, {3, 11}), (11, {3, 7})):
         assert set(graph[p, :2].tolist()) == twins
 
 
 def test_search_shapes_recall_and_true_distances(backend):
-    _, _, target, _, (dist, idx) = backend
+    _, _, target, _, (dist, idx), _ = backend
     assert dist.shape == idx.shape == (len(QUERIES), K)
     assert dist.dtype == torch.float32 and idx.dtype == torch.int32
     assert recall(idx, EXACT_IDX) >= target
     true = ((QUERIES[:, None, :] - POINTS[idx.long()]) ** 2).sum(-1)
     torch.testing.assert_close(dist, true, rtol=1e-4, atol=1e-3)
     assert (dist[:, 1:] >= dist[:, :-1] - 1e-4).all(), "not nearest first"
+
+
+def test_a_built_index_answers_like_the_one_shot_api(backend):
+    _, _, _, graph, (dist, idx), index = backend
+    assert index.ntotal == len(POINTS) and torch.equal(index.points, POINTS)
+    assert torch.equal(index.graph(K), graph)
+    found = index.search(QUERIES, K)
+    assert torch.equal(found[0], dist) and torch.equal(found[1], idx)
+
+
+def test_graph_rows_equal_the_same_rows_of_the_full_graph(backend):
+    name, _, _, graph, _, index = backend
+    for rows in (range(0, 400), range(400, len(POINTS)), torch.tensor([11, 3, 7, 500, 0, 1199] * 5)):
+        expected = graph[torch.as_tensor(list(rows))]
+        assert torch.equal(index.graph(K, rows=rows), expected), f"{name}: shard {rows} differs from the full graph"
+
+
+# The step doing a backend's real work, counted by the build-once test.
+BUILD_STEPS = {
+    "exact": (cpu_exact, "squared_norms"),  # of the points; the searches are handed them
+    "faiss-flat": (FaissFlatSearch, "_prepare"),
+    "faiss-ivf": (FaissIVFSearch, "_prepare"),
+    "faiss-hnsw": (FaissHNSWSearch, "_prepare"),
+    "fanng": (FANNGSearch, "build_graph"),
+}
+
+
+def count_calls(monkeypatch, owner, name: str) -> list:
+    """Spy on the method or function ``owner.name``: the returned list grows by one per call."""
+    calls = []
+    original = getattr(owner, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_an_index_is_built_once_and_searched_many_times(monkeypatch, name):
+    cls, options, _ = BACKENDS[name]
+    builds = count_calls(monkeypatch, *BUILD_STEPS[name])
+    search = cls(**options)
+    index = search.build(POINTS)
+    for _ in range(3):
+        index.search(QUERIES[:50], K)
+        index.graph(K, rows=range(100, 200))
+    index.graph(K)
+    assert len(builds) == 1
+    search.search(QUERIES[:50], POINTS, K)
+    search.knn_graph(POINTS, K)
+    assert len(builds) == 3, "the one-shot methods build a throwaway index per call"
+
+
+def test_auto_index_builds_each_backend_it_uses_once(monkeypatch):
+    exact_builds = count_calls(monkeypatch, ExactSearch, "build")
+    fanng_builds = count_calls(monkeypatch, FANNGSearch, "build_graph")
+    index = AutoSearch(threshold=1000, approximate="fanng").build(POINTS)
+    assert not exact_builds and not fanng_builds, "nothing is built before a search needs it"
+    for _ in range(3):
+        graph = index.graph(K)  # 1,200 points: above the threshold, FANNG
+        _, idx = index.search(QUERIES[:10], K)  # 10 x 1,200 < 1000 ** 2: exact
+    assert len(exact_builds) == 1 and len(fanng_builds) == 1
+    assert torch.equal(idx, EXACT_IDX[:10]) and recall(graph, EXACT_GRAPH) >= 0.9
+    assert index.index_for(10) is index.index_for(10)
+
+
+@pytest.mark.parametrize("name", list(BACKENDS))
+def test_an_index_keeps_its_own_copy_of_the_points(name):
+    cls, options, _ = BACKENDS[name]
+    bank = POINTS.clone()
+    index = cls(**options).build(bank)
+    before = index.search(QUERIES, K)
+    bank += 100.0  # the caller's tensor changes in place; the index does not
+    after = index.search(QUERIES, K)
+    assert torch.equal(before[0], after[0]) and torch.equal(before[1], after[1])
+    assert torch.equal(index.points, POINTS)
+
+
+def test_search_time_knobs_are_attributes_of_the_built_index():
+    ivf = FaissIVFSearch(nlist=16, nprobe=16).build(POINTS)
+    assert recall(ivf.search(QUERIES, K)[1], EXACT_IDX) == 1.0, "all cells probed: exact"
+    ivf.nprobe = 1
+    assert recall(ivf.search(QUERIES, K)[1], EXACT_IDX) < 1.0
+    hnsw = FaissHNSWSearch(M=16, ef_search=16).build(POINTS)
+    hnsw.ef_search = 100
+    hnsw.search(QUERIES, K)
+    assert hnsw.index.hnsw.efSearch == 100
+    hnsw.ef_search = 2
+    hnsw.graph(K)
+    assert hnsw.index.hnsw.efSearch == K + 1, "raised to the k + 1 searched for the graph"
+    fanng = FANNGSearch(traverse_add=0.0).build(POINTS)
+    fanng.budget = 1  # raised to EVALS_PER_NEIGHBOUR * k
+    low = recall(fanng.search(QUERIES, K)[1], EXACT_IDX)
+    fanng.budget = 600
+    assert low < recall(fanng.search(QUERIES, K)[1], EXACT_IDX)
+    ivf.nprobe = 0
+    with pytest.raises(ConfigError, match="nprobe"):
+        ivf.search(QUERIES, K)
+
+
+def test_graph_rows_out_of_range_are_a_config_error():
+    with pytest.raises(ConfigError, match="rows"):
+        ExactSearch().build(POINTS).graph(K, rows=range(1190, 1210))
+
+
+def brute_force(queries: torch.Tensor, points: torch.Tensor, k: int, own: torch.Tensor | None = None):
+    """Float64 distances of each query to all points, sorted (ties by index), own rows last."""
+    d = ((queries.double()[:, None, :] - points.double()[None, :, :]) ** 2).sum(-1)
+    if own is not None:
+        d[torch.arange(len(own)), own] = float("inf")
+    return torch.sort(d, dim=1, stable=True)
+
+
+def assert_exact(found: torch.Tensor, queries: torch.Tensor, points: torch.Tensor, own=None, tol: float = 1e-4):
+    """``found`` holds the k nearest points: their float64 distances are the k smallest, and
+    each index is brute force's wherever no other point lies within ``tol`` of its distance."""
+    k = found.shape[1]
+    ref_d, ref_i = brute_force(queries, points, k, own)
+    got = ((queries.double()[:, None, :] - points.double()[found.long()]) ** 2).sum(-1)
+    torch.testing.assert_close(got, ref_d[:, :k], rtol=1e-5, atol=tol)
+    gap = ref_d.diff(dim=1) > tol  # gap[:, j]: distance j + 1 clearly above distance j (needs k < N)
+    clear = gap[:, :k].clone()
+    clear[:, 1:] &= gap[:, : k - 1]
+    assert torch.equal(found.long()[clear], ref_i[:, :k][clear])
+
+
+@pytest.mark.parametrize("block_elements", [2**25, 64 * 64])  # one tile, or tiles of 64 x 64
+@pytest.mark.parametrize("k", [1, K, 150])
+def test_exact_equals_brute_force_in_float64(block_elements, k):
+    index = ExactSearch(block_elements=block_elements).build(POINTS)
+    own = torch.arange(len(POINTS))
+    assert_exact(index.graph(k), POINTS, POINTS, own)
+    assert_exact(index.graph(k, rows=range(500, 700)), POINTS[500:700], POINTS, own[500:700])
+    dist, idx = index.search(QUERIES, k)
+    assert_exact(idx, QUERIES, POINTS)
+    torch.testing.assert_close(dist.double(), brute_force(QUERIES, POINTS, k)[0][:, :k], rtol=1e-4, atol=1e-3)
+
+
+def test_exact_cpu_breaks_ties_by_index():
+    graph = ExactSearch(block_elements=64 * 64).build(POINTS).graph(K)
+    assert graph[3, :2].tolist() == [7, 11] and graph[7, :2].tolist() == [3, 11] and graph[11, :2].tolist() == [3, 7]
+
+
+@pytest.mark.parametrize("k", [1, K, 150])
+def test_cpu_kernel_matches_the_torch_path(k):
+    """The CPU kernel and the torch path (CUDA's) agree up to the order of float32 ties."""
+    index = ExactSearch(block_elements=64 * 64).build(POINTS)
+    own = torch.arange(len(POINTS))
+    for (cpu_d, cpu_i), (torch_d, torch_i) in (
+        (index.search(QUERIES, k), blocked_knn(QUERIES, POINTS, k)),
+        ((None, index.graph(k)), blocked_knn(POINTS, POINTS, k, own=own)),
+    ):
+        if cpu_d is not None:
+            torch.testing.assert_close(cpu_d, torch_d, rtol=1e-5, atol=1e-4)
+        differ = cpu_i != torch_i
+        assert differ.float().mean() < 0.01, "only ties may be ordered differently"
+        rows = differ.any(1)
+        queries = QUERIES[rows] if cpu_d is not None else POINTS[rows]
+        for found in (cpu_i[rows], torch_i[rows]):
+            assert_exact(found, queries, POINTS, None if cpu_d is not None else own[rows])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_exact_on_cuda_stays_on_the_gpu():
+    index = ExactSearch().build(POINTS.cuda())
+    assert index.points.is_cuda
+    graph = index.graph(K)
+    dist, idx = index.search(QUERIES.cuda(), K)
+    assert graph.is_cuda and idx.is_cuda and dist.is_cuda
+    assert recall(graph.cpu(), EXACT_GRAPH) > 0.99 and recall(idx.cpu(), EXACT_IDX) > 0.99
+    assert torch.equal(index.graph(K, rows=range(100, 300)), graph[100:300])
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
@@ -114,29 +291,13 @@ def test_bad_options_are_config_errors(name, options):
 
 
 @pytest.mark.parametrize("module,package", [("knnsolver.search.faiss_backend", "faiss"),
-                                            ("knnsolver.search.fanng", "numba")])
+                                            ("knnsolver.search.fanng", "numba"),
+                                            ("knnsolver.search.cpu_exact", "numba")])
 def test_missing_optional_package_names_it(monkeypatch, module, package):
     monkeypatch.setitem(sys.modules, package, None)  # makes `import package` raise ImportError
     monkeypatch.delitem(sys.modules, module)
     with pytest.raises(MissingDependencyError, match=f"pip install {package}"):
         importlib.import_module(module)
-
-
-def test_ivf_retrains_on_new_points_and_caches_a_fixed_bank():
-    search = FaissIVFSearch(nlist=8, nprobe=8)
-    _, first = search.search(QUERIES, POINTS, 3)
-    cached = search._cache[2]
-    search.search(QUERIES[:5], POINTS, 3)
-    assert search._cache[2] is cached, "same bank, unchanged: index reused"
-    moved = POINTS + 100.0
-    _, idx = search.search(QUERIES + 100.0, moved, 3)
-    assert search._cache[2] is not cached
-    assert recall(idx, EXACT_IDX[:, :3]) >= 0.99, "index trained on the new points"
-    bank = POINTS.clone()
-    search.search(QUERIES, bank, 3)
-    bank += 100.0  # modified in place: must not reuse the stale index
-    _, idx = search.search(QUERIES + 100.0, bank, 3)
-    assert recall(idx, EXACT_IDX[:, :3]) >= 0.99
 
 
 def test_ivf_rows_it_cannot_fill_are_completed_exactly():
@@ -147,7 +308,7 @@ def test_ivf_rows_it_cannot_fill_are_completed_exactly():
 
 def test_fanng_graph_obeys_the_occlusion_rule():
     search = FANNGSearch(max_degree=12)
-    graph = search.build(POINTS.numpy())
+    graph = search.build_graph(POINTS.numpy())
     x = POINTS.double()
     tol = 1e-4
     for p in range(len(x)):
@@ -162,8 +323,8 @@ def test_fanng_graph_obeys_the_occlusion_rule():
 
 
 def test_fanng_traverse_add_adds_edges_and_budget_trades_recall():
-    without = FANNGSearch(traverse_add=0.0).build(POINTS.numpy())
-    with_ta = FANNGSearch(traverse_add=3.0).build(POINTS.numpy())
+    without = FANNGSearch(traverse_add=0.0).build_graph(POINTS.numpy())
+    with_ta = FANNGSearch(traverse_add=3.0).build_graph(POINTS.numpy())
     assert with_ta.deg.sum() > without.deg.sum()
     low = recall(torch.from_numpy(with_ta.search(QUERIES.numpy(), K, 20)[1]), EXACT_IDX)
     high = recall(torch.from_numpy(with_ta.search(QUERIES.numpy(), K, 300)[1]), EXACT_IDX)
@@ -171,9 +332,9 @@ def test_fanng_traverse_add_adds_edges_and_budget_trades_recall():
 
 
 def test_fanng_is_deterministic_with_a_seed():
-    a = FANNGSearch(seed=3).build(POINTS.numpy())
-    b = FANNGSearch(seed=3).build(POINTS.numpy())
-    c = FANNGSearch(seed=4).build(POINTS.numpy())
+    a = FANNGSearch(seed=3).build_graph(POINTS.numpy())
+    b = FANNGSearch(seed=3).build_graph(POINTS.numpy())
+    c = FANNGSearch(seed=4).build_graph(POINTS.numpy())
     assert np.array_equal(a.adj, b.adj) and np.array_equal(a.deg, b.deg)
     assert not (np.array_equal(a.adj, c.adj) and np.array_equal(a.deg, c.deg))
     assert torch.equal(FANNGSearch(seed=3).knn_graph(POINTS, K), FANNGSearch(seed=3).knn_graph(POINTS, K))
@@ -192,6 +353,8 @@ def test_auto_switches_at_the_threshold():
     assert isinstance(auto.backend_for(999), ExactSearch)
     assert isinstance(auto.backend_for(1000), FANNGSearch)
     assert isinstance(auto.backend_for(5000, n_queries=10), ExactSearch), "small query batch stays exact"
+    assert isinstance(auto.backend_for(5000, device="cuda"), ExactSearch), "exact up to cuda_threshold on CUDA"
+    assert isinstance(AutoSearch(cuda_threshold=1000, approximate="fanng").backend_for(1000, device="cuda"), FANNGSearch)
     assert torch.equal(AutoSearch(threshold=10**6).knn_graph(POINTS, K), EXACT_GRAPH)
     assert recall(auto.knn_graph(POINTS, K), EXACT_GRAPH) >= 0.9
     with pytest.raises(ConfigError):
@@ -208,9 +371,9 @@ def test_exact_accepts_float64_and_finds_the_queries_themselves():
 
 
 def test_fanng_budget_grows_with_k():
-    search = FANNGSearch(budget=100)
-    assert search.budget_for(5) == 100
-    assert search.budget_for(50) == 50 * EVALS_PER_NEIGHBOUR
+    index = FANNGSearch(budget=100).build(POINTS[:50])
+    assert index.budget_for(5) == 100
+    assert index.budget_for(50) == 50 * EVALS_PER_NEIGHBOUR
 
 
 def test_benchmark_writes_cases_plot_and_resumes(tmp_path, capsys):

@@ -8,6 +8,7 @@ import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import Tensor
 
+from knnsolver.bank.reference import ReferenceSet
 from knnsolver.errors import ConfigError
 from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs
 from knnsolver.interfaces import check_k
@@ -32,7 +33,9 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
     Accepts numpy arrays or torch tensors; labels may be any sortable values.
 
     Attributes after ``fit``: ``classes_`` (sorted labels), ``sigma_`` (the width
-    used), ``n_features_in_``.
+    used), ``n_features_in_``, ``reference_`` (the training points as a
+    :class:`~knnsolver.bank.reference.ReferenceSet`: its search index is built
+    once, at the first prediction).
     """
 
     def __init__(self, k: int = 20, sigma: float = 0.0, search: str = "exact") -> None:
@@ -49,8 +52,8 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
             raise ConfigError(f"sigma must be >= 0 (0 = set automatically), got {self.sigma}")
         check_k(self.k, points.shape[0], excluding_self=False)
         self.classes_, codes = np.unique(labels, return_inverse=True)
-        self._search = SEARCHES.build(self.search)
-        self._points, self._codes = points, torch.from_numpy(codes.astype(np.int64))
+        self.reference_ = ReferenceSet(points.shape[1], SEARCHES.build(self.search))
+        self.reference_.set(points, torch.from_numpy(codes.astype(np.int64)))
         self.n_features_in_ = points.shape[1]
         self.sigma_ = float(self.sigma) or rbf_auto_sigma(points)
         return self
@@ -62,9 +65,10 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
         queries = _as_tensor(X)
         if queries.dim() != 2 or queries.shape[1] != self.n_features_in_:
             raise ConfigError(f"X must have shape (n, {self.n_features_in_}), got {tuple(queries.shape)}")
-        _, neighbours = self._search.search(queries, self._points, self.k)
-        unit = torch.zeros(self._points.shape[0])
-        return rbf_log_probs(queries, self._points, self._codes, neighbours, unit, self.sigma_, len(self.classes_))
+        ref = self.reference_
+        _, neighbours = ref.search_knn(queries, self.k)
+        unit = torch.zeros(len(ref))
+        return rbf_log_probs(queries, ref.embeddings, ref.labels, neighbours, unit, self.sigma_, len(self.classes_))
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """``(n, n_classes)`` class probabilities, columns in ``classes_`` order."""

@@ -108,23 +108,63 @@ class Solver(nn.Module):
         """
 
 
+class NeighbourIndex:
+    """Points indexed once by :meth:`NeighbourSearch.build`, then searched any number of times.
+
+    The index keeps its own float32 copy of the points (:attr:`points`, ``ntotal``
+    rows), so later in-place changes to the caller's tensor do not reach it.
+    Search-time knobs (IVF ``nprobe``, HNSW ``ef_search``, FANNG ``budget``) are
+    attributes that may be changed between searches. Distances are squared
+    Euclidean float32 and indices int32, nearest first.
+    """
+
+    def __init__(self, points: Tensor, device: torch.device) -> None:
+        self.points = points
+        self.device = device
+
+    @property
+    def ntotal(self) -> int:
+        """Number of indexed points."""
+        return int(self.points.shape[0])
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Return ``(distances, indices)`` of shape ``(Q, k)``: each query's k nearest
+        points, on the queries' device."""
+        raise NotImplementedError
+
+    def graph(self, k: int, rows: range | Tensor | None = None) -> Tensor:
+        """Return int32 ``(len(rows), k)`` indices of each listed point's k nearest *other*
+        points (``rows=None``: every point) on the device the points were built from.
+
+        A shard of ``rows`` gets the same rows as the full graph, so processes can
+        split the graph (``torch.distributed``) and gather the shards.
+        """
+        raise NotImplementedError
+
+
 class NeighbourSearch:
     """Nearest-neighbour backend (squared Euclidean distance), injected into solvers.
 
-    Backends return indices as ``int32`` tensors. Implementations must never
-    materialise an ``N x N`` distance matrix for the all-points graph.
+    :meth:`build` indexes points and returns a :class:`NeighbourIndex`; hold it to
+    search the same points many times. :meth:`knn_graph` and :meth:`search` build
+    a throwaway index per call. Implementations must never materialise an
+    ``N x N`` distance matrix for the all-points graph.
     """
 
     name: str = "base"
 
+    def build(self, points: Tensor) -> NeighbourIndex:
+        """Index ``(N, d)`` points."""
+        raise NotImplementedError
+
     def knn_graph(self, points: Tensor, k: int) -> Tensor:
         """Return ``(N, k)`` int32 indices of each point's k nearest *other* points."""
-        raise NotImplementedError
+        return self.build(points).graph(k)
 
     def search(self, queries: Tensor, points: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Return ``(distances, indices)`` of shape ``(Q, k)``: squared distances and
         int32 indices of each query's k nearest points, nearest first."""
-        raise NotImplementedError
+        return self.build(points).search(queries, k)
 
 
 def check_k(k: int, n: int, *, excluding_self: bool) -> None:

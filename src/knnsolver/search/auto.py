@@ -8,71 +8,72 @@ query search switches only when its exact work ``Q * N`` also reaches
 ``threshold ** 2`` (the work of an all-points graph at the threshold), so
 small query batches against a large bank stay exact.
 
-Measured on 2026-11-22 on a shared 2-core CPU (AMD EPYC, 2 threads, other
-jobs running; ``python -m knnsolver.bench.search --datasets synthetic --sizes
-5000 10000 20000 50000 100000 200000 --backends exact,faiss-flat,faiss-hnsw,fanng
---skip-queries --exact-max 50000``, results in
-``benchmarks/results/search/crossover``): ``knn_graph`` at k = 10, d = 64,
-clustered synthetic banks, seconds (recall@10 of the cheapest setting with
-recall >= 0.95; exact above 50k timed on 2,000 rows and scaled)::
+On the CPU, exact search runs :mod:`knnsolver.search.cpu_exact` (each pair of
+the graph computed once, faster than faiss ``IndexFlatL2``). Measured on
+2026-11-29 on a shared 2-core CPU (AMD EPYC, 2 threads, other jobs running):
+``python -m knnsolver.bench.search --datasets synthetic --sizes 5000 10000 20000
+50000 100000 --backends exact,faiss-hnsw --skip-queries --exact-max 100000``,
+and the same with ``--k 100`` from 10,000 points; ``knn_graph`` seconds on
+clustered synthetic banks, d = 64, build included (faiss HNSW, M = 32: the
+cheapest ``ef_search`` with recall >= 0.95, its recall in brackets)::
 
-    N         exact     faiss-hnsw (M=32)      fanng
-    5,000      0.62     1.13 (0.990)           0.57 (0.9998)
-    10,000     3.30     2.14 (0.999)           1.06 (0.982)
-    20,000     9.32     3.22 (0.986)           2.56 (0.980)
-    50,000    57.9      7.72 (0.983)           8.82 (0.980)
-    100,000  199       14.3  (0.986)          12.5  (0.980)
-    200,000  544       19.3  (0.951)          28.4  (0.979)
+    N          k = 10: exact   faiss-hnsw       k = 100: exact   faiss-hnsw
+    5,000          0.16        0.70 (0.990)
+    10,000         0.47        0.75 (0.9995)         0.22        0.30 (0.9995)
+    20,000         0.82        1.75 (0.986)          0.54        0.67 (0.984)
+    50,000         3.92        3.43 (0.983)          2.40        2.32 (0.989)
+    100,000       13.9         4.05 (0.984)          8.35        5.63 (0.985)
 
-Both approximate backends overtake exact search between 5,000 and 10,000
-points (FANNG ties at 5,000), so the threshold is 10,000. The default
-approximate backend is faiss HNSW: about as fast as FANNG on the clustered
-banks (where FANNG's recall is higher and HNSW's falls as clusters grow
-apart), faster at higher recall on the Fashion-MNIST stand-in
+(The two runs met different loads from the other jobs; compare within a run.)
+Exact search is faster up to 20,000 points and level with HNSW at 50,000,
+at k = 10 and k = 100 alike, so the CPU threshold is 50,000 whatever k
+(before this kernel, torch's matmul plus top-k took 57.9 s at 50,000 points
+and the threshold was 10,000; ``benchmarks/results/search/crossover``).
+
+The default approximate backend is faiss HNSW: about as fast as FANNG on the
+clustered banks (where FANNG's recall is higher and HNSW's falls as clusters
+grow apart), faster at higher recall on the Fashion-MNIST stand-in
 (``benchmarks/results/search``), and it keeps high recall at the large k
-(100 to 200) of the RBF solver with no tuning. On CUDA exact search is far cheaper; raise the
-threshold there.
+(100 to 200) of the RBF solver with no tuning.
 
-At the RBF solver's k = 100 the crossover comes earlier (same command with ``--k 100
---backends exact,faiss-hnsw,fanng --sizes 5000 10000 20000 50000``, machine otherwise
-idle, ``benchmarks/results/search/crossover-k100``)::
-
-    N         exact     faiss-hnsw (recall@100)    fanng (recall@100)
-    5,000      0.73     0.20 (0.991)               0.36 (1.000)
-    10,000     1.80     0.38 (0.9995)              0.68 (1.000)
-    20,000     3.47     0.97 (0.984)               1.77 (1.000)
-    50,000    17.7      4.23 (0.989)               7.55 (1.000)
-
-The threshold stays at 10,000: below it an exact graph costs under 2 s a refresh, and
-exact neighbours are worth that; ``AutoSearch(threshold=...)`` lowers it.
+On CUDA the exact backend stays on the GPU (torch, no host copy) and is far
+cheaper: on an H200 it built the 54,000-point k = 200 graph in 0.11 s, where
+faiss-flat took 3.9 s on the host's 16 CPU cores. Its cost grows as N**2
+(about 1.5 s at 200,000 points), an HNSW graph's roughly as N: the 2-core
+HNSW timings above (19.3 s at 200,000 points in the older crossover run)
+divided by 8 cores give about 2.4 s at 200,000 points, so ``cuda_threshold``
+is 200,000 (an estimate, not a measured crossover).
 
 """
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from knnsolver.errors import ConfigError
-from knnsolver.interfaces import NeighbourSearch
+from knnsolver.interfaces import NeighbourIndex, NeighbourSearch
 from knnsolver.registry import SEARCHES
 from knnsolver.search.exact import ExactSearch
 
 
 class AutoSearch(NeighbourSearch):
-    """Exact below ``threshold`` points, ``approximate`` (a registered backend name) above.
+    """Exact below a number of points, ``approximate`` (a registered backend name) above.
 
     Args:
-        threshold: number of points from which the approximate backend is used.
+        threshold: number of points from which the approximate backend is used on the CPU.
+        cuda_threshold: the same for points on CUDA, where exact search is far cheaper.
         approximate: registered name of the approximate backend, built with its defaults.
     """
 
     name = "auto"
 
-    def __init__(self, threshold: int = 10_000, approximate: str = "faiss-hnsw") -> None:
-        if threshold < 1:
-            raise ConfigError(f"threshold must be >= 1, got {threshold}")
+    def __init__(self, threshold: int = 50_000, cuda_threshold: int = 200_000, approximate: str = "faiss-hnsw") -> None:
+        if threshold < 1 or cuda_threshold < 1:
+            raise ConfigError(f"threshold and cuda_threshold must be >= 1, got {threshold} and {cuda_threshold}")
         if approximate in ("auto", "exact"):
             raise ConfigError(f"approximate must name an approximate backend, got {approximate!r}")
         self.threshold = int(threshold)
+        self.cuda_threshold = int(cuda_threshold)
         self.approximate = approximate
         self._exact = ExactSearch()
         self._approx: NeighbourSearch | None = None
@@ -82,15 +83,39 @@ class AutoSearch(NeighbourSearch):
             self._approx = SEARCHES.build(self.approximate)
         return self._approx
 
-    def backend_for(self, n_points: int, n_queries: int | None = None) -> NeighbourSearch:
-        """The backend used for ``n_points`` points (and ``n_queries`` queries; None: the graph)."""
+    def backend_for(
+        self, n_points: int, n_queries: int | None = None, device: torch.device | str = "cpu"
+    ) -> NeighbourSearch:
+        """The backend used for ``n_points`` points on ``device`` (and ``n_queries``
+        queries; None: the graph)."""
+        limit = self.cuda_threshold if torch.device(device).type == "cuda" else self.threshold
         queries = n_points if n_queries is None else n_queries
-        if n_points >= self.threshold and queries * n_points >= self.threshold**2:
+        if n_points >= limit and queries * n_points >= limit**2:
             return self._approximate()
         return self._exact
 
-    def knn_graph(self, points: Tensor, k: int) -> Tensor:
-        return self.backend_for(points.shape[0]).knn_graph(points, k)
+    def build(self, points: Tensor) -> AutoIndex:
+        return AutoIndex(self, points)
 
-    def search(self, queries: Tensor, points: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return self.backend_for(points.shape[0], queries.shape[0]).search(queries, points, k)
+
+class AutoIndex(NeighbourIndex):
+    """Delegates every search to the index of the backend :meth:`AutoSearch.backend_for`
+    picks; each backend's index is built once, on first use."""
+
+    def __init__(self, auto: AutoSearch, points: Tensor) -> None:
+        super().__init__(points.detach().to(torch.float32, copy=True), points.device)
+        self._auto = auto
+        self._built: dict[str, NeighbourIndex] = {}
+
+    def index_for(self, n_queries: int | None = None) -> NeighbourIndex:
+        """The index answering ``n_queries`` queries (None: the graph); set its knobs here."""
+        backend = self._auto.backend_for(self.ntotal, n_queries, self.device)
+        if backend.name not in self._built:
+            self._built[backend.name] = backend.build(self.points)
+        return self._built[backend.name]
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        return self.index_for(queries.shape[0]).search(queries, k)
+
+    def graph(self, k: int, rows: range | Tensor | None = None) -> Tensor:
+        return self.index_for().graph(k, rows)

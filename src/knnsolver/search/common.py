@@ -6,14 +6,25 @@ import torch
 from torch import Tensor
 
 from knnsolver.errors import ConfigError
-from knnsolver.search.exact import blocked_knn
+from knnsolver.search import cpu_exact
 
 
-def as_float32_array(x: Tensor) -> np.ndarray:
-    """A C-contiguous float32 numpy copy (or view) of a 2-D tensor on any device."""
+def as_float32_array(x: Tensor, *, copy: bool = False) -> np.ndarray:
+    """A C-contiguous float32 numpy view of a 2-D tensor on any device, or a copy
+    (always one with ``copy``: an index's own points)."""
     if x.dim() != 2:
         raise ConfigError(f"expected a 2-D (rows, dim) tensor, got shape {tuple(x.shape)}")
-    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+    return np.ascontiguousarray(x.detach().to("cpu", torch.float32, copy=copy).numpy())
+
+
+def row_indices(rows: range | Tensor | None, n: int) -> Tensor:
+    """The rows of a graph of ``n`` points as a CPU int64 tensor (``None``: all of them)."""
+    if rows is None:
+        return torch.arange(n)
+    index = torch.arange(rows.start, rows.stop, rows.step) if isinstance(rows, range) else rows.detach().long().cpu()
+    if index.dim() != 1 or (len(index) and (int(index.min()) < 0 or int(index.max()) >= n)):
+        raise ConfigError(f"graph rows must be a 1-D range or tensor of indices in [0, {n})")
+    return index
 
 
 def check_dims(queries: Tensor, points: Tensor) -> None:
@@ -37,6 +48,15 @@ def drop_own_rows(found: Tensor, own: Tensor) -> Tensor:
     return found[keep].view(found.shape[0], found.shape[1] - 1)
 
 
+def graph_rows(
+    distances: np.ndarray, indices: np.ndarray, queries: np.ndarray, points: np.ndarray, rows: Tensor, device: torch.device
+) -> Tensor:
+    """Turn a ``k + 1`` search of the points ``rows`` (``queries``) into their graph rows:
+    rows padded with ``-1`` completed exactly, own rows dropped, int32 on ``device``."""
+    complete_rows(distances, indices, queries, points)
+    return drop_own_rows(torch.from_numpy(indices), rows).to(torch.int32).to(device)
+
+
 def complete_rows(
     distances: np.ndarray, indices: np.ndarray, queries: np.ndarray, points: np.ndarray
 ) -> None:
@@ -44,6 +64,4 @@ def complete_rows(
     bad = np.flatnonzero((indices < 0).any(axis=1))
     if bad.size == 0:
         return
-    d, i = blocked_knn(torch.from_numpy(queries[bad]), torch.from_numpy(points), indices.shape[1])
-    distances[bad] = d.numpy()
-    indices[bad] = i.numpy()
+    distances[bad], indices[bad] = cpu_exact.knn(np.ascontiguousarray(queries[bad]), points, indices.shape[1])

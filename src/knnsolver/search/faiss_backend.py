@@ -1,32 +1,33 @@
 """faiss backends: exact flat, IVF-Flat and HNSW behind :class:`NeighbourSearch`.
 
-All three share one pipeline: copy the points to a contiguous float32 array,
-build (and for IVF train) an index, search, and return int32 indices on the
-input's device. The all-points graph searches ``k + 1`` neighbours and drops
-each point's own index wherever it appears (with exact duplicates the point
-itself need not come first); rows where it is absent lose their farthest
-neighbour instead. Rows the index could not fill (faiss pads them with ``-1``,
-e.g. IVF with a small ``nprobe``) are completed by exact search, so callers
-always get ``k`` valid indices.
+All three share one pipeline: :meth:`build` copies the points to a contiguous
+float32 array and builds (for IVF trains) a faiss index, wrapped in a
+:class:`FaissIndex` that searches it any number of times and returns int32
+indices on the input's device. The graph searches each listed point's
+``k + 1`` neighbours and drops the point's own index wherever it appears
+(with exact duplicates the point itself need not come first); rows where it
+is absent lose their farthest neighbour instead. Rows the index could not
+fill (faiss pads them with ``-1``, e.g. IVF with a small ``nprobe``) are
+completed by exact search, so callers always get ``k`` valid indices.
 
 The GPU build of faiss is used when it is installed, sees a GPU
 (``faiss.get_num_gpus() > 0``) and the points are on CUDA; HNSW has no faiss
-GPU implementation and always runs on the CPU. An index is cached for the
-last points tensor searched (same object, unmodified), so querying a fixed
-bank batch by batch trains and builds it once; a new or modified tensor, and
-every :meth:`knn_graph` call, builds it again.
+GPU implementation and always runs on the CPU. faiss runs with
+``torch.get_num_threads()`` threads, like the other backends.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from knnsolver.errors import ConfigError, MissingDependencyError
-from knnsolver.interfaces import NeighbourSearch, check_k
-from knnsolver.search.common import as_float32_array, check_dims, complete_rows, drop_own_rows
+from knnsolver.interfaces import NeighbourIndex, NeighbourSearch, check_k
+from knnsolver.search.common import as_float32_array, check_dims, complete_rows, graph_rows, row_indices
 
 try:
     import faiss
@@ -36,22 +37,71 @@ except ImportError as exc:  # pragma: no cover - exercised by monkeypatching in 
     ) from exc
 
 
+@contextmanager
+def torch_threads() -> Iterator[None]:
+    """Run faiss with ``torch.get_num_threads()`` OpenMP threads (faiss has its own runtime)."""
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(torch.get_num_threads())
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
+
+
+class FaissIndex(NeighbourIndex):
+    """A built faiss index over a float32 copy of the points (:attr:`data`)."""
+
+    def __init__(self, points: Tensor, data: np.ndarray, index) -> None:
+        super().__init__(torch.from_numpy(data), points.device)
+        self.data = data
+        self.index = index
+
+    def _set_search_params(self, k: int) -> None:
+        """Apply the search-time knobs for a search of ``k`` neighbours."""
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        self._set_search_params(k)
+        with torch_threads():
+            return self.index.search(queries, k)
+
+    @torch.no_grad()
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        check_dims(queries, self.points)
+        check_k(k, self.ntotal, excluding_self=False)
+        q = as_float32_array(queries)
+        distances, indices = self._search(q, k)
+        if (indices < 0).any():
+            complete_rows(distances, indices, q, self.data)
+        device = queries.device
+        return (
+            torch.from_numpy(np.maximum(distances, 0.0).astype(np.float32)).to(device),
+            torch.from_numpy(indices.astype(np.int32)).to(device),
+        )
+
+    @torch.no_grad()
+    def graph(self, k: int, rows: range | Tensor | None = None) -> Tensor:
+        check_k(k, self.ntotal, excluding_self=True)
+        own = row_indices(rows, self.ntotal)
+        q = self.data if rows is None else self.data[own.numpy()]
+        distances, indices = self._search(q, k + 1)
+        return graph_rows(distances, indices, q, self.data, own, self.device)
+
+
 class _FaissSearch(NeighbourSearch):
-    """Shared build/search/cache logic; subclasses describe their index."""
+    """Shared build logic; subclasses describe their index."""
 
     supports_gpu = True
 
     def __init__(self, gpu: bool = True) -> None:
         self.gpu = bool(gpu)
-        self._cache: tuple[Tensor, int, object] | None = None
         self._gpu_resources = None
 
     def _make_index(self, data: np.ndarray):
         """Return an untrained (or ready) CPU index for ``data``."""
         raise NotImplementedError
 
-    def _prepare(self, index, data: np.ndarray, k: int) -> None:
-        """Train and fill ``index`` with ``data``; set search-time parameters for ``k``."""
+    def _prepare(self, index, data: np.ndarray) -> None:
+        """Train and fill ``index`` with ``data``."""
         if not index.is_trained:
             index.train(data)
         index.add(data)
@@ -59,53 +109,22 @@ class _FaissSearch(NeighbourSearch):
     def _use_gpu(self, points: Tensor) -> bool:
         return self.gpu and self.supports_gpu and points.is_cuda and faiss.get_num_gpus() > 0
 
-    def _build(self, points: Tensor, data: np.ndarray, k: int):
+    def _wrap(self, points: Tensor, data: np.ndarray, index) -> FaissIndex:
+        """The :class:`FaissIndex` (with this backend's search-time knobs) around a built index."""
+        return FaissIndex(points, data, index)
+
+    @torch.no_grad()
+    def build(self, points: Tensor) -> FaissIndex:
+        data = as_float32_array(points, copy=True)
         index = self._make_index(data)
         if self._use_gpu(points):
             if self._gpu_resources is None:
                 self._gpu_resources = faiss.StandardGpuResources()
             device = points.device.index if points.device.index is not None else torch.cuda.current_device()
             index = faiss.index_cpu_to_gpu(self._gpu_resources, device, index)
-        self._prepare(index, data, k)
-        return index
-
-    def _index_for(self, points: Tensor, k: int):
-        """The cached index when ``points`` is the same, unmodified tensor; else a new one."""
-        cached = self._cache
-        if cached is not None and cached[0] is points and cached[1] == points._version:
-            self._set_search_params(cached[2], k)
-            return cached[2]
-        index = self._build(points, as_float32_array(points), k)
-        self._cache = (points, points._version, index)
-        return index
-
-    def _set_search_params(self, index, k: int) -> None:
-        """Adjust search-time parameters that depend on ``k`` (HNSW's efSearch)."""
-
-    @torch.no_grad()
-    def knn_graph(self, points: Tensor, k: int) -> Tensor:
-        data = as_float32_array(points)
-        check_k(k, data.shape[0], excluding_self=True)
-        index = self._build(points, data, k + 1)
-        distances, indices = index.search(data, k + 1)
-        complete_rows(distances, indices, data, data)
-        own = torch.arange(len(indices))
-        return drop_own_rows(torch.from_numpy(indices), own).to(torch.int32).to(points.device)
-
-    @torch.no_grad()
-    def search(self, queries: Tensor, points: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        check_dims(queries, points)
-        check_k(k, points.shape[0], excluding_self=False)
-        q = as_float32_array(queries)
-        index = self._index_for(points, k)
-        distances, indices = index.search(q, k)
-        if (indices < 0).any():
-            complete_rows(distances, indices, q, as_float32_array(points))
-        device = queries.device
-        return (
-            torch.from_numpy(np.maximum(distances, 0.0).astype(np.float32)).to(device),
-            torch.from_numpy(indices.astype(np.int32)).to(device),
-        )
+        with torch_threads():
+            self._prepare(index, data)
+        return self._wrap(points, data, index)
 
 
 class FaissFlatSearch(_FaissSearch):
@@ -167,7 +186,7 @@ class FaissIVFSearch(_FaissSearch):
         index.cp.max_points_per_centroid = -(-self._training_rows(data.shape[0], nlist) // nlist)
         return index
 
-    def _prepare(self, index, data: np.ndarray, k: int) -> None:
+    def _prepare(self, index, data: np.ndarray) -> None:
         n = data.shape[0]
         rows = self._training_rows(n, index.nlist)
         if rows < n:
@@ -175,10 +194,23 @@ class FaissIVFSearch(_FaissSearch):
         else:
             index.train(data)
         index.add(data)
-        self._set_search_params(index, k)
 
-    def _set_search_params(self, index, k: int) -> None:
-        index.nprobe = min(self.nprobe, index.nlist)
+    def _wrap(self, points: Tensor, data: np.ndarray, index) -> FaissIVFIndex:
+        return FaissIVFIndex(points, data, index, self.nprobe)
+
+
+class FaissIVFIndex(FaissIndex):
+    """A built IVF index; :attr:`nprobe` (cells visited per query, at most ``nlist``) may
+    be changed between searches."""
+
+    def __init__(self, points: Tensor, data: np.ndarray, index, nprobe: int) -> None:
+        super().__init__(points, data, index)
+        self.nprobe = nprobe
+
+    def _set_search_params(self, k: int) -> None:
+        if self.nprobe < 1:
+            raise ConfigError(f"nprobe must be >= 1, got {self.nprobe}")
+        self.index.nprobe = min(self.nprobe, self.index.nlist)
 
 
 class FaissHNSWSearch(_FaissSearch):
@@ -208,9 +240,22 @@ class FaissHNSWSearch(_FaissSearch):
         index.hnsw.efConstruction = self.ef_construction
         return index
 
-    def _prepare(self, index, data: np.ndarray, k: int) -> None:
+    def _prepare(self, index, data: np.ndarray) -> None:
         index.add(data)
-        self._set_search_params(index, k)
 
-    def _set_search_params(self, index, k: int) -> None:
-        index.hnsw.efSearch = max(self.ef_search, k)
+    def _wrap(self, points: Tensor, data: np.ndarray, index) -> FaissHNSWIndex:
+        return FaissHNSWIndex(points, data, index, self.ef_search)
+
+
+class FaissHNSWIndex(FaissIndex):
+    """A built HNSW index; :attr:`ef_search` may be changed between searches (a search
+    of ``k`` neighbours uses at least ``k``)."""
+
+    def __init__(self, points: Tensor, data: np.ndarray, index, ef_search: int) -> None:
+        super().__init__(points, data, index)
+        self.ef_search = ef_search
+
+    def _set_search_params(self, k: int) -> None:
+        if self.ef_search < 1:
+            raise ConfigError(f"ef_search must be >= 1, got {self.ef_search}")
+        self.index.hnsw.efSearch = max(self.ef_search, k)

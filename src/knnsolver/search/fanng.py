@@ -42,8 +42,8 @@ What is built, step by step (all distances squared Euclidean, float32):
    occluded.
 
 Search starts at the vertex nearest the points' mean for external queries,
-and at the query's own vertex for :meth:`FANNGSearch.knn_graph`, which
-searches ``k + 1`` neighbours of every point and drops the point itself.
+and at the query's own vertex for :meth:`FANNGIndex.graph`, which
+searches ``k + 1`` neighbours of every listed point and drops the point itself.
 The budget is raised to ``EVALS_PER_NEIGHBOUR * k`` when smaller: a fixed
 budget that suits k = 10 starves k = 100 to 200 (the RBF solver's k). On the
 first 30,000 points of the Fashion-MNIST stand-in (raw pixels randomly
@@ -80,8 +80,9 @@ import torch
 from torch import Tensor
 
 from knnsolver.errors import ConfigError, MissingDependencyError
-from knnsolver.interfaces import NeighbourSearch, check_k
-from knnsolver.search.common import as_float32_array, check_dims, complete_rows, drop_own_rows
+from knnsolver.interfaces import NeighbourIndex, NeighbourSearch, check_k
+from knnsolver.search.common import as_float32_array, check_dims, complete_rows, graph_rows, row_indices
+from knnsolver.search.cpu_exact import numba_threads
 
 try:
     import numba
@@ -667,54 +668,62 @@ class FANNGSearch(NeighbourSearch):
         self.build_neighbours = int(build_neighbours)
         self.build_budget = int(build_budget)
         self.seed = int(seed)
-        self._cache: tuple[Tensor, int, FANNGGraph] | None = None
 
-    def build(self, points: np.ndarray) -> FANNGGraph:
+    def build_graph(self, points: np.ndarray) -> FANNGGraph:
         """Build the graph over a float32 ``(N, d)`` array (N >= 2)."""
         if points.shape[0] < 2:
             raise ConfigError(f"FANNG needs at least 2 points, got {points.shape[0]}")
-        return build_fanng(
-            np.ascontiguousarray(points, dtype=np.float32),
-            max_degree=self.max_degree,
-            traverse_add=self.traverse_add,
-            seed_trees=self.seed_trees,
-            seed_passes=self.seed_passes,
-            refine_passes=self.refine_passes,
-            build_neighbours=self.build_neighbours,
-            build_budget=self.build_budget,
-            seed=self.seed,
-        )
+        with numba_threads():
+            return build_fanng(
+                np.ascontiguousarray(points, dtype=np.float32),
+                max_degree=self.max_degree,
+                traverse_add=self.traverse_add,
+                seed_trees=self.seed_trees,
+                seed_passes=self.seed_passes,
+                refine_passes=self.refine_passes,
+                build_neighbours=self.build_neighbours,
+                build_budget=self.build_budget,
+                seed=self.seed,
+            )
+
+    @torch.no_grad()
+    def build(self, points: Tensor) -> FANNGIndex:
+        return FANNGIndex(points, self.build_graph(as_float32_array(points, copy=True)), self.budget)
+
+
+class FANNGIndex(NeighbourIndex):
+    """A built FANNG graph (:attr:`fanng`); :attr:`budget` may be changed between searches."""
+
+    def __init__(self, points: Tensor, fanng: FANNGGraph, budget: int) -> None:
+        super().__init__(torch.from_numpy(fanng.points), points.device)
+        self.fanng = fanng
+        self.budget = budget
 
     def budget_for(self, k: int) -> int:
         """Distance evaluations per query used when ``k`` neighbours are asked for."""
+        if self.budget < 1:
+            raise ConfigError(f"budget must be >= 1, got {self.budget}")
         return max(self.budget, EVALS_PER_NEIGHBOUR * k)
 
-    def _graph_for(self, points: Tensor) -> FANNGGraph:
-        """The cached graph when ``points`` is the same, unmodified tensor; else a new one."""
-        cached = self._cache
-        if cached is not None and cached[0] is points and cached[1] == points._version:
-            return cached[2]
-        graph = self.build(as_float32_array(points))
-        self._cache = (points, points._version, graph)
-        return graph
+    def _search(self, queries: np.ndarray, k: int, starts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        with numba_threads():
+            return self.fanng.search(queries, k, self.budget_for(k), starts=starts)
 
     @torch.no_grad()
-    def knn_graph(self, points: Tensor, k: int) -> Tensor:
-        data = as_float32_array(points)
-        check_k(k, data.shape[0], excluding_self=True)
-        graph = self.build(data)
-        n = data.shape[0]
-        distances, indices = graph.search(data, k + 1, self.budget_for(k + 1), starts=np.arange(n, dtype=np.int32))
-        complete_rows(distances, indices, data, data)
-        return drop_own_rows(torch.from_numpy(indices), torch.arange(n)).to(points.device)
-
-    @torch.no_grad()
-    def search(self, queries: Tensor, points: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        check_dims(queries, points)
-        check_k(k, points.shape[0], excluding_self=False)
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        check_dims(queries, self.points)
+        check_k(k, self.ntotal, excluding_self=False)
         q = as_float32_array(queries)
-        graph = self._graph_for(points)
-        distances, indices = graph.search(q, k, self.budget_for(k))
-        complete_rows(distances, indices, q, graph.points)
+        distances, indices = self._search(q, k)
+        complete_rows(distances, indices, q, self.fanng.points)
         device = queries.device
         return torch.from_numpy(distances).to(device), torch.from_numpy(indices).to(device)
+
+    @torch.no_grad()
+    def graph(self, k: int, rows: range | Tensor | None = None) -> Tensor:
+        check_k(k, self.ntotal, excluding_self=True)
+        own = row_indices(rows, self.ntotal)
+        data = self.fanng.points
+        q = data if rows is None else data[own.numpy()]
+        distances, indices = self._search(q, k + 1, starts=own.numpy().astype(np.int32))
+        return graph_rows(distances, indices, q, data, own, self.device)

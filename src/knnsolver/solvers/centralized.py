@@ -89,8 +89,13 @@ class CentralizedSolver(Solver):
         self.log_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=learn_scale)
         self.centres = nn.Parameter(torch.randn(num_classes, embedding_dim))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
-        self.knn = KNNHead(num_classes, knn_k)
+        self._steps = 0
+        self.knn = KNNHead(num_classes, embedding_dim, knn_k)
         self.decorrelate()
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._steps = int(self.steps)
 
     @property
     def scale(self) -> Tensor:
@@ -108,8 +113,9 @@ class CentralizedSolver(Solver):
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         if self.training:
-            self.steps += 1
-            if self.decorrelate_every and int(self.steps) % self.decorrelate_every == 0:
+            self._steps += 1  # counted on the host (no device read per step), mirrored in the saved buffer
+            self.steps.fill_(self._steps)
+            if self.decorrelate_every and self._steps % self.decorrelate_every == 0:
                 self.decorrelate()
         return centralized_ranking_loss(self.transform(embeddings), labels, self.transform(self.centres), self.margin, self.form)
 

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from knnsolver.bank.reference import ReferenceSet
 from knnsolver.errors import ConfigError
 from knnsolver.functional.crc import SOLVE_METHODS, crc_logits
 from knnsolver.interfaces import EpochContext, Solver
@@ -79,8 +80,16 @@ class CRCSolver(Solver):
         self.bank_refresh_every = int(bank_refresh_every)
         self.solve = solve
         self.metric = nn.Parameter(torch.eye(metric_dim, embedding_dim))
-        self.register_buffer("atoms", torch.empty(0, embedding_dim), persistent=False)
-        self.register_buffer("atom_labels", torch.empty(0, dtype=torch.long), persistent=False)
+        self.dictionary_set = ReferenceSet(embedding_dim, persistent=False)  # the coded-over embeddings
+
+    @property
+    def atoms(self) -> Tensor:
+        """The dictionary's embeddings (prepared: normalised with ``normalize``)."""
+        return self.dictionary_set.embeddings
+
+    @property
+    def atom_labels(self) -> Tensor:
+        return self.dictionary_set.labels
 
     def _prepare(self, embeddings: Tensor) -> Tensor:
         return F.normalize(embeddings, dim=1) if self.normalize else embeddings
@@ -108,8 +117,7 @@ class CRCSolver(Solver):
         return F.cross_entropy(logits, labels)
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
-        self.atoms = self._prepare(embeddings.detach().float())
-        self.atom_labels = labels.detach().long()
+        self.dictionary_set.set(self._prepare(embeddings.detach().float()), labels)
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         if self.dictionary == "bank" and (ctx.epoch % self.bank_refresh_every == 0 or self.atoms.shape[0] == 0):

@@ -52,7 +52,7 @@ class HALSolver(Solver):
         self.predict_by = predict_by
         self.predicts_by_knn = predict_by == "knn"
         self.anchors = nn.Parameter(torch.randn(num_classes, embedding_dim))
-        self.knn = KNNHead(num_classes, knn_k)
+        self.knn = KNNHead(num_classes, embedding_dim, knn_k)
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         return hal_loss(embeddings, labels, self.anchors, self.tau)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from knnsolver.bank.reference import ReferenceSet
 from knnsolver.errors import ConfigError
 from knnsolver.interfaces import NeighbourSearch
 from knnsolver.search.exact import ExactSearch
@@ -23,26 +24,27 @@ def knn_vote_scores(neighbour_labels: Tensor, num_classes: int) -> Tensor:
 
 
 class KNNHead(nn.Module):
-    """Holds reference embeddings and labels; ``scores`` votes over the k nearest."""
+    """Votes over the ``k`` nearest of a :class:`~knnsolver.bank.reference.ReferenceSet` of training embeddings.
 
-    def __init__(self, num_classes: int, k: int = 5, search: NeighbourSearch | None = None) -> None:
+    The reference set is refilled by :meth:`fit` before every evaluation (so
+    it is not saved in ``state_dict``); its search index is built once per fill.
+    """
+
+    def __init__(self, num_classes: int, dim: int, k: int = 5, search: NeighbourSearch | None = None) -> None:
         super().__init__()
         if k < 1:
             raise ConfigError(f"knn_k must be >= 1, got {k}")
         self.num_classes = num_classes
         self.k = int(k)
-        self.search = search or ExactSearch()
-        self.register_buffer("reference", torch.empty(0), persistent=False)
-        self.register_buffer("reference_labels", torch.empty(0, dtype=torch.long), persistent=False)
+        self.reference = ReferenceSet(dim, search or ExactSearch(), persistent=False)
 
     def fit(self, embeddings: Tensor, labels: Tensor) -> None:
-        self.reference = embeddings.detach().float()
-        self.reference_labels = labels.detach().long()
+        self.reference.set(embeddings.detach().float(), labels)
 
     @torch.no_grad()
     def scores(self, embeddings: Tensor) -> Tensor:
-        if self.reference.numel() == 0:
+        if not self.reference.filled:
             raise RuntimeError("kNN prediction needs reference embeddings: call fit_reference(embeddings, labels) first")
-        k = min(self.k, self.reference.shape[0])
-        _, idx = self.search.search(embeddings.detach().float(), self.reference, k)
-        return knn_vote_scores(self.reference_labels[idx.long()], self.num_classes)
+        k = min(self.k, len(self.reference))
+        _, idx = self.reference.search_knn(embeddings.float(), k)
+        return knn_vote_scores(self.reference.labels[idx.long()], self.num_classes)

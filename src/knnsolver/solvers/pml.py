@@ -52,7 +52,7 @@ class PMLSolver(Solver):
         super().__init__(embedding_dim, num_classes, num_train)
         self.loss = loss
         self.miner = miner
-        self.knn = KNNHead(num_classes, knn_k)
+        self.knn = KNNHead(num_classes, embedding_dim, knn_k)
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         indices = None if self.miner is None else self.miner(embeddings, labels)

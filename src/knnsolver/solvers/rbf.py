@@ -245,10 +245,10 @@ class RBFSolver(Solver):
             if row_indices is None:
                 raise ConfigError("neighbour_mode='stored' needs each sample's row index; use neighbour_mode='fresh'")
             return self.bank.neighbours[row_indices]
-        centres = self.bank.training_centres
+        # fresh: the bank's index of its training centres, built once per change of the centres
         if row_indices is None:
-            return self.search.search(embeddings.detach(), centres, self.k)[1]
-        return drop_own_rows(self.search.search(embeddings.detach(), centres, self.k + 1)[1].long(), row_indices)
+            return self.bank.search_training(embeddings, self.k)[1]
+        return drop_own_rows(self.bank.search_training(embeddings, self.k + 1)[1].long(), row_indices)
 
     def _check_rows(self, labels: Tensor, row_indices: Tensor) -> None:
         if row_indices.numel() and (int(row_indices.min()) < 0 or int(row_indices.max()) >= self.num_train):
@@ -283,7 +283,7 @@ class RBFSolver(Solver):
             sq = terms.sq_distances
             self._stats += torch.stack([
                 sq.sqrt().mean(1).sum(), (-sq / (2 * sigma**2)).exp().mean(1).sum(), terms.true_absent.sum(),
-                (~terms.scorable).sum(), torch.tensor(float(len(labels)), device=sq.device),
+                (~terms.scorable).sum(), sq.new_full((), float(len(labels))),
             ]).to(self._stats)
             if row_indices is not None and self.training and sum(map(len, self._own)) < _OWN_SAMPLE:
                 own = self.bank.training_centres[row_indices].to(embeddings.dtype)
@@ -320,6 +320,6 @@ class RBFSolver(Solver):
         out = []
         for start in range(0, embeddings.shape[0], rows):
             query = embeddings[start : start + rows]
-            _, neighbours = self.search.search(query, centres, self.predict_k)
+            _, neighbours = self.bank.search_knn(query, self.predict_k)
             out.append(rbf_log_probs(query, centres, centre_labels, neighbours, log_weights, sigma, num_classes))
         return torch.cat(out) if out else embeddings.new_zeros(0, num_classes)

@@ -475,13 +475,13 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
         else:
             grad_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=dev)
         grads_bad = ~torch.isfinite(grad_norm) if not scaler.is_enabled() else torch.zeros((), dtype=torch.bool, device=dev)
-        rows = torch.tensor(float(len(y)), dtype=torch.float64, device=dev)
+        rows = torch.full((), float(len(y)), dtype=torch.float64, device=dev)  # a fill, not a host copy
         flags = torch.stack([~torch.isfinite(loss.detach()), ~embeddings_finite, grads_bad])
         status = distributed.all_reduce_sum(torch.cat([torch.stack([loss.detach().double() * rows, rows]), flags.double()]))
         window += status
         if read_every > 1:
             bad = status[2:].any()
-            first_bad = torch.where(bad & (first_bad < 0), torch.tensor(i, device=dev), first_bad)
+            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
             for g in grads:  # a flagged step moves nothing by its gradients
                 g.masked_fill_(bad, 0.0)
         if (i + 1) % read_every == 0 or i + 1 == len(batches):

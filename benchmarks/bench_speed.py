@@ -1,0 +1,146 @@
+"""Training speed on this machine: RBF against softmax, per-step overhead, the data path (issue 12).
+
+Prints, all measured in this process:
+
+1. One training epoch's batch loop for softmax, HAL and RBF on the same network
+   and data, plus the RBF bank refresh (embedding pass and kNN graph) timed
+   alone, amortised over ``--update-interval`` epochs; ratios against softmax.
+2. The same softmax epoch with in-memory batches gathered on the device
+   against the per-item DataLoader path (the old loop).
+3. The solver step alone (forward + backward on fixed random embeddings): B,
+   N, d and k as flagged; ratios against softmax.
+
+Usage: ``python benchmarks/bench_speed.py [--device cpu|cuda] [--per-class 1000] [--width 16]
+[--epochs 2] [--batch 128] [--k 200] [--threads 2]``. Fashion-MNIST from ``make data`` (or
+``--data-dir``). ``--per-class 0`` uses all 54,000 training rows.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from knnsolver.registry import SOLVERS
+from knnsolver.training import TrainConfig, train
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def epoch_times(a: argparse.Namespace, solver: str, options: dict, slow_data: bool = False) -> tuple[float, float]:
+    """(median batch-loop seconds per epoch, seconds of the first bank fill or 0) of a short ``train()``."""
+    from knnsolver.data import batches
+    from knnsolver.solvers.rbf import RBFSolver
+
+    fills: list[float] = []
+    on_epoch_start = RBFSolver.on_epoch_start
+
+    def timed(self, ctx):
+        start = time.perf_counter()
+        on_epoch_start(self, ctx)
+        _sync(torch.device(a.device))
+        fills.append(time.perf_counter() - start)
+
+    device_rows = batches.device_rows
+    RBFSolver.on_epoch_start = timed
+    if slow_data:
+        batches.device_rows = lambda dataset, device: None
+    try:
+        with tempfile.TemporaryDirectory() as out:
+            cfg = TrainConfig(dataset="fashion-mnist", data_dir=a.data_dir, solver=solver, solver_options=options,
+                              epochs=a.epochs, out=out, plots=False, progress=False, model="conv28", width=a.width,
+                              embedding_dim=a.dim, batch_size=a.batch, max_per_class=a.per_class or None,
+                              device=a.device, eval_every=a.epochs, seed=0)
+            train(cfg)
+            log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    finally:
+        RBFSolver.on_epoch_start = on_epoch_start
+        batches.device_rows = device_rows
+    return statistics.median(row["seconds"] for row in log), (fills[0] if fills else 0.0)
+
+
+def step_time(name: str, options: dict, a: argparse.Namespace, repeats: int) -> float:
+    """Median seconds of one solver forward + backward on random embeddings."""
+    device = torch.device(a.device)
+    g = torch.Generator().manual_seed(0)
+    n, b, d, c = a.bank, a.batch, a.dim, 10
+    solver = SOLVERS.build(name, embedding_dim=d, num_classes=c, num_train=n, **options).to(device)
+    labels_all = (torch.arange(n) % c).to(device)
+    if name == "rbf":
+        solver.refresh(torch.randn(n, d, generator=g).to(device), labels_all)
+    rows = torch.randperm(n, generator=g)[:b].to(device)
+    x = torch.randn(b, d, generator=g).to(device)
+    times = []
+    for _ in range(repeats + 3):
+        emb = x.clone().requires_grad_(True)
+        _sync(device)
+        start = time.perf_counter()
+        solver(emb, labels_all[rows], rows).backward()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[3:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--per-class", type=int, default=1000, help="training images per class (0: all)")
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--k", type=int, default=200)
+    p.add_argument("--update-interval", type=int, default=10)
+    p.add_argument("--bank", type=int, default=54_000, help="bank rows for the solver-step timing")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--skip-slow-data", action="store_true", help="skip the per-item DataLoader comparison")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print("command:", shlex.join([sys.executable, *sys.argv]))
+    print("date:   ", datetime.datetime.now().isoformat(timespec="seconds"), "commit", commit)
+    gpu = torch.cuda.get_device_name() if a.device.startswith("cuda") else "no GPU used"
+    print("machine:", platform.platform(), f"{os.cpu_count()} cpus, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, {gpu}")
+
+    rbf = {"k": a.k, "update_interval": a.update_interval}
+    soft, _ = epoch_times(a, "softmax", {})
+    hal, _ = epoch_times(a, "hal", {})
+    rbf_loop, fill = epoch_times(a, "rbf", rbf)
+    amortised = rbf_loop + fill / a.update_interval
+    print(f"\n1. epoch batch loop, fashion-mnist {a.per_class or 'all'} per class, conv28 width {a.width}, "
+          f"batch {a.batch}, {a.device}:")
+    print(f"   softmax {soft:7.2f} s")
+    print(f"   hal     {hal:7.2f} s   ratio {hal / soft:5.2f}")
+    print(f"   rbf     {rbf_loop:7.2f} s   ratio {rbf_loop / soft:5.2f}; bank refresh {fill:6.2f} s, amortised over "
+          f"{a.update_interval} epochs: {amortised:7.2f} s, ratio {amortised / soft:5.2f}")
+    if not a.skip_slow_data:
+        old, _ = epoch_times(a, "softmax", {}, slow_data=True)
+        print(f"\n2. softmax epoch, batches gathered on the device {soft:.2f} s vs per-item DataLoader {old:.2f} s: "
+              f"{old / soft:.2f}x")
+    print(f"\n3. solver step alone (forward + backward), B={a.batch}, N={a.bank}, d={a.dim}, median of {a.repeats}:")
+    base = step_time("softmax", {}, a, a.repeats)
+    print(f"   softmax {base * 1e3:8.3f} ms")
+    for name, options in (("hal", {}), ("rbf", {"k": a.k})):
+        t = step_time(name, options, a, a.repeats)
+        print(f"   {name:7s} {t * 1e3:8.3f} ms   ratio {t / base:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
