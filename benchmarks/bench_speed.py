@@ -2,8 +2,8 @@
 
 Prints, all measured in this process:
 
-1. One training epoch's batch loop for softmax, HAL and RBF on the same network
-   and data, plus the RBF bank refresh (embedding pass and kNN graph) timed
+1. Training epochs (batch loop, and whole epoch with validation) for softmax,
+   HAL and RBF on the same network and data, plus the RBF bank refresh timed
    alone, amortised over ``--update-interval`` epochs; ratios against softmax.
 2. The same softmax epoch with in-memory batches gathered on the device
    against the per-item DataLoader path (the old loop).
@@ -40,22 +40,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def epoch_times(a: argparse.Namespace, solver: str, options: dict, slow_data: bool = False) -> tuple[float, float]:
-    """(median batch-loop seconds per epoch, seconds of the first bank fill or 0) of a short ``train()``."""
+def epoch_times(a: argparse.Namespace, solver: str, options: dict, slow_data: bool = False) -> dict[str, float]:
+    """Seconds of a short ``train()`` with validation every epoch, medians over the epochs after the first.
+
+    ``loop``: the batch loop; ``epoch``: a whole epoch (epoch-start hook, loop,
+    validation, checkpoint); ``fill``: the first bank fill (embedding pass and
+    graph); ``refresh``: the solver's own part of it (centres, graph, sigma),
+    which is all a later refresh costs when it reuses the validation pass.
+    """
     from knnsolver.data import batches
     from knnsolver.solvers.rbf import RBFSolver
+    from knnsolver.training import trainer
 
-    fills: list[float] = []
-    on_epoch_start = RBFSolver.on_epoch_start
+    marks: dict[str, list[float]] = {"fill": [], "refresh": [], "epoch": []}
+    on_epoch_start, refresh, train_epoch = RBFSolver.on_epoch_start, RBFSolver.refresh, trainer._train_epoch
+    end_epoch = trainer._end_epoch
 
-    def timed(self, ctx):
-        start = time.perf_counter()
-        on_epoch_start(self, ctx)
-        _sync(torch.device(a.device))
-        fills.append(time.perf_counter() - start)
+    def timed(store, fn):
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            _sync(torch.device(a.device))
+            marks[store].append(time.perf_counter() - start)
+            return out
+        return wrapper
+
+    def whole_epoch(run, step, optimizer, scaler, epoch, ctx, history):
+        marks.setdefault("start", []).append(time.perf_counter())
+        return train_epoch(run, step, optimizer, scaler, epoch, ctx, history)
+
+    def end(*args):
+        out = end_epoch(*args)
+        marks["epoch"].append(time.perf_counter() - marks["start"][-1])
+        return out
 
     device_rows = batches.device_rows
-    RBFSolver.on_epoch_start = timed
+    RBFSolver.on_epoch_start, RBFSolver.refresh = timed("fill", on_epoch_start), timed("refresh", refresh)
+    trainer._train_epoch, trainer._end_epoch = whole_epoch, end
     if slow_data:
         batches.device_rows = lambda dataset, device: None
     try:
@@ -63,13 +84,37 @@ def epoch_times(a: argparse.Namespace, solver: str, options: dict, slow_data: bo
             cfg = TrainConfig(dataset="fashion-mnist", data_dir=a.data_dir, solver=solver, solver_options=options,
                               epochs=a.epochs, out=out, plots=False, progress=False, model="conv28", width=a.width,
                               embedding_dim=a.dim, batch_size=a.batch, max_per_class=a.per_class or None,
-                              device=a.device, eval_every=a.epochs, seed=0)
+                              device=a.device, eval_every=1, seed=0)
             train(cfg)
             log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     finally:
-        RBFSolver.on_epoch_start = on_epoch_start
+        RBFSolver.on_epoch_start, RBFSolver.refresh = on_epoch_start, refresh
+        trainer._train_epoch, trainer._end_epoch = train_epoch, end_epoch
         batches.device_rows = device_rows
-    return statistics.median(row["seconds"] for row in log), (fills[0] if fills else 0.0)
+    later = slice(1, None) if len(log) > 1 else slice(None)
+    return {"rows": int(log[0]["seconds"] * log[0]["samples_per_s"] + 0.5),
+            "loop": statistics.median(row["seconds"] for row in log[later]),
+            "epoch": statistics.median(marks["epoch"][later]),
+            "fill": marks["fill"][0] if marks["fill"] else 0.0,
+            "refresh": marks["refresh"][0] if marks["refresh"] else 0.0}
+
+
+def refresh_time(a: argparse.Namespace, rows: int) -> float:
+    """Seconds of the second of two RBF bank refreshes (graph and sigma) on ``rows`` random embeddings."""
+    from knnsolver.solvers.rbf import RBFSolver
+
+    device = torch.device(a.device)
+    g = torch.Generator().manual_seed(0)
+    solver = RBFSolver(a.dim, 10, rows, k=a.k).to(device)
+    emb, labels = torch.randn(rows, a.dim, generator=g).to(device), (torch.arange(rows) % 10).to(device)
+    times = []
+    for _ in range(2):
+        _sync(device)
+        start = time.perf_counter()
+        solver.refresh(emb, labels)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return times[-1]
 
 
 def step_time(name: str, options: dict, a: argparse.Namespace, repeats: int) -> float:
@@ -120,20 +165,26 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {gpu}")
 
     rbf = {"k": a.k, "update_interval": a.update_interval}
-    soft, _ = epoch_times(a, "softmax", {})
-    hal, _ = epoch_times(a, "hal", {})
-    rbf_loop, fill = epoch_times(a, "rbf", rbf)
-    amortised = rbf_loop + fill / a.update_interval
-    print(f"\n1. epoch batch loop, fashion-mnist {a.per_class or 'all'} per class, conv28 width {a.width}, "
-          f"batch {a.batch}, {a.device}:")
-    print(f"   softmax {soft:7.2f} s")
-    print(f"   hal     {hal:7.2f} s   ratio {hal / soft:5.2f}")
-    print(f"   rbf     {rbf_loop:7.2f} s   ratio {rbf_loop / soft:5.2f}; bank refresh {fill:6.2f} s, amortised over "
-          f"{a.update_interval} epochs: {amortised:7.2f} s, ratio {amortised / soft:5.2f}")
+    soft = epoch_times(a, "softmax", {})
+    hal = epoch_times(a, "hal", {})
+    rb = epoch_times(a, "rbf", rbf)
+    n = a.update_interval
+    print(f"\n1. training epochs, fashion-mnist {a.per_class or 'all'} per class, conv28 width {a.width}, "
+          f"batch {a.batch}, {a.device}; medians over epochs 2..{a.epochs}, validation every epoch:")
+    print(f"   {'':8s} {'batch loop':>10s} {'ratio':>6s} {'whole epoch':>12s} {'ratio':>6s}")
+    for name, t in (("softmax", soft), ("hal", hal), ("rbf", rb)):
+        print(f"   {name:8s} {t['loop']:9.2f}s {t['loop'] / soft['loop']:6.2f} {t['epoch']:11.2f}s "
+              f"{t['epoch'] / soft['epoch']:6.2f}")
+    refresh = refresh_time(a, rb["rows"])
+    embed = rb["fill"] - rb["refresh"]
+    for label, cost in (("validation's embeddings reused", refresh), ("embedding pass included", refresh + embed)):
+        steady = rb["loop"] + cost / n
+        print(f"   rbf training epoch with a refresh every {n} ({label}: {cost:.2f} s each): {steady:.2f} s, "
+              f"ratio {steady / soft['loop']:.2f} to softmax's batch loop")
     if not a.skip_slow_data:
-        old, _ = epoch_times(a, "softmax", {}, slow_data=True)
-        print(f"\n2. softmax epoch, batches gathered on the device {soft:.2f} s vs per-item DataLoader {old:.2f} s: "
-              f"{old / soft:.2f}x")
+        old = epoch_times(a, "softmax", {}, slow_data=True)
+        print(f"\n2. softmax batch loop, batches gathered on the device {soft['loop']:.2f} s vs per-item DataLoader "
+              f"{old['loop']:.2f} s: {old['loop'] / soft['loop']:.2f}x")
     print(f"\n3. solver step alone (forward + backward), B={a.batch}, N={a.bank}, d={a.dim}, median of {a.repeats}:")
     base = step_time("softmax", {}, a, a.repeats)
     print(f"   softmax {base * 1e3:8.3f} ms")

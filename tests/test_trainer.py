@@ -216,3 +216,24 @@ def test_compiled_network_trains_like_the_eager_one(tmp_path):
     eager = train(_cfg(tmp_path, out=str(tmp_path / "eager"), epochs=1))
     compiled = train(_cfg(tmp_path, out=str(tmp_path / "compiled"), epochs=1, compile=True))
     assert compiled["test_accuracy"] == pytest.approx(eager["test_accuracy"], abs=0.02)
+
+
+def test_a_refresh_reuses_the_training_embeddings_of_the_evaluation_before_it(tmp_path, monkeypatch):
+    """The RBF bank refresh after a validation takes its training embeddings instead of a second pass,
+    and the run ends exactly as one that embeds again."""
+    from knnsolver.training import trainer
+
+    cfg = dict(solver="rbf", solver_options={"k": 20, "update_interval": 1}, epochs=3)
+    calls = {"n": 0}
+    embed_all = trainer.Run.embed_all
+
+    def counting(self, dataset):
+        calls["n"] += 1
+        return embed_all(self, dataset)
+
+    monkeypatch.setattr(trainer.Run, "embed_all", counting)
+    reused = train(_cfg(tmp_path, out=str(tmp_path / "a"), **cfg))
+    assert calls["n"] == 1  # only the first fill embeds for the bank; epochs 2 and 3 reuse validation's pass
+    monkeypatch.setattr(trainer.Run, "bank_embeddings", lambda self: (self.calibrate(), embed_all(self, self.data.train_eval))[1])
+    again = train(_cfg(tmp_path, out=str(tmp_path / "b"), **cfg))
+    assert reused == again

@@ -91,7 +91,9 @@ class Run:
 
     ``bn_current`` says whether the BatchNorm running statistics were
     re-estimated for the current weights (a re-estimation is skipped then: it
-    would give the same values).
+    would give the same values). ``train_embeddings`` keeps the training-set
+    embeddings an evaluation computed, for a bank refresh before the next
+    training step (the same values; single process only).
     """
 
     config: TrainConfig
@@ -99,6 +101,7 @@ class Run:
     model: nn.Module
     solver: Solver
     bn_current: bool = False
+    train_embeddings: tuple[Tensor, Tensor] | None = None
 
     @property
     def bn_mode(self) -> str:
@@ -128,11 +131,14 @@ class Run:
             return
         cfg = self.config
         calibrate_batchnorm(self.model, self.data.train_eval, cfg.batch_size, self.device, cfg.precise_bn_rows)
-        self.bn_current = True
+        self.bn_current, self.train_embeddings = True, None
 
     def bank_embeddings(self) -> tuple[Tensor, Tensor]:
-        """Training-set embeddings for a bank refresh, after re-estimating BatchNorm (collective)."""
+        """Training-set embeddings for a bank refresh, after re-estimating BatchNorm (collective);
+        those of the evaluation just before, when no training step came between."""
         self.calibrate()
+        if self.train_embeddings is not None and not distributed.is_distributed():
+            return self.train_embeddings
         return self.embed_all(self.data.train_eval)
 
     def context(self, epoch: int) -> EpochContext:
@@ -147,7 +153,9 @@ class Run:
         self.calibrate()
         emb, labels = self.embed(dataset)
         if self.config.split == "standard":
-            train_emb, train_labels = self.embed(self.data.train_eval)
+            train_emb = train_labels = None
+            if self.solver.predicts_by_knn:
+                train_emb, train_labels = self.train_embeddings = self.embed(self.data.train_eval)
             return {f"{prefix}accuracy": solver_accuracy(self.solver, train_emb, train_labels, emb, labels)}
         with torch.no_grad():
             emb = self.solver.transform(emb)
@@ -158,7 +166,7 @@ class Run:
         """Load a checkpoint's network and solver (their BatchNorm statistics are then not known to be current)."""
         self.model.load_state_dict(state["model"])
         self.solver.load_state_dict(state["solver"])
-        self.bn_current = False
+        self.bn_current, self.train_embeddings = False, None
 
 
 def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
@@ -450,7 +458,7 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
     run.solver.train()
     if run.bn_mode == "frozen":
         freeze_batchnorm(run.model)
-    run.bn_current = False
+    run.bn_current, run.train_embeddings = False, None
     batches = _process_batches(run, epoch)
     params = [p for group in optimizer.param_groups for p in group["params"]]
     read_every = _read_every(dev)
