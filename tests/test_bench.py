@@ -110,6 +110,23 @@ def test_report_renders_tables_claims_commands_and_plots(finished, tmp_path):
     assert "Not run yet: `knnsolver bench scarcity" in text
     assert (tmp_path / "report" / "plots" / "classification_accuracy.png").stat().st_size > 1000
     assert "](plots/classification_accuracy.png)" in text
+    assert "paired gain" in text and "- Convergence: " in text and "Stale" not in text
+
+
+def test_results_of_the_old_training_code_are_marked_stale(finished, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(finished, old)
+    for path in (old / "classification").glob("*.json"):
+        result = json.loads(path.read_text())
+        del result["training"]
+        path.write_text(json.dumps(result))
+    output = tmp_path / "B.md"
+    write_report(old, output, tmp_path / "plots")
+    text = output.read_text()
+    assert "**Stale: " in text and "(stale results) |" in text
 
 
 def test_unknown_names_and_bad_flags_are_clear_errors(tmp_path, capsys):
@@ -141,10 +158,20 @@ def test_suites_plan_grids_before_finals_for_every_preset(tmp_path):
                     seen.add((spec.method, spec.condition))
 
 
-def test_verdicts():
-    assert compare([0.9, 0.91, 0.92], [0.8, 0.81, 0.82]) == HOLDS
-    assert compare([0.8, 0.81, 0.82], [0.9, 0.91, 0.92]) == FAILS
-    assert compare([0.90, 0.95, 0.85], [0.89, 0.9, 0.91]) == OPEN
-    assert compare([0.9, 0.91, 0.92], [0.895, 0.9, 0.905], margin=0.01) == OPEN
-    assert compare([0.9], [0.8]) == OPEN  # one seed: no spread to judge by
+def _runs(values, diverged=()):
+    return [{"seed": s, "summary": {"test_accuracy": v, **({"diverged": True} if s in diverged else {})}}
+            for s, v in enumerate(values)]
+
+
+def test_verdicts_are_paired_by_seed():
+    # seed-paired gains of 0.10 +- 0.001: holds, although the two spreads overlap a lot
+    assert compare(_runs([0.90, 0.80, 0.95]), _runs([0.80, 0.70, 0.849]), "test_accuracy").verdict == HOLDS
+    assert compare(_runs([0.80, 0.70, 0.849]), _runs([0.90, 0.80, 0.95]), "test_accuracy").verdict == FAILS
+    assert compare(_runs([0.90, 0.95, 0.85]), _runs([0.89, 0.9, 0.91]), "test_accuracy").verdict == OPEN
+    test = compare(_runs([0.9, 0.91, 0.92]), _runs([0.895, 0.9, 0.905]), "test_accuracy", margin=0.01)
+    assert test.verdict == OPEN and test.threshold == 0.01
+    assert compare(_runs([0.9]), _runs([0.8]), "test_accuracy").verdict == OPEN  # one seed: no interval
+    # a diverged run is left out, with its pair
+    assert compare(_runs([0.9, 0.1, 0.91, 0.92], diverged={1}), _runs([0.8, 0.85, 0.81, 0.82]),
+                   "test_accuracy").n == 3
     assert combine([HOLDS, HOLDS]) == HOLDS and combine([HOLDS, OPEN]) == OPEN and combine([OPEN, FAILS]) == FAILS

@@ -2,10 +2,10 @@
 
 Everything here is computed from the result files, so the report can be
 re-rendered at any time, from partial results too. Numbers are means and
-sample standard deviations over seeds. A claim "A beats B (by more than m)"
-*holds* when ``mean(A) - mean(B) - m`` exceeds the spread ``std(A) + std(B)``,
-*does not hold* when it is below ``-(std(A) + std(B))``, and is *inconclusive*
-in between, or with a single seed (no spread to judge by).
+sample standard deviations over seeds. Comparisons are paired by seed, with a
+95% interval of the mean difference; a claim holds or does not hold only when
+the interval excludes its threshold (:mod:`knnsolver.bench.stats`). Runs
+marked diverged are counted as failed and left out of every number.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from knnsolver.bench.runner import load_results  # noqa: E402
+from knnsolver.bench.runner import TRAINING_VERSION, load_results  # noqa: E402
 from knnsolver.bench.suites import (  # noqa: E402
     PAIRWISE_KNN_LOSSES,
     PML_BASELINES,
@@ -40,9 +40,19 @@ from knnsolver.bench.suites import (  # noqa: E402
     grid_results,
     params_text,
 )
+from knnsolver.bench.stats import (  # noqa: E402
+    FAILS,
+    HOLDS,
+    OPEN,
+    PairedTest,
+    at_grid_edge,
+    convergence,
+    paired_differences,
+    paired_test,
+    slope_test,
+    usable,
+)
 from knnsolver.registry import SOLVERS  # noqa: E402
-
-HOLDS, FAILS, OPEN = "holds", "does not hold", "inconclusive"
 SUITE_BUDGET_MINUTES = 90
 TARGET_FRACTION = 0.95  # time-to-target: this fraction of the weaker method's best validation P@1
 SPEEDUP_CLAIMED, SPEEDUP_TOLERANCE = 5.0, 0.8  # "about 5x": every seed at least 4x
@@ -90,13 +100,14 @@ class Verdict:
     numbers: str
 
 
-def compare(a: Sequence[float], b: Sequence[float], margin: float = 0.0) -> str:
-    """Whether ``mean(a)`` exceeds ``mean(b)`` by more than ``margin``, judged against the spread over seeds."""
-    sa, sb = Stat(tuple(a)), Stat(tuple(b))
-    if sa.n < 2 or sb.n < 2:
-        return OPEN
-    diff, spread = sa.mean - sb.mean - margin, sa.std + sb.std
-    return HOLDS if diff > spread else FAILS if diff < -spread else OPEN
+def by_seed(runs: Sequence[dict], key: str) -> dict[int, float]:
+    """``{seed: summary[key]}`` of the usable (not diverged) runs."""
+    return {int(r["seed"]): float(r["summary"][key]) for r in usable(runs)[0] if key in r.get("summary", {})}
+
+
+def compare(a: Sequence[dict], b: Sequence[dict], key: str, margin: float = 0.0) -> PairedTest:
+    """Whether runs ``a`` beat runs ``b`` on ``key`` by more than ``margin``: a paired test over their common seeds."""
+    return paired_test(paired_differences(by_seed(a, key), by_seed(b, key)), margin)
 
 
 def combine(statuses: Iterable[str]) -> str:
@@ -110,7 +121,7 @@ def combine(statuses: Iterable[str]) -> str:
 
 
 def _values(runs: Sequence[dict], key: str) -> tuple[float, ...]:
-    return tuple(float(r["summary"][key]) for r in runs if key in r.get("summary", {}))
+    return tuple(float(r["summary"][key]) for r in usable(runs)[0] if key in r.get("summary", {}))
 
 
 def _stat(runs: Sequence[dict], key: str) -> Stat:
@@ -174,9 +185,14 @@ def grid_table(results: Mapping[str, dict], groups: Sequence[tuple[str, str]], s
         grid = grid_results(results, method, condition)
         if not grid:
             continue
-        best = choose(grid)["run_id"]
+        chosen = choose(grid)
+        edge = [k for k, v in chosen["params"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                and at_grid_edge([r["params"][k] for r in grid], v)]
         for r in grid:
-            mark = "**chosen**" if r["run_id"] == best else ""
+            mark = ""
+            if r["run_id"] == chosen["run_id"]:
+                mark = "**chosen**" + (f" (at the grid edge in {', '.join(edge)}: the optimum may lie outside)"
+                                       if edge else "")
             rows.append([method + (f" ({condition})" if condition else ""), params_text(r["params"]),
                          f"{100 * r['best_val']:.2f}", mark])
     if not rows:
@@ -207,15 +223,17 @@ def render_classification(results: Mapping[str, dict], plots: Plots) -> Section:
     rows = [[m, _chosen_text(results, m, ""), stats[m].pct(), stats[m].n] for m in methods]
     parts += ["### Test accuracy of the chosen setting (%)", table(["solver", "chosen", "test accuracy", "seeds"], rows)]
     claims = []
+    finals = {m: final_results(results, m, "") for m in methods}
     if "rbf" in stats and "softmax" in stats:
-        status = compare(stats["rbf"].values, stats["softmax"].values)
-        claims.append((SUITES["classification"].claims[0],
-                       Verdict(status, f"rbf {stats['rbf'].pct()} vs softmax {stats['softmax'].pct()}.")))
+        test = compare(finals["rbf"], finals["softmax"], "test_accuracy")
+        claims.append((SUITES["classification"].claims[0], Verdict(
+            test.verdict, f"rbf {stats['rbf'].pct()} vs softmax {stats['softmax'].pct()}; paired gain {test.text()}.")))
     baselines = [b for b in PML_BASELINES if b in stats]
     if "hal" in stats and baselines:
-        each = [(b, compare(stats["hal"].values, stats[b].values, HAL_MARGIN)) for b in baselines]
-        numbers = f"hal {stats['hal'].pct()}; " + "; ".join(f"{b} {stats[b].pct()} ({s})" for b, s in each) + "."
-        claims.append((SUITES["classification"].claims[1], Verdict(combine(s for _, s in each), numbers)))
+        each = [(b, compare(finals["hal"], finals[b], "test_accuracy", HAL_MARGIN)) for b in baselines]
+        numbers = f"hal {stats['hal'].pct()}; " + "; ".join(
+            f"against {b}: {t.text()} vs the {100 * HAL_MARGIN:g}-point margin ({t.verdict})" for b, t in each) + "."
+        claims.append((SUITES["classification"].claims[1], Verdict(combine(t.verdict for _, t in each), numbers)))
     if methods:
         parts.append(_bar(plots, "classification_accuracy", "Test accuracy (mean ± std over seeds)", methods,
                           [stats[m] for m in methods], "test accuracy (%)"))
@@ -250,13 +268,19 @@ def render_scarcity(results: Mapping[str, dict], plots: Plots) -> Section:
             for c in sizes]
     parts += ["### Test accuracy (%) and gain over softmax (percentage points, paired by seed)", table(header, rows)]
     claims = []
-    if "rbf" in gainers and len(sizes) >= 2:
-        small, large = gains["rbf", sizes[0]], gains["rbf", sizes[-1]]
-        status = compare(small.values, large.values)
-        trend = ", ".join(f"{c.split('=', 1)[1]}: {gains['rbf', c].pct()}" for c in sizes)
+    finite = [c for c in sizes if math.isfinite(_size_key(c))]
+    if "rbf" in gainers and len(finite) >= 2:
+        per_seed: dict[int, dict[float, float]] = {}
+        for c in finite:
+            rbf = by_seed(final_results(results, "rbf", c), "test_accuracy")
+            soft = by_seed(final_results(results, "softmax", c), "test_accuracy")
+            for seed in set(rbf) & set(soft):
+                per_seed.setdefault(seed, {})[_size_key(c)] = rbf[seed] - soft[seed]
+        trend = slope_test(per_seed)
+        gains_text = ", ".join(f"{c.split('=', 1)[1]}: {gains['rbf', c].pct()}" for c in sizes)
         claims.append((SUITES["scarcity"].claims[0], Verdict(
-            status, f"RBF gain at {sizes[0]} {small.pct()} vs at {sizes[-1]} {large.pct()} points; "
-                    f"gain by training size: {trend}.")))
+            trend.verdict, f"{trend.text()} (the claim needs a negative slope: a larger gain with fewer images; sizes "
+                           f"with a cap only); RBF gain over softmax by size: {gains_text}.")))
     if methods and sizes:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
         xs = range(len(sizes))
@@ -298,17 +322,17 @@ def render_unseen(results: Mapping[str, dict], plots: Plots) -> Section:
     claims = []
     baselines = [b for b in UNSEEN_BASELINES if b in methods]
     if "rbf" in methods and baselines:
-        each = [(b, k, compare(stats["rbf", k].values, stats[b, k].values)) for b in baselines for k in ("recall_at_1", "nmi")]
-        numbers = "; ".join(f"{RETRIEVAL_NAMES[k]}: rbf {stats['rbf', k].pct()} vs {b} {stats[b, k].pct()} ({s})"
-                            for b, k, s in each)
-        claims.append((SUITES["unseen-classes"].claims[0], Verdict(combine(s for _, _, s in each), numbers + ".")))
+        each = [(b, k, compare(final_results(results, "rbf", main), final_results(results, b, main), k))
+                for b in baselines for k in ("recall_at_1", "nmi")]
+        numbers = "; ".join(f"{RETRIEVAL_NAMES[k]}: rbf {stats['rbf', k].pct()} vs {b} {stats[b, k].pct()}, paired "
+                            f"{t.text()} ({t.verdict})" for b, k, t in each)
+        claims.append((SUITES["unseen-classes"].claims[0], Verdict(combine(t.verdict for _, _, t in each), numbers + ".")))
     if {"rbf", "triplet"} <= set(swept):
         low, high = dims[0], dims[-1]
         parts_n, statuses = [], []
         for k in ("recall_at_1", "nmi"):
-            rbf_gain = compare(_values(final_results(results, "rbf", high), k), _values(final_results(results, "rbf", low), k))
-            tri_gain = compare(_values(final_results(results, "triplet", high), k),
-                               _values(final_results(results, "triplet", low), k))
+            rbf_gain = compare(final_results(results, "rbf", high), final_results(results, "rbf", low), k).verdict
+            tri_gain = compare(final_results(results, "triplet", high), final_results(results, "triplet", low), k).verdict
             statuses.append(HOLDS if rbf_gain == HOLDS and tri_gain != HOLDS
                             else FAILS if rbf_gain == FAILS or tri_gain == HOLDS else OPEN)
             parts_n.append(
@@ -538,6 +562,13 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
         varied = sorted(k for k in CONFIG_KEYS if k not in shared)
         text = ", ".join(f"{k}={v}" for k, v in shared.items())
         lines.append(f"- `{split}` split runs: {text}" + (f"; varied within the suite: {', '.join(varied)}" if varied else "") + ".")
+    finals = [r for r in results.values() if r.get("role") == "final" and "history" in r and r.get("kind") == "train"]
+    if finals:
+        lines.append("- Convergence: " + convergence(
+            (r["summary"]["best_epoch"], r["config"]["epochs"]) for r in usable(finals)[0]).text() + ".")
+    failed = usable([r for r in results.values() if "summary" in r])[1]
+    if failed:
+        lines.append(f"- Failed (diverged) runs, left out of every number: {', '.join(r['run_id'] for r in failed)}.")
     total = sum(r["wall_seconds"] for r in results.values() if "same_run_as" not in r)
     lines.append(f"- Measured compute: {total / 60:.1f} min over {len(results)} results "
                  f"({'under' if total < 60 * SUITE_BUDGET_MINUTES else 'OVER'} the {SUITE_BUDGET_MINUTES}-minute budget).")
@@ -562,9 +593,11 @@ fair-comparison rules of Musgrave et al. (2020): within a suite every solver get
 embedding size, augmentation (none), batch size and epoch budget; each solver's one key hyperparameter
 is chosen on the validation split from the small grid shown (first seed), and the test data is used
 only for the final numbers of the chosen setting over all seeds. Numbers are mean ± standard deviation
-over seeds. A claim "A beats B (by more than m)" **holds** when mean(A) - mean(B) - m exceeds the spread
-std(A) + std(B), **does not hold** when it is below minus that spread, and is **inconclusive** in
-between or with a single seed. Every suite is sized to finish in under 90 minutes on 2 CPU cores
+over seeds. Comparisons are paired by seed: the mean difference gets a 95% t-interval (the paired
+t-test's; a bootstrap interval and the effect size d_z are shown beside it), and a claim "A beats B
+(by more than m)" **holds** when the whole interval lies above m, **does not hold** when it lies below
+m, and is **inconclusive** otherwise or with fewer than two seeds. A trend claim is judged on the
+interval of the per-seed slope. Runs that diverged are failed runs, listed and left out. Every suite is sized to finish in under 90 minutes on 2 CPU cores
 (1 torch thread); each result file records its own wall time.
 
 Reproduce (each command resumes where it stopped; completed runs are skipped):
@@ -599,10 +632,17 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
             continue
         section = RENDERERS[suite.name](results, plots)
         verdicts = dict(section.claims)
+        stale = sum(1 for r in results.values() if r.get("training", 1) < TRAINING_VERSION)
+        if stale:
+            head.append(f"**Stale: {stale} of {len(results)} results were produced before the training fixes of "
+                        "2026-11-29 (precise BatchNorm, RBF sigma following the bank, non-finite guards, one "
+                        "evaluation geometry per solver). At least two verdicts of this generation are known "
+                        "artefacts of those defects; do not rely on them until the suite is re-run.**")
         head += ["### Setup", _setup(suite, results)]
         if section.claims:
             head += ["### Claims", "\n".join(_claim_line(c, v) for c, v in section.claims)]
-        summary += [[suite.name, claim, verdicts[claim].status if claim in verdicts else "no data"]
+        note = " (stale results)" if stale else ""
+        summary += [[suite.name, claim, (verdicts[claim].status if claim in verdicts else "no data") + note]
                     for claim in suite.claims]
         sections.append("\n\n".join([*head, section.body]))
     doc = [f"# Benchmarks\n\nRendered by `knnsolver bench report` on {now} from the results in `{results_dir}`.",

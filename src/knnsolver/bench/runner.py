@@ -40,6 +40,10 @@ from knnsolver.training import TrainConfig, build_run, train
 from knnsolver.training.checkpoint import write_json
 
 RESULT_FORMAT = 1
+# Version of the training code's trustworthiness fixes a result was produced under: 2 = precise BatchNorm,
+# RBF sigma following the bank, non-finite guards, one evaluation geometry per solver (issue 10). The report
+# marks results of older versions as stale.
+TRAINING_VERSION = 2
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
@@ -244,6 +248,7 @@ def run_suite(
             "format": RESULT_FORMAT, "suite": suite.name, "run_id": spec.run_id, "kind": spec.kind,
             "method": spec.method, "condition": spec.condition, "seed": spec.seed, "role": spec.role,
             "params": dict(spec.params or {}), "grid_index": spec.grid_index, "preset": preset.name,
+            "training": TRAINING_VERSION,
         }
         if same_as is not None:
             result.update({k: same_as[k] for k in ("config", "summary", "val_key", "best_val", "history", "wall_seconds")

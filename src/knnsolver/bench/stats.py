@@ -1,0 +1,188 @@
+"""The statistics behind every benchmark verdict: paired by seed, with an interval and an effect size.
+
+Protocol (issue 11; Musgrave et al. 2020 for the fair-comparison rules):
+
+* Two methods are compared through their **paired differences**: for every seed
+  both ran, ``a[seed] - b[seed]`` (same data subset, same initialisation seed).
+* The mean difference gets a 95% **t-interval** (the paired t-test's) and,
+  alongside, a seeded **bootstrap** percentile interval; the effect size is
+  Cohen's ``d_z = mean / sd`` of the differences.
+* A claim "A beats B by more than ``threshold``" **holds** when the whole
+  interval lies above the threshold, **does not hold** when it lies below it,
+  and is **inconclusive** when the interval contains it (or fewer than 2 pairs
+  exist). A claim about a trend (:func:`slope_test`) is judged the same way on
+  the slope's interval against 0.
+* Runs marked diverged are failed runs: they are counted and reported, never
+  averaged in (:func:`usable`).
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy import stats as scipy_stats
+
+HOLDS, FAILS, OPEN = "holds", "does not hold", "inconclusive"
+LEVEL = 0.95
+BOOTSTRAP_RESAMPLES = 10_000
+LATE_FRACTION = 0.2  # the last 20% of epochs
+CONVERGED_SHARE = 0.8  # at least 80% of final runs must peak before them
+
+__all__ = [
+    "FAILS", "HOLDS", "OPEN", "Convergence", "PairedTest", "SlopeTest", "at_grid_edge", "bootstrap_interval",
+    "convergence", "paired_differences", "paired_test", "slope_test", "usable", "verdict",
+]
+
+
+def paired_differences(a: Mapping[int, float], b: Mapping[int, float]) -> list[float]:
+    """``a[s] - b[s]`` for every seed ``s`` in both, in seed order."""
+    return [float(a[s]) - float(b[s]) for s in sorted(set(a) & set(b))]
+
+
+def verdict(low: float, high: float, threshold: float, n: int) -> str:
+    """``holds`` if the interval lies above ``threshold``, ``does not hold`` if below, else ``inconclusive``."""
+    if n < 2 or not (math.isfinite(low) and math.isfinite(high)):
+        return OPEN
+    return HOLDS if low > threshold else FAILS if high < threshold else OPEN
+
+
+def bootstrap_interval(values: Sequence[float], level: float = LEVEL, resamples: int = BOOTSTRAP_RESAMPLES,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of ``values`` (seeded, so the report is reproducible)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size < 2:
+        return (math.nan, math.nan)
+    means = x[np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+    tail = (1 - level) / 2
+    return float(np.quantile(means, tail)), float(np.quantile(means, 1 - tail))
+
+
+def _t_interval(values: Sequence[float], level: float) -> tuple[float, float, float]:
+    """(mean, low, high) of the Student t interval of the mean."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean()) if x.size else math.nan
+    if x.size < 2:
+        return mean, math.nan, math.nan
+    half = float(scipy_stats.t.ppf(0.5 + level / 2, x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
+    return mean, mean - half, mean + half
+
+
+@dataclass(frozen=True)
+class PairedTest:
+    """A paired comparison of two methods over seeds (module docstring)."""
+
+    n: int
+    mean: float
+    low: float
+    high: float
+    boot_low: float
+    boot_high: float
+    p_value: float
+    effect_size: float
+    threshold: float
+    verdict: str
+
+    def text(self, scale: float = 100.0, unit: str = " pts") -> str:
+        """``+1.23 pts [0.40, 2.06] (t-test p=0.012, d_z=2.1, n=5)`` with values multiplied by ``scale``."""
+        if self.n == 0:
+            return "no paired runs"
+        if self.n < 2:
+            return f"{scale * self.mean:+.2f}{unit} (n=1: no interval)"
+        return (f"{scale * self.mean:+.2f}{unit} [{scale * self.low:+.2f}, {scale * self.high:+.2f}] "
+                f"(paired t-test p={self.p_value:.3g}, bootstrap [{scale * self.boot_low:+.2f}, "
+                f"{scale * self.boot_high:+.2f}], d_z={self.effect_size:.2f}, n={self.n})")
+
+
+def paired_test(differences: Sequence[float], threshold: float = 0.0, level: float = LEVEL) -> PairedTest:
+    """Test "the mean paired difference exceeds ``threshold``" on the t-interval (module docstring)."""
+    diffs = [float(d) for d in differences]
+    mean, low, high = _t_interval(diffs, level)
+    boot_low, boot_high = bootstrap_interval(diffs, level)
+    p_value, effect = math.nan, math.nan
+    if len(diffs) >= 2:
+        sd = statistics.stdev(diffs)
+        if sd > 0:
+            p_value = float(scipy_stats.ttest_1samp(np.asarray(diffs) - threshold, 0.0).pvalue)
+            effect = (mean - threshold) / sd
+        else:  # identical differences: a degenerate, exact interval
+            low = high = mean
+            p_value = 0.0 if mean != threshold else 1.0
+            effect = math.copysign(math.inf, mean - threshold) if mean != threshold else 0.0
+    return PairedTest(len(diffs), mean, low, high, boot_low, boot_high, p_value, effect, threshold,
+                      verdict(low, high, threshold, len(diffs)))
+
+
+@dataclass(frozen=True)
+class SlopeTest:
+    """The trend of a paired gain against ``log(size)``: one least-squares slope per seed, then a t-interval."""
+
+    n: int
+    slope: float
+    low: float
+    high: float
+    verdict: str  # of the claim "the gain grows as the size shrinks" (a negative slope)
+
+    def text(self, scale: float = 100.0) -> str:
+        if self.n < 2:
+            return f"slope {scale * self.slope:+.2f} pts per log-unit (n={self.n}: no interval)"
+        return (f"slope of the gain against ln(images per class) {scale * self.slope:+.2f} pts "
+                f"[{scale * self.low:+.2f}, {scale * self.high:+.2f}] (t-interval over {self.n} seeds)")
+
+
+def slope_test(gains: Mapping[int, Mapping[float, float]], level: float = LEVEL) -> SlopeTest:
+    """Does the gain grow as the size shrinks? ``gains[seed][size]`` is one seed's paired gain at ``size``.
+
+    Each seed with at least two sizes gives the least-squares slope of its gain
+    against ``ln(size)``; the claim holds when the t-interval of those slopes
+    lies below 0, does not hold when it lies above 0, else is inconclusive.
+    """
+    slopes = []
+    for by_size in gains.values():
+        if len(by_size) >= 2:
+            x = np.log(np.asarray(sorted(by_size), dtype=np.float64))
+            y = np.asarray([by_size[s] for s in sorted(by_size)], dtype=np.float64)
+            slopes.append(float(np.polyfit(x, y, 1)[0]))
+    mean, low, high = _t_interval(slopes, level)
+    claim = verdict(-high, -low, 0.0, len(slopes))  # "gain grows as size shrinks" = slope below 0
+    return SlopeTest(len(slopes), mean, low, high, claim)
+
+
+def at_grid_edge(grid: Sequence[Any], chosen: Any) -> bool:
+    """Whether ``chosen`` is the smallest or largest value of a numeric ``grid`` (the optimum may lie outside)."""
+    values = sorted({float(v) for v in grid})
+    return len(values) >= 2 and float(chosen) in (values[0], values[-1])
+
+
+@dataclass(frozen=True)
+class Convergence:
+    """How many final runs peaked on validation in the last ``LATE_FRACTION`` of their epochs."""
+
+    runs: int
+    late: int
+
+    @property
+    def ok(self) -> bool:
+        return self.runs > 0 and (self.runs - self.late) >= CONVERGED_SHARE * self.runs
+
+    def text(self) -> str:
+        status = "passes" if self.ok else "FAILS: budgets too short"
+        return (f"{self.late} of {self.runs} final runs had their best validation epoch in the last "
+                f"{LATE_FRACTION:.0%} of epochs ({status}; the protocol asks for at most {1 - CONVERGED_SHARE:.0%})")
+
+
+def convergence(runs: Iterable[tuple[int, int]]) -> Convergence:
+    """``runs``: ``(best_epoch, epochs)`` of each final run (1-based best epoch)."""
+    pairs = list(runs)
+    late = sum(1 for best, epochs in pairs if best > (1 - LATE_FRACTION) * epochs)
+    return Convergence(len(pairs), late)
+
+
+def usable(runs: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
+    """Split stored results into (usable, failed): a run whose summary says it diverged is failed."""
+    good, failed = [], []
+    for run in runs:
+        (failed if run.get("summary", {}).get("diverged") else good).append(run)
+    return good, failed

@@ -1,0 +1,80 @@
+"""The verdict statistics of the benchmarks: paired intervals, the slope test, grid edges, convergence."""
+import math
+
+import numpy as np
+import pytest
+
+from knnsolver.bench.stats import (
+    FAILS, HOLDS, OPEN, at_grid_edge, bootstrap_interval, convergence, paired_differences, paired_test, slope_test,
+    usable,
+)
+
+
+def test_paired_differences_use_seeds_both_methods_ran():
+    assert paired_differences({0: 0.9, 1: 0.8, 2: 0.7}, {1: 0.5, 2: 0.75, 3: 0.1}) == pytest.approx([0.3, -0.05])
+
+
+def test_t_interval_against_the_textbook_formula():
+    diffs = [0.010, 0.020, 0.015, 0.030, 0.025]  # mean 0.02, sd 0.0079057
+    test = paired_test(diffs)
+    half = 2.7764451 * np.std(diffs, ddof=1) / math.sqrt(5)  # t(0.975, df=4) from a table
+    assert test.mean == pytest.approx(0.02) and test.low == pytest.approx(0.02 - half, rel=1e-6)
+    assert test.high == pytest.approx(0.02 + half, rel=1e-6)
+    assert test.effect_size == pytest.approx(0.02 / np.std(diffs, ddof=1))
+    # one-sample t = 5.657, df = 4, two-sided: 2 (1 - F(t)) with F(t) = 1/2 + t (1 + 2/(t^2+4)) / (2 sqrt(t^2+4))
+    assert test.p_value == pytest.approx(0.00481, abs=5e-5)
+    assert test.boot_low <= test.mean <= test.boot_high
+
+
+@pytest.mark.parametrize("diffs,threshold,expected", [
+    ([0.031, 0.028, 0.035, 0.030, 0.029], 0.0, HOLDS),  # clearly above 0
+    ([0.031, 0.028, 0.035, 0.030, 0.029], 0.01, HOLDS),  # and above a 1-point margin
+    ([0.011, 0.008, 0.015, 0.010, 0.009], 0.02, FAILS),  # clearly below a 2-point margin
+    ([-0.02, 0.03, 0.01, -0.01, 0.02], 0.0, OPEN),  # the interval contains 0
+    ([0.05], 0.0, OPEN),  # one seed: no interval
+    ([], 0.0, OPEN),
+])
+def test_verdict_of_synthetic_result_sets(diffs, threshold, expected):
+    assert paired_test(diffs, threshold).verdict == expected
+
+
+def test_identical_differences_give_an_exact_interval():
+    assert paired_test([0.02, 0.02, 0.02]).verdict == HOLDS
+    assert paired_test([0.0, 0.0, 0.0]).verdict == OPEN
+
+
+def test_bootstrap_is_seeded_and_brackets_the_mean():
+    values = [0.1, 0.3, 0.2, 0.4, 0.25]
+    assert bootstrap_interval(values) == bootstrap_interval(values)
+    low, high = bootstrap_interval(values)
+    assert low < np.mean(values) < high and low >= min(values) and high <= max(values)
+    assert all(math.isnan(v) for v in bootstrap_interval([0.1]))
+
+
+def _gains(slope, noise, seeds=5, sizes=(10, 20, 50, 100, 500, 5400)):
+    rng = np.random.default_rng(1)
+    return {s: {n: slope * math.log(n) + 0.04 + noise * rng.normal() for n in sizes} for s in range(seeds)}
+
+
+def test_slope_test_verdicts():
+    shrinking = slope_test(_gains(-0.01, 0.002))  # gain grows as data shrinks: the scarcity claim
+    assert shrinking.verdict == HOLDS and shrinking.high < 0 and shrinking.slope == pytest.approx(-0.01, abs=0.002)
+    assert slope_test(_gains(+0.01, 0.002)).verdict == FAILS
+    assert slope_test(_gains(0.0, 0.03)).verdict == OPEN
+    exact = slope_test({0: {10: 0.3, 100: 0.1}, 1: {10: 0.5, 100: 0.3}})
+    assert exact.slope == pytest.approx(-0.2 / math.log(10))
+
+
+def test_grid_edges_and_convergence():
+    assert at_grid_edge([0.1, 0.3, 1.0], 1.0) and at_grid_edge([0.1, 0.3, 1.0], 0.1)
+    assert not at_grid_edge([0.1, 0.3, 1.0], 0.3)
+    c = convergence([(10, 10), (7, 10), (3, 10), (8, 10), (5, 10)])  # epochs 9-10 are the last 20%
+    assert (c.runs, c.late, c.ok) == (5, 1, True)
+    assert not convergence([(10, 10), (9, 10), (3, 10)]).ok
+    assert "1 of 5 final runs" in c.text()
+
+
+def test_diverged_runs_are_failed_not_averaged():
+    runs = [{"summary": {"test_accuracy": 0.9}}, {"summary": {"test_accuracy": 0.1, "diverged": True}}]
+    good, failed = usable(runs)
+    assert good == runs[:1] and failed == runs[1:]
