@@ -343,3 +343,19 @@ def test_rbf_reaches_softmax_accuracy_on_digits(tmp_path):
     softmax = train(_train_config(tmp_path / "softmax", solver="softmax", solver_options={}, **common))
     rbf = train(_train_config(tmp_path / "rbf", solver_options={"k": 50, "update_interval": 1}, **common))
     assert rbf["test_accuracy"] >= softmax["test_accuracy"]
+
+
+def test_a_stale_bank_is_reported():
+    from knnsolver.errors import TrainingWarning
+
+    emb, labels, _ = clustered()
+    solver = RBFSolver(D, C, N, k=10, normalize=False)
+    trainer = Trainer(emb, labels)
+    solver.on_epoch_start(trainer.ctx(0))
+    solver(emb[:20] + 0.01, labels[:20], torch.arange(20))  # near their stored centres
+    solver.on_epoch_end(trainer.ctx(0))
+    solver.on_epoch_start(trainer.ctx(1))  # no refresh (interval 10): the network "moved" far from the bank
+    solver(emb[:20] + 10 * solver.sigma.item(), labels[:20], torch.arange(20))
+    with pytest.warns(TrainingWarning, match=r"RBF centres are stale: .* 24\.\d sigma"):
+        stats = solver.on_epoch_end(trainer.ctx(1))
+    assert stats["median_own_centre_distance"] == pytest.approx(10 * solver.sigma.item() * D**0.5, rel=1e-4)

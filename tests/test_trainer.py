@@ -237,3 +237,38 @@ def test_a_refresh_reuses_the_training_embeddings_of_the_evaluation_before_it(tm
     monkeypatch.setattr(trainer.Run, "bank_embeddings", lambda self: (self.calibrate(), embed_all(self, self.data.train_eval))[1])
     again = train(_cfg(tmp_path, out=str(tmp_path / "b"), **cfg))
     assert reused == again
+
+
+def test_resume_on_a_refresh_epoch_with_dropout_and_reused_embeddings(tmp_path):
+    """Embedding for a refresh (or reusing validation's embeddings) never shifts the random stream."""
+    from helpers import train_interrupted
+
+    kw = dict(solver="rbf", solver_options={"k": 20, "update_interval": 1}, epochs=3, dropout=0.3, max_per_class=40)
+    full = train(_cfg(tmp_path, out=str(tmp_path / "full"), **kw))
+    train_interrupted(_cfg(tmp_path, out=str(tmp_path / "part"), **kw), stop_after=1)
+    resumed = train(_cfg(tmp_path, out=str(tmp_path / "part"), **kw), resume=True)
+    assert resumed == full
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "part" / "checkpoint.pt")
+    assert [r["loss"] for r in a["history"]] == [r["loss"] for r in b["history"]]
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_saved_runs_keep_the_solver_options_they_were_trained_with(tmp_path):
+    from knnsolver.training.trainer import load_saved
+
+    train(_cfg(tmp_path, solver="rbf", solver_options={"k": 20}, epochs=1))
+    best = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert best["solver_options"]["normalize"] is True and best["solver_options"]["k"] == 20
+    assert best["solver_options"]["learn_weights"] is True and best["solver_options"]["update_interval"] == 10
+    run, _ = load_saved(tmp_path / "run")
+    assert run.solver.normalize and run.solver.k == 20
+    # A run folder from before the options were recorded: the RBF bank key was 'centres' and the
+    # embedding was free-scale.
+    del best["solver_options"]
+    best["solver"]["bank.centres"] = best["solver"].pop("bank.embeddings")
+    save_checkpoint(best, tmp_path / "run" / "best.pt")
+    run, _ = load_saved(tmp_path / "run")
+    assert not run.solver.normalize
+    run.solver.load_state_dict(best["solver"])
+    assert run.solver.bank.filled

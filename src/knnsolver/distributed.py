@@ -72,7 +72,8 @@ def init_from_env(device: str) -> bool:
             raise ConfigError(f"device {device!r} names one GPU; under torchrun use --device cuda, "
                               "and each process takes the GPU of its LOCAL_RANK")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
+    # On GPUs NCCL carries the CUDA tensors and gloo any CPU tensor (small checks, object broadcasts).
+    dist.init_process_group("cpu:gloo,cuda:nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return True
 
 

@@ -56,7 +56,8 @@ class Solver(nn.Module):
     the solver's own kNN prediction, the retrieval metrics of an evaluation,
     ``knnsolver embed`` and the benchmarks, so every solver is scored in the
     geometry it was trained for (``"euclidean"``: raw embeddings;
-    ``"l2-normalised"``: unit vectors, i.e. cosine ranking).
+    ``"l2-normalised"``: unit vectors, i.e. cosine ranking; ``"mahalanobis"``:
+    CRC's learned metric, as ``L x``).
     """
 
     needs_balanced_sampler: bool = False

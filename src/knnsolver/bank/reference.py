@@ -115,6 +115,8 @@ class ReferenceSet(nn.Module):
         return state
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if prefix + "centres" in state_dict and prefix + "embeddings" not in state_dict:
+            state_dict[prefix + "embeddings"] = state_dict.pop(prefix + "centres")  # saved before 2026-11-29
         # Resize the buffers to the saved shapes (an empty set, or one with appended rows).
         for name in ("embeddings", "labels"):
             saved = state_dict.get(prefix + name)

@@ -105,7 +105,8 @@ def paired_test(differences: Sequence[float], threshold: float = 0.0, level: flo
     if len(diffs) >= 2:
         sd = statistics.stdev(diffs)
         if sd > 0:
-            p_value = float(scipy_stats.ttest_1samp(np.asarray(diffs) - threshold, 0.0).pvalue)
+            t = (mean - threshold) / (sd / math.sqrt(len(diffs)))  # the paired (one-sample) t statistic
+            p_value = float(2 * scipy_stats.t.sf(abs(t), len(diffs) - 1))
             effect = (mean - threshold) / sd
         else:  # identical differences: a degenerate, exact interval
             low = high = mean

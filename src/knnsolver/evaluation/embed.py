@@ -17,16 +17,19 @@ def embed_dataset(
 
     The model is put in eval mode (no dropout, BatchNorm running statistics) and
     restored to its previous mode afterwards. In-memory datasets are batched on
-    the device (:mod:`knnsolver.data.batches`).
+    the device (:mod:`knnsolver.data.batches`). The global random state is left
+    as it was, so whether (and how often) a run embeds never shifts the random
+    numbers its training draws.
     """
     was_training = model.training
     model.eval()
     embs, labels = [], []
     try:
-        plan = sequential_plan(range(len(dataset)) if rows is None else rows, batch_size)
-        for x, y, _ in iterate_batches(dataset, plan, torch.device(device)):
-            embs.append(model(x).float())
-            labels.append(y)
+        with torch.random.fork_rng(devices=[]):
+            plan = sequential_plan(range(len(dataset)) if rows is None else rows, batch_size)
+            for x, y, _ in iterate_batches(dataset, plan, torch.device(device)):
+                embs.append(model(x).float())
+                labels.append(y)
     finally:
         model.train(was_training)
     if not embs:

@@ -135,7 +135,7 @@ def rbf_nearest_class_centres(
         candidates = torch.isin(centre_labels, labels).nonzero().squeeze(1)
         if candidates.numel() == 0:
             return torch.full_like(labels, -1, dtype=torch.long)
-    points = centres[candidates].float()
+    points = centres.float() if sync_free else centres[candidates].float()
     dist = (points * points).sum(1) - 2.0 * (queries.detach().float() @ points.T)
     dist.masked_fill_(centre_labels[candidates].unsqueeze(0) != labels.unsqueeze(1), float("inf"))
     if exclude is not None:

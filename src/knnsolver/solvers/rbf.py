@@ -26,6 +26,8 @@ from knnsolver.search.common import drop_own_rows
 NEIGHBOUR_MODES = ("stored", "fresh")
 # Cap on the (batch x k x d) neighbour block gathered at once in predict().
 _PREDICT_BLOCK = 2**24
+# Median distance of a training query to its own stored centre, in sigmas, above which the bank counts as stale.
+_STALE_SIGMAS = 3.0
 # Most own-centre distances kept per epoch for the median diagnostic (the first batches' rows).
 _OWN_SAMPLE = 2**16
 
@@ -88,6 +90,9 @@ class RBFSolver(Solver):
     ``median_own_centre_distance`` (a training query's distance to its own
     stored centre: how far training-mode queries drift from the bank) and
     ``frac_unscorable`` (rows whose class has no other centre, left out of the loss).
+    When the median own-centre distance exceeds 3 sigma, the bank is stale
+    (the network moved since the refresh) and a :class:`TrainingWarning` says
+    so: training from scratch at the paper's 10-epoch interval does this.
 
     Under ``torch.distributed`` (:mod:`knnsolver.distributed`) the online update
     all-gathers the batch so every process's bank stays the same, and the
@@ -238,6 +243,14 @@ class RBFSolver(Solver):
         own = distributed.all_gather_rows(torch.cat(self._own)) if self._own else None
         if own is not None and own.numel():
             out["median_own_centre_distance"] = float(own.median())
+            drift = out["median_own_centre_distance"] / out["sigma"]
+            if drift > _STALE_SIGMAS and distributed.is_main():
+                warnings.warn(
+                    f"RBF centres are stale: training queries lie a median {drift:.1f} sigma from their own stored "
+                    f"centre, so the RBF values are near 0 and the loss acts as a hard nearest-neighbour rule; "
+                    f"refresh more often (update_interval={self.update_interval} now; 1 suits training from scratch)",
+                    TrainingWarning, stacklevel=2,
+                )
         return out
 
     def _neighbours(self, embeddings: Tensor, row_indices: Tensor | None) -> Tensor:

@@ -62,7 +62,7 @@ from knnsolver.errors import ConfigError, DivergenceError, TrainingWarning
 from knnsolver.evaluation import embed_dataset, retrieval_summary, solver_accuracy
 from knnsolver.interfaces import EpochContext, Solver
 from knnsolver.models import build_model
-from knnsolver.registry import SOLVERS
+from knnsolver.registry import SOLVERS, options_of
 from knnsolver.training.batchnorm import calibrate_batchnorm, freeze_batchnorm
 from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from knnsolver.training.config import PRECISIONS, TrainConfig, load_config_file
@@ -102,6 +102,7 @@ class Run:
     solver: Solver
     bn_current: bool = False
     train_embeddings: tuple[Tensor, Tensor] | None = None
+    solver_options: dict[str, Any] | None = None  # every option the solver was built with, defaults included
 
     @property
     def bn_mode(self) -> str:
@@ -190,15 +191,17 @@ def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
         )
     if model is None:
         model = build_model(config.model, data.input_shape, config.embedding_dim, config.dropout, config.width, config.pretrained)
-    options = {**SOLVERS.get(config.solver).protocol_defaults(config.split), **config.solver_options}
+    cls = SOLVERS.get(config.solver)
+    options = {**cls.protocol_defaults(config.split), **config.solver_options}
     solver = SOLVERS.build(
         config.solver, embedding_dim=config.embedding_dim, num_classes=data.num_classes, num_train=len(data.train),
         **options,
     )
+    effective = {o.name: o.default for o in options_of(cls, skip=("embedding_dim", "num_classes", "num_train"))}
     device = config.torch_device
     if device.type == "cuda" and len(data.input_shape) == 3:
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on GPUs
-    return Run(config, data, model.to(device), solver.to(device))
+    return Run(config, data, model.to(device), solver.to(device), solver_options={**effective, **options})
 
 
 def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
@@ -361,8 +364,10 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
         # Rank 0 keeps the single-process seed; the others draw their own dropout and augmentation.
         torch.manual_seed(_epoch_seed(config.seed, epoch) + 7_919 * distributed.rank())
         row = _train_epoch(run, step, optimizer, scaler, epoch, run.context(epoch), history)
-        best_score = _on_main(lambda: _end_epoch(run, optimizer, scaler, epoch, row, history, best_score))
+        best_score, bn_current = _on_main(
+            lambda: (_end_epoch(run, optimizer, scaler, epoch, row, history, best_score), run.bn_current))
         distributed.sync_buffers(run.model)  # rank 0 may have re-estimated BatchNorm statistics
+        run.bn_current = bn_current
     if distributed.is_distributed():  # every process ends with the best weights, as rank 0 does in finish()
         run.load_weights(_on_main(lambda: load_checkpoint(out / BEST)))
     return _on_main(lambda: finish(run, out))
@@ -375,7 +380,7 @@ def _check_same_config(config: TrainConfig) -> None:
         return
     own = {**config.to_dict(), "progress": None, "data_dir": None, "out": None}
     differs = distributed.broadcast_object(own) != own
-    if distributed.all_reduce_sum(torch.tensor([float(differs)])).item():
+    if distributed.all_reduce_sum(torch.tensor([float(differs)], device=config.torch_device)).item():
         raise ConfigError("the processes were launched with different settings; give every process the same flags")
 
 
@@ -425,7 +430,8 @@ def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gra
     if score is not None and score > best_score:
         best_score = score
         run.calibrate()  # best.pt holds the statistics its evaluation used (no-op after validation)
-        save_checkpoint({"model": run.model.state_dict(), "solver": run.solver.state_dict(), "epoch": epoch}, out / BEST)
+        save_checkpoint({"model": run.model.state_dict(), "solver": run.solver.state_dict(), "epoch": epoch,
+                         "solver_options": run.solver_options}, out / BEST)
     write_jsonl(history, out / LOG)
     save_checkpoint(
         {"config": config.to_dict(), "model": run.model.state_dict(), "solver": run.solver.state_dict(),
@@ -529,8 +535,8 @@ def _read_every(device: torch.device) -> int:
 def _divergence_message(run: Run, epoch: int, step: int, lr: float, flags: list[float], history: list[dict[str, Any]]) -> str:
     """One line: what became non-finite, where, the likely cause, what to try, and what is saved."""
     what = ", ".join(name for name, bad in zip(("loss", "embeddings", "gradients"), flags) if bad)
-    saved = (f"the checkpoint of epoch {len(history)} in {run.config.out} is intact (continue with --resume)"
-             if history else "no epoch had finished, so nothing was saved")
+    saved = (f"the checkpoint of epoch {epoch} in {run.config.out} is intact (continue with --resume)"
+             if epoch > 0 else "no epoch had finished, so nothing was saved")
     return (
         f"non-finite {what} at epoch {epoch + 1}, step {step + 1}: training diverged. Likely cause: learning rate "
         f"{lr:g} ({run.config.optimizer}) too high for this network and solver, or inputs holding inf/NaN. Try a lower "
@@ -566,13 +572,24 @@ def finish(run: Run, out: Path) -> dict[str, Any]:
 
 
 def load_saved(out: str | Path) -> tuple[Run, Path]:
-    """Rebuild a saved run from its folder (plots off), weights not yet loaded."""
+    """Rebuild a saved run from its folder (plots off), weights not yet loaded.
+
+    The solver is built with the options saved beside its weights (defaults
+    included), so a later change of a default does not change a saved run. Runs
+    saved before those were recorded keep the RBF solver's former free-scale
+    embedding (``normalize=False``).
+    """
     out = Path(out)
     for name in (CONFIG, BEST, CHECKPOINT):
         if not (out / name).is_file():
             raise ConfigError(f"{out} is not a finished knnsolver run: {name} is missing")
     config = TrainConfig.from_dict(load_config_file(out / CONFIG))
     config.plots = False
+    saved = load_checkpoint(out / BEST).get("solver_options")
+    if saved is not None:
+        config.solver_options = dict(saved)
+    elif config.solver == "rbf":
+        config.solver_options = {"normalize": False, **config.solver_options}
     return build_run(config), out
 
 
