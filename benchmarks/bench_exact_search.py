@@ -1,4 +1,5 @@
-"""Exact search on the CPU: the ``exact`` backend against faiss ``IndexFlatL2``, in one process.
+"""Exact search: the ``exact`` backend (on the CPU, or on CUDA with ``--device cuda``) against faiss
+``IndexFlatL2`` on the CPU, in one process.
 
 For each bank size N, dimension d and k, on a clustered synthetic bank
 (:func:`knnsolver.bench.search.clustered`, as in the crossover benchmark):
@@ -75,6 +76,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--device", default="cpu", help="where the exact backend's points live (cuda: torch on the GPU); "
+                        "faiss-flat always runs on the CPU")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     exact = ExactSearch()
@@ -92,16 +95,23 @@ def main() -> None:
     for n in args.sizes:
         for dim in args.dims:
             bank, queries = clustered(n, dim, args.queries, seed=0)
-            points, query_t = torch.from_numpy(bank), torch.from_numpy(queries)
+            device = torch.device(args.device)
+            points, query_t = torch.from_numpy(bank).to(device), torch.from_numpy(queries).to(device)
+
+            def synced(result):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                return result
+
             for k in args.ks:
                 graph_t, graphs = best_of({
-                    "exact": lambda: exact.build(points).graph(k),
+                    "exact": lambda: synced(exact.build(points).graph(k).cpu()),
                     "faiss": lambda: flat_search(bank, bank, k + 1),
                 }, args.repeats)
                 faiss_graph = drop_own_rows(torch.from_numpy(graphs["faiss"]), torch.arange(n))
                 agree = (graphs["exact"].long() == faiss_graph).float().mean().item()
                 query_t_s, _ = best_of({
-                    "exact": lambda: exact.build(points).search(query_t, k),
+                    "exact": lambda: synced(exact.build(points).search(query_t, k)),
                     "faiss": lambda: flat_search(bank, queries, k),
                 }, args.repeats)
                 print(f"{n:>7} {dim:>4} {k:>4} | {graph_t['exact']:>11.2f} {graph_t['faiss']:>7.2f} "
