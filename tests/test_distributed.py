@@ -157,9 +157,13 @@ def test_one_named_gpu_is_refused_under_torchrun(monkeypatch):
 
 @pytest.mark.slow
 def test_distributed_resume_equals_uninterrupted(tmp_path):
-    full = dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path, out=str(tmp_path / "full")))
-    dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path, out=str(tmp_path / "part"), epochs=1))
-    resumed = dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path, out=str(tmp_path / "part")), True)
+    # A constant rate: a shorter first run stands in for an interrupted one (a cosine schedule follows epochs).
+    constant = dict(lr_schedule="constant")
+    full = dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path, out=str(tmp_path / "full"), **constant))
+    dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path, out=str(tmp_path / "part"), epochs=1,
+                                                                  **constant))
+    resumed = dist_workers.spawn(dist_workers.train_run, tmp_path, _config(tmp_path, out=str(tmp_path / "part"),
+                                                                           **constant), True)
     assert resumed[0]["summary"] == full[0]["summary"]
     for key, value in full[0]["model"].items():
         assert torch.equal(resumed[0]["model"][key], value) and torch.equal(resumed[1]["model"][key], value), key

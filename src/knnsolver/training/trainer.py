@@ -349,6 +349,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
     best_score, start_epoch = -math.inf, 0
     if state is not None:
         run.load_weights(state)
+        run.bn_current = state.get("bn_current", False)  # statistics re-estimated before the save: keep them
         optimizer.load_state_dict(state["optimizer"])
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
@@ -436,7 +437,7 @@ def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gra
     save_checkpoint(
         {"config": config.to_dict(), "model": run.model.state_dict(), "solver": run.solver.state_dict(),
          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
-         "best_score": best_score},
+         "best_score": best_score, "bn_current": run.bn_current},
         out / CHECKPOINT,
     )
     return best_score
