@@ -12,8 +12,8 @@ stopped invocation resumes where it stopped. Experiments:
 * ``rbf-scarce``: RBF at 10 images per class on 3 seeds: the largest epoch loss
   over the first epoch's (the target is under 3x).
 * ``rbf-choice``: RBF at 100 images per class on 3 seeds, on validation only:
-  ``bn_mode`` batch against frozen, and raw against sphere-normalised
-  embeddings; these choose the defaults.
+  ``bn_mode`` batch against frozen and matched, and raw against
+  sphere-normalised embeddings; these choose the defaults.
 
 Usage: ``python benchmarks/bench_training_health.py [--only softmax rbf-scarce rbf-choice] [--seeds 0 1 2]``
 (Fashion-MNIST from ``make data``).
@@ -126,6 +126,8 @@ def rbf_choice(out: Path, seeds: list[int]) -> None:
         "bn frozen, raw": dict(bn_mode="frozen", solver_options={"k": 100, "update_interval": 1}),
         "bn frozen, sphere": dict(bn_mode="frozen", solver_options={"k": 100, "update_interval": 1, "normalize": True}),
         "bn batch, sphere": dict(bn_mode="batch", solver_options={"k": 100, "update_interval": 1, "normalize": True}),
+        "bn matched, sphere": dict(bn_mode="matched",
+                                   solver_options={"k": 100, "update_interval": 1, "normalize": True}),
     }
     print("| variant | best val acc per seed (%) | mean | median own-centre distance / sigma (last epoch) | "
           "mean RBF value (last epoch) |")

@@ -294,3 +294,24 @@ def test_rbf_bank_without_any_scorable_row_is_refused():
     with pytest.warns(TrainingWarning, match="4 of 6 training rows are the only row of their class"):
         partly.refresh(torch.randn(6, 4), torch.tensor([0, 0, 1, 2, 3, 4]))
     assert batchnorm_layers(torch.nn.Linear(2, 2)) == []
+
+
+def test_matched_mode_embeds_the_bank_with_batch_statistics(tmp_path):
+    """bn_mode='matched': centres are normalised with batch statistics, as training queries are, and the
+    running statistics are left as they were."""
+    import torch.nn.functional as F2
+
+    run = build_run(_rbf_cfg(tmp_path, normalize=True, bn_mode="matched", eval_batch_size=64))
+    run.calibrate(force=True)
+    running = {k: v.clone() for k, v in run.model.state_dict().items() if "running" in k}
+    emb, _ = run.bank_embeddings()
+    assert all(torch.equal(run.model.state_dict()[k], v) for k, v in running.items())
+    x = torch.stack([run.data.train_eval[i][0] for i in range(64)])
+    run.model.eval()
+    for m in batchnorm_layers(run.model):
+        m.train()
+    with torch.no_grad():
+        expected = run.model(x)
+    torch.testing.assert_close(emb[:64], expected)
+    eval_mode = run.model.eval()(x)
+    assert (F2.normalize(emb[:64], dim=1) - F2.normalize(eval_mode, dim=1)).norm(dim=1).median() > 1e-3

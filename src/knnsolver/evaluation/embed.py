@@ -11,7 +11,7 @@ from knnsolver.data.batches import iterate_batches, sequential_plan
 @torch.no_grad()
 def embed_dataset(
     model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu",
-    rows: range | None = None,
+    rows: range | None = None, batchnorm_batch_stats: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Return ``(embeddings, labels)`` for every item of ``dataset`` (or its ``rows``) in order.
 
@@ -19,10 +19,17 @@ def embed_dataset(
     restored to its previous mode afterwards. In-memory datasets are batched on
     the device (:mod:`knnsolver.data.batches`). The global random state is left
     as it was, so whether (and how often) a run embeds never shifts the random
-    numbers its training draws.
+    numbers its training draws. With ``batchnorm_batch_stats`` BatchNorm layers
+    normalise with each batch's statistics (and update their running ones:
+    the caller saves and restores them).
     """
     was_training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
+    if batchnorm_batch_stats:
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
     embs, labels = [], []
     try:
         with torch.random.fork_rng(devices=[]):
@@ -31,7 +38,8 @@ def embed_dataset(
                 embs.append(model(x).float())
                 labels.append(y)
     finally:
-        model.train(was_training)
+        for m, training in modes.items():
+            m.training = training
     if not embs:
         return torch.empty(0, 0, device=device), torch.empty(0, dtype=torch.long, device=device)
     return torch.cat(embs), torch.cat(labels).long().to(device)

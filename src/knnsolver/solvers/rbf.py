@@ -248,7 +248,8 @@ class RBFSolver(Solver):
                 warnings.warn(
                     f"RBF centres are stale: training queries lie a median {drift:.1f} sigma from their own stored "
                     f"centre, so the RBF values are near 0 and the loss acts as a hard nearest-neighbour rule; "
-                    f"refresh more often (update_interval={self.update_interval} now; 1 suits training from scratch)",
+                    + (f"refresh more often (update_interval={self.update_interval} now; 1 suits training from scratch)"
+                       if self.update_interval > 1 else "lower the learning rate or set online_update=True"),
                     TrainingWarning, stacklevel=2,
                 )
         return out

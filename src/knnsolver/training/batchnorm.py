@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 
 from knnsolver.data.batches import iterate_batches, sequential_plan
 
-__all__ = ["batchnorm_layers", "calibrate_batchnorm", "calibration_rows", "freeze_batchnorm"]
+__all__ = ["batchnorm_layers", "calibrate_batchnorm", "calibration_rows", "freeze_batchnorm", "kept_running_statistics"]
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -74,3 +74,19 @@ def freeze_batchnorm(model: nn.Module) -> None:
     """Put the BatchNorm layers in eval mode (normalise with running statistics) while the rest trains."""
     for m in batchnorm_layers(model):
         m.eval()
+
+
+class kept_running_statistics:
+    """Context manager: the BatchNorm running statistics are restored on exit (``bn_mode="matched"``
+    embeds the bank with batch statistics, which would otherwise update them)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.norms = batchnorm_layers(model)
+
+    def __enter__(self) -> None:
+        self.saved = [{k: v.clone() for k, v in m.named_buffers()} for m in self.norms]
+
+    def __exit__(self, *exc: object) -> None:
+        for m, buffers in zip(self.norms, self.saved):
+            for name, value in buffers.items():
+                getattr(m, name).copy_(value)

@@ -63,7 +63,7 @@ from knnsolver.evaluation import embed_dataset, retrieval_summary, solver_accura
 from knnsolver.interfaces import EpochContext, Solver
 from knnsolver.models import build_model
 from knnsolver.registry import SOLVERS, options_of
-from knnsolver.training.batchnorm import calibrate_batchnorm, freeze_batchnorm
+from knnsolver.training.batchnorm import calibrate_batchnorm, freeze_batchnorm, kept_running_statistics
 from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from knnsolver.training.config import PRECISIONS, TrainConfig, load_config_file
 from knnsolver.training.schedule import lr_factor
@@ -112,14 +112,14 @@ class Run:
     def device(self) -> torch.device:
         return self.config.torch_device
 
-    def embed(self, dataset, rows: range | None = None) -> tuple[Tensor, Tensor]:
-        return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device, rows)
+    def embed(self, dataset, rows: range | None = None, batchnorm_batch_stats: bool = False) -> tuple[Tensor, Tensor]:
+        return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device, rows, batchnorm_batch_stats)
 
-    def embed_all(self, dataset) -> tuple[Tensor, Tensor]:
+    def embed_all(self, dataset, batchnorm_batch_stats: bool = False) -> tuple[Tensor, Tensor]:
         """:meth:`embed` of every row of ``dataset``, each process embedding its shard (collective)."""
         if not distributed.is_distributed():
-            return self.embed(dataset)
-        emb, labels = self.embed(dataset, distributed.shard(len(dataset)))
+            return self.embed(dataset, batchnorm_batch_stats=batchnorm_batch_stats)
+        emb, labels = self.embed(dataset, distributed.shard(len(dataset)), batchnorm_batch_stats)
         return distributed.all_gather_rows(emb), distributed.all_gather_rows(labels)
 
     def calibrate(self, force: bool = False) -> None:
@@ -138,6 +138,9 @@ class Run:
         """Training-set embeddings for a bank refresh, after re-estimating BatchNorm (collective);
         those of the evaluation just before, when no training step came between."""
         self.calibrate()
+        if self.bn_mode == "matched":
+            with kept_running_statistics(self.model):
+                return self.embed_all(self.data.train_eval, batchnorm_batch_stats=True)
         if self.train_embeddings is not None and not distributed.is_distributed():
             return self.train_embeddings
         return self.embed_all(self.data.train_eval)
