@@ -37,6 +37,7 @@ import torch
 from knnsolver.bench.search import clustered
 from knnsolver.search.common import drop_own_rows
 from knnsolver.search.exact import ExactSearch
+from knnsolver.bench.provenance import cpu_name
 from knnsolver.search.faiss_backend import torch_threads
 
 
@@ -58,14 +59,6 @@ def flat_search(bank: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
         index = faiss.IndexFlatL2(bank.shape[1])
         index.add(bank)
         return index.search(queries, k)[1]
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

@@ -28,6 +28,7 @@ from torch import Tensor
 
 from knnsolver.errors import KnnSolverError
 from knnsolver.interfaces import EpochContext
+from knnsolver.bench.provenance import cpu_name
 from knnsolver.registry import SOLVERS
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -78,14 +79,6 @@ def time_step(fn: LossFn, emb: Tensor, labels: Tensor, rows: Tensor, repeats: in
         if i:
             times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
 
 
 def main() -> None:

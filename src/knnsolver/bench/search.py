@@ -57,6 +57,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from knnsolver.bench.provenance import cpu_name
 from knnsolver.errors import ConfigError, KnnSolverError
 from knnsolver.registry import SEARCHES
 
@@ -239,18 +240,8 @@ def _settings(backend: str, sweep: bool, seed: int) -> list[tuple[str, dict[str,
     return [("default", base)]
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine() -> dict[str, Any]:
-    return {"machine": f"{_cpu_name()}, {platform.system()}",
+    return {"machine": f"{cpu_name()}, {platform.system()}",
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "date": datetime.date.today().isoformat()}
 
