@@ -14,6 +14,9 @@ stopped invocation resumes where it stopped. Experiments:
 * ``rbf-choice``: RBF at 100 images per class on 3 seeds, on validation only:
   ``bn_mode`` batch against frozen and matched, and raw against
   sphere-normalised embeddings; these choose the defaults.
+* ``rbf-sigma``: RBF at 500 images per class, 30 epochs at a constant rate,
+  on validation: the automatic sigma re-estimated at every refresh against
+  an automatic first value that is then learned.
 
 Usage: ``python benchmarks/bench_training_health.py [--only softmax rbf-scarce rbf-choice] [--seeds 0 1 2]``
 (Fashion-MNIST from ``make data``).
@@ -145,7 +148,27 @@ def rbf_choice(out: Path, seeds: list[int]) -> None:
         sys.stdout.flush()
 
 
-EXPERIMENTS = {"softmax": softmax, "rbf-scarce": rbf_scarce, "rbf-choice": rbf_choice}
+def rbf_sigma(out: Path, seeds: list[int]) -> None:
+    print("## RBF sigma rule on validation: 500 images per class, k=100, refresh every epoch, 30 epochs, constant lr")
+    variants = {
+        "automatic, re-estimated at every refresh": {},
+        "automatic at the first fill, then learned": {"learn_sigma": True},
+    }
+    print("| sigma | best val acc per seed (%) | mean | best epoch per seed | final sigma per seed |")
+    print("|---|---|---|---|---|")
+    for label, extra in variants.items():
+        tag = "learned" if extra else "auto"
+        results = [run(out, f"rbf-sigma-{tag}-s{seed}", solver="rbf", max_per_class=500, epochs=30, seed=seed,
+                       lr_schedule="constant", solver_options={"k": 100, "update_interval": 1, **extra})
+                   for seed in seeds]
+        best = [100 * max(val_curve(r)) for r in results]
+        print(f"| {label} | {' '.join(f'{v:.2f}' for v in best)} | {statistics.mean(best):.2f} | "
+              f"{' '.join(str(r['summary']['best_epoch']) for r in results)} | "
+              f"{' '.join(format(r['history'][-1]['solver_sigma'], '.3f') for r in results)} |")
+        sys.stdout.flush()
+
+
+EXPERIMENTS = {"softmax": softmax, "rbf-scarce": rbf_scarce, "rbf-choice": rbf_choice, "rbf-sigma": rbf_sigma}
 
 
 def main() -> None:

@@ -125,7 +125,7 @@ def test_learnable_sigma_gets_a_gradient_matching_the_functional():
 def test_auto_sigma_follows_the_bank_at_every_refresh():
     """Issue 10, finding 2: an automatic sigma set once lost its meaning as the embedding grew."""
     emb, labels, _ = clustered()
-    solver = RBFSolver(D, C, N, normalize=False, k=10)
+    solver = RBFSolver(D, C, N, normalize=False, k=10, learn_sigma=False)
     with pytest.raises(RuntimeError, match="sigma is not set yet"):
         solver.sigma
     solver.on_epoch_start(Trainer(emb, labels).ctx(0))
@@ -136,13 +136,15 @@ def test_auto_sigma_follows_the_bank_at_every_refresh():
     assert solver.sigma.item() == pytest.approx(30 * rbf_auto_sigma(emb), rel=1e-4)
     solver.fit_reference(emb * 2, labels)  # prediction uses the same rule on the reference set
     assert solver.sigma.item() == pytest.approx(rbf_auto_sigma(emb * 2), rel=1e-6)
-    first = RBFSolver(D, C, N, normalize=False, k=10)
+    first = RBFSolver(D, C, N, normalize=False, k=10, learn_sigma=False)
     first.fit_reference(emb * 2, labels)  # prediction before training: the same rule
     assert first.sigma.item() == pytest.approx(rbf_auto_sigma(emb * 2), rel=1e-6)
-    learned = RBFSolver(D, C, N, normalize=False, k=10, learn_sigma=True)  # a learned sigma starts automatic, then is learned
+    learned = RBFSolver(D, C, N, normalize=False, k=10)  # the default: automatic at the first fill, then learned
+    assert learned.log_sigma.requires_grad and not learned.auto_sigma
     learned.refresh(emb, labels)
     learned.refresh(emb * 3, labels)
     assert learned.sigma.item() == pytest.approx(rbf_auto_sigma(emb), rel=1e-6)
+    assert not RBFSolver(D, C, N, k=10, sigma=0.5).log_sigma.requires_grad  # a given sigma stays fixed
     fixed, *_ = filled(emb, labels, sigma=0.7)
     assert fixed.sigma.item() == pytest.approx(0.7)
 
