@@ -108,15 +108,15 @@ def softmax(out: Path, seeds: list[int]) -> None:
 
 def rbf_scarce(out: Path, seeds: list[int]) -> None:
     print("## RBF, 10 images per class (100 training images), k=50, refresh every epoch, 150 epochs (300 steps)")
-    print("| seed | first-epoch loss | largest epoch loss | ratio | final sigma | median own-centre distance | "
+    print("| sigma | seed | first-epoch loss | largest epoch loss | ratio | final sigma | median own-centre distance | "
           "best val acc | test acc | diverged |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for seed in seeds:
-        r = run(out, f"rbf-scarce-s{seed}", solver="rbf", max_per_class=10, epochs=150, eval_every=10, seed=seed,
-                solver_options={"k": 50, "update_interval": 1})
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for seed, (tag, extra) in ((s, v) for v in (("", {}), ("-learned", {"learn_sigma": True})) for s in seeds):
+        r = run(out, f"rbf-scarce{tag}-s{seed}", solver="rbf", max_per_class=10, epochs=150, eval_every=10, seed=seed,
+                solver_options={"k": 50, "update_interval": 1, **extra})
         losses = [row["loss"] for row in r["history"]]
         last = r["history"][-1]
-        print(f"| {seed} | {losses[0]:.3f} | {max(losses):.3f} | {max(losses) / losses[0]:.2f} | "
+        print(f"| {'learned' if tag else 're-estimated'} | {seed} | {losses[0]:.3f} | {max(losses):.3f} | {max(losses) / losses[0]:.2f} | "
               f"{last['solver_sigma']:.3f} | {last.get('solver_median_own_centre_distance', float('nan')):.3f} | "
               f"{100 * max(val_curve(r)):.2f} | {100 * r['summary']['test_accuracy']:.2f} | {r['summary']['diverged']} |")
         sys.stdout.flush()

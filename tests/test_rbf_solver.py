@@ -139,12 +139,13 @@ def test_auto_sigma_follows_the_bank_at_every_refresh():
     first = RBFSolver(D, C, N, normalize=False, k=10, learn_sigma=False)
     first.fit_reference(emb * 2, labels)  # prediction before training: the same rule
     assert first.sigma.item() == pytest.approx(rbf_auto_sigma(emb * 2), rel=1e-6)
-    learned = RBFSolver(D, C, N, normalize=False, k=10)  # the default: automatic at the first fill, then learned
+    learned = RBFSolver(D, C, N, normalize=False, k=10, learn_sigma=True)  # automatic at the first fill, then learned
     assert learned.log_sigma.requires_grad and not learned.auto_sigma
     learned.refresh(emb, labels)
     learned.refresh(emb * 3, labels)
     assert learned.sigma.item() == pytest.approx(rbf_auto_sigma(emb), rel=1e-6)
     assert not RBFSolver(D, C, N, k=10, sigma=0.5).log_sigma.requires_grad  # a given sigma stays fixed
+    assert RBFSolver(D, C, N, k=10).auto_sigma  # the default: re-estimated at every refresh
     fixed, *_ = filled(emb, labels, sigma=0.7)
     assert fixed.sigma.item() == pytest.approx(0.7)
 
