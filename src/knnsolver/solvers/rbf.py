@@ -49,7 +49,7 @@ class RBFSolver(Solver):
         learn_sigma: learn ``log sigma`` with the network instead of keeping it
             fixed or re-estimating it. Measured on validation (benchmarks/README.md,
             "training health"): a learned sigma is 1.5 points better at 500 images
-            per class (3 of 3 seeds) but 0.5-3.6 points worse at 10 per class, so
+            per class (3 of 3 seeds) but 0.4-3.8 points worse at 10 per class, so
             the default stays re-estimation and the benchmark suites should tune it.
         update_interval: refresh the bank (centres, neighbour lists, automatic
             sigma) before every epoch with ``epoch % update_interval == 0``; it is
