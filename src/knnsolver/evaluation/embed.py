@@ -23,7 +23,6 @@ def embed_dataset(
     normalise with each batch's statistics (and update their running ones:
     the caller saves and restores them).
     """
-    was_training = model.training
     modes = {m: m.training for m in model.modules()}
     model.eval()
     if batchnorm_batch_stats:

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from knnsolver.errors import ConfigError
+from knnsolver.interfaces import NeighbourIndex, check_k
 from knnsolver.search import cpu_exact
 
 
@@ -65,3 +66,41 @@ def complete_rows(
     if bad.size == 0:
         return
     distances[bad], indices[bad] = cpu_exact.knn(np.ascontiguousarray(queries[bad]), points, indices.shape[1])
+
+
+class ArrayIndex(NeighbourIndex):
+    """An index whose backend searches a float32 numpy copy of the points (:attr:`data`): faiss and FANNG.
+
+    Subclasses give :meth:`_search`; this class adds what they share: the
+    argument checks, exact completion of rows the backend left short (``-1``),
+    own-row dropping for the graph, and float32 / int32 tensors on the right device.
+    """
+
+    def __init__(self, data: np.ndarray, device: torch.device) -> None:
+        super().__init__(torch.from_numpy(data), device)
+        self.data = data
+
+    def _search(self, queries: np.ndarray, k: int, own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The backend's ``(distances, indices)``; ``own``: the queries' own rows when they are points (a graph)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        check_dims(queries, self.points)
+        check_k(k, self.ntotal, excluding_self=False)
+        q = as_float32_array(queries)
+        distances, indices = self._search(q, k)
+        complete_rows(distances, indices, q, self.data)
+        device = queries.device
+        return (
+            torch.from_numpy(np.maximum(distances, 0.0).astype(np.float32)).to(device),
+            torch.from_numpy(indices.astype(np.int32)).to(device),
+        )
+
+    @torch.no_grad()
+    def graph(self, k: int, rows: range | Tensor | None = None) -> Tensor:
+        check_k(k, self.ntotal, excluding_self=True)
+        own = row_indices(rows, self.ntotal)
+        q = self.data if rows is None else self.data[own.numpy()]
+        distances, indices = self._search(q, k + 1, own=own.numpy())
+        return graph_rows(distances, indices, q, self.data, own, self.device)

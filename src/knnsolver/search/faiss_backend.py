@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 from knnsolver.errors import ConfigError, MissingDependencyError
-from knnsolver.interfaces import NeighbourIndex, NeighbourSearch, check_k
-from knnsolver.search.common import as_float32_array, check_dims, complete_rows, graph_rows, row_indices
+from knnsolver.interfaces import NeighbourSearch
+from knnsolver.search.common import ArrayIndex, as_float32_array
 
 try:
     import faiss
@@ -48,43 +48,20 @@ def torch_threads() -> Iterator[None]:
         faiss.omp_set_num_threads(previous)
 
 
-class FaissIndex(NeighbourIndex):
+class FaissIndex(ArrayIndex):
     """A built faiss index over a float32 copy of the points (:attr:`data`)."""
 
     def __init__(self, points: Tensor, data: np.ndarray, index) -> None:
-        super().__init__(torch.from_numpy(data), points.device)
-        self.data = data
+        super().__init__(data, points.device)
         self.index = index
 
     def _set_search_params(self, k: int) -> None:
         """Apply the search-time knobs for a search of ``k`` neighbours."""
 
-    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, queries: np.ndarray, k: int, own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         self._set_search_params(k)
         with torch_threads():
             return self.index.search(queries, k)
-
-    @torch.no_grad()
-    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        check_dims(queries, self.points)
-        check_k(k, self.ntotal, excluding_self=False)
-        q = as_float32_array(queries)
-        distances, indices = self._search(q, k)
-        if (indices < 0).any():
-            complete_rows(distances, indices, q, self.data)
-        device = queries.device
-        return (
-            torch.from_numpy(np.maximum(distances, 0.0).astype(np.float32)).to(device),
-            torch.from_numpy(indices.astype(np.int32)).to(device),
-        )
-
-    @torch.no_grad()
-    def graph(self, k: int, rows: range | Tensor | None = None) -> Tensor:
-        check_k(k, self.ntotal, excluding_self=True)
-        own = row_indices(rows, self.ntotal)
-        q = self.data if rows is None else self.data[own.numpy()]
-        distances, indices = self._search(q, k + 1)
-        return graph_rows(distances, indices, q, self.data, own, self.device)
 
 
 class _FaissSearch(NeighbourSearch):

@@ -80,8 +80,8 @@ import torch
 from torch import Tensor
 
 from knnsolver.errors import ConfigError, MissingDependencyError
-from knnsolver.interfaces import NeighbourIndex, NeighbourSearch, check_k
-from knnsolver.search.common import as_float32_array, check_dims, complete_rows, graph_rows, row_indices
+from knnsolver.interfaces import NeighbourSearch
+from knnsolver.search.common import ArrayIndex, as_float32_array
 from knnsolver.search.cpu_exact import numba_threads
 
 try:
@@ -691,11 +691,11 @@ class FANNGSearch(NeighbourSearch):
         return FANNGIndex(points, self.build_graph(as_float32_array(points, copy=True)), self.budget)
 
 
-class FANNGIndex(NeighbourIndex):
+class FANNGIndex(ArrayIndex):
     """A built FANNG graph (:attr:`fanng`); :attr:`budget` may be changed between searches."""
 
     def __init__(self, points: Tensor, fanng: FANNGGraph, budget: int) -> None:
-        super().__init__(torch.from_numpy(fanng.points), points.device)
+        super().__init__(fanng.points, points.device)
         self.fanng = fanng
         self.budget = budget
 
@@ -705,25 +705,7 @@ class FANNGIndex(NeighbourIndex):
             raise ConfigError(f"budget must be >= 1, got {self.budget}")
         return max(self.budget, EVALS_PER_NEIGHBOUR * k)
 
-    def _search(self, queries: np.ndarray, k: int, starts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def _search(self, queries: np.ndarray, k: int, own: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        starts = None if own is None else own.astype(np.int32)  # a graph row's search starts at its own point
         with numba_threads():
             return self.fanng.search(queries, k, self.budget_for(k), starts=starts)
-
-    @torch.no_grad()
-    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        check_dims(queries, self.points)
-        check_k(k, self.ntotal, excluding_self=False)
-        q = as_float32_array(queries)
-        distances, indices = self._search(q, k)
-        complete_rows(distances, indices, q, self.fanng.points)
-        device = queries.device
-        return torch.from_numpy(distances).to(device), torch.from_numpy(indices).to(device)
-
-    @torch.no_grad()
-    def graph(self, k: int, rows: range | Tensor | None = None) -> Tensor:
-        check_k(k, self.ntotal, excluding_self=True)
-        own = row_indices(rows, self.ntotal)
-        data = self.fanng.points
-        q = data if rows is None else data[own.numpy()]
-        distances, indices = self._search(q, k + 1, starts=own.numpy().astype(np.int32))
-        return graph_rows(distances, indices, q, data, own, self.device)

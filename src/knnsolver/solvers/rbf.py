@@ -19,7 +19,7 @@ from knnsolver import distributed
 from knnsolver.bank import BANK_DTYPES, EmbeddingBank
 from knnsolver.errors import ConfigError, TrainingWarning
 from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs, rbf_terms
-from knnsolver.interfaces import EpochContext, Solver, check_k
+from knnsolver.interfaces import EpochContext, NeighbourSearch, Solver, check_k
 from knnsolver.registry import SEARCHES
 from knnsolver.search.common import drop_own_rows
 
@@ -148,10 +148,8 @@ class RBFSolver(Solver):
         self.embedding_space = "l2-normalised" if self.normalize else "euclidean"
         self.update_interval = int(update_interval)
         self.neighbour_mode, self.online_update = neighbour_mode, bool(online_update)
-        self.search = SEARCHES.build(search)
-        self.bank = EmbeddingBank(
-            num_train, embedding_dim, self.k if neighbour_mode == "stored" else 0, dtype=bank_dtype, search=self.search
-        )
+        self.bank = EmbeddingBank(num_train, embedding_dim, self.k if neighbour_mode == "stored" else 0,
+                                  dtype=bank_dtype, search=SEARCHES.build(search))
         self.log_weights = nn.Parameter(torch.zeros(num_train), requires_grad=learn_weights)
         # NaN until set (automatic sigma: when the bank is first filled).
         self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma) if sigma > 0 else math.nan), requires_grad=learn_sigma)
@@ -168,6 +166,11 @@ class RBFSolver(Solver):
     def transform(self, embeddings: Tensor) -> Tensor:
         """The space the RBF works in: raw embeddings, or the radius-``radius`` sphere with ``normalize``."""
         return self.radius * F.normalize(embeddings, dim=1) if self.normalize else embeddings
+
+    @property
+    def search(self) -> NeighbourSearch:
+        """The neighbour-search backend (held by the bank, which builds its index)."""
+        return self.bank.search
 
     @property
     def sigma(self) -> Tensor:
