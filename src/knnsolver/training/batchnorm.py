@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from knnsolver.data.batches import iterate_batches, sequential_plan
+from knnsolver.evaluation.embed import inference_modes
 
 __all__ = ["batchnorm_layers", "calibrate_batchnorm", "calibration_rows", "freeze_batchnorm", "kept_running_statistics"]
 
@@ -50,23 +51,19 @@ def calibrate_batchnorm(
     if not norms:
         return False
     momenta = [m.momentum for m in norms]
-    modes = {m: m.training for m in model.modules()}
     try:
-        model.eval()
         for m in norms:
             m.reset_running_stats()
             m.momentum = None
-            m.train()
         plan = sequential_plan(calibration_rows(len(dataset), max_rows), batch_size)
-        with torch.random.fork_rng(devices=[]):  # loading draws a seed: leave the run's random stream alone
+        # Loading draws a seed: fork the random state so the run's stream is left alone.
+        with inference_modes(model, batchnorm_batch_stats=True), torch.random.fork_rng(devices=[]):
             for x, _, _ in iterate_batches(dataset, plan, device):
                 if len(x) > 1:
                     model(x)
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
-        for m, training in modes.items():
-            m.training = training
     return True
 
 
