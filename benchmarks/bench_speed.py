@@ -5,14 +5,18 @@ Prints, all measured in this process:
 1. Training epochs (batch loop, and whole epoch with validation) for softmax,
    HAL and RBF on the same network and data, plus the RBF bank refresh timed
    alone, amortised over ``--update-interval`` epochs; ratios against softmax.
+   Once per ``--variants`` entry: ``fp32`` (eager), ``compile`` (network and
+   solver maths through ``torch.compile``), ``bf16`` (autocast), ``bf16+compile``.
 2. The same softmax epoch with in-memory batches gathered on the device
    against the per-item DataLoader path (the old loop).
 3. The solver step alone (forward + backward on fixed random embeddings): B,
-   N, d and k as flagged; ratios against softmax.
+   N, d and k as flagged; ratios against softmax; eager and compiled
+   (``compile_loss``); on CUDA also the device kernels and host
+   synchronisations per step (torch.profiler).
 
 Usage: ``python benchmarks/bench_speed.py [--device cpu|cuda] [--per-class 1000] [--width 16]
-[--epochs 2] [--batch 128] [--k 200] [--threads 2]``. Fashion-MNIST from ``make data`` (or
-``--data-dir``). ``--per-class 0`` uses all 54,000 training rows.
+[--epochs 2] [--batch 128] [--k 200] [--threads 2] [--variants fp32,compile]``. Fashion-MNIST from
+``make data`` (or ``--data-dir``). ``--per-class 0`` uses all 54,000 training rows.
 """
 from __future__ import annotations
 
@@ -40,7 +44,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def epoch_times(a: argparse.Namespace, solver: str, options: dict, slow_data: bool = False) -> dict[str, float]:
+VARIANTS = {"fp32": {}, "compile": {"compile": True}, "bf16": {"precision": "bf16"},
+            "bf16+compile": {"precision": "bf16", "compile": True}}
+
+
+def epoch_times(a: argparse.Namespace, solver: str, options: dict, slow_data: bool = False,
+                variant: str = "fp32") -> dict[str, float]:
     """Seconds of a short ``train()`` with validation every epoch, medians over the epochs after the first.
 
     ``loop``: the batch loop; ``epoch``: a whole epoch (epoch-start hook, loop,
@@ -84,7 +93,7 @@ def epoch_times(a: argparse.Namespace, solver: str, options: dict, slow_data: bo
             cfg = TrainConfig(dataset="fashion-mnist", data_dir=a.data_dir, solver=solver, solver_options=options,
                               epochs=a.epochs, out=out, plots=False, progress=False, model="conv28", width=a.width,
                               embedding_dim=a.dim, batch_size=a.batch, max_per_class=a.per_class or None,
-                              device=a.device, eval_every=1, seed=0)
+                              device=a.device, eval_every=1, seed=0, **VARIANTS[variant])
             train(cfg)
             log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     finally:
@@ -117,8 +126,10 @@ def refresh_time(a: argparse.Namespace, rows: int) -> float:
     return times[-1]
 
 
-def step_time(name: str, options: dict, a: argparse.Namespace, repeats: int) -> float:
-    """Median seconds of one solver forward + backward on random embeddings."""
+def step_time(name: str, options: dict, a: argparse.Namespace, repeats: int, compiled: bool = False
+              ) -> tuple[float, str]:
+    """Median seconds of one solver forward + backward on random embeddings, and (on CUDA) the
+    device kernels and host synchronisations per step."""
     device = torch.device(a.device)
     g = torch.Generator().manual_seed(0)
     n, b, d, c = a.bank, a.batch, a.dim, 10
@@ -126,17 +137,39 @@ def step_time(name: str, options: dict, a: argparse.Namespace, repeats: int) -> 
     labels_all = (torch.arange(n) % c).to(device)
     if name == "rbf":
         solver.refresh(torch.randn(n, d, generator=g).to(device), labels_all)
+    if compiled:
+        solver.compile_loss()
     rows = torch.randperm(n, generator=g)[:b].to(device)
     x = torch.randn(b, d, generator=g).to(device)
+
+    def one() -> None:
+        solver(x.clone().requires_grad_(True), labels_all[rows], rows).backward()
+
     times = []
     for _ in range(repeats + 3):
-        emb = x.clone().requires_grad_(True)
         _sync(device)
         start = time.perf_counter()
-        solver(emb, labels_all[rows], rows).backward()
+        one()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return statistics.median(times[3:])
+    return statistics.median(times[3:]), launches(one, device)
+
+
+def launches(step, device: torch.device, steps: int = 5) -> str:
+    """Device kernels (and memory copies/sets) and host synchronisations per call of ``step``, on CUDA."""
+    if device.type != "cuda":
+        return ""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    events = prof.events()
+    kernels = sum(e.device_type == DeviceType.CUDA for e in events)
+    syncs = sum("Synchronize" in e.name for e in events) - 1  # less the one above
+    return f"{kernels / steps:6.1f} device ops, {syncs / steps:4.1f} host syncs per step"
 
 
 def main() -> None:
@@ -154,6 +187,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--skip-slow-data", action="store_true", help="skip the per-item DataLoader comparison")
+    p.add_argument("--variants", default="fp32", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -165,32 +199,36 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, {gpu}")
 
     rbf = {"k": a.k, "update_interval": a.update_interval}
-    soft = epoch_times(a, "softmax", {})
-    hal = epoch_times(a, "hal", {})
-    rb = epoch_times(a, "rbf", rbf)
     n = a.update_interval
-    print(f"\n1. training epochs, fashion-mnist {a.per_class or 'all'} per class, conv28 width {a.width}, "
-          f"batch {a.batch}, {a.device}; medians over epochs 2..{a.epochs}, validation every epoch:")
-    print(f"   {'':8s} {'batch loop':>10s} {'ratio':>6s} {'whole epoch':>12s} {'ratio':>6s}")
-    for name, t in (("softmax", soft), ("hal", hal), ("rbf", rb)):
-        print(f"   {name:8s} {t['loop']:9.2f}s {t['loop'] / soft['loop']:6.2f} {t['epoch']:11.2f}s "
-              f"{t['epoch'] / soft['epoch']:6.2f}")
-    refresh = refresh_time(a, rb["rows"])
-    embed = rb["fill"] - rb["refresh"]
-    for label, cost in (("validation's embeddings reused", refresh), ("embedding pass included", refresh + embed)):
-        steady = rb["loop"] + cost / n
-        print(f"   rbf training epoch with a refresh every {n} ({label}: {cost:.2f} s each): {steady:.2f} s, "
-              f"ratio {steady / soft['loop']:.2f} to softmax's batch loop")
-    if not a.skip_slow_data:
+    soft = None
+    for variant in a.variants.split(","):
+        times = {name: epoch_times(a, name, options, variant=variant)
+                 for name, options in (("softmax", {}), ("hal", {}), ("rbf", rbf))}
+        soft, rb = times["softmax"], times["rbf"]
+        print(f"\n1. training epochs [{variant}], fashion-mnist {a.per_class or 'all'} per class, conv28 width {a.width}, "
+              f"batch {a.batch}, {a.device}; medians over epochs 2..{a.epochs}, validation every epoch:")
+        print(f"   {'':8s} {'batch loop':>10s} {'ratio':>6s} {'whole epoch':>12s} {'ratio':>6s} {'images/s':>9s}")
+        for name, t in times.items():
+            print(f"   {name:8s} {t['loop']:9.2f}s {t['loop'] / soft['loop']:6.2f} {t['epoch']:11.2f}s "
+                  f"{t['epoch'] / soft['epoch']:6.2f} {t['rows'] / t['loop']:9.0f}")
+        refresh = refresh_time(a, rb["rows"])
+        embed = rb["fill"] - rb["refresh"]
+        for label, cost in (("validation's embeddings reused", refresh), ("embedding pass included", refresh + embed)):
+            steady = rb["loop"] + cost / n
+            print(f"   rbf training epoch with a refresh every {n} ({label}: {cost:.2f} s each): {steady:.2f} s, "
+                  f"ratio {steady / soft['loop']:.2f} to softmax's batch loop")
+    if not a.skip_slow_data and soft is not None:
         old = epoch_times(a, "softmax", {}, slow_data=True)
         print(f"\n2. softmax batch loop, batches gathered on the device {soft['loop']:.2f} s vs per-item DataLoader "
               f"{old['loop']:.2f} s: {old['loop'] / soft['loop']:.2f}x")
     print(f"\n3. solver step alone (forward + backward), B={a.batch}, N={a.bank}, d={a.dim}, median of {a.repeats}:")
-    base = step_time("softmax", {}, a, a.repeats)
-    print(f"   softmax {base * 1e3:8.3f} ms")
-    for name, options in (("hal", {}), ("rbf", {"k": a.k})):
-        t = step_time(name, options, a, a.repeats)
-        print(f"   {name:7s} {t * 1e3:8.3f} ms   ratio {t / base:5.2f}")
+    for compiled in (False, True):
+        base, info = step_time("softmax", {}, a, a.repeats, compiled)
+        label = "compiled" if compiled else "eager"
+        print(f"   {label:8s} softmax {base * 1e3:8.3f} ms              {info}")
+        for name, options in (("hal", {}), ("rbf", {"k": a.k})):
+            t, info = step_time(name, options, a, a.repeats, compiled)
+            print(f"   {label:8s} {name:7s} {t * 1e3:8.3f} ms   ratio {t / base:5.2f}   {info}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ DATA=${DATA:-$PWD/.data/fashion-mnist}
 [ -d "$DATA" ] || DATA=/usr/share/datasets/fashion-mnist
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 "$PYTHON" benchmarks/bench_speed.py --device "$DEVICE" --data-dir "$DATA" --per-class "$PER_CLASS" --width 32 \
-  --batch 128 --epochs 3 --k 200 --update-interval 2 --repeats 50 2>&1 | tee "$OUT/speed.txt"
+  --batch 128 --epochs 3 --k 200 --update-interval 2 --repeats 50 --variants "${VARIANTS:-fp32,compile}" \
+  --skip-slow-data 2>&1 | tee "$OUT/speed.txt"
 "$PYTHON" benchmarks/bench_exact_search.py --device "$DEVICE" --sizes 54000 --ks 10 200 --dims 64 2>&1 \
   | tee "$OUT/search.txt"
+for solver in softmax rbf; do
+  "$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --data-dir "$DATA" --solver $solver --per-class 300 \
+    2>&1 | tee "$OUT/profile_$solver.txt"
+done

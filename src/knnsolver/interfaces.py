@@ -11,7 +11,7 @@ training set, so stateful solvers (an embedding bank) can address their rows.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -63,6 +63,8 @@ class Solver(nn.Module):
     needs_balanced_sampler: bool = False
     predicts_by_knn: bool = False
     embedding_space: str = "euclidean"
+    # The training maths as a pure function of tensors, where a solver has one (see compile_loss).
+    _step: Callable[..., Any] | None = None
 
     def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0) -> None:
         super().__init__()
@@ -92,6 +94,19 @@ class Solver(nn.Module):
         if self.embedding_space == "l2-normalised":
             return torch.nn.functional.normalize(embeddings, dim=1)
         return embeddings
+
+    def compile_loss(self, **options: Any) -> bool:
+        """Run the training maths through ``torch.compile`` (``options`` are passed on); return whether it did.
+
+        On a GPU this fuses a loss's dozens of small kernels into a few launches.
+        Only a solver whose maths is a pure function (softmax, HAL, RBF) is
+        compiled; its stateful parts (a bank, the diagnostics) stay eager, and
+        the results equal the eager ones within float tolerance.
+        """
+        if self._step is None:
+            return False
+        self._step = torch.compile(self._step, **options)
+        return True
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         """Hook called before each training epoch (e.g. refresh a bank)."""

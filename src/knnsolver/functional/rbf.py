@@ -36,6 +36,7 @@ __all__ = [
     "rbf_log_probs",
     "rbf_logits",
     "rbf_loss",
+    "rbf_step",
     "rbf_terms",
 ]
 
@@ -146,8 +147,9 @@ def rbf_nearest_class_centres(
 
 
 def _avoid_host_sync(device: torch.device) -> bool:
-    """Whether to trade arithmetic for no host synchronisation (on accelerators; on the CPU a read is free)."""
-    return device.type != "cpu"
+    """Whether to trade arithmetic for no host synchronisation: on accelerators (on the CPU a read is
+    free) and inside ``torch.compile`` (a read would break the graph)."""
+    return device.type != "cpu" or torch.compiler.is_compiling()
 
 
 class RBFTerms(NamedTuple):
@@ -231,6 +233,43 @@ def rbf_loss(
 ) -> Tensor:
     """Mean of ``-log P(y|x)`` (Eq. 3) over the scorable rows of :func:`rbf_terms`; 0 if none."""
     return rbf_terms(embeddings, centres, centre_labels, neighbours, log_weights, sigma, labels, exclude=exclude).loss()
+
+
+def rbf_step(
+    embeddings: Tensor,
+    centres: Tensor,
+    centre_labels: Tensor,
+    neighbours: Tensor,
+    log_weights: Tensor,
+    log_sigma: Tensor,
+    labels: Tensor,
+    exclude: Tensor | None = None,
+    radius: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One training step of the RBF solver as a pure function: ``(loss, stats, own_distance)``.
+
+    ``embeddings`` are the network's raw outputs, put on the sphere of ``radius``
+    first when ``radius > 0``; ``sigma = exp(log_sigma)``. ``loss`` is
+    :func:`rbf_terms`'s mean; ``stats`` (5,) holds the batch's sums of the
+    diagnostics (mean neighbour distance, mean RBF value, hard case, unscorable
+    rows, rows); ``own_distance`` (B,) is each row's distance to its own centre
+    ``exclude`` (empty without ``exclude``). No host synchronisation on an
+    accelerator and no Python branching on tensor values, so ``torch.compile``
+    fuses it into a few kernels (the solver's ``compile_loss``).
+    """
+    if radius > 0:
+        embeddings = radius * torch.nn.functional.normalize(embeddings, dim=1)
+    sigma = log_sigma.exp()
+    terms = rbf_terms(embeddings, centres, centre_labels, neighbours, log_weights, sigma, labels, exclude=exclude)
+    with torch.no_grad():
+        sq = terms.sq_distances
+        stats = torch.stack([
+            sq.sqrt().mean(1).sum(), (-sq / (2 * sigma**2)).exp().mean(1).sum(), terms.true_absent.sum(),
+            (~terms.scorable).sum(), sq.new_full((), float(labels.shape[0])),
+        ]).float()
+        own = (embeddings.detach() - centres[exclude].to(embeddings.dtype)).norm(dim=1) if exclude is not None \
+            else embeddings.new_zeros(0)
+    return terms.loss(), stats, own
 
 
 @torch.no_grad()

@@ -53,9 +53,10 @@ class HALSolver(Solver):
         self.predicts_by_knn = predict_by == "knn"
         self.anchors = nn.Parameter(torch.randn(num_classes, embedding_dim))
         self.knn = KNNHead(num_classes, embedding_dim, knn_k)
+        self._step = hal_loss
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
-        return hal_loss(embeddings, labels, self.anchors, self.tau)
+        return self._step(embeddings, labels, self.anchors, self.tau)
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         if self.predicts_by_knn:

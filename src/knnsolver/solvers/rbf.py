@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from knnsolver import distributed
 from knnsolver.bank import BANK_DTYPES, EmbeddingBank
 from knnsolver.errors import ConfigError, TrainingWarning
-from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs, rbf_terms
+from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs, rbf_step
 from knnsolver.interfaces import EpochContext, NeighbourSearch, Solver, check_k
 from knnsolver.registry import SEARCHES
 from knnsolver.search.common import drop_own_rows
@@ -155,6 +155,8 @@ class RBFSolver(Solver):
         self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma) if sigma > 0 else math.nan), requires_grad=learn_sigma)
         self._stats = torch.zeros(5)  # sums of: mean distance, mean RBF value, true class absent, unscorable; rows
         self._own: list[Tensor] = []  # this epoch's distances from training queries to their own stored centres
+        self._own_rows = 0
+        self._step = rbf_step  # the pure training maths; compile_loss() swaps in a compiled copy
         self._sigma_known = sigma > 0
         self._rows_checked = False  # on an accelerator, row indices are checked once per refresh (a host read)
 
@@ -231,7 +233,7 @@ class RBFSolver(Solver):
                 f"the solver was built for num_train={self.num_train} rows but the training set has {ctx.num_train}"
             )
         self._stats = torch.zeros(5, device=self.log_weights.device)
-        self._own = []
+        self._own, self._own_rows = [], 0
         if not self.bank.filled or ctx.epoch % self.update_interval == 0:
             self.refresh(*ctx.embed_train())
 
@@ -267,6 +269,7 @@ class RBFSolver(Solver):
                 raise ConfigError("neighbour_mode='stored' needs each sample's row index; use neighbour_mode='fresh'")
             return self.bank.neighbours[row_indices]
         # fresh: the bank's index of its training centres, built once per change of the centres
+        embeddings = self.transform(embeddings.detach())
         if row_indices is None:
             return self.bank.search_training(embeddings, self.k)[1]
         return drop_own_rows(self.bank.search_training(embeddings, self.k + 1)[1].long(), row_indices)
@@ -293,26 +296,21 @@ class RBFSolver(Solver):
             if row_indices.device.type == "cpu" or not self._rows_checked:
                 self._check_rows(labels, row_indices)
                 self._rows_checked = True
-        embeddings = self.transform(embeddings)
         neighbours = self._neighbours(embeddings, row_indices)
-        sigma = self.sigma
-        terms = rbf_terms(
-            embeddings, self.bank.training_centres, self.bank.training_labels, neighbours, self.log_weights, sigma, labels,
-            exclude=row_indices,
+        loss, stats, own = self._step(
+            embeddings, self.bank.training_centres, self.bank.training_labels, neighbours, self.log_weights,
+            self.log_sigma, labels, row_indices, self.radius if self.normalize else 0.0,
         )
         with torch.no_grad():
-            sq = terms.sq_distances
-            self._stats += torch.stack([
-                sq.sqrt().mean(1).sum(), (-sq / (2 * sigma**2)).exp().mean(1).sum(), terms.true_absent.sum(),
-                (~terms.scorable).sum(), sq.new_full((), float(len(labels))),
-            ]).to(self._stats)
-            if row_indices is not None and self.training and sum(map(len, self._own)) < _OWN_SAMPLE:
-                own = self.bank.training_centres[row_indices].to(embeddings.dtype)
-                self._own.append((embeddings.detach() - own).norm(dim=1))
+            self._stats += stats
+            if row_indices is not None and self.training and self._own_rows < _OWN_SAMPLE:
+                self._own.append(own)
+                self._own_rows += own.shape[0]
             if self.online_update and self.training and row_indices is not None:
                 # Every process writes every process's batch, so the banks stay equal.
-                self.bank.write(distributed.all_gather_rows(row_indices), distributed.all_gather_rows(embeddings))
-        return terms.loss()
+                written = self.transform(embeddings.detach())
+                self.bank.write(distributed.all_gather_rows(row_indices), distributed.all_gather_rows(written))
+        return loss
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         """Replace the bank's centres with fresh training embeddings (and re-estimate an automatic sigma)."""

@@ -7,6 +7,11 @@ from torch import Tensor, nn
 from knnsolver.interfaces import Solver
 
 
+def softmax_loss(embeddings: Tensor, weight: Tensor, bias: Tensor, labels: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """``CE(W x + b, y)``, mean over the batch."""
+    return F.cross_entropy(F.linear(embeddings, weight, bias), labels, label_smoothing=label_smoothing)
+
+
 class SoftmaxSolver(Solver):
     """``loss = CE(W x + b, y)``; ``predict`` returns the logits ``W x + b``."""
 
@@ -14,9 +19,10 @@ class SoftmaxSolver(Solver):
         super().__init__(embedding_dim, num_classes, num_train)
         self.label_smoothing = float(label_smoothing)
         self.classifier = nn.Linear(embedding_dim, num_classes)
+        self._step = softmax_loss
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
-        return F.cross_entropy(self.classifier(embeddings), labels, label_smoothing=self.label_smoothing)
+        return self._step(embeddings, self.classifier.weight, self.classifier.bias, labels, self.label_smoothing)
 
     def predict(self, embeddings: Tensor) -> Tensor:
         return self.classifier(embeddings)

@@ -38,7 +38,8 @@ class TrainConfig:
     * ``precision``: ``fp32`` (default); ``bf16`` or ``fp16`` run the network under
       autocast (fp16 with a gradient scaler) while every solver's maths stays
       in fp32 (the embeddings are cast up before the solver).
-    * ``compile``: run the network through ``torch.compile``.
+    * ``compile``: run the network through ``torch.compile``, and on a GPU the solver's loss maths too
+      (softmax, HAL, RBF: :meth:`~knnsolver.interfaces.Solver.compile_loss`).
     * ``bn_mode``: how BatchNorm normalises during training. ``batch`` (default):
       batch statistics (PyTorch's train mode); ``frozen``: the running statistics,
       re-estimated at every epoch start, so training-mode queries and an

@@ -286,7 +286,7 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
 
 def _loss_step(run: Run) -> nn.Module:
     """The training step: network and solver wrapped for data parallelism when distributed,
-    the network compiled with ``config.compile``, autocast with ``config.precision``."""
+    the network compiled with ``config.compile`` (and on accelerators the solver's loss maths), autocast with ``config.precision``."""
     model, solver = run.model, run.solver
     if distributed.is_distributed():
         ids = [torch.cuda.current_device()] if run.device.type == "cuda" else None
@@ -296,6 +296,8 @@ def _loss_step(run: Run) -> nn.Module:
             solver = DistributedDataParallel(solver, device_ids=ids, **_NO_BUFFER_SYNC)
     if run.config.compile:
         model = torch.compile(model)
+        if run.device.type != "cpu":  # on the CPU the compiled loss maths measured slower (benchmarks/README.md)
+            run.solver.compile_loss()
     return LossStep(model, solver, PRECISIONS[run.config.precision])
 
 
@@ -500,7 +502,7 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
         if read_every > 1:
             bad = status[2:].any()
             first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
-            for g in grads:  # a flagged step moves nothing by its gradients
+            for g in grads:  # a flagged step moves nothing by its gradients (NaN * 0 would stay NaN)
                 g.masked_fill_(bad, 0.0)
         if (i + 1) % read_every == 0 or i + 1 == len(batches):
             read = window.cpu()
