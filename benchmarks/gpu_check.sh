@@ -24,9 +24,9 @@ DATA=${DATA:-$PWD/.data/fashion-mnist}
 "$PYTHON" benchmarks/bench_speed.py --device "$DEVICE" --data-dir "$DATA" --per-class "$PER_CLASS" --width 32 \
   --batch 128 --epochs 3 --k 200 --update-interval 2 --repeats 50 --variants "${VARIANTS:-fp32,compile}" \
   --skip-slow-data 2>&1 | tee "$OUT/speed.txt"
+"$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --data-dir "$DATA" --solver softmax --per-class 300 \
+  2>&1 | grep -v USDT | tee "$OUT/profile_softmax.txt"
+"$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --data-dir "$DATA" --solver rbf --per-class 300 --compile \
+  2>&1 | grep -v USDT | tee "$OUT/profile_rbf.txt"
 "$PYTHON" benchmarks/bench_exact_search.py --device "$DEVICE" --sizes 54000 --ks 10 200 --dims 64 2>&1 \
   | tee "$OUT/search.txt"
-for solver in softmax rbf; do
-  "$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --data-dir "$DATA" --solver $solver --per-class 300 \
-    2>&1 | tee "$OUT/profile_$solver.txt"
-done

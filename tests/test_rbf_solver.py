@@ -362,3 +362,11 @@ def test_a_stale_bank_is_reported():
     with pytest.warns(TrainingWarning, match=r"RBF centres are stale: .* 24\.\d sigma"):
         stats = solver.on_epoch_end(trainer.ctx(1))
     assert stats["median_own_centre_distance"] == pytest.approx(10 * solver.sigma.item() * D**0.5, rel=1e-4)
+
+
+def test_diagnostic_sums_follow_the_solver_to_its_device():
+    """The per-epoch sums are a buffer: a solver moved to a device after construction (and refreshed
+    there without an epoch start) accumulates on that device, not on the CPU it was built on."""
+    solver = RBFSolver(4, 2, 10, k=3).to(torch.float64)
+    assert solver._stats.dtype == torch.float64 and "_stats" not in solver.state_dict()
+    assert solver.to("meta")._stats.device.type == "meta"

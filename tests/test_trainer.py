@@ -149,9 +149,11 @@ def test_calibrate_batchnorm_matches_data_statistics():
     assert not calibrate_batchnorm(nn.Linear(3, 2), data, 50, torch.device("cpu"))
 
 
-def test_batched_reads_stop_at_the_first_bad_step_with_finite_weights(tmp_path, monkeypatch):
+@pytest.mark.parametrize("fused", [False, True])
+def test_batched_reads_stop_at_the_first_bad_step_with_finite_weights(tmp_path, monkeypatch, fused):
     """The GPU path reads the step flags every few steps: the error names the first bad step and the
-    flagged steps' gradients are zeroed, so no weight ever becomes NaN."""
+    flagged steps move nothing (gradients zeroed, or the fused optimiser told to skip them on the
+    device), so no weight ever becomes NaN."""
     from knnsolver.errors import DivergenceError
     from knnsolver.solvers.softmax import SoftmaxSolver
     from knnsolver.training import trainer
@@ -166,6 +168,7 @@ def test_batched_reads_stop_at_the_first_bad_step_with_finite_weights(tmp_path, 
 
     monkeypatch.setattr(SoftmaxSolver, "forward", forward)
     monkeypatch.setattr(trainer, "_read_every", lambda device: 4)
+    monkeypatch.setattr(trainer, "_fused", lambda device: fused)
     seen = {}
     step = trainer._train_epoch
 

@@ -153,7 +153,8 @@ class RBFSolver(Solver):
         self.log_weights = nn.Parameter(torch.zeros(num_train), requires_grad=learn_weights)
         # NaN until set (automatic sigma: when the bank is first filled).
         self.log_sigma = nn.Parameter(torch.tensor(math.log(sigma) if sigma > 0 else math.nan), requires_grad=learn_sigma)
-        self._stats = torch.zeros(5)  # sums of: mean distance, mean RBF value, true class absent, unscorable; rows
+        # Sums of: mean distance, mean RBF value, true class absent, unscorable; rows (follows the solver's device).
+        self.register_buffer("_stats", torch.zeros(5), persistent=False)
         self._own: list[Tensor] = []  # this epoch's distances from training queries to their own stored centres
         self._own_rows = 0
         self._step = rbf_step  # the pure training maths; compile_loss() swaps in a compiled copy
@@ -232,7 +233,7 @@ class RBFSolver(Solver):
             raise ConfigError(
                 f"the solver was built for num_train={self.num_train} rows but the training set has {ctx.num_train}"
             )
-        self._stats = torch.zeros(5, device=self.log_weights.device)
+        self._stats.zero_()
         self._own, self._own_rows = [], 0
         if not self.bank.filled or ctx.epoch % self.update_interval == 0:
             self.refresh(*ctx.embed_train())

@@ -207,11 +207,18 @@ def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
     return Run(config, data, model.to(device), solver.to(device), solver_options={**effective, **options})
 
 
-def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _fused(device: torch.device) -> bool:
+    """Whether the optimiser runs fused (one kernel per step): on accelerators; the CPU keeps the
+    default implementation, so CPU results stay as they were."""
+    return device.type != "cpu"
+
+
+def _optimizer(config: TrainConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    fused = {"fused": True} if _fused(device) else {}
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **fused)
     cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
-    return cls(params, lr=config.lr, weight_decay=config.weight_decay)
+    return cls(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
 
 
 def samples_per_class(batch_size: int, num_classes: int, requested: int = 0) -> int:
@@ -348,7 +355,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
         config = replace(config, progress=False)
     run = build_run(config, model)
     params = [p for p in [*run.model.parameters(), *run.solver.parameters()] if p.requires_grad]
-    optimizer = _optimizer(config, params)
+    optimizer = _optimizer(config, params, run.device)
     scaler = torch.amp.GradScaler(run.device.type, enabled=config.precision == "fp16")
     history: list[dict[str, Any]] = []
     best_score, start_epoch = -math.inf, 0
@@ -457,8 +464,9 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
     embedding or gradient norm. On the CPU the flags are read before every
     optimiser step, so a diverging run stops with weights that were never NaN;
     on a GPU they are read every :data:`_GPU_READ_EVERY` steps (no host
-    synchronisation per step) and a flagged step's gradients are zeroed on the
-    device, so the weights stay finite until the run stops. With fp16 the
+    synchronisation per step) and a flagged step moves nothing (the fused
+    optimiser skips it on the device; otherwise its gradients are zeroed), so
+    the weights stay finite until the run stops. With fp16 the
     gradient scaler skips steps with non-finite gradients itself, so only the
     loss and the embeddings are guarded there.
     """
@@ -502,8 +510,11 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
         if read_every > 1:
             bad = status[2:].any()
             first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
-            for g in grads:  # a flagged step moves nothing by its gradients (NaN * 0 would stay NaN)
-                g.masked_fill_(bad, 0.0)
+            if optimizer.defaults.get("fused") and not scaler.is_enabled():
+                optimizer.found_inf = bad.float()  # the fused step skips a flagged step on the device
+            else:
+                for g in grads:  # a flagged step moves nothing by its gradients (NaN * 0 would stay NaN)
+                    g.masked_fill_(bad, 0.0)
         if (i + 1) % read_every == 0 or i + 1 == len(batches):
             read = window.cpu()
             if read[2:].any():
