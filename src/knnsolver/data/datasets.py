@@ -116,6 +116,12 @@ class Source:
         class_names: name of every class id.
         input_shape: shape of one input, e.g. ``(1, 8, 8)`` or ``(D,)``.
         augmentation: training transform, or ``None`` where augmentation makes no sense.
+        eval_transform: transform of every row not augmented (e.g. a centre crop), or ``None``.
+        disjoint_train_classes: the class ids that train under the dataset's own unseen-class
+            protocol (SOP's and In-Shop's training lists); ``None``: the first half of the classes.
+        query_rows: pool rows (among the test rows) that query a gallery of the other test rows
+            (In-Shop); ``None``: test rows are queried against each other.
+        recall_ks: the Recall@K cut-offs the dataset is reported at.
     """
 
     name: str
@@ -126,6 +132,10 @@ class Source:
     class_names: list[str]
     input_shape: tuple[int, ...]
     augmentation: Transform | None = None
+    eval_transform: Transform | None = None
+    disjoint_train_classes: list[int] | None = None
+    query_rows: np.ndarray | None = None
+    recall_ks: tuple[int, ...] = (1, 2, 4, 8)
 
 
 class RowDataset(Dataset):

@@ -185,6 +185,7 @@ def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
     data = build_data(
         config.dataset, split=config.split, val_fraction=config.val_fraction, max_per_class=config.max_per_class,
         seed=config.seed, data_dir=config.data_dir, augment=config.augment, image_size=config.image_size,
+        resize_size=config.resize_size,
     )
     classes = int(torch.unique(data.train_labels).numel())
     if classes < 2:
