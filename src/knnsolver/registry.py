@@ -190,6 +190,9 @@ MODELS = Registry(
         "conv8": "knnsolver.models.nets:ConvNet8",
         "conv28": "knnsolver.models.nets:ConvNet28",
         "resnet": "knnsolver.models.nets:ResNetSmall",
+        "resnet18": "knnsolver.models.backbones:resnet18",
+        "resnet50": "knnsolver.models.backbones:resnet50",
+        "vgg16": "knnsolver.models.backbones:vgg16",
     },
     {
         "auto": "choose by input shape: conv8 for 8x8, conv28 for 28x28, resnet for colour, mlp for vectors",
@@ -197,5 +200,8 @@ MODELS = Registry(
         "conv8": "small convnet for 8x8 greyscale",
         "conv28": "small convnet for 28x28 greyscale",
         "resnet": "ResNet-style net for larger colour images",
+        "resnet18": "ResNet-18, torchvision's parameter names (--pretrained resnet18-*.pth), ImageNet input statistics",
+        "resnet50": "ResNet-50, torchvision's parameter names (--pretrained resnet50-*.pth), ImageNet input statistics",
+        "vgg16": "VGG-16 (the RBF paper's), torchvision's names (--pretrained vgg16-*.pth), embedding after fc7",
     },
 )

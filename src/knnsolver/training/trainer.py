@@ -66,6 +66,7 @@ from knnsolver.registry import SOLVERS, options_of
 from knnsolver.training.batchnorm import calibrate_batchnorm, freeze_batchnorm, kept_running_statistics
 from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from knnsolver.training.config import PRECISIONS, TrainConfig, load_config_file
+from knnsolver.training.lr_groups import parameter_groups
 from knnsolver.training.schedule import lr_factor
 
 CHECKPOINT, BEST, CONFIG, LOG, SUMMARY = "checkpoint.pt", "best.pt", "config.json", "log.jsonl", "summary.json"
@@ -163,7 +164,9 @@ class Run:
             return {f"{prefix}accuracy": solver_accuracy(self.solver, train_emb, train_labels, emb, labels)}
         with torch.no_grad():
             emb = self.solver.transform(emb)
-        metrics = retrieval_summary(emb, labels, with_nmi=prefix == "test_", seed=self.config.seed)
+        query = self.data.test_query if dataset is self.data.test else None  # In-Shop: queries against a gallery
+        metrics = retrieval_summary(emb, labels, with_nmi=prefix == "test_", seed=self.config.seed, query_mask=query,
+                                    ks=self.data.recall_ks)
         return {f"{prefix}{k}" if prefix != "test_" else k: v for k, v in metrics.items()}
 
     def load_weights(self, state: dict[str, Any]) -> None:
@@ -208,7 +211,7 @@ def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
     return Run(config, data, model.to(device), solver.to(device), solver_options={**effective, **options})
 
 
-def _optimizer(config: TrainConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def _optimizer(config: TrainConfig, params: list[dict[str, Any]]) -> torch.optim.Optimizer:
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     cls = torch.optim.Adam if config.optimizer == "adam" else torch.optim.AdamW
@@ -346,8 +349,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
     if not distributed.is_main():
         config = replace(config, progress=False)
     run = build_run(config, model)
-    params = [p for p in [*run.model.parameters(), *run.solver.parameters()] if p.requires_grad]
-    optimizer = _optimizer(config, params)
+    optimizer = _optimizer(config, parameter_groups(run.model, run.solver, config.lr, config.backbone_lr))
     scaler = torch.amp.GradScaler(run.device.type, enabled=config.precision == "fp16")
     history: list[dict[str, Any]] = []
     best_score, start_epoch = -math.inf, 0
@@ -483,7 +485,7 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
     for i, (x, y, idx) in enumerate(bar):
         lr = cfg.lr * lr_factor(cfg, epoch * len(batches) + i, len(batches))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # backbone_lr: the backbone's group has its own scale
         loss, embeddings_finite = step(x, y, idx)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
