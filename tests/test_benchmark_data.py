@@ -152,3 +152,18 @@ def test_errors_are_clear(tmp_path):
     (tmp_path / "cars" / "cars_annos.mat").write_bytes(b"not a mat file")
     with pytest.raises(DataError, match="cannot read .*cars_annos.mat"):
         build_data("cars196", data_dir=str(tmp_path / "cars"))
+
+
+def test_image_folder_takes_the_protocol_with_resize_size(tmp_path):
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for j in range(5):
+            pixels = np.zeros((10, 30, 3), dtype=np.uint8)
+            pixels[:, 10:20] = 255  # a white centre third: the centre crop of the 12 x 36 resize is all white
+            Image.fromarray(pixels).save(tmp_path / c / f"{j}.png")
+    b = build_data("image-folder", data_dir=str(tmp_path), image_size=8, resize_size=12, val_fraction=0.0)
+    x, _, _ = b.test[0]
+    assert x.shape == (3, 8, 8) and b.train_eval.pool.get(0).shape == (3, 12, 36)
+    assert x[:, :, 2:6].min() > 0.9, "the centre of the image, not a squeezed whole"
+    stretched = build_data("image-folder", data_dir=str(tmp_path), image_size=8, val_fraction=0.0)
+    assert stretched.test[0][0][:, :, 0].max() < 0.1, "without resize_size the whole image is stretched (unchanged)"

@@ -28,67 +28,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torch import Tensor
 
-from knnsolver.data.datasets import Pool, Source
+from knnsolver.data.datasets import PROTOCOL_CROP_SCALE, PhotoPool, Source
 from knnsolver.data.transforms import CenterCrop, Compose, RandomHorizontalFlip, RandomResizedCrop
 from knnsolver.errors import ConfigError, DataError
 
 DEFAULT_IMAGE_SIZE = 224
-CROP_SCALE = (0.16, 1.0)
 # Recall@K cut-offs each benchmark is reported at in the literature.
 CUB_CARS_KS = (1, 2, 4, 8)
 SOP_KS = (1, 10, 100, 1000)
 INSHOP_KS = (1, 10, 20, 30, 40, 50)
-
-Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
-
-
-class PhotoPool(Pool):
-    """Image files decoded on access as RGB, cropped to an optional box, shorter side resized to ``resize_size``.
-
-    Resizing keeps the aspect ratio (Pillow's bilinear filter, which averages when
-    shrinking), so a later centre or random crop sees the object undistorted.
-    """
-
-    def __init__(self, paths: list[Path], resize_size: int, boxes: list[Box] | None = None) -> None:
-        if boxes is not None and len(boxes) != len(paths):
-            raise ValueError(f"{len(paths)} images but {len(boxes)} boxes")
-        self.paths = list(paths)
-        self.resize_size = int(resize_size)
-        self.boxes = boxes
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def get(self, index: int) -> Tensor:
-        path = self.paths[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
-        if self.boxes is not None:
-            img = img.crop(_clip_box(self.boxes[index], img.size))
-        width, height = img.size
-        scale = self.resize_size / min(width, height)
-        size = (max(self.resize_size, round(width * scale)), max(self.resize_size, round(height * scale)))
-        if size != img.size:
-            img = img.resize(size, Image.Resampling.BILINEAR)
-        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255.0)
-
-
-def _clip_box(box: Box, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
-    """``box`` rounded to whole pixels inside the image, at least one pixel wide and high."""
-    width, height = image_size
-    left = min(max(0, round(box[0])), width - 1)
-    top = min(max(0, round(box[1])), height - 1)
-    right = min(max(left + 1, round(box[2])), width)
-    bottom = min(max(top + 1, round(box[3])), height)
-    return left, top, right, bottom
-
 
 def _sizes(image_size: int | None, resize_size: int | None) -> tuple[int, int]:
     """The crop side and the shorter side images are resized to, checked."""
@@ -103,7 +52,7 @@ def _sizes(image_size: int | None, resize_size: int | None) -> tuple[int, int]:
 
 def _photo_source(
     name: str, paths: list[Path], labels: np.ndarray, class_names: list[str], train_rows: np.ndarray, test_rows: np.ndarray,
-    image_size: int | None, resize_size: int | None, boxes: list[Box] | None = None, **protocol: object,
+    image_size: int | None, resize_size: int | None, boxes: list[tuple[float, float, float, float]] | None = None, **protocol: object,
 ) -> Source:
     """A :class:`Source` of photos under the standard resize / crop protocol, after checking every file exists."""
     if not paths:
@@ -121,7 +70,7 @@ def _photo_source(
         test_rows=np.asarray(test_rows, dtype=np.int64),
         class_names=class_names,
         input_shape=(3, crop, crop),
-        augmentation=Compose([RandomResizedCrop(crop, scale=CROP_SCALE), RandomHorizontalFlip()]),
+        augmentation=Compose([RandomResizedCrop(crop, scale=PROTOCOL_CROP_SCALE), RandomHorizontalFlip()]),
         eval_transform=CenterCrop(crop),
         **protocol,
     )
