@@ -116,7 +116,7 @@ class ResNet(nn.Module):
     classifier_prefix = "fc."  # the ImageNet classifier of torchvision's weights, replaced by ``head``
 
     def __init__(
-        self, block: type[BasicBlock] | type[Bottleneck], layers: Sequence[int], in_channels: int = 3,
+        self, block: type[BasicBlock | Bottleneck], layers: Sequence[int], in_channels: int = 3,
         embedding_dim: int = 64, dropout: float = 0.0, mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
     ) -> None:
         super().__init__()

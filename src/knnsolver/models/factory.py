@@ -93,7 +93,7 @@ def import_timm():
     torch (an operator or symbol error), makes ``import timm`` fail even where timm
     is installed: that is reported as such, not as a missing timm.
     """
-    alternative = "--model resnet18, resnet50 or vgg16 load torchvision weights without timm or torchvision"
+    alternative = "--model resnet18, resnet50 or vgg16, which load torchvision's weights without timm or torchvision"
     try:
         import timm
     except ModuleNotFoundError as exc:
