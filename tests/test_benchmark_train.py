@@ -43,3 +43,15 @@ def test_inshop_run_tests_queries_against_the_gallery(tmp_path):
     query = torch.as_tensor(statuses == "query")
     nearest = torch.cdist(emb[query].double(), emb[~query].double()).argmin(1)
     assert summary["recall_at_1"] == float((labels[~query][nearest] == labels[query]).double().mean())
+
+
+def test_worker_processes_load_training_and_evaluation_alike(tmp_path):
+    """Decoding in DataLoader workers (training, precise BN, embedding) gives the main process's result."""
+    write_cub(tmp_path / "cub", classes=4, per_class=4)
+    summaries = []
+    for workers in (0, 2):
+        cfg = TrainConfig(dataset="cub200", data_dir=str(tmp_path / "cub"), split="disjoint", model="resnet", width=4,
+                          image_size=8, epochs=1, batch_size=4, val_fraction=0.0, plots=False, progress=False,
+                          num_workers=workers, out=str(tmp_path / f"run{workers}"))
+        summaries.append(train(cfg))
+    assert summaries[0] == summaries[1]

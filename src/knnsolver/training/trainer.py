@@ -114,7 +114,8 @@ class Run:
         return self.config.torch_device
 
     def embed(self, dataset, rows: range | None = None, batchnorm_batch_stats: bool = False) -> tuple[Tensor, Tensor]:
-        return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device, rows, batchnorm_batch_stats)
+        return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device, rows, batchnorm_batch_stats,
+                             self.config.num_workers)
 
     def embed_all(self, dataset, batchnorm_batch_stats: bool = False) -> tuple[Tensor, Tensor]:
         """:meth:`embed` of every row of ``dataset``, each process embedding its shard (collective)."""
@@ -132,7 +133,8 @@ class Run:
         if self.bn_current or not (self.config.precise_bn or force):
             return
         cfg = self.config
-        calibrate_batchnorm(self.model, self.data.train_eval, cfg.batch_size, self.device, cfg.precise_bn_rows)
+        calibrate_batchnorm(self.model, self.data.train_eval, cfg.batch_size, self.device, cfg.precise_bn_rows,
+                            cfg.num_workers)
         self.bn_current, self.train_embeddings = True, None
 
     def bank_embeddings(self) -> tuple[Tensor, Tensor]:
