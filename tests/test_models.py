@@ -41,7 +41,7 @@ def test_timm_missing_gives_install_hint(monkeypatch):
 
     def no_timm(name, *args, **kwargs):
         if name == "timm":
-            raise ImportError("no timm")
+            raise ModuleNotFoundError("No module named 'timm'", name="timm")  # what Python raises
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_timm)

@@ -161,12 +161,24 @@ DATASETS = Registry(
         "fashion-mnist": "knnsolver.data.datasets:load_fashion_mnist",
         "image-folder": "knnsolver.data.datasets:load_image_folder",
         "embeddings": "knnsolver.data.datasets:load_embeddings",
+        "cub200": "knnsolver.data.benchmarks:load_cub200",
+        "cub200-bbox": "knnsolver.data.benchmarks:load_cub200_bbox",
+        "cars196": "knnsolver.data.benchmarks:load_cars196",
+        "cars196-bbox": "knnsolver.data.benchmarks:load_cars196_bbox",
+        "sop": "knnsolver.data.benchmarks:load_sop",
+        "inshop": "knnsolver.data.benchmarks:load_inshop",
     },
     {
         "digits": "scikit-learn's bundled 8x8 digits (default, no download)",
         "fashion-mnist": "Fashion-MNIST IDX files (make data)",
         "image-folder": "one sub-folder per class (CUB-200 / Cars196 layout)",
         "embeddings": "precomputed features + labels from .npy/.npz",
+        "cub200": "CUB-200-2011 as unpacked (images.txt ...); disjoint: classes 1-100 / 101-200",
+        "cub200-bbox": "CUB-200-2011 cropped to bounding_boxes.txt",
+        "cars196": "Stanford Cars (cars_annos.mat + car_ims/); disjoint: classes 1-98 / 99-196",
+        "cars196-bbox": "Stanford Cars cropped to the annotation's boxes",
+        "sop": "Stanford Online Products (Ebay_train.txt, Ebay_test.txt)",
+        "inshop": "In-Shop Clothes (Eval/list_eval_partition.txt, Img/); query vs gallery",
     },
 )
 
@@ -178,6 +190,9 @@ MODELS = Registry(
         "conv8": "knnsolver.models.nets:ConvNet8",
         "conv28": "knnsolver.models.nets:ConvNet28",
         "resnet": "knnsolver.models.nets:ResNetSmall",
+        "resnet18": "knnsolver.models.backbones:resnet18",
+        "resnet50": "knnsolver.models.backbones:resnet50",
+        "vgg16": "knnsolver.models.backbones:vgg16",
     },
     {
         "auto": "choose by input shape: conv8 for 8x8, conv28 for 28x28, resnet for colour, mlp for vectors",
@@ -185,5 +200,8 @@ MODELS = Registry(
         "conv8": "small convnet for 8x8 greyscale",
         "conv28": "small convnet for 28x28 greyscale",
         "resnet": "ResNet-style net for larger colour images",
+        "resnet18": "ResNet-18, torchvision's parameter names (--pretrained resnet18-*.pth), ImageNet input statistics",
+        "resnet50": "ResNet-50, torchvision's parameter names (--pretrained resnet50-*.pth), ImageNet input statistics",
+        "vgg16": "VGG-16 (the RBF paper's), torchvision's names (--pretrained vgg16-*.pth), embedding after fc7",
     },
 )

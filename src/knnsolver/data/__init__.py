@@ -10,6 +10,7 @@ import inspect
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from knnsolver.data.datasets import RowDataset, Source
@@ -41,6 +42,9 @@ class DataBundle:
         split: ``"standard"`` or ``"disjoint"``.
         train_class_ids, test_class_ids: the source's class ids behind train and test labels
             (label ``i`` of the training set is source class ``train_class_ids[i]``).
+        test_query: for a query/gallery protocol (In-Shop), a bool per test row, true for the
+            queries, which search the other test rows (the gallery); ``None``: all against all.
+        recall_ks: the Recall@K cut-offs the dataset is reported at.
     """
 
     train: RowDataset
@@ -56,20 +60,20 @@ class DataBundle:
     split: str
     train_class_ids: list[int]
     test_class_ids: list[int]
+    test_query: Tensor | None = None
+    recall_ks: tuple[int, ...] = (1, 2, 4, 8)
 
 
-def _load_source(name: str, data_dir: str | None, image_size: int) -> Source:
-    """Call the registered loader with the options it takes."""
+def _load_source(name: str, data_dir: str | None, image_size: int | None, resize_size: int | None) -> Source:
+    """Call the registered loader with the options it takes (``None``: the loader's default)."""
     loader = DATASETS.get(name)
     params = inspect.signature(loader).parameters
     if data_dir is not None and "data_dir" not in params:
         raise ConfigError(f"dataset {name!r} is bundled and takes no data_dir; drop --data-dir")
-    kwargs: dict[str, object] = {}
-    if data_dir is not None:
-        kwargs["data_dir"] = data_dir
-    if "image_size" in params:
-        kwargs["image_size"] = image_size
-    return loader(**kwargs)
+    if resize_size is not None and "resize_size" not in params:
+        raise ConfigError(f"dataset {name!r} does not resize and crop its images; drop --resize-size")
+    given = {"data_dir": data_dir, "image_size": image_size, "resize_size": resize_size}
+    return loader(**{k: v for k, v in given.items() if v is not None and k in params})
 
 
 def build_data(
@@ -81,7 +85,8 @@ def build_data(
     seed: int = 0,
     data_dir: str | None = None,
     augment: bool = False,
-    image_size: int = 64,
+    image_size: int | None = None,
+    resize_size: int | None = None,
     train_classes: list[int] | None = None,
 ) -> DataBundle:
     """Load dataset ``name`` and split it into train / validation / test.
@@ -91,15 +96,20 @@ def build_data(
         the source has none); validation is a stratified ``val_fraction`` of train.
         ``disjoint``: unseen-class evaluation as in the metric-learning papers. All
         rows (official train and test together) of the first half of the sorted
-        class ids, or of ``train_classes``, train; all rows of the other classes
-        test. Validation is carved from the training classes. Labels are remapped
+        class ids, or of the dataset's own training classes (SOP, In-Shop), or of
+        ``train_classes``, train; all rows of the other classes test (for In-Shop,
+        its query images against its gallery: ``DataBundle.test_query``).
+        Validation is carved from the training classes. Labels are remapped
         to ``0..C-1`` separately within train and within test.
 
     Validation is drawn with ``seed``; ``max_per_class`` then keeps at most that
     many training rows per class, drawn with ``seed`` from a separate stream, so
     validation and test stay the same whatever the cap. ``augment`` applies the
-    source's training augmentation to ``train`` only; ``image_size`` is the side
-    of image-folder images.
+    source's training augmentation to ``train`` only, and the source's evaluation
+    transform (the benchmarks' centre crop) applies to every other dataset;
+    ``image_size`` is the side of the images (``None``: the dataset's default, 64
+    for image-folder, 224 for the benchmarks) and ``resize_size`` the shorter side
+    benchmark images are resized to before cropping.
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
@@ -109,11 +119,12 @@ def build_data(
         raise ConfigError(f"max_per_class must be >= 1 (or None for no cap), got {max_per_class}")
     if seed < 0:
         raise ConfigError(f"seed must be >= 0, got {seed}")
-    if image_size < 1:
-        raise ConfigError(f"image_size must be >= 1, got {image_size}")
+    for option, value in (("image_size", image_size), ("resize_size", resize_size)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{option} must be >= 1, got {value}")
     if train_classes is not None and split != "disjoint":
         raise ConfigError("train_classes only applies to split 'disjoint'")
-    source = _load_source(name, data_dir, image_size)
+    source = _load_source(name, data_dir, image_size, resize_size)
     if augment and source.augmentation is None:
         raise ConfigError(f"dataset {name!r} has no augmentation (its inputs are not images); drop --augment")
 
@@ -130,7 +141,9 @@ def build_data(
         test_ids = train_ids
     else:
         every = np.sort(np.concatenate([source.train_rows, source.test_rows]))
-        train_ids, test_ids = disjoint_classes(np.unique(labels[every]).tolist(), train_classes)
+        own = train_classes is None and source.disjoint_train_classes is not None
+        train_ids, test_ids = disjoint_classes(
+            np.unique(labels[every]).tolist(), source.disjoint_train_classes if own else train_classes)
         in_train = np.isin(labels[every], train_ids)
         pool_train, test_rows = every[in_train], every[~in_train]
 
@@ -139,7 +152,7 @@ def build_data(
     if max_per_class is not None:
         train_rows = train_rows[cap_per_class(labels[train_rows], max_per_class, np.random.default_rng([seed, 2]))]
 
-    def dataset(rows: np.ndarray, ids: list[int], transform: Transform | None = None) -> RowDataset:
+    def dataset(rows: np.ndarray, ids: list[int], transform: Transform | None = source.eval_transform) -> RowDataset:
         return RowDataset(source.pool, rows, remap(labels[rows], ids), transform)
 
     train_eval = dataset(train_rows, train_ids)
@@ -157,4 +170,13 @@ def build_data(
         split=split,
         train_class_ids=[int(c) for c in train_ids],
         test_class_ids=[int(c) for c in test_ids],
+        test_query=_query_mask(source, test_rows) if split == "disjoint" and train_classes is None else None,
+        recall_ks=tuple(source.recall_ks),
     )
+
+
+def _query_mask(source: Source, test_rows: np.ndarray) -> Tensor | None:
+    """The query flag of each test row under the source's query/gallery protocol, if it has one."""
+    if source.query_rows is None:
+        return None
+    return torch.from_numpy(np.isin(test_rows, source.query_rows))

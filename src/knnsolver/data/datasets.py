@@ -6,8 +6,9 @@ class names, the input shape and the training augmentation. :func:`knnsolver.dat
 turns a source into train / validation / test :class:`RowDataset` objects.
 
 Image pixels are kept in [0, 1] and not standardised: the networks start with
-batch normalisation, and a single scale keeps every source comparable. Use
-:class:`knnsolver.data.transforms.Normalize` for a backbone that wants otherwise.
+batch normalisation, and a single scale keeps every source comparable; the
+ImageNet backbones (:mod:`knnsolver.models.backbones`, timm models) standardise
+their input with their pretraining's statistics themselves.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from knnsolver.data.splits import official_split
-from knnsolver.data.transforms import Compose, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, Resize, Transform
+from knnsolver.data.transforms import CenterCrop, Compose, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, Resize, Transform
 from knnsolver.errors import ConfigError, DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -42,6 +43,8 @@ FASHION_MNIST_CLASSES = [
 IDX_IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
 IDX_LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension
 _EMBEDDING_FILES = {"x": "features.npy", "y": "labels.npy", "x_test": "test_features.npy", "y_test": "test_labels.npy"}
+# The standard protocol's training crop: 16-100% of the area (Musgrave et al., "A Metric Learning Reality Check").
+PROTOCOL_CROP_SCALE = (0.16, 1.0)
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"})
 
 _FASHION_HINT = (
@@ -104,6 +107,53 @@ class ImageFilePool(Pool):
         return self.resize(x)
 
 
+Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
+
+
+class PhotoPool(Pool):
+    """Image files decoded on access as RGB, cropped to an optional box, shorter side resized to ``resize_size``.
+
+    Resizing keeps the aspect ratio (Pillow's bilinear filter, which averages when
+    shrinking), so a later centre or random crop sees the object undistorted.
+    """
+
+    def __init__(self, paths: list[Path], resize_size: int, boxes: list[Box] | None = None) -> None:
+        if boxes is not None and len(boxes) != len(paths):
+            raise ValueError(f"{len(paths)} images but {len(boxes)} boxes")
+        self.paths = list(paths)
+        self.resize_size = int(resize_size)
+        self.boxes = boxes
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def get(self, index: int) -> Tensor:
+        path = self.paths[index]
+        try:
+            with Image.open(path) as img:
+                img = img.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
+        if self.boxes is not None:
+            img = img.crop(_clip_box(self.boxes[index], img.size))
+        width, height = img.size
+        scale = self.resize_size / min(width, height)
+        size = (max(self.resize_size, round(width * scale)), max(self.resize_size, round(height * scale)))
+        if size != img.size:
+            img = img.resize(size, Image.Resampling.BILINEAR)
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def _clip_box(box: Box, image_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """``box`` rounded to whole pixels inside the image, at least one pixel wide and high."""
+    width, height = image_size
+    left = min(max(0, round(box[0])), width - 1)
+    top = min(max(0, round(box[1])), height - 1)
+    right = min(max(left + 1, round(box[2])), width)
+    bottom = min(max(top + 1, round(box[3])), height)
+    return left, top, right, bottom
+
+
 @dataclass
 class Source:
     """A dataset as loaded, before splitting.
@@ -116,6 +166,12 @@ class Source:
         class_names: name of every class id.
         input_shape: shape of one input, e.g. ``(1, 8, 8)`` or ``(D,)``.
         augmentation: training transform, or ``None`` where augmentation makes no sense.
+        eval_transform: transform of every row not augmented (e.g. a centre crop), or ``None``.
+        disjoint_train_classes: the class ids that train under the dataset's own unseen-class
+            protocol (SOP's and In-Shop's training lists); ``None``: the first half of the classes.
+        query_rows: pool rows (among the test rows) that query a gallery of the other test rows
+            (In-Shop); ``None``: test rows are queried against each other.
+        recall_ks: the Recall@K cut-offs the dataset is reported at.
     """
 
     name: str
@@ -126,6 +182,10 @@ class Source:
     class_names: list[str]
     input_shape: tuple[int, ...]
     augmentation: Transform | None = None
+    eval_transform: Transform | None = None
+    disjoint_train_classes: list[int] | None = None
+    query_rows: np.ndarray | None = None
+    recall_ks: tuple[int, ...] = (1, 2, 4, 8)
 
 
 class RowDataset(Dataset):
@@ -286,7 +346,7 @@ def _check_image_header(path: Path) -> None:
         raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
 
 
-def load_image_folder(data_dir: str | None = None, image_size: int = 64) -> Source:
+def load_image_folder(data_dir: str | None = None, image_size: int = 64, resize_size: int | None = None) -> Source:
     """Images in one sub-folder per class (the CUB-200 / Cars196 layout), as (3, S, S) floats in [0, 1].
 
     Images are RGB, read lazily and resized to ``image_size`` squared. When
@@ -295,11 +355,18 @@ def load_image_folder(data_dir: str | None = None, image_size: int = 64) -> Sour
     and a stratified 20% is held out with a fixed seed. Only images directly in a
     class folder count. Augmentation: a random crop of 50-100% of the area,
     resized back, and horizontal flips.
+
+    With ``resize_size`` images follow the benchmarks' protocol instead of being
+    stretched: shorter side resized to ``resize_size`` (aspect kept), the centre
+    ``image_size`` square for evaluation, a random-resized crop of 16-100% of the
+    area and flips for training.
     """
     if data_dir is None:
         raise ConfigError("dataset 'image-folder' needs data_dir (--data-dir): a folder with one sub-folder of images per class")
     if image_size < 1:
         raise ConfigError(f"image_size must be >= 1, got {image_size}")
+    if resize_size is not None and resize_size < image_size:
+        raise ConfigError(f"resize_size ({resize_size}) must be >= image_size ({image_size}): the centre crop is cut from the resized image")
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder")
@@ -326,15 +393,21 @@ def load_image_folder(data_dir: str | None = None, image_size: int = 64) -> Sour
         train_rows, test_rows = np.flatnonzero(part_arr == 0), np.flatnonzero(part_arr == 1)
     else:
         train_rows, test_rows = official_split(labels_arr)
+    if resize_size is None:
+        pool, eval_transform, crop = ImageFilePool(paths, image_size), None, RandomResizedCrop(image_size)
+    else:
+        pool, eval_transform = PhotoPool(paths, resize_size), CenterCrop(image_size)
+        crop = RandomResizedCrop(image_size, scale=PROTOCOL_CROP_SCALE)
     return Source(
         name="image-folder",
-        pool=ImageFilePool(paths, image_size),
+        pool=pool,
         labels=labels_arr,
         train_rows=train_rows,
         test_rows=test_rows,
         class_names=class_names,
         input_shape=(3, image_size, image_size),
-        augmentation=Compose([RandomResizedCrop(image_size), RandomHorizontalFlip()]),
+        augmentation=Compose([crop, RandomHorizontalFlip()]),
+        eval_transform=eval_transform,
     )
 
 

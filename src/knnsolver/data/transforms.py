@@ -167,3 +167,22 @@ class Normalize:
 
     def __repr__(self) -> str:
         return f"Normalize(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+class CenterCrop:
+    """Cut the central ``size`` window (the evaluation half of the resize-then-crop protocol)."""
+
+    def __init__(self, size: int | tuple[int, int]) -> None:
+        self.size = _pair(size, "crop size")
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _check_image(x)
+        h, w = self.size
+        height, width = x.shape[-2:]
+        if h > height or w > width:
+            raise ValueError(f"centre crop {self.size} is larger than the image {(height, width)}")
+        top, left = (height - h) // 2, (width - w) // 2
+        return x[:, top : top + h, left : left + w]
+
+    def __repr__(self) -> str:
+        return f"CenterCrop({self.size})"

@@ -32,7 +32,7 @@ def inference_modes(model: nn.Module, batchnorm_batch_stats: bool = False) -> It
 @torch.no_grad()
 def embed_dataset(
     model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu",
-    rows: range | None = None, batchnorm_batch_stats: bool = False,
+    rows: range | None = None, batchnorm_batch_stats: bool = False, num_workers: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Return ``(embeddings, labels)`` for every item of ``dataset`` (or its ``rows``) in order.
 
@@ -42,12 +42,13 @@ def embed_dataset(
     as it was, so whether (and how often) a run embeds never shifts the random
     numbers its training draws. With ``batchnorm_batch_stats`` BatchNorm layers
     normalise with each batch's statistics (and update their running ones:
-    the caller saves and restores them).
+    the caller saves and restores them). ``num_workers`` DataLoader processes
+    decode file-backed data (the benchmarks' images).
     """
     embs, labels = [], []
     with inference_modes(model, batchnorm_batch_stats), torch.random.fork_rng(devices=[]):
         plan = sequential_plan(range(len(dataset)) if rows is None else rows, batch_size)
-        for x, y, _ in iterate_batches(dataset, plan, torch.device(device)):
+        for x, y, _ in iterate_batches(dataset, plan, torch.device(device), num_workers):
             embs.append(model(x).float())
             labels.append(y)
     if not embs:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -33,9 +34,27 @@ def solver_accuracy(
     return correct / max(1, emb.shape[0])
 
 
-def retrieval_summary(emb: Tensor, labels: Tensor, with_nmi: bool = True, seed: int = 0) -> dict[str, float]:
-    """Recall@K, Precision@1, MAP@R, R-precision (queries = references, self excluded) and NMI."""
-    out = retrieval_metrics(emb, labels)
+def retrieval_summary(
+    emb: Tensor, labels: Tensor, with_nmi: bool = True, seed: int = 0, query_mask: Tensor | None = None,
+    ks: Sequence[int] = (1, 2, 4, 8),
+) -> dict[str, float]:
+    """Recall@K, Precision@1, MAP@R, R-precision and NMI of one set of embeddings.
+
+    Without ``query_mask`` every row queries all the others (own row excluded). With
+    it (In-Shop's protocol) the rows it marks query a gallery of the rows it does not.
+    Cut-offs ``ks`` beyond the references a query can retrieve are left out (so a small
+    test set is not refused for SOP's Recall@1000). NMI clusters every row.
+    """
+    if query_mask is None:
+        query, query_labels, gallery, gallery_labels, available = emb, labels, None, None, emb.shape[0] - 1
+    else:
+        mask = torch.as_tensor(query_mask, dtype=torch.bool, device=emb.device)
+        if mask.shape != (emb.shape[0],):
+            raise ValueError(f"query_mask must hold one flag per row ({emb.shape[0]}), got shape {tuple(mask.shape)}")
+        query, query_labels = emb[mask], labels[mask.to(labels.device)]
+        gallery, gallery_labels = emb[~mask], labels[~mask.to(labels.device)]
+        available = gallery.shape[0]
+    out = retrieval_metrics(query, query_labels, gallery, gallery_labels, ks=[k for k in ks if k <= available] or [1])
     if with_nmi:
         out["nmi"] = nmi(emb, labels, seed=seed)
     return out

@@ -1,6 +1,7 @@
 """Build a backbone by name, by input shape, from timm, or take any user ``nn.Module``."""
 from __future__ import annotations
 
+import inspect
 import math
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import torch
 from torch import nn
 
 from knnsolver.errors import ConfigError, MissingDependencyError
+from knnsolver.models.backbones import IMAGENET_MEAN, IMAGENET_STD, VGG16, InputNormalize, ResNet, load_torchvision_weights
 from knnsolver.registry import MODELS
 
 
@@ -37,19 +39,26 @@ def build_model(
     """Construct a backbone mapping ``(B, *input_shape)`` to ``(B, embedding_dim)``.
 
     ``name`` is a registered model (``auto``, ``mlp``, ``conv8``, ``conv28``,
-    ``resnet``) or ``timm:<model>`` when timm is installed (its classifier is
-    replaced by the embedding layer). ``pretrained`` is a path to a state dict
-    loaded into the backbone (nothing is downloaded at run time).
+    ``resnet``, and the ImageNet architectures ``resnet18``, ``resnet50``, ``vgg16``)
+    or ``timm:<model>`` when timm is installed (its classifier is replaced by the
+    embedding layer, and its input is standardised with the model's own mean and
+    std). ``pretrained`` is a path to a state dict (nothing is downloaded at run
+    time): torchvision's format for the ImageNet architectures, timm's for timm
+    models, else this library's own.
     """
     if name.startswith("timm:"):
-        model = _timm_model(name[5:], input_shape, embedding_dim, pretrained is not None)
-    elif name == "auto":
+        return _timm_model(name[5:], input_shape, embedding_dim, dropout, pretrained)
+    if name == "auto":
         model = auto_model(input_shape, embedding_dim, dropout, width)
     elif name == "mlp":
         model = MODELS.get("mlp")(math.prod(input_shape), embedding_dim, dropout, width * 8)
     else:
-        model = MODELS.get(name)(input_shape[0], embedding_dim, dropout, width)
-    if pretrained:
+        factory = MODELS.get(name)
+        takes_width = "width" in inspect.signature(factory).parameters
+        model = factory(input_shape[0], embedding_dim, dropout, **({"width": width} if takes_width else {}))
+    if pretrained and isinstance(model, (ResNet, VGG16)):
+        load_torchvision_weights(model, pretrained, name)
+    elif pretrained:
         path = Path(pretrained)
         if not path.is_file():
             raise ConfigError(f"pretrained weights file {path} does not exist")
@@ -60,12 +69,61 @@ def build_model(
     return model
 
 
-def _timm_model(name: str, input_shape: tuple[int, ...], embedding_dim: int, pretrained: bool) -> nn.Module:
+class TimmBackbone(nn.Module):
+    """A timm model whose classifier is the embedding layer, standardising its [0, 1] input first."""
+
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...], in_channels: int) -> None:
+        super().__init__()
+        self.input_norm = InputNormalize(mean, std) if len(mean) == in_channels else nn.Identity()
+        self.net = net
+
+    @property
+    def head(self) -> nn.Module:
+        """The embedding layer (timm's classifier), which takes the new layers' learning rate."""
+        return self.net.get_classifier()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(self.input_norm(x))
+
+
+def import_timm():
+    """``import timm``, with a one-line :class:`MissingDependencyError` that says why it failed.
+
+    timm imports torchvision, so a missing torchvision, or one built for another
+    torch (an operator or symbol error), makes ``import timm`` fail even where timm
+    is installed: that is reported as such, not as a missing timm.
+    """
+    alternative = "--model resnet18, resnet50 or vgg16, which load torchvision's weights without timm or torchvision"
     try:
         import timm
-    except ImportError:
-        raise MissingDependencyError("timm models need the timm package: pip install timm") from None
+    except ModuleNotFoundError as exc:
+        if exc.name == "timm":
+            raise MissingDependencyError(f"timm models need the timm package: pip install timm (or {alternative})") from None
+        raise MissingDependencyError(
+            f"timm is installed but cannot be imported: it needs the module {exc.name!r}, which is missing; "
+            f"install it (for torchvision, the build matching torch {torch.__version__}) or use {alternative}") from None
+    except Exception as exc:  # an installed but broken dependency fails in many ways (OSError, RuntimeError ...)
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        raise MissingDependencyError(
+            f"timm is installed but failed to import ({type(exc).__name__}: {detail}), usually a torchvision built for "
+            f"another torch than {torch.__version__}: install the matching torchvision, or use {alternative}") from None
+    return timm
+
+
+def _timm_model(name: str, input_shape: tuple[int, ...], embedding_dim: int, dropout: float, pretrained: str | None) -> nn.Module:
+    timm = import_timm()
+    kwargs: dict[str, object] = {"num_classes": embedding_dim, "in_chans": input_shape[0], "drop_rate": dropout}
+    if pretrained:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise ConfigError(f"pretrained weights file {path} does not exist; pass --pretrained the path of the "
+                              f"timm {name} weights (.pth, .bin or .safetensors)")
+        kwargs.update(pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     try:
-        return timm.create_model(name, pretrained=False, num_classes=embedding_dim, in_chans=input_shape[0])
-    except RuntimeError as exc:
-        raise ConfigError(f"timm cannot build {name!r}: {exc}") from None
+        net = timm.create_model(name, **kwargs)
+    except (RuntimeError, ValueError, KeyError) as exc:
+        weights = f" with the weights in {pretrained}" if pretrained else ""
+        raise ConfigError(f"timm cannot build {name!r}{weights}: {str(exc).splitlines()[0] if str(exc) else exc!r}") from None
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    mean, std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+    return TimmBackbone(net, mean, std, input_shape[0])

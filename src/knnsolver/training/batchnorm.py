@@ -34,7 +34,8 @@ def calibration_rows(n: int, max_rows: int | None) -> list[int]:
 
 @torch.no_grad()
 def calibrate_batchnorm(
-    model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, max_rows: int | None = None
+    model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, max_rows: int | None = None,
+    num_workers: int = 0,
 ) -> bool:
     """Re-estimate every BatchNorm layer's running statistics from a no-grad pass over ``dataset``.
 
@@ -45,7 +46,7 @@ def calibrate_batchnorm(
     global random state is left as it was, so a skipped re-estimation does not
     shift a run's random stream; a last batch of one row is skipped. Weights never
     change; the model's modes are restored. Returns whether the model has
-    BatchNorm at all.
+    BatchNorm at all. ``num_workers`` DataLoader processes load file-backed data.
     """
     norms = batchnorm_layers(model)
     if not norms:
@@ -58,7 +59,7 @@ def calibrate_batchnorm(
         plan = sequential_plan(calibration_rows(len(dataset), max_rows), batch_size)
         # Loading draws a seed: fork the random state so the run's stream is left alone.
         with inference_modes(model, batchnorm_batch_stats=True), torch.random.fork_rng(devices=[]):
-            for x, _, _ in iterate_batches(dataset, plan, device):
+            for x, _, _ in iterate_batches(dataset, plan, device, num_workers):
                 if len(x) > 1:
                     model(x)
     finally:

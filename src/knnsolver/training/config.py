@@ -63,6 +63,7 @@ class TrainConfig:
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 1e-3
+    backbone_lr: float | None = None  # the backbone's rate (the embedding layer and solver take lr); None: lr
     weight_decay: float = 0.0
     momentum: float = 0.9
     seed: int = 0
@@ -75,7 +76,8 @@ class TrainConfig:
     val_fraction: float = 0.1
     max_per_class: int | None = None
     augment: bool = False
-    image_size: int = 64
+    image_size: int | None = None  # None: the dataset's default (64 for image-folder, 224 for the benchmarks)
+    resize_size: int | None = None  # benchmarks: shorter side before cropping; None: image_size * 8 / 7
     balanced: bool | None = None  # None: the class-balanced sampler only where the solver needs it
     samples_per_class: int = 0  # class-balanced sampler's m; 0 picks it from batch size and class count
     lr_schedule: str = "cosine"

@@ -66,6 +66,7 @@ from knnsolver.registry import SOLVERS, options_of
 from knnsolver.training.batchnorm import calibrate_batchnorm, freeze_batchnorm, kept_running_statistics
 from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from knnsolver.training.config import PRECISIONS, TrainConfig, load_config_file
+from knnsolver.training.lr_groups import parameter_groups
 from knnsolver.training.schedule import lr_factor
 
 CHECKPOINT, BEST, CONFIG, LOG, SUMMARY = "checkpoint.pt", "best.pt", "config.json", "log.jsonl", "summary.json"
@@ -113,7 +114,8 @@ class Run:
         return self.config.torch_device
 
     def embed(self, dataset, rows: range | None = None, batchnorm_batch_stats: bool = False) -> tuple[Tensor, Tensor]:
-        return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device, rows, batchnorm_batch_stats)
+        return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device, rows, batchnorm_batch_stats,
+                             self.config.num_workers)
 
     def embed_all(self, dataset, batchnorm_batch_stats: bool = False) -> tuple[Tensor, Tensor]:
         """:meth:`embed` of every row of ``dataset``, each process embedding its shard (collective)."""
@@ -131,7 +133,8 @@ class Run:
         if self.bn_current or not (self.config.precise_bn or force):
             return
         cfg = self.config
-        calibrate_batchnorm(self.model, self.data.train_eval, cfg.batch_size, self.device, cfg.precise_bn_rows)
+        calibrate_batchnorm(self.model, self.data.train_eval, cfg.batch_size, self.device, cfg.precise_bn_rows,
+                            cfg.num_workers)
         self.bn_current, self.train_embeddings = True, None
 
     def bank_embeddings(self) -> tuple[Tensor, Tensor]:
@@ -163,7 +166,9 @@ class Run:
             return {f"{prefix}accuracy": solver_accuracy(self.solver, train_emb, train_labels, emb, labels)}
         with torch.no_grad():
             emb = self.solver.transform(emb)
-        metrics = retrieval_summary(emb, labels, with_nmi=prefix == "test_", seed=self.config.seed)
+        query = self.data.test_query if dataset is self.data.test else None  # In-Shop: queries against a gallery
+        metrics = retrieval_summary(emb, labels, with_nmi=prefix == "test_", seed=self.config.seed, query_mask=query,
+                                    ks=self.data.recall_ks)
         return {f"{prefix}{k}" if prefix != "test_" else k: v for k, v in metrics.items()}
 
     def load_weights(self, state: dict[str, Any]) -> None:
@@ -185,6 +190,7 @@ def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
     data = build_data(
         config.dataset, split=config.split, val_fraction=config.val_fraction, max_per_class=config.max_per_class,
         seed=config.seed, data_dir=config.data_dir, augment=config.augment, image_size=config.image_size,
+        resize_size=config.resize_size,
     )
     classes = int(torch.unique(data.train_labels).numel())
     if classes < 2:
@@ -213,7 +219,7 @@ def _fused(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def _optimizer(config: TrainConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+def _optimizer(config: TrainConfig, params: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
     fused = {"fused": True} if _fused(device) else {}
     if config.optimizer == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, **fused)
@@ -354,8 +360,7 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
     if not distributed.is_main():
         config = replace(config, progress=False)
     run = build_run(config, model)
-    params = [p for p in [*run.model.parameters(), *run.solver.parameters()] if p.requires_grad]
-    optimizer = _optimizer(config, params, run.device)
+    optimizer = _optimizer(config, parameter_groups(run.model, run.solver, config.lr, config.backbone_lr), run.device)
     scaler = torch.amp.GradScaler(run.device.type, enabled=config.precision == "fp16")
     history: list[dict[str, Any]] = []
     best_score, start_epoch = -math.inf, 0
@@ -492,7 +497,7 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
     for i, (x, y, idx) in enumerate(bar):
         lr = cfg.lr * lr_factor(cfg, epoch * len(batches) + i, len(batches))
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # backbone_lr: the backbone's group has its own scale
         loss, embeddings_finite = step(x, y, idx)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
