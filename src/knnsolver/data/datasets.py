@@ -12,6 +12,7 @@ batch normalisation, and a single scale keeps every source comparable. Use
 from __future__ import annotations
 
 import gzip
+import hashlib
 import operator
 import zipfile
 import zlib
@@ -64,6 +65,10 @@ class Pool:
         """Return row ``index`` as a new float32 tensor."""
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """A hash that changes when the pool's content changes (see :func:`knnsolver.data.data_fingerprint`)."""
+        raise NotImplementedError
+
 
 class TensorPool(Pool):
     """Rows held in memory; ``scale`` converts stored values (e.g. uint8 pixels) to floats."""
@@ -78,6 +83,13 @@ class TensorPool(Pool):
     def get(self, index: int) -> Tensor:
         x = self.data[index].to(torch.float32, copy=True)
         return x.mul_(self.scale) if self.scale != 1.0 else x
+
+    def fingerprint(self) -> str:
+        """Hash of the stored values, their dtype, shape and scale."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{self.data.dtype} {tuple(self.data.shape)} {self.scale}".encode())
+        digest.update(self.data.contiguous().numpy().tobytes())
+        return digest.hexdigest()
 
 
 class ImageFilePool(Pool):
@@ -102,6 +114,14 @@ class ImageFilePool(Pool):
             raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
         x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
         return self.resize(x)
+
+    def fingerprint(self) -> str:
+        """Hash of every file's path, size and modification time (reading every image would be slow)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for path in self.paths:
+            st = path.stat()
+            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
 
 @dataclass
