@@ -24,12 +24,12 @@ _COMMON = ("embedding_dim", "num_classes", "num_train")
 _NOT_FLAGS = {"solver_options"}
 
 
-def _flag_type(kind: type):
-    """An argparse ``type`` that parses ``kind`` and reports our message on failure."""
+def _flag_type(kind: type, optional: bool = False):
+    """An argparse ``type`` that parses ``kind`` (``none`` only when ``optional``) and reports our message on failure."""
 
     def parse(text: str) -> Any:
         try:
-            return parse_value(text, kind)
+            return parse_value(text, kind, optional)
         except ConfigError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -45,11 +45,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         if f.name in _NOT_FLAGS:
             continue
-        kind = next((a for a in get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        args = get_args(hints[f.name])
+        kind = next((a for a in args if a is not type(None)), hints[f.name])
         default = f.default
         group.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
-            type=_flag_type(kind), help=f"(default: {default})",
+            type=_flag_type(kind, type(None) in args), help=f"(default: {default})",
         )
 
 
@@ -65,7 +66,7 @@ def _add_solver_flags(parser: argparse.ArgumentParser, solver: str) -> dict[str,
         dest = f"solveropt__{opt.name}"
         group.add_argument(
             f"--{flag.replace('_', '-')}", dest=dest, default=argparse.SUPPRESS, metavar=opt.type.__name__.upper(),
-            type=_flag_type(opt.type), help=f"(default: {opt.default})",
+            type=_flag_type(opt.type, opt.default is None), help=f"(default: {opt.default})",
         )
         dests[dest] = opt.name
     return dests
@@ -91,11 +92,17 @@ def cmd_train(argv: Sequence[str]) -> int:
     known, _ = pre.parse_known_args(argv)
     file_cfg: dict[str, Any] = load_config_file(known.config) if known.config else {}
     solver = known.solver or file_cfg.get("solver", TrainConfig.solver)
+    if not isinstance(solver, str):
+        raise ConfigError(f"solver in {known.config} must be a solver name, got {solver!r}")
     parser, dests = _train_parser(solver)
     args = vars(parser.parse_args(argv))
     resume, overwrite = args.pop("resume"), args.pop("overwrite")
     args.pop("config")
-    solver_options = dict(file_cfg.pop("solver_options", {}))
+    solver_options = file_cfg.pop("solver_options", {})
+    if not isinstance(solver_options, dict):
+        raise ConfigError(f"solver_options in {known.config} must be a mapping of option name to value, "
+                          f"got {solver_options!r}")
+    solver_options = dict(solver_options)
     solver_options.update({dests[d]: args.pop(d) for d in list(args) if d in dests})
     cfg = TrainConfig.from_dict({**file_cfg, **args, "solver_options": solver_options})
     summary = train(cfg, resume=resume, overwrite=overwrite)
