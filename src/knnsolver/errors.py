@@ -31,3 +31,7 @@ class StorageError(KnnSolverError, OSError):
 
 class RunFolderBusyError(KnnSolverError):
     """The run folder is held by another training (its lock is taken)."""
+
+
+class NonFiniteInputError(DataError, FloatingPointError):
+    """Embeddings or data holding NaN or infinite values where finite numbers are needed."""

@@ -16,7 +16,9 @@ class SoftmaxSolver(Solver):
         self.classifier = nn.Linear(embedding_dim, num_classes)
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
+        labels = self.check_batch(embeddings, labels)
         return F.cross_entropy(self.classifier(embeddings), labels, label_smoothing=self.label_smoothing)
 
     def predict(self, embeddings: Tensor) -> Tensor:
+        self.check_queries(embeddings)
         return self.classifier(embeddings)
