@@ -92,8 +92,27 @@ class TensorPool(Pool):
         return digest.hexdigest()
 
 
+# Pillow modes of more than 8 bits per sample, and the value that is full scale in each
+# (16-bit PNGs open as I;16 or as 32-bit I holding 0..65535).
+_HIGH_DEPTH_FULL_SCALE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def image_to_rgb(img: Image.Image) -> Tensor:
+    """A Pillow image as a (3, H, W) float32 tensor in [0, 1].
+
+    8-bit modes go through ``convert("RGB")``; high-bit-depth greyscale (16-bit
+    PNG/TIFF, 32-bit integer or float) is scaled by its own full scale instead,
+    since ``convert("RGB")`` saturates every value above 255 to white.
+    """
+    full_scale = _HIGH_DEPTH_FULL_SCALE.get(img.mode)
+    if full_scale is None:
+        return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).float().div_(255.0)
+    grey = torch.from_numpy(np.asarray(img).astype(np.float32) / full_scale).clamp_(0.0, 1.0)
+    return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+
+
 class ImageFilePool(Pool):
-    """Image files read lazily with Pillow as RGB and resized to ``image_size`` squared.
+    """Image files read lazily with Pillow as RGB (:func:`image_to_rgb`) and resized to ``image_size`` squared.
 
     Non-square images are stretched, not cropped, so nothing of the object is lost.
     """
@@ -109,10 +128,9 @@ class ImageFilePool(Pool):
         path = self.paths[index]
         try:
             with Image.open(path) as img:
-                pixels = np.asarray(img.convert("RGB"))
+                x = image_to_rgb(img)
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
-        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
         return self.resize(x)
 
     def fingerprint(self) -> str:
@@ -297,12 +315,16 @@ def _scan_class_folders(root: Path) -> dict[str, list[Path]]:
     return found
 
 
-def _check_image_header(path: Path) -> None:
-    """Fail early, naming the file, when Pillow cannot identify an image."""
+def _check_image(path: Path) -> None:
+    """Fail before training, naming the file, when Pillow cannot decode an image (unknown format, truncated).
+
+    JPEGs are decoded at 1/8 scale (``draft``), which reads every byte at a fraction of the cost.
+    """
     try:
-        with Image.open(path):
-            pass
-    except OSError as err:
+        with Image.open(path) as img:
+            img.draft(img.mode, (1, 1))
+            img.load()
+    except (OSError, ValueError, SyntaxError) as err:
         raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
 
 
@@ -338,8 +360,8 @@ def load_image_folder(data_dir: str | None = None, image_size: int = 64) -> Sour
             paths += files
             labels += [class_names.index(name)] * len(files)
             part_of += [p] * len(files)
-    for path in paths:
-        _check_image_header(path)
+    for path in paths:  # every split's images, before any training
+        _check_image(path)
     labels_arr = np.asarray(labels, dtype=np.int64)
     if len(parts) == 2:
         part_arr = np.asarray(part_of)
@@ -389,8 +411,14 @@ def _check_pair(x: np.ndarray, y: np.ndarray, xname: str, yname: str) -> None:
         raise DataError(f"embeddings {xname} has {len(x)} rows but labels {yname} has {len(y)}")
     if len(x) == 0:
         raise DataError(f"embeddings {xname} holds no rows")
-    if not np.isfinite(x).all():
-        raise DataError(f"embeddings {xname} contains NaN or infinite values")
+    if x.shape[1] == 0:
+        raise DataError(f"embeddings {xname} has 0 features (shape {x.shape}); nothing could be learnt from it")
+    with np.errstate(over="ignore", invalid="ignore"):
+        as_float32 = x.astype(np.float32)
+    if not np.isfinite(as_float32).all():
+        bad = int((~np.isfinite(as_float32)).any(1).sum())
+        raise DataError(f"embeddings {xname} has {bad} row(s) holding NaN or infinite values, or values beyond "
+                        "float32's range (|x| > 3.4e38) that become infinite when cast to float32; fix or drop them")
 
 
 def load_embeddings(data_dir: str | None = None) -> Source:
