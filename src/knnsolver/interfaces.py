@@ -94,11 +94,15 @@ class Solver(nn.Module):
         return embeddings
 
     def check_batch(self, embeddings: Tensor, labels: Tensor, what: str = "the loss") -> Tensor:
-        """Check a training batch (shape, dtype, non-empty; finiteness and label range when on the CPU,
-        where reading them costs no device synchronisation); return the labels as int64."""
-        values = embeddings.device.type == "cpu"
-        check_embeddings(embeddings, self.embedding_dim, f"{type(self).__name__} {what}", values=values)
-        return check_labels(labels, embeddings.shape[0], f"{type(self).__name__} {what}", self.num_classes, values)
+        """Check a training batch (shape, dtype, non-empty; the label range when on the CPU, where
+        reading it costs no device synchronisation); return the labels as int64.
+
+        Non-finite embeddings are not refused here: the loss propagates them, and
+        the trainer's guard stops the run naming the epoch, step and likely cause.
+        """
+        check_embeddings(embeddings, self.embedding_dim, f"{type(self).__name__} {what}", values=False)
+        return check_labels(labels, embeddings.shape[0], f"{type(self).__name__} {what}", self.num_classes,
+                            values=embeddings.device.type == "cpu")
 
     def check_reference(self, embeddings: Tensor, labels: Tensor, what: str = "fit_reference",
                         num_classes: int | None = -1) -> Tensor:
