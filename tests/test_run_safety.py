@@ -136,6 +136,19 @@ def test_eval_writes_nothing_into_the_run_folder(run_dir, tmp_path, capsys):
     _one_line_error(code, err, "folder", "does not exist")
 
 
+def test_eval_works_on_a_read_only_run_folder(run_dir, capsys, monkeypatch):
+    """As root, chmod does not stop writes: every file write is made to fail instead."""
+    from knnsolver.training import checkpoint
+
+    def read_only(path, write):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(checkpoint, "_atomic_write", read_only)
+    code, out, err = _run(capsys, "eval", run_dir)
+    assert code == 0, err
+    assert json.loads(out)["test_accuracy"] == json.loads((run_dir / "summary.json").read_text())["test_accuracy"]
+
+
 def test_eval_refuses_an_unfinished_run_unless_told(tmp_path, capsys, monkeypatch):
     from helpers import train_interrupted
 
@@ -249,7 +262,9 @@ def test_truncated_checkpoints_are_one_line(run_dir, capsys, name, command):
 
 @pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, "No space left on device"),
                                      RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter "
-                                                  "failed writing file data/0: file write failed")])
+                                                  "failed writing file data/0: file write failed"),
+                                     RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 512 vs 448")],
+                         ids=["ENOSPC", "stream-writer", "unexpected-pos"])
 def test_a_full_disk_is_one_line_and_keeps_the_earlier_checkpoint(run_dir, capsys, monkeypatch, failure):
     from knnsolver.training import checkpoint
 
