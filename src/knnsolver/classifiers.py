@@ -24,7 +24,8 @@ def _as_tensor(x: Any, what: str) -> Tensor:
         if isinstance(x, Tensor):
             points = x.detach().float().cpu()
         else:
-            points = torch.from_numpy(np.asarray(x, dtype=np.float32))
+            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values are reported below
+                points = torch.from_numpy(np.asarray(x, dtype=np.float32))
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{what} takes a numeric array, got {type(x).__name__} ({err})") from None
     if points.dim() == 2 and points.shape[1] == 0:
