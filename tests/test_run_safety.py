@@ -302,3 +302,10 @@ def test_unusable_out_paths_are_one_line(tmp_path, capsys, monkeypatch):
 def test_embed_into_a_missing_folder_is_one_line(run_dir, tmp_path, capsys):
     code, _, err = _run(capsys, "embed", run_dir, "--out", tmp_path / "missing" / "e.npy")
     _one_line_error(code, err, "missing does not exist")
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "r"
+    code, _, err = _run(capsys, "train", "--dataset", "embeddings", "--data-dir", tmp_path / "none.npz", "--out", out)
+    _one_line_error(code, err, "none.npz does not exist")
+    assert not out.exists()

@@ -102,6 +102,7 @@ class RunFolder:
         self.out = Path(out)
         self.path = self.out
         self._locks: list[_Lock] = []
+        self._created = False
 
     @property
     def pending(self) -> bool:
@@ -110,7 +111,9 @@ class RunFolder:
 
     def open(self) -> None:
         """Create and lock ``out``, then remove leftovers of interrupted writes."""
+        created = not self.out.exists()
         prepare_folder(self.out)
+        self._created = created
         self._locks.append(_Lock(self.out))
         _remove_leftovers(self.out)
 
@@ -137,10 +140,14 @@ class RunFolder:
         shutil.rmtree(replaced, ignore_errors=True)
 
     def close(self) -> None:
-        """Release the locks; an overwrite that never reached :meth:`commit` is discarded, the old run kept."""
+        """Release the locks; an overwrite that never reached :meth:`commit` is discarded, the old run kept,
+        and a folder this run created but wrote nothing into (it failed first) is removed."""
         if self.pending:
             shutil.rmtree(self.path, ignore_errors=True)
             self.path = self.out
         for lock in self._locks:
             lock.release()
         self._locks.clear()
+        if self._created and [p.name for p in self.out.iterdir()] == [LOCK]:
+            (self.out / LOCK).unlink()
+            self.out.rmdir()
