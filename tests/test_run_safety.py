@@ -309,3 +309,14 @@ def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):
     code, _, err = _run(capsys, "train", "--dataset", "embeddings", "--data-dir", tmp_path / "none.npz", "--out", out)
     _one_line_error(code, err, "none.npz does not exist")
     assert not out.exists()
+
+
+def test_a_crash_between_the_swap_renames_restores_the_old_run(run_dir):
+    from knnsolver.training.runfolder import RunFolder
+
+    before = _snapshot(run_dir)
+    run_dir.rename(run_dir.parent / ".run.replaced-4242")  # the first rename of a swap done, the second not
+    folder = RunFolder(run_dir)
+    folder.open()
+    folder.close()
+    assert _snapshot(run_dir) == before and [p.name for p in run_dir.parent.iterdir()] == ["run"]

@@ -114,6 +114,7 @@ def test_rbf_classifier_checks_its_input():
     huge[0, 0] = 1e300  # finite in float64, inf in float32
     with pytest.raises(NonFiniteInputError, match="after the cast to float32"):
         RBFClassifier(k=5).fit(huge, y)
+    assert RBFClassifier(k=np.int64(5)).fit(x, y).score(x, y) > 0.5  # numpy integers are integers
     with pytest.raises(ConfigError, match="k must be an integer, got 5.0"):
         RBFClassifier(k=5.0).fit(x, y)
     with pytest.raises(ConfigError, match="unknown search 'kd'"):

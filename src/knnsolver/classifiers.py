@@ -88,7 +88,7 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
         if queries.shape[0] == 0:
             return torch.zeros(0, len(self.classes_))
         ref = self.reference_
-        _, neighbours = ref.search_knn(queries, self.k)
+        _, neighbours = ref.search_knn(queries, int(self.k))  # checked in fit; numpy ints become ints
         unit = torch.zeros(len(ref))
         return rbf_log_probs(queries, ref.embeddings, ref.labels, neighbours, unit, self.sigma_, len(self.classes_))
 

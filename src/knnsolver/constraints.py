@@ -7,6 +7,7 @@ way scikit-learn's ``_parameter_constraints`` validate estimator parameters).
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,14 +32,16 @@ def check_type(name: str, value: Any, kind: type, optional: bool = False) -> Any
         raise ConfigError(f"{name} must be {_KIND_WORDS.get(kind, kind.__name__)}, got None")
     ok = {
         bool: isinstance(value, bool),
-        int: isinstance(value, int) and not isinstance(value, bool),
-        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        int: isinstance(value, numbers.Integral) and not isinstance(value, bool),  # numpy integers too
+        float: isinstance(value, numbers.Real) and not isinstance(value, bool),
         str: isinstance(value, str),
     }.get(kind, isinstance(value, kind))
     if not ok:
         hint = " (write it without quotes in a config file)" if isinstance(value, str) and kind is not str else ""
         raise ConfigError(f"{name} must be {_KIND_WORDS.get(kind, kind.__name__)}{' or null' if optional else ''}, "
                           f"got {_describe(value)}{hint}")
+    if kind is int:
+        value = int(value)
     if kind is float:
         value = float(value)
         if not math.isfinite(value):

@@ -110,7 +110,15 @@ class RunFolder:
         return self.path != self.out
 
     def open(self) -> None:
-        """Create and lock ``out``, then remove leftovers of interrupted writes."""
+        """Create and lock ``out``, then remove leftovers of interrupted writes.
+
+        A crash between the two renames of :meth:`commit` leaves no ``out`` but the
+        old run as ``.OUT.replaced-PID``: it is put back first.
+        """
+        if not self.out.exists():
+            for replaced in self.out.parent.glob(f".{self.out.name}{_REPLACED_TAG}*"):
+                os.rename(replaced, self.out)
+                break
         created = not self.out.exists()
         prepare_folder(self.out)
         self._created = created
