@@ -132,7 +132,7 @@ def test_fresh_neighbours_build_one_index_per_refresh():
 
     emb, labels = table()
     search = CountingSearch()
-    solver = RBFSolver(6, 3, 60, k=5, neighbour_mode="fresh")
+    solver = RBFSolver(6, 5, 60, k=5, neighbour_mode="fresh")
     solver.bank.search = search
     solver.refresh(emb, labels)
     for start in (0, 20, 40):
@@ -142,7 +142,7 @@ def test_fresh_neighbours_build_one_index_per_refresh():
     solver.refresh(emb * 2, labels)
     solver(emb[:20], labels[:20], torch.arange(20))
     assert search.calls == [60, 60]
-    solver.add_centres(torch.randn(4, 6), torch.tensor([0, 1, 2, 3]))
+    solver.add_centres(torch.randn(4, 6), torch.tensor([0, 1, 5, 6]))
     solver.predict(emb[:5])  # prediction searches every centre: a second index over 64 rows
     solver.predict(emb[5:9])
     assert search.calls == [60, 60, 64]

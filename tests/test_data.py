@@ -364,11 +364,14 @@ def test_image_folder_unreadable_images(tmp_path):
     garbage.unlink()
     truncated = tmp_path / "owl" / "big.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(truncated)
-    truncated.write_bytes(truncated.read_bytes()[:2000])  # header intact, pixel data cut: fails on access
     b = build_data("image-folder", data_dir=str(tmp_path), val_fraction=0.0)
+    truncated.write_bytes(truncated.read_bytes()[:2000])  # header intact, pixel data cut
+    with pytest.raises(DataError, match="truncated") as err:  # found when the data is built
+        build_data("image-folder", data_dir=str(tmp_path), val_fraction=0.0)
+    assert str(truncated) in str(err.value)
     ds = b.train if truncated in [b.train.pool.paths[r] for r in b.train.rows] else b.test
     i = [ds.pool.paths[r] for r in ds.rows].index(truncated)
-    with pytest.raises(DataError) as err:
+    with pytest.raises(DataError) as err:  # and on access, when it was cut after that
         ds[i]
     assert str(truncated) in str(err.value)
 
@@ -577,3 +580,42 @@ def test_sampler_config_errors(kwargs, message):
     assert message in str(err.value)
     with pytest.raises(ConfigError, match="integer labels"):
         ClassBalancedBatchSampler(SAMPLER_LABELS.float(), 6, 2)
+
+
+# ---------------------------------------------------------------- issue 14: loading fixes
+
+def test_sixteen_bit_greyscale_images_are_scaled_not_saturated(tmp_path):
+    """convert("RGB") turned every 16-bit value above 255 into white: 32768 and 1000 both loaded as 1.0."""
+    for name, value in (("bright", 32768), ("dim", 1000)):
+        (tmp_path / name).mkdir()
+        for i in range(5):
+            Image.fromarray(np.full((6, 6), value, dtype=np.uint16)).save(tmp_path / name / f"{i}.png")
+    b = build_data("image-folder", data_dir=str(tmp_path), image_size=6, val_fraction=0.0)
+    assert Image.open(b.train.pool.paths[0]).mode.startswith("I")
+    for i in range(len(b.train)):
+        x, y, _ = b.train[i]
+        expected = (32768 if b.class_names[int(y)] == "bright" else 1000) / 65535
+        np.testing.assert_allclose(x.numpy(), expected, rtol=1e-5)
+
+
+def test_a_truncated_image_in_the_test_split_is_found_before_training(tmp_path):
+    write_images(tmp_path / "train", per_class=3)
+    write_images(tmp_path / "test", per_class=2)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(
+        tmp_path / "test" / "dog" / "big.png")
+    data = (tmp_path / "test" / "dog" / "big.png").read_bytes()
+    (tmp_path / "test" / "dog" / "big.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cannot read image .*test/dog/big.png: .*truncated"):
+        build_data("image-folder", data_dir=str(tmp_path), image_size=8)
+
+
+def test_embeddings_are_checked_after_the_cast_to_float32(tmp_path):
+    """A float64 1e300 is finite but becomes inf in float32, and then NaN embeddings."""
+    x, y = np.random.default_rng(0).normal(size=(20, 3)), np.repeat(np.arange(2), 10)
+    x[4, 1] = 1e300
+    np.savez(tmp_path / "e.npz", x=x, y=y)
+    with pytest.raises(DataError, match=r"1 row\(s\) holding NaN or infinite values, or values beyond float32"):
+        build_data("embeddings", data_dir=str(tmp_path / "e.npz"))
+    np.savez(tmp_path / "z.npz", x=np.zeros((20, 0)), y=y)
+    with pytest.raises(DataError, match="has 0 features"):
+        build_data("embeddings", data_dir=str(tmp_path / "z.npz"))

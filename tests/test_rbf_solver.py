@@ -277,7 +277,7 @@ def test_errors_by_type_and_message():
         solver(emb[:3], labels[:3])
     with pytest.raises(ConfigError, match="num_train=80 rows but got 10 embeddings"):
         solver.fit_reference(emb[:10], labels[:10])
-    with pytest.raises(ConfigError, match="class labels must be >= 0"):
+    with pytest.raises(ConfigError, match="add_centres takes class labels >= 0, got labels from -1"):
         solver.add_centres(emb[:1], torch.tensor([-1]))
 
 

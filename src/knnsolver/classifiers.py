@@ -9,7 +9,8 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from torch import Tensor
 
 from knnsolver.bank.reference import ReferenceSet
-from knnsolver.errors import ConfigError
+from knnsolver.constraints import check_choice, check_type
+from knnsolver.errors import ConfigError, NonFiniteInputError
 from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs
 from knnsolver.interfaces import check_k
 from knnsolver.registry import SEARCHES
@@ -17,10 +18,23 @@ from knnsolver.registry import SEARCHES
 __all__ = ["RBFClassifier"]
 
 
-def _as_tensor(x: Any) -> Tensor:
-    if isinstance(x, Tensor):
-        return x.detach().float().cpu()
-    return torch.from_numpy(np.asarray(x, dtype=np.float32))
+def _as_tensor(x: Any, what: str) -> Tensor:
+    """``x`` as a float32 CPU tensor; non-numeric input and values that are not finite in float32 are refused."""
+    try:
+        if isinstance(x, Tensor):
+            points = x.detach().float().cpu()
+        else:
+            with np.errstate(over="ignore", invalid="ignore"):  # out-of-range values are reported below
+                points = torch.from_numpy(np.asarray(x, dtype=np.float32))
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{what} takes a numeric array, got {type(x).__name__} ({err})") from None
+    if points.dim() == 2 and points.shape[1] == 0:
+        raise ConfigError(f"{what} takes X with at least one feature, got shape {tuple(points.shape)}")
+    if not bool(torch.isfinite(points).all()):
+        bad = int((~torch.isfinite(points)).reshape(len(points), -1).any(1).sum()) if points.dim() else 1
+        raise NonFiniteInputError(f"{what} got {bad} row(s) of X holding NaN or inf (after the cast to float32); "
+                                  "remove or impute them")
+    return points
 
 
 class RBFClassifier(ClassifierMixin, BaseEstimator):
@@ -44,29 +58,37 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
         self.search = search
 
     def fit(self, X: Any, y: Any) -> "RBFClassifier":
-        points = _as_tensor(X)
+        """Store the training points and their labels; set ``sigma_``."""
+        k = check_type("k", self.k, int)
+        sigma = check_type("sigma", self.sigma, float)
+        if sigma < 0:
+            raise ConfigError(f"sigma must be >= 0 (0 = set automatically), got {self.sigma}")
+        check_choice("search", self.search, SEARCHES.names())
+        points = _as_tensor(X, "RBFClassifier.fit")
         labels = np.asarray(y.cpu() if isinstance(y, Tensor) else y)
         if points.dim() != 2 or labels.shape != (points.shape[0],):
             raise ConfigError(f"fit expects X of shape (n, d) and y of shape (n,), got {tuple(points.shape)} and {labels.shape}")
-        if not self.sigma >= 0:
-            raise ConfigError(f"sigma must be >= 0 (0 = set automatically), got {self.sigma}")
-        check_k(self.k, points.shape[0], excluding_self=False)
+        if labels.dtype.kind == "f" and not np.isfinite(labels).all():
+            raise ConfigError("RBFClassifier.fit got NaN or infinite labels in y")
+        check_k(k, points.shape[0], excluding_self=False)
         self.classes_, codes = np.unique(labels, return_inverse=True)
         self.reference_ = ReferenceSet(points.shape[1], SEARCHES.build(self.search))
         self.reference_.set(points, torch.from_numpy(codes.astype(np.int64)))
         self.n_features_in_ = points.shape[1]
-        self.sigma_ = float(self.sigma) or rbf_auto_sigma(points)
+        self.sigma_ = sigma or rbf_auto_sigma(points)
         return self
 
     @torch.no_grad()
     def _log_proba(self, X: Any) -> Tensor:
         if not hasattr(self, "classes_"):
             raise RuntimeError("this RBFClassifier is not fitted yet: call fit(X, y) first")
-        queries = _as_tensor(X)
+        queries = _as_tensor(X, "RBFClassifier.predict")
         if queries.dim() != 2 or queries.shape[1] != self.n_features_in_:
             raise ConfigError(f"X must have shape (n, {self.n_features_in_}), got {tuple(queries.shape)}")
+        if queries.shape[0] == 0:
+            return torch.zeros(0, len(self.classes_))
         ref = self.reference_
-        _, neighbours = ref.search_knn(queries, self.k)
+        _, neighbours = ref.search_knn(queries, int(self.k))  # checked in fit; numpy ints become ints
         unit = torch.zeros(len(ref))
         return rbf_log_probs(queries, ref.embeddings, ref.labels, neighbours, unit, self.sigma_, len(self.classes_))
 

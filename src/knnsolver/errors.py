@@ -23,3 +23,15 @@ class TrainingWarning(UserWarning):
 
 class DivergenceError(KnnSolverError, FloatingPointError):
     """Training produced a non-finite loss, embedding or gradient; the last finished epoch stays saved."""
+
+
+class StorageError(KnnSolverError, OSError):
+    """A file or folder that cannot be created, written or read back (permissions, full disk, truncation)."""
+
+
+class RunFolderBusyError(KnnSolverError):
+    """The run folder is held by another training (its lock is taken)."""
+
+
+class NonFiniteInputError(DataError, FloatingPointError):
+    """Embeddings or data holding NaN or infinite values where finite numbers are needed."""

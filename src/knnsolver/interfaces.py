@@ -16,7 +16,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from knnsolver.errors import ConfigError
+from knnsolver.errors import ConfigError, NonFiniteInputError
 
 
 @dataclass
@@ -108,6 +108,31 @@ class Solver(nn.Module):
         self._step = torch.compile(self._step, **options)
         return True
 
+    def check_batch(self, embeddings: Tensor, labels: Tensor, what: str = "the loss") -> Tensor:
+        """Check a training batch (shape, dtype, non-empty; the label range when on the CPU, where
+        reading it costs no device synchronisation); return the labels as int64.
+
+        Non-finite embeddings are not refused here: the loss propagates them, and
+        the trainer's guard stops the run naming the epoch, step and likely cause.
+        """
+        check_embeddings(embeddings, self.embedding_dim, f"{type(self).__name__} {what}", values=False)
+        return check_labels(labels, embeddings.shape[0], f"{type(self).__name__} {what}", self.num_classes,
+                            values=embeddings.device.type == "cpu")
+
+    def check_reference(self, embeddings: Tensor, labels: Tensor, what: str = "fit_reference",
+                        num_classes: int | None = -1) -> Tensor:
+        """Check reference embeddings and labels in full (not on the training path); return the labels as int64.
+
+        ``num_classes`` bounds the labels (default: the solver's; ``None``: only >= 0).
+        """
+        bound = self.num_classes if num_classes == -1 else num_classes
+        check_embeddings(embeddings, self.embedding_dim, f"{type(self).__name__} {what}")
+        return check_labels(labels, embeddings.shape[0], f"{type(self).__name__} {what}", bound)
+
+    def check_queries(self, embeddings: Tensor, what: str = "predict") -> None:
+        """Check query embeddings in full; zero rows are allowed (they get zero rows of scores)."""
+        check_embeddings(embeddings, self.embedding_dim, f"{type(self).__name__} {what}", allow_empty=True)
+
     def on_epoch_start(self, ctx: EpochContext) -> None:
         """Hook called before each training epoch (e.g. refresh a bank)."""
 
@@ -181,6 +206,43 @@ class NeighbourSearch:
         """Return ``(distances, indices)`` of shape ``(Q, k)``: squared distances and
         int32 indices of each query's k nearest points, nearest first."""
         return self.build(points).search(queries, k)
+
+
+def check_embeddings(embeddings: Any, dim: int | None, what: str, *, values: bool = True,
+                     allow_empty: bool = False) -> None:
+    """Raise one clear error for embeddings that are not an ``(n, dim)`` floating-point tensor,
+    that hold no rows (unless ``allow_empty``), or, with ``values``, that hold NaN or inf."""
+    if not isinstance(embeddings, Tensor):
+        raise ConfigError(f"{what} takes embeddings as a torch tensor, got {type(embeddings).__name__}")
+    if embeddings.dim() != 2 or (dim is not None and embeddings.shape[1] != dim):
+        raise ConfigError(f"{what} takes embeddings of shape (n, {dim if dim is not None else 'd'}), "
+                          f"got {tuple(embeddings.shape)}")
+    if not embeddings.is_floating_point():
+        raise ConfigError(f"{what} takes floating-point embeddings, got dtype {embeddings.dtype}")
+    if embeddings.shape[0] == 0 and not allow_empty:
+        raise ConfigError(f"{what} got an empty batch (0 rows); give it at least one row")
+    if values and not bool(torch.isfinite(embeddings).all()):
+        bad = int((~torch.isfinite(embeddings)).any(1).sum())
+        raise NonFiniteInputError(f"{what} got {bad} embedding row(s) holding NaN or inf; check the network "
+                                  "and its inputs for inf/NaN, or lower the learning rate")
+
+
+def check_labels(labels: Any, n: int, what: str, num_classes: int | None = None, values: bool = True) -> Tensor:
+    """``labels`` as int64 after checking they are an ``(n,)`` integer tensor and, with ``values``,
+    lie in ``[0, num_classes)`` (``num_classes`` None: only >= 0). Float labels are refused, not truncated."""
+    if not isinstance(labels, Tensor):
+        raise ConfigError(f"{what} takes labels as a torch tensor, got {type(labels).__name__}")
+    if labels.shape != (n,):
+        raise ConfigError(f"{what} takes one label per embedding row, shape ({n},), got {tuple(labels.shape)}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ConfigError(f"{what} takes integer class labels, got dtype {labels.dtype}; convert them with .long() "
+                          "only if they are whole numbers")
+    if values and n:
+        low, high = int(labels.min()), int(labels.max())
+        if low < 0 or (num_classes is not None and high >= num_classes):
+            valid = f"[0, {num_classes})" if num_classes is not None else ">= 0"
+            raise ConfigError(f"{what} takes class labels {valid}, got labels from {low} to {high}")
+    return labels.long()
 
 
 def check_k(k: int, n: int, *, excluding_self: bool) -> None:

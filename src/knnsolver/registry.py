@@ -83,10 +83,13 @@ def options_of(cls: Any, skip: tuple[str, ...] = ()) -> list[Option]:
     return out
 
 
-def parse_value(text: str, kind: type) -> Any:
-    """Parse a command-line string into ``kind`` (bools accept true/false/1/0/yes/no)."""
+def parse_value(text: str, kind: type, optional: bool = False) -> Any:
+    """Parse a command-line string into ``kind`` (bools accept true/false/1/0/yes/no);
+    ``none``/``null`` is None only where the setting is ``optional``."""
     if text.lower() in ("none", "null"):
-        return None
+        if optional:
+            return None
+        raise ConfigError(f"expected a value of type {kind.__name__}, got {text!r} (this setting cannot be unset)")
     if kind is bool:
         low = text.lower()
         if low in ("1", "true", "yes", "on"):

@@ -12,10 +12,11 @@ import json
 import sys
 import warnings
 from dataclasses import fields
+from pathlib import Path
 from typing import Any, Sequence, get_args, get_type_hints
 
 from knnsolver.distributed import launch_rank
-from knnsolver.errors import ConfigError, KnnSolverError
+from knnsolver.errors import ConfigError, KnnSolverError, StorageError
 from knnsolver.registry import DATASETS, SOLVERS, options_of, parse_value
 
 _COMMON = ("embedding_dim", "num_classes", "num_train")
@@ -23,12 +24,12 @@ _COMMON = ("embedding_dim", "num_classes", "num_train")
 _NOT_FLAGS = {"solver_options"}
 
 
-def _flag_type(kind: type):
-    """An argparse ``type`` that parses ``kind`` and reports our message on failure."""
+def _flag_type(kind: type, optional: bool = False):
+    """An argparse ``type`` that parses ``kind`` (``none`` only when ``optional``) and reports our message on failure."""
 
     def parse(text: str) -> Any:
         try:
-            return parse_value(text, kind)
+            return parse_value(text, kind, optional)
         except ConfigError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -44,11 +45,12 @@ def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         if f.name in _NOT_FLAGS:
             continue
-        kind = next((a for a in get_args(hints[f.name]) if a is not type(None)), hints[f.name])
+        args = get_args(hints[f.name])
+        kind = next((a for a in args if a is not type(None)), hints[f.name])
         default = f.default
         group.add_argument(
             f"--{f.name.replace('_', '-')}", dest=f.name, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
-            type=_flag_type(kind), help=f"(default: {default})",
+            type=_flag_type(kind, type(None) in args), help=f"(default: {default})",
         )
 
 
@@ -64,7 +66,7 @@ def _add_solver_flags(parser: argparse.ArgumentParser, solver: str) -> dict[str,
         dest = f"solveropt__{opt.name}"
         group.add_argument(
             f"--{flag.replace('_', '-')}", dest=dest, default=argparse.SUPPRESS, metavar=opt.type.__name__.upper(),
-            type=_flag_type(opt.type), help=f"(default: {opt.default})",
+            type=_flag_type(opt.type, opt.default is None), help=f"(default: {opt.default})",
         )
         dests[dest] = opt.name
     return dests
@@ -74,7 +76,8 @@ def _train_parser(solver: str | None) -> tuple[argparse.ArgumentParser, dict[str
     parser = argparse.ArgumentParser(prog="knnsolver train", description="Train a network with a solver and evaluate it.")
     parser.add_argument("--config", help="JSON or TOML file of settings (keys as the flags, with underscores)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing run in --out; the old run stays until the new one saves its first epoch")
     _add_train_flags(parser)
     dests = _add_solver_flags(parser, solver) if solver else {}
     return parser, dests
@@ -89,11 +92,17 @@ def cmd_train(argv: Sequence[str]) -> int:
     known, _ = pre.parse_known_args(argv)
     file_cfg: dict[str, Any] = load_config_file(known.config) if known.config else {}
     solver = known.solver or file_cfg.get("solver", TrainConfig.solver)
+    if not isinstance(solver, str):
+        raise ConfigError(f"solver in {known.config} must be a solver name, got {solver!r}")
     parser, dests = _train_parser(solver)
     args = vars(parser.parse_args(argv))
     resume, overwrite = args.pop("resume"), args.pop("overwrite")
     args.pop("config")
-    solver_options = dict(file_cfg.pop("solver_options", {}))
+    solver_options = file_cfg.pop("solver_options", {})
+    if not isinstance(solver_options, dict):
+        raise ConfigError(f"solver_options in {known.config} must be a mapping of option name to value, "
+                          f"got {solver_options!r}")
+    solver_options = dict(solver_options)
     solver_options.update({dests[d]: args.pop(d) for d in list(args) if d in dests})
     cfg = TrainConfig.from_dict({**file_cfg, **args, "solver_options": solver_options})
     summary = train(cfg, resume=resume, overwrite=overwrite)
@@ -103,13 +112,34 @@ def cmd_train(argv: Sequence[str]) -> int:
     return 0
 
 
+def _writable_target(path: str) -> Path:
+    """``path`` as a file to write, refused with one line when its folder is missing or it is a folder."""
+    target = Path(path)
+    if target.is_dir():
+        raise StorageError(f"--out {target} is a folder; give a file name")
+    if not target.parent.is_dir():
+        raise StorageError(f"cannot write {target}: folder {target.parent} does not exist; create it first")
+    return target
+
+
 def cmd_eval(argv: Sequence[str]) -> int:
     from knnsolver.training import evaluate_saved
+    from knnsolver.training.checkpoint import write_json
 
-    parser = argparse.ArgumentParser(prog="knnsolver eval", description="Re-evaluate a saved run on its test split.")
+    parser = argparse.ArgumentParser(
+        prog="knnsolver eval",
+        description="Re-evaluate a saved run's best checkpoint on its test split; nothing in the run folder is written.",
+    )
     parser.add_argument("run_dir", help="folder written by knnsolver train")
+    parser.add_argument("--out", help="also write the result to this JSON file (outside or inside the run folder)")
+    parser.add_argument("--unfinished", action="store_true",
+                        help="score the best epoch so far of a run whose training has not finished")
     args = parser.parse_args(argv)
-    print(json.dumps(evaluate_saved(args.run_dir), indent=2, sort_keys=True))
+    target = _writable_target(args.out) if args.out else None
+    summary = evaluate_saved(args.run_dir, unfinished=args.unfinished)
+    if target is not None:
+        write_json(summary, target)
+    print(json.dumps(summary, indent=2, sort_keys=True))
     return 0
 
 
@@ -127,10 +157,14 @@ def cmd_embed(argv: Sequence[str]) -> int:
     parser.add_argument("--raw", action="store_true",
                         help="the network's raw outputs instead of the solver's own space (e.g. L2-normalised)")
     args = parser.parse_args(argv)
-    emb, labels = embed_saved(args.run_dir, args.part, raw=args.raw)
     stem = args.out[:-4] if args.out.endswith(".npy") else args.out
-    np.save(f"{stem}.npy", emb.cpu().numpy())
-    np.save(f"{stem}_labels.npy", labels.cpu().numpy())
+    _writable_target(f"{stem}.npy")
+    emb, labels = embed_saved(args.run_dir, args.part, raw=args.raw)
+    try:
+        np.save(f"{stem}.npy", emb.cpu().numpy())
+        np.save(f"{stem}_labels.npy", labels.cpu().numpy())
+    except OSError as err:
+        raise StorageError(f"cannot write {stem}.npy: {err.strerror or err}; free space or choose another --out") from None
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {stem}.npy and labels to {stem}_labels.npy")
     return 0
 
@@ -190,8 +224,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KnnSolverError, FloatingPointError) as exc:
         print(f"knnsolver: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("knnsolver: interrupted; the last finished epoch is saved, continue with --resume", file=sys.stderr)
+    except OSError as exc:  # the environment: a missing, unreadable or unwritable file, a full disk
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"knnsolver: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        print(f"knnsolver: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

@@ -6,8 +6,10 @@ validation and test datasets whose items are ``(input, label, row_index)``.
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,7 +22,7 @@ from knnsolver.data.splits import SPLITS, cap_per_class, disjoint_classes, remap
 from knnsolver.errors import ConfigError, DataError
 from knnsolver.registry import DATASETS
 
-__all__ = ["DataBundle", "build_data", "ClassBalancedBatchSampler", "RowDataset", "Source"]
+__all__ = ["DataBundle", "build_data", "data_fingerprint", "ClassBalancedBatchSampler", "RowDataset", "Source"]
 
 
 @dataclass
@@ -62,6 +64,23 @@ class DataBundle:
     test_class_ids: list[int]
     test_query: Tensor | None = None
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)
+
+
+def data_fingerprint(data: DataBundle) -> dict[str, Any]:
+    """The rows of each split and a hash of the inputs, rows and labels behind them.
+
+    A run records it, so ``knnsolver eval`` and ``--resume`` can tell when the
+    data changed since training (a scored number would then describe other data).
+    """
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(data.train_eval.pool.fingerprint().encode())
+    parts = {"train": data.train_eval, "val": data.val, "test": data.test}
+    for name, part in parts.items():
+        if part is not None:
+            digest.update(name.encode())
+            digest.update(part.rows.tobytes())
+            digest.update(part.labels.numpy().tobytes())
+    return {**{name: 0 if part is None else len(part) for name, part in parts.items()}, "hash": digest.hexdigest()}
 
 
 def _load_source(name: str, data_dir: str | None, image_size: int | None, resize_size: int | None) -> Source:

@@ -13,6 +13,7 @@ their input with their pretraining's statistics themselves.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import operator
 import zipfile
 import zlib
@@ -67,6 +68,10 @@ class Pool:
         """Return row ``index`` as a new float32 tensor."""
         raise NotImplementedError
 
+    def fingerprint(self) -> str:
+        """A hash that changes when the pool's content changes (see :func:`knnsolver.data.data_fingerprint`)."""
+        raise NotImplementedError
+
 
 class TensorPool(Pool):
     """Rows held in memory; ``scale`` converts stored values (e.g. uint8 pixels) to floats."""
@@ -82,9 +87,35 @@ class TensorPool(Pool):
         x = self.data[index].to(torch.float32, copy=True)
         return x.mul_(self.scale) if self.scale != 1.0 else x
 
+    def fingerprint(self) -> str:
+        """Hash of the stored values, their dtype, shape and scale."""
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(f"{self.data.dtype} {tuple(self.data.shape)} {self.scale}".encode())
+        digest.update(self.data.contiguous().numpy().tobytes())
+        return digest.hexdigest()
+
+
+# Pillow modes of more than 8 bits per sample, and the value that is full scale in each
+# (16-bit PNGs open as I;16 or as 32-bit I holding 0..65535).
+_HIGH_DEPTH_FULL_SCALE = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def image_to_rgb(img: Image.Image) -> Tensor:
+    """A Pillow image as a (3, H, W) float32 tensor in [0, 1].
+
+    8-bit modes go through ``convert("RGB")``; high-bit-depth greyscale (16-bit
+    PNG/TIFF, 32-bit integer or float) is scaled by its own full scale instead,
+    since ``convert("RGB")`` saturates every value above 255 to white.
+    """
+    full_scale = _HIGH_DEPTH_FULL_SCALE.get(img.mode)
+    if full_scale is None:
+        return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).float().div_(255.0)
+    grey = torch.from_numpy(np.asarray(img).astype(np.float32) / full_scale).clamp_(0.0, 1.0)
+    return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
+
 
 class ImageFilePool(Pool):
-    """Image files read lazily with Pillow as RGB and resized to ``image_size`` squared.
+    """Image files read lazily with Pillow as RGB (:func:`image_to_rgb`) and resized to ``image_size`` squared.
 
     Non-square images are stretched, not cropped, so nothing of the object is lost.
     """
@@ -100,11 +131,18 @@ class ImageFilePool(Pool):
         path = self.paths[index]
         try:
             with Image.open(path) as img:
-                pixels = np.asarray(img.convert("RGB"))
+                x = image_to_rgb(img)
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
-        x = torch.from_numpy(pixels.copy()).permute(2, 0, 1).float().div_(255.0)
         return self.resize(x)
+
+    def fingerprint(self) -> str:
+        """Hash of every file's path, size and modification time (reading every image would be slow)."""
+        digest = hashlib.blake2b(digest_size=16)
+        for path in self.paths:
+            st = path.stat()
+            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
@@ -337,12 +375,16 @@ def _scan_class_folders(root: Path) -> dict[str, list[Path]]:
     return found
 
 
-def _check_image_header(path: Path) -> None:
-    """Fail early, naming the file, when Pillow cannot identify an image."""
+def _check_image(path: Path) -> None:
+    """Fail before training, naming the file, when Pillow cannot decode an image (unknown format, truncated).
+
+    JPEGs are decoded at 1/8 scale (``draft``), which reads every byte at a fraction of the cost.
+    """
     try:
-        with Image.open(path):
-            pass
-    except OSError as err:
+        with Image.open(path) as img:
+            img.draft(img.mode, (1, 1))
+            img.load()
+    except (OSError, ValueError, SyntaxError) as err:
         raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
 
 
@@ -385,8 +427,8 @@ def load_image_folder(data_dir: str | None = None, image_size: int = 64, resize_
             paths += files
             labels += [class_names.index(name)] * len(files)
             part_of += [p] * len(files)
-    for path in paths:
-        _check_image_header(path)
+    for path in paths:  # every split's images, before any training
+        _check_image(path)
     labels_arr = np.asarray(labels, dtype=np.int64)
     if len(parts) == 2:
         part_arr = np.asarray(part_of)
@@ -442,8 +484,14 @@ def _check_pair(x: np.ndarray, y: np.ndarray, xname: str, yname: str) -> None:
         raise DataError(f"embeddings {xname} has {len(x)} rows but labels {yname} has {len(y)}")
     if len(x) == 0:
         raise DataError(f"embeddings {xname} holds no rows")
-    if not np.isfinite(x).all():
-        raise DataError(f"embeddings {xname} contains NaN or infinite values")
+    if x.shape[1] == 0:
+        raise DataError(f"embeddings {xname} has 0 features (shape {x.shape}); nothing could be learnt from it")
+    with np.errstate(over="ignore", invalid="ignore"):
+        as_float32 = x.astype(np.float32)
+    if not np.isfinite(as_float32).all():
+        bad = int((~np.isfinite(as_float32)).any(1).sum())
+        raise DataError(f"embeddings {xname} has {bad} row(s) holding NaN or infinite values, or values beyond "
+                        "float32's range (|x| > 3.4e38) that become infinite when cast to float32; fix or drop them")
 
 
 def load_embeddings(data_dir: str | None = None) -> Source:

@@ -112,6 +112,7 @@ class CentralizedSolver(Solver):
         return normalize_scale(embeddings, self.scale)
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
+        labels = self.check_batch(embeddings, labels)
         if self.training:
             self._steps += 1  # counted on the host (no device read per step), mirrored in the saved buffer
             self.steps.fill_(self._steps)
@@ -121,10 +122,12 @@ class CentralizedSolver(Solver):
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         if self.predicts_by_knn:
+            labels = self.check_reference(embeddings, labels)
             self.knn.fit(self.transform(embeddings.detach()), labels)
 
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> Tensor:
+        self.check_queries(embeddings)
         x = self.transform(embeddings)
         if self.predicts_by_knn:
             return self.knn.scores(x)

@@ -107,6 +107,7 @@ class CRCSolver(Solver):
             raise RuntimeError(f"crc {what} needs the training embeddings: call fit_reference(embeddings, labels) first")
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
+        labels = self.check_batch(embeddings, labels)
         x = self._prepare(embeddings)
         if self.dictionary == "batch":
             logits = self._logits(x, x, labels, torch.arange(x.shape[0], device=x.device))
@@ -117,6 +118,7 @@ class CRCSolver(Solver):
         return F.cross_entropy(logits, labels)
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
+        labels = self.check_reference(embeddings, labels)
         self.dictionary_set.set(self._prepare(embeddings.detach().float()), labels)
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
@@ -126,6 +128,7 @@ class CRCSolver(Solver):
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> Tensor:
         """``-r / T`` over the training dictionary, queries coded 256 at a time."""
+        self.check_queries(embeddings)
         self._require_atoms("prediction")
         x = self._prepare(embeddings.float())
         return torch.cat([self._logits(q, self.atoms, self.atom_labels, None) for q in x.split(256)])

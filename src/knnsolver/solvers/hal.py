@@ -56,14 +56,17 @@ class HALSolver(Solver):
         self._step = hal_loss
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
+        labels = self.check_batch(embeddings, labels)
         return self._step(embeddings, labels, self.anchors, self.tau)
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         if self.predicts_by_knn:
+            labels = self.check_reference(embeddings, labels)
             self.knn.fit(self.transform(embeddings.detach()), labels)
 
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> Tensor:
+        self.check_queries(embeddings)
         if self.predict_by == "knn":
             return self.knn.scores(self.transform(embeddings))
         return hal_logits(embeddings, self.anchors, self.tau)

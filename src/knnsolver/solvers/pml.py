@@ -55,13 +55,16 @@ class PMLSolver(Solver):
         self.knn = KNNHead(num_classes, embedding_dim, knn_k)
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
+        labels = self.check_batch(embeddings, labels)
         indices = None if self.miner is None else self.miner(embeddings, labels)
         return self.loss(embeddings, labels, indices) + 0.0 * embeddings.sum()
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
+        labels = self.check_reference(embeddings, labels)
         self.knn.fit(self.transform(embeddings.detach()), labels)
 
     def predict(self, embeddings: Tensor) -> Tensor:
+        self.check_queries(embeddings)
         return self.knn.scores(self.transform(embeddings))
 
 

@@ -195,15 +195,6 @@ class RBFSolver(Solver):
             self.log_sigma.fill_(math.log(rbf_auto_sigma(self.bank.training_centres)))
             self._sigma_known = True
 
-    @torch.no_grad()
-    def _checked(self, embeddings: Tensor, what: str) -> Tensor:
-        """The embeddings in the solver's space, after checking they are finite."""
-        if not bool(torch.isfinite(embeddings).all()):
-            raise FloatingPointError(
-                f"{what} got non-finite embeddings: the network produced inf/NaN; lower the learning rate "
-                "or check the inputs for inf/NaN"
-            )
-        return self.transform(embeddings)
 
     @torch.no_grad()
     def refresh(self, embeddings: Tensor, labels: Tensor) -> None:
@@ -212,7 +203,8 @@ class RBFSolver(Solver):
         Warns when some rows cannot be scored (their class has no other centre)
         and refuses a bank where no row can.
         """
-        self.bank.refresh(self._checked(embeddings, "the RBF bank refresh"), labels)
+        labels = self.check_reference(embeddings, labels, "refresh")
+        self.bank.refresh(self.transform(embeddings), labels)
         self._update_sigma()
         self._rows_checked = False
         counts = torch.bincount(self.bank.training_labels)
@@ -291,7 +283,7 @@ class RBFSolver(Solver):
         """Mean ``-log P(y|x)`` over the batch (Eq. 3), the sample's own centre excluded."""
         if not self.bank.filled:
             raise RuntimeError("the RBF bank is empty: on_epoch_start (or refresh) must fill it before training")
-        labels = labels.long()
+        labels = self.check_batch(embeddings, labels)
         if row_indices is not None:
             row_indices = row_indices.long()
             if row_indices.device.type == "cpu" or not self._rows_checked:
@@ -313,16 +305,18 @@ class RBFSolver(Solver):
                 self.bank.write(distributed.all_gather_rows(row_indices), distributed.all_gather_rows(written))
         return loss
 
+    @torch.no_grad()
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         """Replace the bank's centres with fresh training embeddings (and re-estimate an automatic sigma)."""
-        self.bank.set_centres(self._checked(embeddings, "fit_reference"), labels)
+        labels = self.check_reference(embeddings, labels)
+        self.bank.set_centres(self.transform(embeddings), labels)
         self._update_sigma()
 
+    @torch.no_grad()
     def add_centres(self, embeddings: Tensor, labels: Tensor) -> None:
         """Add labelled centres (weight 1), new classes included, for prediction; the network is unchanged."""
-        if labels.numel() and int(labels.min()) < 0:
-            raise ConfigError("class labels must be >= 0")
-        self.bank.append(self._checked(embeddings, "add_centres"), labels)
+        labels = self.check_reference(embeddings, labels, "add_centres", num_classes=None)
+        self.bank.append(self.transform(embeddings), labels)
         self.num_classes = max(self.num_classes, int(self.bank.labels.max()) + 1)
 
     @torch.no_grad()
@@ -330,6 +324,7 @@ class RBFSolver(Solver):
         """Log-probabilities ``(B, C)`` of Eq. 4 over each query's ``predict_k`` nearest centres in the bank."""
         if not self.bank.filled:
             raise RuntimeError("the RBF bank is empty: train the solver or call fit_reference(embeddings, labels) first")
+        self.check_queries(embeddings)
         centres, centre_labels = self.bank.centres, self.bank.labels
         num_classes = max(self.num_classes, int(centre_labels.max()) + 1)  # added classes survive a reload
         extra = centres.shape[0] - self.num_train

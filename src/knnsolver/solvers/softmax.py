@@ -22,7 +22,9 @@ class SoftmaxSolver(Solver):
         self._step = softmax_loss
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
+        labels = self.check_batch(embeddings, labels)
         return self._step(embeddings, self.classifier.weight, self.classifier.bias, labels, self.label_smoothing)
 
     def predict(self, embeddings: Tensor) -> Tensor:
+        self.check_queries(embeddings)
         return self.classifier(embeddings)

@@ -4,17 +4,39 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args, get_type_hints
 
 import torch
 
+from knnsolver.constraints import Interval, check_choice, check_type
 from knnsolver.errors import ConfigError
+from knnsolver.registry import DATASETS
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SPLITS = ("standard", "disjoint")
 LR_SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BN_MODES = ("batch", "frozen", "matched")
+_CHOICES = {"optimizer": OPTIMIZERS, "split": SPLITS, "lr_schedule": LR_SCHEDULES, "precision": tuple(PRECISIONS),
+            "bn_mode": BN_MODES}
+_AT_LEAST_ONE = Interval(1)
+# Valid ranges of the numeric settings (the seed's bound keeps every per-epoch seed within 64 bits).
+_RANGES = {
+    **{name: _AT_LEAST_ONE for name in ("epochs", "batch_size", "embedding_dim", "width", "eval_every",
+                                        "eval_batch_size", "lr_step_epochs", "image_size")},
+    "max_per_class": Interval(1, hint=" (or null for no cap)"),
+    "precise_bn_rows": Interval(1, hint=" (turn re-estimation off with precise_bn=false)"),
+    "num_workers": Interval(0, hint=" (0 = load in the main process)"),
+    "samples_per_class": Interval(0, hint=" (0 = automatic)"),
+    "lr": Interval(0, low_open=True),
+    "weight_decay": Interval(0),
+    "momentum": Interval(0, 1),
+    "dropout": Interval(0, 1, high_open=True),
+    "val_fraction": Interval(0, 1, high_open=True),
+    "lr_gamma": Interval(0, 1, low_open=True),
+    "clip_grad_norm": Interval(0, low_open=True, hint=" (leave it unset to turn clipping off)"),
+    "seed": Interval(0, 2**32, high_open=True),
+}
 
 
 @dataclass
@@ -98,47 +120,49 @@ class TrainConfig:
     compile: bool = False
     solver_options: dict[str, Any] = field(default_factory=dict)
 
+    def check_types(self) -> "TrainConfig":
+        """Raise :class:`ConfigError` naming the first value of the wrong type (``"false"`` is not a boolean);
+        ints given for float settings become floats."""
+        hints = get_type_hints(type(self))
+        for f in fields(self):
+            if f.name == "solver_options":
+                if not isinstance(self.solver_options, dict):
+                    raise ConfigError(f"solver_options must be a mapping of option name to value, got {self.solver_options!r}")
+                continue
+            args = get_args(hints[f.name])
+            kind = next((a for a in args if a is not type(None)), hints[f.name])
+            setattr(self, f.name, check_type(f.name, getattr(self, f.name), kind, optional=type(None) in args))
+        return self
+
     def validate(self) -> "TrainConfig":
-        """Raise :class:`ConfigError` naming the first bad value."""
-        positive = ("epochs", "batch_size", "embedding_dim", "width", "eval_every", "eval_batch_size")
-        for name in positive:
-            if int(getattr(self, name)) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
-        self.torch_device  # checks the device name
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ConfigError(f"unknown lr_schedule {self.lr_schedule!r}; choose one of: {', '.join(LR_SCHEDULES)}")
-        if self.bn_mode not in BN_MODES:
-            raise ConfigError(f"unknown bn_mode {self.bn_mode!r}; choose one of: {', '.join(BN_MODES)}")
+        """Raise :class:`ConfigError` naming the first bad value, with the valid range or choices.
+
+        Checks the type of every setting, its range, the names of dataset,
+        solver and device, and the type of every solver option, so a bad value
+        is refused before a run writes anything.
+        """
+        self.check_types()
+        for name, interval in _RANGES.items():
+            interval.check(name, getattr(self, name))
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ConfigError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
-        if self.lr_step_epochs < 1:
-            raise ConfigError(f"lr_step_epochs must be >= 1, got {self.lr_step_epochs}")
-        if not 0 < self.lr_gamma <= 1:
-            raise ConfigError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
-        if self.clip_grad_norm is not None and not self.clip_grad_norm > 0:
-            raise ConfigError(f"clip_grad_norm must be > 0 (leave it unset to turn clipping off), got {self.clip_grad_norm}")
-        if self.precise_bn_rows < 1:
-            raise ConfigError(f"precise_bn_rows must be >= 1 (turn re-estimation off with precise_bn=false), "
-                              f"got {self.precise_bn_rows}")
-        if self.num_workers < 0:
-            raise ConfigError(f"num_workers must be >= 0 (0 = load in the main process), got {self.num_workers}")
-        if self.samples_per_class < 0:
-            raise ConfigError(f"samples_per_class must be >= 0 (0 = automatic), got {self.samples_per_class}")
-        if not self.lr > 0:
-            raise ConfigError(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"unknown optimizer {self.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-        if self.split not in SPLITS:
-            raise ConfigError(f"unknown split {self.split!r}; choose one of: {', '.join(SPLITS)}")
-        if not isinstance(self.solver_options, dict):
-            raise ConfigError("solver_options must be a mapping of option name to value")
+        for name, choices in _CHOICES.items():
+            check_choice(name, getattr(self, name), choices)
+        DATASETS.get(self.dataset)
+        self.torch_device  # checks the device name
+        self._check_solver_options()
         return self
+
+    def _check_solver_options(self) -> None:
+        """Type-check the solver's options against its constructor (unknown names are refused when it is built)."""
+        from knnsolver.registry import SOLVERS, options_of
+
+        options = {o.name: o for o in options_of(SOLVERS.get(self.solver))}
+        for name, value in self.solver_options.items():
+            if name in options:
+                opt = options[name]
+                self.solver_options[name] = check_type(f"solver option {name}", value, opt.type,
+                                                       optional=opt.default is None)
 
     @property
     def torch_device(self) -> torch.device:
@@ -148,9 +172,14 @@ class TrainConfig:
         try:
             device = torch.device(self.device)
         except (RuntimeError, ValueError):
-            raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N") from None
+            device = None
+        if device is None or device.type not in ("cpu", "cuda"):
+            raise ConfigError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ConfigError(f"device {self.device!r} asked for but no CUDA GPU is visible; use --device cpu or auto")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {self.device!r} asked for but only {torch.cuda.device_count()} CUDA GPU(s) are "
+                              "visible; use cuda:0 or --device auto")
         return device
 
     def to_dict(self) -> dict[str, Any]:
@@ -158,11 +187,14 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        """Build a config from a mapping (a config file's), refusing unknown keys and values of the wrong type."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a configuration must be a mapping of setting name to value, got a {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
-        return cls(**data)
+        return cls(**data).check_types()
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
@@ -170,12 +202,20 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc}") from None
     try:
         if path.suffix == ".toml":
             import tomllib
 
-            return tomllib.loads(text)
-        return json.loads(text)
+            data = tomllib.loads(text)
+        else:
+            data = json.loads(text)
     except (ValueError, ImportError) as exc:
         raise ConfigError(f"cannot parse config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of setting name to value (a JSON object), "
+                          f"not a {type(data).__name__}")
+    return data

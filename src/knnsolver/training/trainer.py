@@ -6,8 +6,12 @@ One run writes to ``out/``:
 * ``checkpoint.pt`` the last finished epoch (model, solver, optimizer, history), written atomically;
 * ``best.pt``       model and solver at the best validation score;
 * ``log.jsonl``     one line per epoch (loss, throughput, validation metrics, solver diagnostics);
-* ``summary.json``  final test metrics of the best checkpoint;
+* ``summary.json``  final test metrics of the best checkpoint, and the data's fingerprint;
 * ``*.png``         loss / metric curves and a t-SNE of test embeddings.
+
+The folder is locked for the run's lifetime, and ``overwrite`` trains into a
+fresh folder swapped in at the first checkpoint (:mod:`knnsolver.training.runfolder`),
+so a finished run is never mixed with, or lost to, another.
 
 Determinism: the global RNG is reseeded from ``(seed, epoch)`` at every epoch
 start and the sampler is seeded the same way, so a resumed run replays exactly
@@ -55,10 +59,10 @@ from torch.utils.data import BatchSampler
 from tqdm.auto import tqdm
 
 from knnsolver import distributed
-from knnsolver.data import DataBundle, build_data
+from knnsolver.data import DataBundle, build_data, data_fingerprint
 from knnsolver.data.batches import iterate_batches
 from knnsolver.data.sampler import ClassBalancedBatchSampler
-from knnsolver.errors import ConfigError, DivergenceError, TrainingWarning
+from knnsolver.errors import ConfigError, DataError, DivergenceError, TrainingWarning
 from knnsolver.evaluation import embed_dataset, retrieval_summary, solver_accuracy
 from knnsolver.interfaces import EpochContext, Solver
 from knnsolver.models import build_model
@@ -67,6 +71,7 @@ from knnsolver.training.batchnorm import calibrate_batchnorm, freeze_batchnorm, 
 from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from knnsolver.training.config import PRECISIONS, TrainConfig, load_config_file
 from knnsolver.training.lr_groups import parameter_groups
+from knnsolver.training.runfolder import RunFolder
 from knnsolver.training.schedule import lr_factor
 
 CHECKPOINT, BEST, CONFIG, LOG, SUMMARY = "checkpoint.pt", "best.pt", "config.json", "log.jsonl", "summary.json"
@@ -104,6 +109,7 @@ class Run:
     bn_current: bool = False
     train_embeddings: tuple[Tensor, Tensor] | None = None
     solver_options: dict[str, Any] | None = None  # every option the solver was built with, defaults included
+    folder: Path | None = None  # where rank 0 writes the run's files (None: config.out)
 
     @property
     def bn_mode(self) -> str:
@@ -318,21 +324,39 @@ def _select_key(config: TrainConfig) -> str:
     return "val_accuracy" if config.split == "standard" else "val_precision_at_1"
 
 
-def _open_run(config: TrainConfig, resume: bool, overwrite: bool) -> dict[str, Any] | None:
-    """Check the run folder and load the checkpoint to resume from (rank 0's view of the files)."""
+# Settings a resumed run may change: the epoch count, the progress bar, and where the folder lives (it may be moved).
+_RESUMABLE_CHANGES = ("epochs", "progress", "out")
+
+
+def _open_run(config: TrainConfig, resume: bool, overwrite: bool, folder: RunFolder) -> dict[str, Any] | None:
+    """Lock the run folder, check it, and load the checkpoint to resume from (rank 0's view of the files).
+
+    An overwrite of an existing run sends the new files to a replacement folder
+    (:meth:`RunFolder.start_replacement`), so the old run stays whole until the
+    new one has its first checkpoint.
+    """
     out = Path(config.out)
     ckpt_path = out / CHECKPOINT
-    if resume:
-        if not ckpt_path.is_file():
-            raise ConfigError(f"cannot resume: {ckpt_path} does not exist; start the run without --resume")
-    elif ckpt_path.exists() and not overwrite:
-        raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if resume and not ckpt_path.is_file():
+        raise ConfigError(f"cannot resume: {ckpt_path} does not exist; start the run without --resume")
+    folder.open()
     if not resume:
+        if ckpt_path.exists():
+            if not overwrite:
+                raise ConfigError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+            folder.start_replacement()
         return None
     state = load_checkpoint(ckpt_path)
-    saved = TrainConfig.from_dict(state["config"])
-    if {**saved.to_dict(), "epochs": config.epochs, "progress": config.progress} != config.to_dict():
-        raise ConfigError(f"cannot resume {out}: settings other than epochs differ from the saved run's config.json")
+    try:
+        saved = TrainConfig.from_dict(state["config"]).to_dict()
+    except (KeyError, ConfigError) as err:
+        raise DataError(f"cannot resume {out}: its checkpoint holds no valid configuration ({err})") from None
+    wanted = config.to_dict()
+    differ = sorted(k for k in wanted if k not in _RESUMABLE_CHANGES and saved.get(k) != wanted[k])
+    if differ:
+        changes = "; ".join(f"{k}: saved {saved.get(k)!r}, now {wanted[k]!r}" for k in differ)
+        raise ConfigError(f"cannot resume {out}: settings other than epochs differ from the saved run's ({changes}); "
+                          "resume with the saved settings, or start a new run with another --out")
     return state
 
 
@@ -354,12 +378,34 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, mo
 
 
 def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module | None) -> dict[str, Any]:
-    out = Path(config.out)
+    config.validate()  # every value typed and in range before any file is touched
     _check_same_config(config)
-    state = _on_main(lambda: _open_run(config, resume, overwrite))
+    folder = RunFolder(Path(config.out))
+    try:
+        return _train_in(config, resume, overwrite, model, folder)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted_message(config, folder)) from None
+    finally:
+        _on_main(folder.close)
+
+
+def _interrupted_message(config: TrainConfig, folder: RunFolder) -> str:
+    """What an interrupted training left behind, and what to do next."""
+    if folder.pending:
+        return f"the new run was discarded before its first checkpoint; the earlier run in {config.out} is unchanged"
+    if (Path(config.out) / CHECKPOINT).is_file():
+        return f"the last finished epoch is saved in {config.out}; continue with --resume"
+    return "no epoch had finished, so nothing was saved; start the run again without --resume"
+
+
+def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module | None,
+              folder: RunFolder) -> dict[str, Any]:
+    state = _on_main(lambda: _open_run(config, resume, overwrite, folder))
     if not distributed.is_main():
         config = replace(config, progress=False)
     run = build_run(config, model)
+    run.folder = folder.path
+    fingerprint = _on_main(lambda: data_fingerprint(run.data))
     optimizer = _optimizer(config, parameter_groups(run.model, run.solver, config.lr, config.backbone_lr), run.device)
     scaler = torch.amp.GradScaler(run.device.type, enabled=config.precision == "fp16")
     history: list[dict[str, Any]] = []
@@ -371,24 +417,44 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         history, best_score, start_epoch = state["history"], state["best_score"], state["epoch"] + 1
+        if distributed.is_main():
+            _warn_if_data_changed(state.get("data"), fingerprint, config.out, "resuming trains on the current data")
     else:
         # An untrained network's running statistics are BatchNorm's defaults (mean 0, variance 1),
         # which can put eval-mode embeddings (an RBF bank and its sigma) on a 100x smaller scale.
         run.calibrate(force=True)
-    _on_main(lambda: write_json(config.to_dict(), out / CONFIG))
+    _on_main(lambda: write_json(config.to_dict(), folder.path / CONFIG))
     step = _loss_step(run)
 
     for epoch in range(start_epoch, config.epochs):
         # Rank 0 keeps the single-process seed; the others draw their own dropout and augmentation.
         torch.manual_seed(_epoch_seed(config.seed, epoch) + 7_919 * distributed.rank())
         row = _train_epoch(run, step, optimizer, scaler, epoch, run.context(epoch), history)
-        best_score, bn_current = _on_main(
-            lambda: (_end_epoch(run, optimizer, scaler, epoch, row, history, best_score), run.bn_current))
+
+        def end_epoch() -> tuple[float, bool]:
+            score = _end_epoch(run, optimizer, scaler, epoch, row, history, best_score, fingerprint)
+            folder.commit()  # an overwrite's first checkpoint exists: it replaces the old run now
+            run.folder = folder.path
+            return score, run.bn_current
+
+        best_score, bn_current = _on_main(end_epoch)
         distributed.sync_buffers(run.model)  # rank 0 may have re-estimated BatchNorm statistics
         run.bn_current = bn_current
     if distributed.is_distributed():  # every process ends with the best weights, as rank 0 does in finish()
-        run.load_weights(_on_main(lambda: load_checkpoint(out / BEST)))
-    return _on_main(lambda: finish(run, out))
+        run.load_weights(_on_main(lambda: load_checkpoint(folder.path / BEST)))
+    return _on_main(lambda: finish(run, folder.path, fingerprint))
+
+
+def _warn_if_data_changed(recorded: dict[str, Any] | None, current: dict[str, Any], out: str, consequence: str) -> None:
+    """Warn when the run's recorded data fingerprint differs from the data loaded now (runs before it: no check)."""
+    if recorded is None or recorded == current:
+        return
+    rows = lambda fp: ", ".join(f"{k} {fp.get(k)}" for k in ("train", "val", "test"))  # noqa: E731
+    warnings.warn(
+        f"the data of the run in {out} changed since it was trained (rows then: {rows(recorded)}; now: "
+        f"{rows(current)}; content hash {recorded.get('hash')} -> {current['hash']}); {consequence}",
+        TrainingWarning, stacklevel=3,
+    )
 
 
 def _check_same_config(config: TrainConfig) -> None:
@@ -435,16 +501,17 @@ def _picklable(obj: Any) -> bool:
 
 
 def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, epoch: int, row: dict[str, Any],
-               history: list[dict[str, Any]], best_score: float) -> float:
+               history: list[dict[str, Any]], best_score: float, fingerprint: dict[str, Any] | None = None) -> float:
     """Validate, keep the best checkpoint, append to the log, save the resumable checkpoint; return the best score."""
-    config, out = run.config, Path(run.config.out)
+    config, out = run.config, run.folder or Path(run.config.out)
     is_eval_epoch = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
     if is_eval_epoch and run.data.val is not None:
         row.update(run.evaluate(run.data.val, "val_"))
     history.append(row)
     score = row.get(_select_key(config))
     if run.data.val is None and epoch + 1 == config.epochs:
-        score = 0.0  # no validation split: the last epoch is the one kept
+        # No validation split: the last epoch is the one kept, also when a resume raised the epoch count.
+        score = float(epoch + 1)
     if score is not None and score > best_score:
         best_score = score
         run.calibrate()  # best.pt holds the statistics its evaluation used (no-op after validation)
@@ -454,7 +521,7 @@ def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gra
     save_checkpoint(
         {"config": config.to_dict(), "model": run.model.state_dict(), "solver": run.solver.state_dict(),
          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
-         "best_score": best_score, "bn_current": run.bn_current},
+         "best_score": best_score, "bn_current": run.bn_current, "data": fingerprint},
         out / CHECKPOINT,
     )
     return best_score
@@ -566,8 +633,8 @@ def _divergence_message(run: Run, epoch: int, step: int, lr: float, flags: list[
     )
 
 
-def finish(run: Run, out: Path) -> dict[str, Any]:
-    """Load the best checkpoint, evaluate it on test, write ``summary.json`` and plots.
+def test_summary(run: Run, out: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Load the best checkpoint of the run in ``out`` and evaluate it on test; write nothing.
 
     The summary records the evaluation geometry (``embedding_space``), the
     BatchNorm mode, and ``diverged`` (some epoch's loss rose over
@@ -575,13 +642,21 @@ def finish(run: Run, out: Path) -> dict[str, Any]:
     """
     best = load_checkpoint(out / BEST)
     run.load_weights(best)
-    history = load_checkpoint(out / CHECKPOINT)["history"]
     summary: dict[str, Any] = {"best_epoch": best["epoch"] + 1, "dataset": run.config.dataset,
                                "solver": run.config.solver, "split": run.config.split,
                                "embedding_space": run.solver.embedding_space, "bn_mode": run.bn_mode,
                                "precise_bn": run.config.precise_bn,
                                "diverged": any(row.get("diverged", False) for row in history)}
     summary.update(run.evaluate(run.data.test, "test_"))
+    return summary
+
+
+def finish(run: Run, out: Path, fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate the best checkpoint on test (:func:`test_summary`), write ``summary.json`` (with the
+    data's fingerprint) and plots."""
+    history = load_checkpoint(out / CHECKPOINT)["history"]
+    summary = test_summary(run, out, history)
+    summary["data_fingerprint"] = fingerprint if fingerprint is not None else data_fingerprint(run.data)
     write_json(summary, out / SUMMARY)
     if run.config.plots:
         from knnsolver.training.plots import plot_run
@@ -605,7 +680,10 @@ def load_saved(out: str | Path) -> tuple[Run, Path]:
     for name in (CONFIG, BEST, CHECKPOINT):
         if not (out / name).is_file():
             raise ConfigError(f"{out} is not a finished knnsolver run: {name} is missing")
-    config = TrainConfig.from_dict(load_config_file(out / CONFIG))
+    try:
+        config = TrainConfig.from_dict(load_config_file(out / CONFIG))
+    except ConfigError as err:
+        raise DataError(f"the run in {out} has an invalid {CONFIG}: {err}") from None
     config.plots = False
     saved = load_checkpoint(out / BEST).get("solver_options")
     if saved is not None:
@@ -615,9 +693,33 @@ def load_saved(out: str | Path) -> tuple[Run, Path]:
     return build_run(config), out
 
 
-def evaluate_saved(out: str | Path) -> dict[str, Any]:
-    """Evaluate a saved run's best checkpoint on its test split again."""
-    return finish(*load_saved(out))
+def evaluate_saved(out: str | Path, unfinished: bool = False) -> dict[str, Any]:
+    """Evaluate a saved run's best checkpoint on its test split again; write nothing.
+
+    A run whose training has not finished (fewer epochs saved than configured,
+    or no ``summary.json``) is refused unless ``unfinished``, which scores its
+    best epoch so far. A warning says when the data changed since training (the
+    run's recorded fingerprint differs), since the number then describes other data.
+    """
+    run, out = load_saved(out)
+    state = load_checkpoint(out / CHECKPOINT)
+    done = state.get("epoch", -1) + 1
+    finished = done >= run.config.epochs and (out / SUMMARY).is_file()
+    if not finished and not unfinished:
+        raise ConfigError(
+            f"{out} holds an unfinished run ({done} of {run.config.epochs} epochs, "
+            f"{'no ' if not (out / SUMMARY).is_file() else ''}{SUMMARY}); finish it with knnsolver train --config "
+            f"{out / CONFIG} --resume, or pass --unfinished to score its best epoch so far"
+        )
+    recorded = state.get("data")
+    if recorded is None and (out / SUMMARY).is_file():
+        try:
+            recorded = load_config_file(out / SUMMARY).get("data_fingerprint")
+        except (ConfigError, AttributeError):
+            recorded = None
+    _warn_if_data_changed(recorded, data_fingerprint(run.data), str(out),
+                          "the scores below are for the current data, not the data the run was trained on")
+    return test_summary(run, out, state["history"])
 
 
 SPLIT_PARTS = ("train", "val", "test")
