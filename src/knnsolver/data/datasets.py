@@ -138,11 +138,18 @@ class ImageFilePool(Pool):
 
     def fingerprint(self) -> str:
         """Hash of every file's path, size and modification time (reading every image would be slow)."""
-        digest = hashlib.blake2b(digest_size=16)
-        for path in self.paths:
-            st = path.stat()
-            digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return digest.hexdigest()
+        return files_fingerprint(self.paths)
+
+
+def files_fingerprint(paths: list[Path], extra: str = "") -> str:
+    """Hash of ``extra`` and every file's path, size and modification time (not the contents: reading
+    every image would be slow)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update(extra.encode())
+    for path in paths:
+        st = path.stat()
+        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
 
 
 Box = tuple[float, float, float, float]  # left, top, right, bottom in pixels
@@ -164,6 +171,10 @@ class PhotoPool(Pool):
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def fingerprint(self) -> str:
+        """Hash of the files (:func:`files_fingerprint`), the resize and the boxes."""
+        return files_fingerprint(self.paths, f"{self.resize_size} {self.boxes}")
 
     def get(self, index: int) -> Tensor:
         path = self.paths[index]

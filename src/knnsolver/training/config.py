@@ -23,12 +23,13 @@ _AT_LEAST_ONE = Interval(1)
 # Valid ranges of the numeric settings (the seed's bound keeps every per-epoch seed within 64 bits).
 _RANGES = {
     **{name: _AT_LEAST_ONE for name in ("epochs", "batch_size", "embedding_dim", "width", "eval_every",
-                                        "eval_batch_size", "lr_step_epochs", "image_size")},
+                                        "eval_batch_size", "lr_step_epochs", "image_size", "resize_size")},
     "max_per_class": Interval(1, hint=" (or null for no cap)"),
     "precise_bn_rows": Interval(1, hint=" (turn re-estimation off with precise_bn=false)"),
     "num_workers": Interval(0, hint=" (0 = load in the main process)"),
     "samples_per_class": Interval(0, hint=" (0 = automatic)"),
     "lr": Interval(0, low_open=True),
+    "backbone_lr": Interval(0, hint=" (or null for lr)"),
     "weight_decay": Interval(0),
     "momentum": Interval(0, 1),
     "dropout": Interval(0, 1, high_open=True),
