@@ -41,11 +41,11 @@ def finished(tmp_path_factory):
 def test_each_run_writes_its_result_file(finished):
     folder = finished / "classification"
     ids = {p.stem for p in folder.glob("*.json")}
-    # per solver: 2 grid points on seed 0, then the chosen point on seeds 0 and 1
-    assert len(ids) == 8
-    grid = json.loads((folder / "softmax__lr=0.001__s0.json").read_text())
-    assert grid["role"] == "grid" and grid["params"] == {"lr": 0.001}
-    assert grid["config"]["lr"] == 0.001 and grid["config"]["dataset"] == "digits"
+    # per solver: 3 grid points on seed 0, then the chosen point on seeds 0 and 1
+    assert len(ids) == 10
+    grid = json.loads((folder / "softmax__label_smoothing=0.1__s0.json").read_text())
+    assert grid["role"] == "grid" and grid["params"] == {"label_smoothing": 0.1}
+    assert grid["config"]["solver_options"]["label_smoothing"] == 0.1 and grid["config"]["dataset"] == "digits"
     assert grid["best_val"] == max(row["val_accuracy"] for row in grid["history"])
     assert 0 <= grid["summary"]["test_accuracy"] <= 1
     for key in ("wall_seconds", "command", "commit", "date", "machine"):
@@ -53,8 +53,9 @@ def test_each_run_writes_its_result_file(finished):
     assert grid["machine"]["torch_threads"] >= 1 and "--preset tiny" in grid["command"]
     final0 = json.loads((folder / "softmax__final__s0.json").read_text())
     final1 = json.loads((folder / "softmax__final__s1.json").read_text())
-    chosen = max(json.loads((folder / f"softmax__lr={lr}__s0.json").read_text())["best_val"] for lr in ("0.001", "0.003"))
-    assert final0["best_val"] == chosen and final0["same_run_as"].startswith("softmax__lr=")
+    chosen = max(json.loads((folder / f"softmax__label_smoothing={v}__s0.json").read_text())["best_val"]
+                 for v in ("0", "0.1", "0.2"))
+    assert final0["best_val"] == chosen and final0["same_run_as"].startswith("softmax__label_smoothing=")
     assert final1["params"] == final0["params"] and final1["seed"] == 1 and "same_run_as" not in final1
     assert (folder / "runs" / "softmax__final__s1" / "checkpoint.pt").is_file()
 
@@ -89,7 +90,7 @@ def test_a_moved_results_folder_restarts_unfinished_runs(finished, tmp_path, mon
 def test_results_of_other_settings_are_refused(finished, tmp_path):
     out = tmp_path / "copy"
     shutil.copytree(finished, out)
-    path = out / "classification" / "softmax__lr=0.001__s0.json"
+    path = out / "classification" / "softmax__label_smoothing=0__s0.json"
     data = json.loads(path.read_text())
     data["config"]["width"] = 99
     path.write_text(json.dumps(data))
@@ -102,7 +103,7 @@ def test_report_renders_tables_claims_commands_and_plots(finished, tmp_path):
     write_report(finished, output, tmp_path / "report" / "plots")
     text = output.read_text()
     assert "## 1. Classification accuracy with the same network" in text
-    assert "| softmax | lr=0.001 |" in text and "**chosen**" in text
+    assert "| softmax | label_smoothing=0 |" in text and "**chosen**" in text
     assert "### Test accuracy of the chosen setting (%)" in text
     assert "**RBF beats softmax.**" in text and "| classification | RBF beats softmax. |" in text
     assert "`knnsolver bench classification --preset tiny" in text
@@ -143,7 +144,7 @@ def test_unknown_names_and_bad_flags_are_clear_errors(tmp_path, capsys):
 def test_dry_run_lists_runs_without_running(finished, capsys):
     assert _bench(finished, "--dry-run") == 0
     out = capsys.readouterr().out
-    assert "done  softmax__lr=0.001__s0" in out and "8 of 8 runs done" in out
+    assert "done  softmax__label_smoothing=0__s0" in out and "10 of 10 runs done" in out
 
 
 def test_suites_plan_grids_before_finals_for_every_preset(tmp_path):
@@ -175,3 +176,48 @@ def test_verdicts_are_paired_by_seed():
     assert compare(_runs([0.9, 0.1, 0.91, 0.92], diverged={1}), _runs([0.8, 0.85, 0.81, 0.82]),
                    "test_accuracy").n == 3
     assert combine([HOLDS, HOLDS]) == HOLDS and combine([HOLDS, OPEN]) == OPEN and combine([OPEN, FAILS]) == FAILS
+
+
+def test_shards_split_methods_and_leave_cross_method_choices_to_the_unsharded_pass(tmp_path):
+    from knnsolver.bench.runner import select_shard
+
+    specs = build_specs(get_suite("unseen-classes"), get_preset("full"), tmp_path)
+    shards = [select_shard(specs, i, 2) for i in range(2)]
+    methods = [{s.method for s in shard} for shard in shards]
+    assert not methods[0] & methods[1] and methods[0] and methods[1]
+    for shard in shards:  # a final's grid is in its own shard
+        grids = {(s.method, s.condition) for s in shard if s.role == "grid"}
+        assert all(s.tune_from in grids or s.tune_from[0] == s.method for s in shard if s.tune_from)
+    picked = [s for s in specs if s.pick]
+    assert picked and not any(s.pick for shard in shards for s in shard)
+    assert len(shards[0]) + len(shards[1]) + len(picked) == len(specs)
+    with pytest.raises(ConfigError, match="shard 2/2 does not exist"):
+        select_shard(specs, 2, 2)
+
+
+def test_the_full_preset_runs_what_its_claims_need_with_5_seeds_and_bracketing_grids(tmp_path):
+    from knnsolver.bench.suites import GRIDS
+
+    full = get_preset("full")
+    assert full.seeds == (0, 1, 2, 3, 4) and full.standard["lr_schedule"] == "constant"
+    specs = build_specs(get_suite("classification"), full, tmp_path)
+    assert {s.method for s in specs} == {"softmax", "rbf", "hal", "nca", "triplet", "lifted", "npairs",
+                                        "multisimilarity"}
+    assert len(specs) == 8 * (3 + 5)
+    assert {s.config["lr"] for s in specs} == {1e-3}  # one learning rate for every solver
+    for solver, grid in GRIDS.items():  # a 3-point grid around the middle value, so an optimum can be bracketed
+        (values,) = grid.values()
+        assert len(values) == 3 and values[0] < values[1] < values[2], solver
+
+
+def test_gpu_results_go_to_their_own_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for folder in ("results", "results-gpu"):
+        (tmp_path / "benchmarks" / folder / "classification").mkdir(parents=True)
+    done = tmp_path / "benchmarks" / "results-gpu" / "classification" / "softmax__final__s1.json"
+    done.write_text(json.dumps({"run_id": "softmax__final__s1"}))
+    assert bench_main(["classification", "--preset", "gpu", "--solvers", "softmax", "--dry-run"]) == 0
+    assert "1 of 8 runs done" in capsys.readouterr().out
+    assert bench_main(["classification", "--preset", "full", "--solvers", "softmax", "--dry-run"]) == 0
+    assert "0 of 8 runs done" in capsys.readouterr().out
+    assert get_preset("gpu").hardware == "gpu" and get_preset("gpu").standard["device"] == "cuda"

@@ -194,6 +194,14 @@ def execute(spec: RunSpec, folder: Path) -> dict[str, Any]:
     raise ConfigError(f"unknown run kind {spec.kind!r}")
 
 
+def select_shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
+    """The specs of shard ``index`` of ``count`` (see :func:`run_suite`)."""
+    if not 0 <= index < count:
+        raise ConfigError(f"shard {index}/{count} does not exist; use i/n with 0 <= i < n")
+    methods = list(dict.fromkeys(s.method for s in specs if s.pick is None))
+    return [s for s in specs if s.pick is None and methods.index(s.method) % count == index]
+
+
 def _check_same(spec: RunSpec, stored: Mapping[str, Any], path: Path) -> None:
     """Refuse to mix results of different settings (another preset) in one folder."""
     if spec.params is None or spec.pick is not None:
@@ -224,11 +232,21 @@ def run_suite(
     solvers: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     command: str = "",
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, dict]:
-    """Run every missing run of ``suite`` in order; return all its results by run id."""
+    """Run every missing run of ``suite`` in order; return all its results by run id.
+
+    ``shard = (i, n)`` runs only the methods whose position among the suite's
+    methods is ``i`` modulo ``n``, so ``n`` processes can share a suite: a
+    method's grid and finals stay in one shard (finals choose from their own
+    grid), and runs that choose across methods (the unseen-classes suite's best
+    other solver) are left to a later unsharded call, which skips what is done.
+    """
     out = Path(out)
     folder = out / suite.name
     specs = build_specs(suite, preset, out, solvers, seeds)
+    if shard is not None:
+        specs = select_shard(specs, *shard)
     if suite.uses_unseen_subset and preset.unseen_subset:
         prepare_unseen_subset(out / "data" / UNSEEN_SUBSET)
     results = load_results(folder)
