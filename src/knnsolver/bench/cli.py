@@ -1,6 +1,7 @@
 """``knnsolver bench``: run a suite, list the suites, render the report, or benchmark neighbour search.
 
-    knnsolver bench SUITE [--preset full|tiny] [--out DIR] [--solvers a,b] [--seeds 0,1] [--threads N] [--dry-run]
+    knnsolver bench SUITE [--preset full|gpu|tiny] [--out DIR] [--shard i/n] [--solvers a,b] [--seeds 0,1]
+        [--threads N] [--dry-run]
     knnsolver bench report [--results DIR] [--output BENCHMARKS.md] [--plots DIR]
     knnsolver bench list
     knnsolver bench search ...   (neighbour-search benchmark, knnsolver.bench.search)
@@ -12,6 +13,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
+from knnsolver.bench.claims import claims_of
 from knnsolver.bench.suites import PRESETS, SUITES, build_specs, get_preset, get_suite
 from knnsolver.errors import ConfigError
 
@@ -64,7 +66,7 @@ def _positive(text: str) -> int:
 
 def suite_parser(name: str) -> argparse.ArgumentParser:
     suite = get_suite(name)
-    claims = " ".join(suite.claims) or "no claim; descriptive"
+    claims = " ".join(c.text for c in claims_of(name)) or "no claim; descriptive"
     parser = argparse.ArgumentParser(prog=f"knnsolver bench {name}", description=f"{suite.title}. Claims: {claims}")
     parser.add_argument("--preset", default="full", choices=list(PRESETS),
                         help="full: the Fashion-MNIST benchmark on the CPU (under 120 min per suite on 2 cores, "
@@ -122,8 +124,8 @@ def cmd_list(argv: Sequence[str]) -> int:
     argparse.ArgumentParser(prog="knnsolver bench list", description="List the benchmark suites.").parse_args(argv)
     for suite in SUITES.values():
         print(f"{suite.name:16s} {suite.title}")
-        for claim in suite.claims:
-            print(f"{'':16s} claim: {claim}")
+        for claim in claims_of(suite.name):
+            print(f"{'':16s} claim: {claim.text}")
     return 0
 
 

@@ -22,6 +22,21 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from knnsolver.bench.claims import (  # noqa: E402
+    HAL_EQUIVALENT,
+    RETRIEVAL_NAMES,
+    TARGET_FRACTION,
+    Claim,
+    Verdict,
+    claims_of,
+    combine,
+    compare,
+    hal_cost_statuses,
+    step_times,
+    steps_to_target,
+    target_level,
+    regime_of,
+)
 from knnsolver.bench.runner import TRAINING_VERSION, load_results  # noqa: E402
 from knnsolver.bench.suites import (  # noqa: E402
     PAIRWISE_KNN_LOSSES,
@@ -29,8 +44,8 @@ from knnsolver.bench.suites import (  # noqa: E402
     SCARCITY_SOLVERS,
     SUITES,
     TARGET_SOLVERS,
-    UNSEEN_BASELINES,
     UNSEEN_SUBSET,
+    Preset,
     Suite,
     ablation_variants,
     choose,
@@ -39,35 +54,14 @@ from knnsolver.bench.suites import (  # noqa: E402
     grid_results,
     params_text,
 )
-from knnsolver.bench.stats import (  # noqa: E402
-    FAILS,
-    HOLDS,
-    OPEN,
-    PairedTest,
-    at_grid_edge,
-    convergence,
-    paired_differences,
-    paired_test,
-    slope_test,
-    usable,
-)
+from knnsolver.bench.stats import FAILS, HOLDS, OPEN, at_grid_edge, convergence, usable  # noqa: E402
 from knnsolver.registry import SOLVERS  # noqa: E402
 SUITE_BUDGET_MINUTES = 120
-TARGET_FRACTION = 0.95  # time-to-target: this fraction of the weaker method's best validation P@1
-SPEEDUP_CLAIMED, SPEEDUP_TOLERANCE = 5.0, 0.8  # "about 5x": every seed at least 4x
-# Baselines that equal HAL under METHODS.md's reading (ProxyNCA at scale 1/tau, NormSoftmax at temperature tau/2).
-HAL_EQUIVALENT = ("proxynca", "normsoftmax")
-# The speed-up is resolved only when the faster method needs at least this many evaluations to reach the target
-# (one-epoch granularity cannot tell 5x from 2x when both reach it within an epoch or two).
-MIN_TARGET_EVALS = 3
-HAL_COST_LIMIT = 0.10
-HAL_MARGIN = 0.01
 RETRIEVAL_KEYS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r",
                   "r_precision", "nmi")
-RETRIEVAL_NAMES = {"precision_at_1": "P@1", "recall_at_1": "R@1", "recall_at_2": "R@2", "recall_at_4": "R@4",
-                   "recall_at_8": "R@8", "map_at_r": "MAP@R", "r_precision": "R-prec", "nmi": "NMI"}
 CONFIG_KEYS = ("dataset", "split", "model", "width", "embedding_dim", "batch_size", "samples_per_class", "epochs",
-               "max_per_class", "val_fraction", "augment", "optimizer", "lr", "weight_decay")
+               "max_per_class", "val_fraction", "augment", "optimizer", "lr", "lr_schedule", "weight_decay", "device")
+__all__ = ["FAILS", "HOLDS", "OPEN", "combine", "compare", "render", "write_report"]
 
 
 # ---- statistics and verdicts ----------------------------------------------------------------
@@ -96,32 +90,6 @@ class Stat:
         if not self.values:
             return "-"
         return f"{100 * self.mean:.2f} ± {100 * self.std:.2f}" if self.n > 1 else f"{100 * self.mean:.2f}"
-
-
-@dataclass(frozen=True)
-class Verdict:
-    status: str
-    numbers: str
-
-
-def by_seed(runs: Sequence[dict], key: str) -> dict[int, float]:
-    """``{seed: summary[key]}`` of the usable (not diverged) runs."""
-    return {int(r["seed"]): float(r["summary"][key]) for r in usable(runs)[0] if key in r.get("summary", {})}
-
-
-def compare(a: Sequence[dict], b: Sequence[dict], key: str, margin: float = 0.0) -> PairedTest:
-    """Whether runs ``a`` beat runs ``b`` on ``key`` by more than ``margin``: a paired test over their common seeds."""
-    return paired_test(paired_differences(by_seed(a, key), by_seed(b, key)), margin)
-
-
-def combine(statuses: Iterable[str]) -> str:
-    """All hold: holds; any does not hold: does not hold; otherwise inconclusive."""
-    statuses = list(statuses)
-    if not statuses:
-        return OPEN
-    if all(s == HOLDS for s in statuses):
-        return HOLDS
-    return FAILS if FAILS in statuses else OPEN
 
 
 def _values(runs: Sequence[dict], key: str) -> tuple[float, ...]:
@@ -204,8 +172,10 @@ def grid_table(results: Mapping[str, dict], groups: Sequence[tuple[str, str]], s
     return table(["method", "grid point", f"best validation {score} (%)", ""], rows)
 
 
-def _claim_line(claim: str, verdict: Verdict) -> str:
-    return f"- **{claim}** {verdict.status.upper()}. {verdict.numbers}"
+def _claim_line(claim: Claim, verdict: Verdict | None) -> str:
+    if verdict is None:
+        return f"- **{claim.text}** NOT DECIDED: too few results yet. Test: {claim.comparison}."
+    return f"- **{claim.text}** {verdict.status.upper()}. Test: {claim.comparison}. {verdict.numbers}"
 
 
 # ---- suite sections ---------------------------------------------------------------------------
@@ -213,10 +183,9 @@ def _claim_line(claim: str, verdict: Verdict) -> str:
 
 @dataclass
 class Section:
-    """A rendered suite: its Markdown body and its claims with verdicts (for the summary)."""
+    """A rendered suite: its Markdown body (tables and plots; the claims render from :mod:`knnsolver.bench.claims`)."""
 
     body: str
-    claims: list[tuple[str, Verdict]]
 
 
 def render_classification(results: Mapping[str, dict], plots: Plots) -> Section:
@@ -226,26 +195,13 @@ def render_classification(results: Mapping[str, dict], plots: Plots) -> Section:
     stats = {m: _stat(final_results(results, m, ""), "test_accuracy") for m in methods}
     rows = [[m, _chosen_text(results, m, ""), stats[m].pct(), stats[m].n] for m in methods]
     parts += ["### Test accuracy of the chosen setting (%)", table(["solver", "chosen", "test accuracy", "seeds"], rows)]
-    claims = []
-    finals = {m: final_results(results, m, "") for m in methods}
-    if "rbf" in stats and "softmax" in stats:
-        test = compare(finals["rbf"], finals["softmax"], "test_accuracy")
-        claims.append((SUITES["classification"].claims[0], Verdict(
-            test.verdict, f"rbf {stats['rbf'].pct()} vs softmax {stats['softmax'].pct()}; paired gain {test.text()}.")))
-    baselines = [b for b in PAIRWISE_KNN_LOSSES if b in stats]
-    if "hal" in stats and baselines:
-        each = [(b, compare(finals["hal"], finals[b], "test_accuracy", HAL_MARGIN)) for b in baselines]
-        numbers = f"hal {stats['hal'].pct()}; " + "; ".join(
-            f"against {b}: {t.text()} vs the {100 * HAL_MARGIN:g}-point margin ({t.verdict})" for b, t in each)
-        same = [b for b in HAL_EQUIVALENT if b in stats]
-        if same:
-            numbers += ("; not compared, being HAL itself under this reading (METHODS.md section 2): "
-                        + ", ".join(f"{b} {stats[b].pct()}" for b in same))
-        claims.append((SUITES["classification"].claims[1], Verdict(combine(t.verdict for _, t in each), numbers + ".")))
+    same = [b for b in HAL_EQUIVALENT if b in stats]
+    if same:
+        parts.append(f"{', '.join(same)}: HAL itself under METHODS.md's reading (equal to 2e-15), shown, not compared.")
     if methods:
         parts.append(_bar(plots, "classification_accuracy", "Test accuracy (mean ± std over seeds)", methods,
                           [stats[m] for m in methods], "test accuracy (%)"))
-    return Section("\n\n".join(p for p in parts if p), claims)
+    return Section("\n\n".join(p for p in parts if p))
 
 
 def _size_key(condition: str) -> float:
@@ -275,20 +231,6 @@ def render_scarcity(results: Mapping[str, dict], plots: Plots) -> Section:
     rows = [[c.split("=", 1)[1], epochs[c], *[stats[m, c].pct() for m in methods], *[gains[m, c].pct() for m in gainers]]
             for c in sizes]
     parts += ["### Test accuracy (%) and gain over softmax (percentage points, paired by seed)", table(header, rows)]
-    claims = []
-    finite = [c for c in sizes if math.isfinite(_size_key(c))]
-    if "rbf" in gainers and len(finite) >= 2:
-        per_seed: dict[int, dict[float, float]] = {}
-        for c in finite:
-            rbf = by_seed(final_results(results, "rbf", c), "test_accuracy")
-            soft = by_seed(final_results(results, "softmax", c), "test_accuracy")
-            for seed in set(rbf) & set(soft):
-                per_seed.setdefault(seed, {})[_size_key(c)] = rbf[seed] - soft[seed]
-        trend = slope_test(per_seed)
-        gains_text = ", ".join(f"{c.split('=', 1)[1]}: {gains['rbf', c].pct()}" for c in sizes)
-        claims.append((SUITES["scarcity"].claims[0], Verdict(
-            trend.verdict, f"{trend.text()} (the claim needs a negative slope: a larger gain with fewer images; sizes "
-                           f"with a cap only); RBF gain over softmax by size: {gains_text}.")))
     if methods and sizes:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
         xs = range(len(sizes))
@@ -304,7 +246,7 @@ def render_scarcity(results: Mapping[str, dict], plots: Plots) -> Section:
             ax.set(xlabel="training images per class", ylabel=ylabel)
             ax.legend()
         parts.append(plots.save(fig, "scarcity", "Accuracy and gain over softmax by training-set size"))
-    return Section("\n\n".join(p for p in parts if p), claims)
+    return Section("\n\n".join(p for p in parts if p))
 
 
 def render_unseen(results: Mapping[str, dict], plots: Plots) -> Section:
@@ -327,28 +269,6 @@ def render_unseen(results: Mapping[str, dict], plots: Plots) -> Section:
         dim_rows = [[m, *[f"{_stat(final_results(results, m, d), 'recall_at_1').pct()} / "
                           f"{_stat(final_results(results, m, d), 'nmi').pct()}" for d in dims]] for m in swept]
         parts += ["### Recall@1 / NMI (%) by embedding size", table(["solver", *[d.split('=')[1] for d in dims]], dim_rows)]
-    claims = []
-    baselines = [b for b in UNSEEN_BASELINES if b in methods]
-    if "rbf" in methods and baselines:
-        each = [(b, k, compare(final_results(results, "rbf", main), final_results(results, b, main), k))
-                for b in baselines for k in ("recall_at_1", "nmi")]
-        numbers = "; ".join(f"{RETRIEVAL_NAMES[k]}: rbf {stats['rbf', k].pct()} vs {b} {stats[b, k].pct()}, paired "
-                            f"{t.text()} ({t.verdict})" for b, k, t in each)
-        claims.append((SUITES["unseen-classes"].claims[0], Verdict(combine(t.verdict for _, _, t in each), numbers + ".")))
-    if {"rbf", "triplet"} <= set(swept):
-        low, high = dims[0], dims[-1]
-        parts_n, statuses = [], []
-        for k in ("recall_at_1", "nmi"):
-            rbf_gain = compare(final_results(results, "rbf", high), final_results(results, "rbf", low), k).verdict
-            tri_gain = compare(final_results(results, "triplet", high), final_results(results, "triplet", low), k).verdict
-            statuses.append(HOLDS if rbf_gain == HOLDS and tri_gain != HOLDS
-                            else FAILS if rbf_gain == FAILS or tri_gain == HOLDS else OPEN)
-            parts_n.append(
-                f"{RETRIEVAL_NAMES[k]} from {low} to {high}: rbf {_stat(final_results(results, 'rbf', low), k).pct()} -> "
-                f"{_stat(final_results(results, 'rbf', high), k).pct()} (gain {rbf_gain}), triplet "
-                f"{_stat(final_results(results, 'triplet', low), k).pct()} -> "
-                f"{_stat(final_results(results, 'triplet', high), k).pct()} (gain {tri_gain})")
-        claims.append((SUITES["unseen-classes"].claims[1], Verdict(combine(statuses), "; ".join(parts_n) + ".")))
     if methods:
         parts.append(_bar(plots, "unseen_recall_at_1", "Recall@1 on unseen classes, embedding size 64", methods,
                           [stats[m, "recall_at_1"] for m in methods], "Recall@1 (%)"))
@@ -364,67 +284,33 @@ def render_unseen(results: Mapping[str, dict], plots: Plots) -> Section:
             ax.set(xlabel="embedding size", ylabel=f"{RETRIEVAL_NAMES[k]} (%)")
             ax.legend()
         parts.append(plots.save(fig, "unseen_embedding_size", "Recall@1 and NMI by embedding size"))
-    return Section("\n\n".join(p for p in parts if p), claims)
+    return Section("\n\n".join(p for p in parts if p))
 
 
-def _step_rows(results: Mapping[str, dict]) -> dict[str, dict[tuple[int, int], dict]]:
-    return {r["method"]: {(t["batch_size"], t["num_classes"]): t for t in r["step_times"]}
-            for r in results.values() if r["kind"] == "step_cost"}
-
-
-def _time_to_target(run: Mapping[str, Any], target: float) -> float:
-    """Training seconds (sum of the epochs' batch loops) until validation P@1 first reaches ``target``."""
-    elapsed = 0.0
-    for row in run["history"]:
-        elapsed += row["seconds"]
-        if row.get(run["val_key"], -math.inf) >= target:
-            return elapsed
-    return math.inf
-
-
-def _evals_to_target(run: Mapping[str, Any], target: float) -> float:
-    """The number of evaluations (epochs here) until validation P@1 first reaches ``target``."""
-    for count, row in enumerate(run["history"], 1):
-        if row.get(run["val_key"], -math.inf) >= target:
-            return count
-    return math.inf
-
-
-def _cost_step_section(results: Mapping[str, dict], plots: Plots) -> tuple[list[str], list[tuple[str, Verdict]]]:
-    steps = _step_rows(results)
+def _cost_step_section(results: Mapping[str, dict], plots: Plots) -> list[str]:
+    steps = step_times(results)
     if not steps:
-        return [], []
+        return []
     solvers = _ordered_methods({k: r for k, r in results.items() if r["kind"] == "step_cost"})
     settings = sorted({key for times in steps.values() for key in times}, key=lambda k: (k[1], k[0]))
-    rows = [[m, *[f"{1e3 * steps[m][s]['median_s']:.2f}" if s in steps[m] else "-" for s in settings]] for m in solvers]
-    parts = ["### Loss step time (forward + backward on random embeddings, median ms)",
+
+    def cell(t: Mapping[str, Any]) -> str:
+        return f"{1e3 * t['median_s']:.2f} [{1e3 * t['q1_s']:.2f}, {1e3 * t['q3_s']:.2f}]"
+
+    rows = [[m, *[cell(steps[m][s]) if s in steps[m] else "-" for s in settings]] for m in solvers]
+    parts = ["### Loss step time (forward + backward on random embeddings, median [quartiles] ms)",
              "A dash: not measured, a smaller batch of that solver already took longer than the step limit.",
              table(["solver", *[f"B={b}, C={c}" for b, c in settings]], rows)]
-    claims = []
+    statuses = hal_cost_statuses(steps)
     losses = [m for m in PAIRWISE_KNN_LOSSES if m in steps]
-    if "hal" in steps and losses:
-        ratio_rows, statuses = [], {}
+    if statuses:
+        ratio_rows = []
         for b, c in settings:
-            row = [f"B={b}, C={c}"]
-            for m in losses:
-                hal, other = steps["hal"].get((b, c)), steps[m].get((b, c))
-                if hal is None or other is None:
-                    row.append("-")
-                    continue
-                high, low = hal["q3_s"] / other["q1_s"], hal["q1_s"] / other["q3_s"]
-                status = HOLDS if high < HAL_COST_LIMIT else FAILS if low >= HAL_COST_LIMIT else OPEN
-                statuses[b, c, m] = status
-                row.append(f"{100 * hal['median_s'] / other['median_s']:.0f}% ({status})")
-            ratio_rows.append(row)
+            ratio_rows.append([f"B={b}, C={c}", *[
+                f"{100 * steps['hal'][b, c]['median_s'] / steps[m][b, c]['median_s']:.0f}% ({statuses[b, c, m]})"
+                if (b, c, m) in statuses else "-" for m in losses]])
         parts += ["### HAL step time as a share of each pairwise kNN loss (interquartile ranges decide the verdict)",
                   table(["setting", *losses], ratio_rows)]
-        batch = 64 if any(b == 64 for b, _ in settings) else max(b for b, _ in settings)
-        classes = min(c for _, c in settings)
-        at = [statuses[batch, classes, m] for m in losses if (batch, classes, m) in statuses]
-        numbers = (f"At the benchmarks' batch size B={batch} with C={classes} classes: "
-                   + ", ".join(f"{m} {100 * steps['hal'][batch, classes]['median_s'] / steps[m][batch, classes]['median_s']:.0f}%"
-                               for m in losses if (batch, classes) in steps[m]) + ".")
-        claims.append((SUITES["cost"].claims[0], Verdict(combine(at), numbers)))
     fig, ax = plt.subplots(figsize=(6, 4))
     classes = min(c for _, c in settings)
     for m in solvers:
@@ -433,7 +319,7 @@ def _cost_step_section(results: Mapping[str, dict], plots: Plots) -> tuple[list[
     ax.set(xscale="log", yscale="log", xlabel="batch size", ylabel="ms per step", title=f"Loss step time, C={classes}")
     ax.legend(fontsize=7, ncol=2)
     parts.append(plots.save(fig, "cost_step_time", "Loss step time by batch size"))
-    return parts, claims
+    return parts
 
 
 def _cost_epoch_section(results: Mapping[str, dict]) -> list[str]:
@@ -452,62 +338,47 @@ def _cost_epoch_section(results: Mapping[str, dict]) -> list[str]:
             table(["solver", "batch loop (s)", "refresh (s)", "epoch with refresh (s)", "samples/s"], rows)]
 
 
-def _cost_target_section(results: Mapping[str, dict], plots: Plots) -> tuple[list[str], list[tuple[str, Verdict]]]:
+def _cost_target_section(results: Mapping[str, dict], plots: Plots) -> list[str]:
     methods = [m for m in TARGET_SOLVERS if final_results(results, m, "target")]
     if not methods:
-        return [], []
-    parts = ["### Time to a target validation Precision@1 (unseen-class split, evaluated every epoch)",
+        return []
+    parts = ["### Optimiser steps to a target validation Precision@1 (unseen-class split, evaluated every epoch)",
              grid_table(results, [(m, "target") for m in methods], "P@1")]
-    finals = {m: final_results(results, m, "target") for m in methods}
-    best = {m: Stat(tuple(r["best_val"] for r in finals[m])) for m in methods}
-    target = TARGET_FRACTION * min(best[m].mean for m in methods)
-    times = {m: {r["seed"]: _time_to_target(r, target) for r in finals[m]} for m in methods}
-    rows = []
-    for m in methods:
-        reached = [t for t in times[m].values() if math.isfinite(t)]
-        rows.append([m, _chosen_text(results, m, "target"), best[m].pct(),
-                     ", ".join("not reached" if not math.isfinite(t) else f"{t:.1f}" for t in times[m].values()),
-                     f"{statistics.fmean(reached):.1f}" if reached else "-",
-                     _stat(finals[m], "precision_at_1").pct()])
-    parts += [f"Target: {100 * target:.2f}% validation P@1 ({TARGET_FRACTION:.0%} of the weaker method's mean best).",
-              table(["solver", "chosen", "best val P@1 (%)", "seconds to target per seed", "mean seconds", "test P@1 (%)"],
-                    rows)]
-    claims = []
-    if set(TARGET_SOLVERS) <= set(methods):
-        seeds = sorted(set(times["centralized"]) & set(times["triplet"]))
-        ratios = [times["triplet"][s] / times["centralized"][s] for s in seeds]
-        bound = SPEEDUP_CLAIMED * SPEEDUP_TOLERANCE
-        evals = {m: [_evals_to_target(r, target) for r in finals[m]] for m in TARGET_SOLVERS}
-        resolved = min(min(e) for e in evals.values()) >= MIN_TARGET_EVALS
-        status = OPEN if len(ratios) < 2 or not resolved else HOLDS if all(r >= bound for r in ratios) else (
-            FAILS if all(r < bound for r in ratios) else OPEN)
-        note = "" if resolved else (
-            f"; not resolved: a method reached the target within {min(min(e) for e in evals.values())} evaluation(s), "
-            f"so per-epoch timing cannot tell a {SPEEDUP_CLAIMED:g}x speed-up from a smaller one")
-        claims.append((SUITES["cost"].claims[1], Verdict(
-            status, f"triplet / centralized time to target per seed: {', '.join(f'{r:.2f}x' for r in ratios)} "
-                    f"(holds when every seed is at least {bound:g}x){note}.")))
+    finals = {m: usable(final_results(results, m, "target"))[0] for m in methods}
+    target = target_level(results)
+    if target is not None:
+        rows = []
+        for m in methods:
+            steps = [steps_to_target(r, target) for r in finals[m]]
+            reached = [n for n in steps if math.isfinite(n)]
+            rows.append([m, _chosen_text(results, m, "target"), Stat(tuple(r["best_val"] for r in finals[m])).pct(),
+                         ", ".join("not reached" if not math.isfinite(n) else f"{n:g}" for n in steps),
+                         f"{statistics.fmean(reached):.0f}" if reached else "-", _stat(finals[m], "precision_at_1").pct()])
+        batches = {r["config"]["batch_size"] for runs in finals.values() for r in runs}
+        parts += [f"Target: {100 * target:.2f}% validation P@1 ({TARGET_FRACTION:.0%} of the weaker method's mean "
+                  f"best, its converged plateau); one evaluation per epoch (batch size {', '.join(map(str, batches))}).",
+                  table(["solver", "chosen", "best val P@1 (%)", "steps to target per seed", "mean steps",
+                         "test P@1 (%)"], rows)]
     fig, ax = plt.subplots(figsize=(6, 4))
     for color, m in zip(("tab:blue", "tab:orange"), methods):
         for i, r in enumerate(finals[m]):
             xs, total = [], 0.0
             for row in r["history"]:
-                total += row["seconds"]
+                total += row["seconds"] * row["samples_per_s"] / r["config"]["batch_size"]
                 xs.append(total)
             ax.plot(xs, [100 * row[r["val_key"]] for row in r["history"]], color=color, alpha=0.8, marker=".",
                     label=m if i == 0 else None)
-    ax.axhline(100 * target, color="grey", ls="--", label="target")
-    ax.set(xlabel="training seconds", ylabel="validation P@1 (%)", title="Time to target")
+    if target is not None:
+        ax.axhline(100 * target, color="grey", ls="--", label="target")
+    ax.set(xlabel="optimiser steps", ylabel="validation P@1 (%)", title="Steps to target")
     ax.legend()
-    parts.append(plots.save(fig, "cost_time_to_target", "Validation P@1 against training time"))
-    return parts, claims
+    parts.append(plots.save(fig, "cost_time_to_target", "Validation P@1 against optimiser steps"))
+    return parts
 
 
 def render_cost(results: Mapping[str, dict], plots: Plots) -> Section:
-    step_parts, step_claims = _cost_step_section(results, plots)
-    target_parts, target_claims = _cost_target_section(results, plots)
-    parts = [*step_parts, *_cost_epoch_section(results), *target_parts]
-    return Section("\n\n".join(p for p in parts if p), step_claims + target_claims)
+    parts = [*_cost_step_section(results, plots), *_cost_epoch_section(results), *_cost_target_section(results, plots)]
+    return Section("\n\n".join(p for p in parts if p))
 
 
 def render_ablation(results: Mapping[str, dict], plots: Plots) -> Section:
@@ -551,7 +422,7 @@ def render_ablation(results: Mapping[str, dict], plots: Plots) -> Section:
                   "Mean distance from a training sample to its neighbour centres, their mean RBF value, and the "
                   "fraction of samples with no true-class centre among their neighbours, per epoch.",
                   plots.save(fig, "ablation_diagnostics", "RBF diagnostics through training by update interval")]
-    return Section("\n\n".join(parts), [])
+    return Section("\n\n".join(parts))
 
 
 RENDERERS: dict[str, Callable[[Mapping[str, dict], Plots], Section]] = {
@@ -608,28 +479,38 @@ def _machine_text(m: Mapping[str, Any]) -> str:
             f"Python {m['python']}, torch {m['torch']}")
 
 
-INTRO = """\
-Each suite tests claims of the papers in `METHODS.md` side by side on Fashion-MNIST, under the
-fair-comparison rules of Musgrave et al. (2020): within a suite every solver gets the same backbone,
-embedding size, augmentation (none), batch size and epoch budget; each solver's one key hyperparameter
-is chosen on the validation split from the small grid shown (first seed), and the test data is used
-only for the final numbers of the chosen setting over all seeds. Numbers are mean ± standard deviation
-over seeds. Comparisons are paired by seed: the mean difference gets a 95% t-interval (the paired
-t-test's; a bootstrap interval and the effect size d_z are shown beside it), and a claim "A beats B
-(by more than m)" **holds** when the whole interval lies above m, **does not hold** when it lies below
-m, and is **inconclusive** otherwise or with fewer than two seeds. A trend claim is judged on the
-interval of the per-seed slope. Runs that diverged are failed runs, listed and left out. Every suite is sized to finish in under 90 minutes on 2 CPU cores
-(1 torch thread); each result file records its own wall time.
+def intro(preset: Preset) -> str:
+    """The protocol every suite follows (issue 11), as the runner enforces it, and how to reproduce."""
+    out = "benchmarks/results-gpu" if preset.hardware == "gpu" else "benchmarks/results"
+    return f"""\
+## Protocol
 
-Reproduce (each command resumes where it stopped; completed runs are skipped):
+Each suite tests claims of the papers in `METHODS.md` side by side, under the fair-comparison rules
+of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
+
+- **Same everything but the solver** within a suite: backbone, embedding size, augmentation (none),
+  batch size, schedule and step budget (preset `{preset.name}`: {preset.description}).
+- **One learning rate for all** (Adam at a constant 1e-3, chosen once); each solver's one key
+  hyperparameter is chosen on the validation split from a 3-point grid around its expected optimum
+  (first seed); a choice at a grid edge is flagged, since the optimum may lie outside. Test data is
+  used only for the final numbers.
+- **5 seeds** for every final; **paired comparisons** by seed: the mean difference gets a 95%
+  t-interval (the paired t-test's; a bootstrap interval and the effect size d_z beside it). A claim
+  **holds** when the whole interval lies beyond its threshold, **does not hold** when it lies on the
+  other side, and is **inconclusive** otherwise. A trend claim is judged on the interval of the
+  per-seed slope.
+- **Convergence check**: budgets are long enough when at least 80% of the final runs have their best
+  validation epoch outside the last 20% of epochs; each suite prints whether it passes.
+- **Failed runs** (diverged) are listed and never averaged in.
+- CPU and GPU results are stored apart (`benchmarks/results`, `benchmarks/results-gpu`) and never
+  mixed in one table. Each CPU suite is sized for under {SUITE_BUDGET_MINUTES} minutes on this 2-core
+  machine as 2 shards side by side (`benchmarks/run_suites.sh`); each result records its wall time.
+
+Reproduce (resumable: completed runs are skipped):
 
 ```
-knnsolver bench classification --preset full --out benchmarks/results
-knnsolver bench scarcity --preset full --out benchmarks/results
-knnsolver bench unseen-classes --preset full --out benchmarks/results
-knnsolver bench cost --preset full --out benchmarks/results
-knnsolver bench ablation --preset full --out benchmarks/results
-knnsolver bench report --results benchmarks/results --output BENCHMARKS.md --plots benchmarks/plots
+benchmarks/run_suites.sh classification scarcity unseen-classes cost ablation   # PRESET={preset.name}
+knnsolver bench report --results {out} --output BENCHMARKS.md --plots benchmarks/plots
 ```
 """
 
@@ -639,35 +520,42 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
     results_dir, output = Path(results_dir), Path(output)
     plots = Plots(Path(plots_dir), output)
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    everything = {suite.name: load_results(results_dir / suite.name) for suite in SUITES.values()}
+    recorded = sorted({r["preset"] for results in everything.values() for r in results.values()})
+    preset = PRESETS.get(recorded[0] if recorded else "full", PRESETS["full"])
     sections, summary = [], []
     for number, suite in enumerate(SUITES.values(), 1):
-        results = load_results(results_dir / suite.name)
+        results, claims = everything[suite.name], claims_of(suite.name)
         head = [f"## {number}. {suite.title} (`{suite.name}`)",
-                "Claims tested: " + (" ".join(suite.claims) if suite.claims else "none; the ablation is descriptive.")]
+                "Claims tested: " + (" ".join(c.text for c in claims) if claims else "none; the ablation is descriptive.")]
         if not results:
-            head.append(f"Not run yet: `knnsolver bench {suite.name} --preset full --out {results_dir}`.")
-            if suite.name in PRESETS["full"].budgets:
-                head.append(f"Budget of the full preset: {PRESETS['full'].budgets[suite.name]}.")
-            summary += [[suite.name, claim, "not run"] for claim in suite.claims]
+            head.append(f"Not run yet: `knnsolver bench {suite.name} --preset {preset.name} --out {results_dir}`.")
+            if suite.name in preset.budgets:
+                head.append(f"Budget of the {preset.name} preset: {preset.budgets[suite.name]}.")
+            summary += [[suite.name, c.text, "-", c.paper_regime, "not run"] for c in claims]
             sections.append("\n\n".join(head))
             continue
         section = RENDERERS[suite.name](results, plots)
-        verdicts = dict(section.claims)
+        verdicts = {c: c.evaluate(results) for c in claims}
+        regime = regime_of(results)
         stale = sum(1 for r in results.values() if r.get("training", 1) < TRAINING_VERSION)
         if stale:
             head.append(f"**Stale: {stale} of {len(results)} results were produced before the training fixes of "
                         "2026-11-29 (precise BatchNorm, RBF sigma following the bank, non-finite guards, one "
                         "evaluation geometry per solver). At least two verdicts of this generation are known "
                         "artefacts of those defects; do not rely on them until the suite is re-run.**")
-        head += ["### Setup", _setup(suite, results)]
-        if section.claims:
-            head += ["### Claims", "\n".join(_claim_line(c, v) for c, v in section.claims)]
+        head += ["### Setup", f"- Regime tested: {regime}.\n" + _setup(suite, results)]
+        if claims:
+            head += ["### Claims", "\n".join(_claim_line(c, v) for c, v in verdicts.items())]
         note = " (stale results)" if stale else ""
-        summary += [[suite.name, claim, (verdicts[claim].status if claim in verdicts else "no data") + note]
-                    for claim in suite.claims]
+        summary += [[suite.name, c.text, regime, c.paper_regime, (v.status if v else "too few results") + note]
+                    for c, v in verdicts.items()]
         sections.append("\n\n".join([*head, section.body]))
     doc = [f"# Benchmarks\n\nRendered by `knnsolver bench report` on {now} from the results in `{results_dir}`.",
-           INTRO, "## Claims at a glance", table(["suite", "claim", "verdict"], summary), *sections]
+           intro(preset), "## Claims at a glance",
+           "Every claim was made by its paper in another regime (the last-but-one column); a verdict here is about "
+           "the regime tested, not about the paper's.",
+           table(["suite", "claim", "regime tested", "paper's regime", "verdict"], summary), *sections]
     return "\n\n".join(doc).replace("\n\n\n", "\n\n") + "\n"
 
 

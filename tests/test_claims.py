@@ -1,0 +1,143 @@
+"""Every claim's verdict on synthetic result sets: one that holds, one that does not, one inconclusive."""
+from __future__ import annotations
+
+import pytest
+
+from knnsolver.bench.claims import CLAIMS, claims_of, steps_to_target, regime_of
+from knnsolver.bench.stats import FAILS, HOLDS, OPEN
+
+SEEDS = range(5)
+NOISE = (0.001, -0.002, 0.0015, -0.001, 0.0005)  # per seed, shared by both sides of a pair unless stated
+
+
+def _run(method: str, condition: str, seed: int, **summary: float) -> dict:
+    return {"run_id": f"{method}@{condition}__s{seed}", "role": "final", "kind": "train", "method": method,
+            "condition": condition, "seed": seed, "summary": summary, "params": {},
+            "config": {"dataset": "fashion-mnist", "model": "conv28", "width": 16, "epochs": 25, "max_per_class": 300,
+                       "batch_size": 64}}
+
+
+def _results(rows: list[dict]) -> dict[str, dict]:
+    return {r["run_id"]: r for r in rows}
+
+
+def _claim(text_start: str):
+    (claim,) = [c for c in CLAIMS if c.text.startswith(text_start)]
+    return claim
+
+
+def _pair(method: str, base: str, gains: list[float], key: str = "test_accuracy", condition: str = "") -> list[dict]:
+    rows = []
+    for seed, gain in zip(SEEDS, gains):
+        rows.append(_run(base, condition, seed, **{key: 0.80 + NOISE[seed]}))
+        rows.append(_run(method, condition, seed, **{key: 0.80 + NOISE[seed] + gain}))
+    return rows
+
+
+@pytest.mark.parametrize("gains, status", [
+    ([0.02, 0.021, 0.019, 0.022, 0.018], HOLDS),
+    ([-0.02, -0.021, -0.019, -0.022, -0.018], FAILS),
+    ([0.02, -0.02, 0.01, -0.015, 0.005], OPEN),
+])
+def test_rbf_beats_softmax(gains, status):
+    verdict = _claim("RBF beats softmax").evaluate(_results(_pair("rbf", "softmax", gains)))
+    assert verdict.status == status and "paired gain" in verdict.numbers
+
+
+@pytest.mark.parametrize("gain, status", [(0.03, HOLDS), (0.0, FAILS), (0.0085, OPEN)])
+def test_hal_needs_more_than_one_point_over_every_pairwise_loss(gain, status):
+    rows = []
+    for loss in ("nca", "triplet", "lifted", "npairs", "multisimilarity"):
+        rows += [r for r in _pair("hal", loss, [gain + 0.003 * (s % 2) for s in SEEDS]) if r["method"] == loss]
+    rows += [r for r in _pair("hal", "nca", [gain + 0.003 * (s % 2) for s in SEEDS]) if r["method"] == "hal"]
+    rows += [_run("proxynca", "", s, test_accuracy=0.8) for s in SEEDS]
+    verdict = _claim("HAL beats").evaluate(_results(rows))
+    assert verdict.status == status
+    assert "not compared, being HAL itself" in verdict.numbers and verdict.numbers.count("against ") == 5
+
+
+@pytest.mark.parametrize("slope_sign, status", [(-1, HOLDS), (1, FAILS), (0, OPEN)])
+def test_scarcity_trend_is_the_slope_of_the_gain_against_log_size(slope_sign, status):
+    import math
+
+    rows = []
+    for size in (10, 50, 100, 500):
+        gains = [slope_sign * 0.01 * math.log(size) + (0.004 * NOISE[s] * 100 if slope_sign == 0 else 0.0005 * s)
+                 for s in SEEDS]
+        rows += _pair("rbf", "softmax", gains, condition=f"n={size}")
+    rows += _pair("rbf", "softmax", [0.0] * 5, condition="n=all")  # uncapped: not on the slope
+    verdict = _claim("The RBF gain").evaluate(_results(rows))
+    assert verdict.status == status and "all:" in verdict.numbers
+
+
+def test_unseen_rbf_must_beat_each_pair_loss_on_recall_and_nmi():
+    rows = []
+    for loss in ("triplet", "lifted", "npairs"):
+        for key in ("recall_at_1", "nmi"):
+            rows += [r for r in _pair("rbf", loss, [0.02] * 5, key=key, condition="dim=64") if r["method"] == loss]
+    for s in SEEDS:
+        rows.append(_run("rbf", "dim=64", s, recall_at_1=0.82 + NOISE[s], nmi=0.82 + NOISE[s]))
+    for r in rows:  # one row per (method, seed) holding both keys
+        r["summary"] = {"recall_at_1": r["summary"].get("recall_at_1", 0.8), "nmi": r["summary"].get("nmi", 0.8)}
+        if r["method"] != "rbf":
+            r["summary"] = {"recall_at_1": 0.80 + NOISE[r["seed"]], "nmi": 0.80 + NOISE[r["seed"]]}
+    assert _claim("RBF beats triplet").evaluate(_results(rows)).status == HOLDS
+    for r in rows:
+        if r["method"] == "lifted":
+            r["summary"]["nmi"] = 0.9 + NOISE[r["seed"]]
+    assert _claim("RBF beats triplet").evaluate(_results(rows)).status == FAILS
+
+
+@pytest.mark.parametrize("rbf_gain, triplet_gain, status", [(0.05, 0.0, HOLDS), (0.05, 0.05, FAILS), (-0.05, 0.0, FAILS)])
+def test_rbf_improves_with_embedding_size_while_triplet_does_not(rbf_gain, triplet_gain, status):
+    rows = []
+    for method, gain in (("rbf", rbf_gain), ("triplet", triplet_gain)):
+        for s in SEEDS:
+            rows.append(_run(method, "dim=16", s, recall_at_1=0.7 + NOISE[s], nmi=0.7 + NOISE[s]))
+            jitter = 0.002 * (s % 3)
+            rows.append(_run(method, "dim=128", s, recall_at_1=0.7 + NOISE[s] + gain + jitter,
+                             nmi=0.7 + NOISE[s] + gain + jitter))
+    assert _claim("RBF improves").evaluate(_results(rows)).status == status
+
+
+def _steps(method: str, median: float, spread: float = 0.05) -> dict:
+    times = [{"batch_size": b, "num_classes": c, "median_s": median * b / 256, "q1_s": median * b / 256 * (1 - spread),
+              "q3_s": median * b / 256 * (1 + spread)} for b in (256, 1024) for c in (10, 100)]
+    return {"run_id": f"{method}@step", "kind": "step_cost", "method": method, "condition": "step", "seed": 0,
+            "role": "final", "step_times": times}
+
+
+@pytest.mark.parametrize("hal, status", [(0.05, HOLDS), (0.5, FAILS), (0.098, OPEN)])
+def test_hal_cost_is_judged_on_interquartile_ranges_at_every_setting(hal, status):
+    rows = [_steps("hal", hal)] + [_steps(m, 1.0) for m in ("nca", "triplet", "lifted", "npairs", "multisimilarity")]
+    verdict = _claim("HAL costs").evaluate(_results(rows))
+    assert verdict.status == status and "4 settings" in verdict.numbers
+
+
+def _target_run(method: str, seed: int, curve: list[float]) -> dict:
+    run = _run(method, "target", seed, precision_at_1=curve[-1])
+    run.update(best_val=max(curve), val_key="val_precision_at_1",
+               history=[{"seconds": 1.0, "samples_per_s": 64 * 24, "val_precision_at_1": v} for v in curve])
+    return run
+
+
+@pytest.mark.parametrize("fast_epoch, status", [(3, HOLDS), (12, FAILS), (1, OPEN)])
+def test_centralized_speedup_counts_optimiser_steps_to_the_target(fast_epoch, status):
+    rows = []
+    for s in SEEDS:
+        slow = [0.1] * 19 + [0.9]  # triplet reaches the target at epoch 20
+        fast = [0.1] * (fast_epoch - 1) + [0.9] * (21 - fast_epoch)
+        rows += [_target_run("triplet", s, slow), _target_run("centralized", s, fast)]
+    verdict = _claim("The centralized").evaluate(_results(rows))
+    assert verdict.status == status
+    assert steps_to_target(rows[0], 0.855) == 20 * 24
+
+
+def test_every_suite_with_claims_has_them_as_objects_naming_regimes():
+    assert {c.suite for c in CLAIMS} == {"classification", "scarcity", "unseen-classes", "cost"}
+    assert not claims_of("ablation")
+    for claim in CLAIMS:
+        assert claim.comparison and claim.paper_regime and callable(claim.evaluate)
+        assert claim.evaluate({}) is None  # no results: not decided
+    regime = regime_of(_results(_pair("rbf", "softmax", [0.0] * 5)))
+    assert regime == "from scratch, conv28 width 16, fashion-mnist (300 images per class), 25 epochs, CPU"
