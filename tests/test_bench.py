@@ -221,3 +221,11 @@ def test_gpu_results_go_to_their_own_folder(tmp_path, monkeypatch, capsys):
     assert bench_main(["classification", "--preset", "full", "--solvers", "softmax", "--dry-run"]) == 0
     assert "0 of 8 runs done" in capsys.readouterr().out
     assert get_preset("gpu").hardware == "gpu" and get_preset("gpu").standard["device"] == "cuda"
+
+
+def test_the_commit_can_be_named_by_the_sender(monkeypatch):
+    """A working tree copied to a lent GPU machine may carry a stale .git: KNNSOLVER_COMMIT names the commit."""
+    monkeypatch.setenv("KNNSOLVER_COMMIT", "abc1234")
+    assert runner.git_commit() == "abc1234"
+    monkeypatch.delenv("KNNSOLVER_COMMIT")
+    assert runner.git_commit() != "abc1234"

@@ -47,7 +47,13 @@ TRAINING_VERSION = 2
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """``git rev-parse HEAD`` (with ``+modified`` when the work tree differs), or ``unknown``."""
+    """``git rev-parse HEAD`` (with ``+modified`` when the work tree differs), or ``unknown``.
+
+    ``KNNSOLVER_COMMIT`` overrides it: a working tree copied to another machine
+    (a lent GPU) may carry a stale ``.git``, so the sender names the commit.
+    """
+    if os.environ.get("KNNSOLVER_COMMIT"):
+        return os.environ["KNNSOLVER_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
