@@ -198,10 +198,10 @@ MODELS = Registry(
         "vgg16": "knnsolver.models.backbones:vgg16",
     },
     {
-        "auto": "choose by input shape: conv8 for 8x8, conv28 for 28x28, resnet for colour, mlp for vectors",
+        "auto": "choose by input and data size: conv8 for 8x8, conv28 up to 64 px (or under 2,000 rows), resnet above, mlp for vectors",
         "mlp": "two-layer MLP for feature vectors",
         "conv8": "small convnet for 8x8 greyscale",
-        "conv28": "small convnet for 28x28 greyscale",
+        "conv28": "small convnet (3 conv blocks, global pooling): any image size, made for 28x28",
         "resnet": "ResNet-style net for larger colour images",
         "resnet18": "ResNet-18, torchvision's parameter names (--pretrained resnet18-*.pth), ImageNet input statistics",
         "resnet50": "ResNet-50, torchvision's parameter names (--pretrained resnet50-*.pth), ImageNet input statistics",
