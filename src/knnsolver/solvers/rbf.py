@@ -267,7 +267,7 @@ class RBFSolver(Solver):
         if own is not None and own.numel():
             out["median_own_centre_distance"] = float(own.median())
             drift = out["median_own_centre_distance"] / out["sigma"]
-            interval = self.refresh_interval(ctx.num_epochs)
+            interval = self.refresh_interval(ctx.num_epochs if ctx is not None else None)
             if drift > _STALE_SIGMAS and distributed.is_main():
                 warnings.warn(
                     f"RBF centres are stale: training queries lie a median {drift:.1f} sigma from their own stored "
