@@ -436,6 +436,24 @@ def _check_image(path: Path) -> None:
         raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
 
 
+# What ``knnsolver datasets`` says about image folders (load_image_folder's docstring in short).
+IMAGE_FOLDER_HELP = """\
+image-folder (--dataset image-folder --data-dir D):
+  layout      D/<class>/<image> (png, jpg, jpeg, bmp, gif, tif, tiff, webp, ppm; only images directly in a
+              class folder count), or D/train/<class>/... and D/test/<class>/... for your own split
+  split       standard: D/train and D/test when present, else a stratified 20% of each class is held out
+              as test (fixed seed); disjoint: the first half of the sorted class names train, the rest test
+              (the train/test folders are pooled); validation: --val-fraction of the training rows
+  size        native when every image has the same size (any aspect); else stretched to 64x64;
+              --image-size N stretches every image to NxN
+  channels    1 when every image is greyscale, else RGB (greyscale repeated); --image-channels 1|3 forces it
+  memory      decoded once at start-up and kept in memory (8-bit) when that takes at most --image-cache-mb
+              (default 1024 MB; 0 turns it off); else each epoch reads the files again (use --num-workers)
+  augment     --augment true = scale,flip; for characters, digits or text use --augment scale or crop
+              (options: flip[:p], crop[:pixels], scale[:min area], comma-separated, applied in order)
+  network     --model auto: conv28 up to 64 px (or under 2,000 training rows), else resnet
+"""
+
 # Default cap on the memory an image folder's decoded cache may take (``image_cache_mb``).
 IMAGE_CACHE_MB = 1024
 # The side images are stretched to when a folder's images differ in size and no image_size is given.
