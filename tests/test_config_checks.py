@@ -32,7 +32,7 @@ def _files(folder):
 
 @pytest.mark.parametrize("settings, message", [
     ({"precise_bn": "false"}, "precise_bn must be true or false, got 'false' (a str) (write it without quotes"),
-    ({"plots": "some"}, "unknown plots 'some'; choose one of: curves, all, none"),
+    ({"plots": "some"}, "unknown plots 'some'; choose one of: curves, all, off"),
     ({"augment": "rotate"}, "unknown augmentation 'rotate' in augment; choose from: flip, crop, scale"),
     ({"augment": ["crop:x"]}, "augmentation 'crop:x': the strength after ':' must be a number"),
     ({"augment": 0}, "augment must be true, false or a list of augmentation names (e.g. flip,crop), got 0"),

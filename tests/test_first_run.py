@@ -15,7 +15,7 @@ from knnsolver.data.transforms import Compose, RandomCrop, RandomHorizontalFlip,
 from knnsolver.errors import ConfigError
 from knnsolver.training import TrainConfig, train
 
-QUICK = dict(dataset="digits", width=8, embedding_dim=8, max_per_class=30, batch_size=64, plots="none")
+QUICK = dict(dataset="digits", width=8, embedding_dim=8, max_per_class=30, batch_size=64, plots="off")
 
 
 def _cfg(tmp_path, **kw):
@@ -168,7 +168,7 @@ def test_rbf_refresh_rule():
 
 
 def test_plots_are_curves_by_default_and_tsne_only_with_all(tmp_path):
-    assert TrainConfig().plots == "curves" and TrainConfig(plots=False).validate().plots == "none"
+    assert TrainConfig().plots == "curves" and TrainConfig(plots=False).validate().plots == "off"
     train(_cfg(tmp_path, epochs=1, progress=False, plots="curves", out=str(tmp_path / "c")))
     assert (tmp_path / "c" / "loss.png").is_file() and not (tmp_path / "c" / "tsne.png").exists()
     summary = train(_cfg(tmp_path, epochs=1, progress=False, plots="all", out=str(tmp_path / "a")))

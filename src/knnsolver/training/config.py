@@ -18,7 +18,7 @@ SPLITS = ("standard", "disjoint")
 LR_SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BN_MODES = ("batch", "frozen", "matched")
-PLOTS = ("curves", "all", "none")
+PLOTS = ("curves", "all", "off")
 _CHOICES = {"optimizer": OPTIMIZERS, "split": SPLITS, "lr_schedule": LR_SCHEDULES, "precision": tuple(PRECISIONS),
             "bn_mode": BN_MODES, "plots": PLOTS}
 _AT_LEAST_ONE = Interval(1)
@@ -123,8 +123,8 @@ class TrainConfig:
     eval_every: int = 1
     eval_batch_size: int = 512
     num_workers: int = 0  # DataLoader worker processes for file-backed or augmented data
-    # curves: loss.png and metrics.png (cheap); all: also a t-SNE of at most 2,000 test embeddings; none.
-    # true/false stand for curves/none.
+    # curves: loss.png and metrics.png (cheap); all: also a t-SNE of at most 2,000 test embeddings; off.
+    # true/false stand for curves/off.
     plots: str | bool = "curves"
     progress: bool = True
     device: str = "auto"
@@ -235,9 +235,9 @@ def _augment_value(value: Any) -> bool | list[str]:
 
 
 def _plots_value(value: Any) -> str:
-    """``plots`` as one of :data:`PLOTS`; ``True``/``False`` (and the words true/false) are curves/none."""
+    """``plots`` as one of :data:`PLOTS`; ``True``/``False`` (and the words true/false) are curves/off."""
     if isinstance(value, bool) or value in ("true", "false"):
-        return "curves" if value in (True, "true") else "none"
+        return "curves" if value in (True, "true") else "off"
     if not isinstance(value, str):
         raise ConfigError(f"plots must be one of: {', '.join(PLOTS)} (or true/false), got {value!r}")
     return value

@@ -772,7 +772,7 @@ def finish(run: Run, out: Path, fingerprint: dict[str, Any] | None = None) -> di
     with run.progress.phase("test", f"test evaluation of the best epoch ({len(run.data.test):,} rows)"):
         summary = test_summary(run, out, history)
     summary["data_fingerprint"] = fingerprint if fingerprint is not None else data_fingerprint(run.data)
-    if run.config.plots != "none":
+    if run.config.plots != "off":
         from knnsolver.training.plots import plot_run
 
         with run.progress.phase("plots", f"plots ({run.config.plots})"):
@@ -808,7 +808,7 @@ def load_saved(out: str | Path) -> tuple[Run, Path]:
         config = TrainConfig.from_dict(load_config_file(out / CONFIG))
     except ConfigError as err:
         raise DataError(f"the run in {out} has an invalid {CONFIG}: {err}") from None
-    config.plots = "none"
+    config.plots = "off"
     saved = load_checkpoint(out / BEST).get("solver_options")
     if saved is not None:
         config.solver_options = dict(saved)
