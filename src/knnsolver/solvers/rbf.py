@@ -58,7 +58,9 @@ class RBFSolver(Solver):
             ever hold the untrained network's embeddings), the interval becomes
             ``max(1, epochs // 2)``: a 2- or 3-epoch run refreshes before every
             epoch, a 10-epoch run before epochs 1 and 6 (1-based); the trainer
-            prints one line saying so (:meth:`schedule_note`).
+            prints one line saying so (:meth:`schedule_note`). The rule follows the
+            configured epoch count, so raising ``epochs`` on ``--resume`` past the
+            interval changes the schedule from then on (the epochs already run kept theirs).
         learn_weights: learn the per-centre log-weights ``theta_i``; the paper
             learns them for classification and fixes ``w_i = 1`` for metric learning,
             so the trainer sets ``False`` on the disjoint split unless you set it.
