@@ -64,3 +64,8 @@ def train_interrupted(config, stop_after: int) -> None:
         patch.setattr(trainer, "_end_epoch", end_epoch)
         with pytest.raises(KeyboardInterrupt):
             trainer.train(config)
+
+
+def results(summary: dict) -> dict:
+    """A run's summary without its timing (wall and phase seconds differ between any two runs)."""
+    return {k: v for k, v in summary.items() if k != "timing"}

@@ -31,9 +31,11 @@ def _files(folder):
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"plots": "false"}, "plots must be true or false, got 'false' (a str) (write it without quotes"),
-    ({"augment": "false"}, "augment must be true or false, got 'false'"),
-    ({"augment": 0}, "augment must be true or false, got 0"),
+    ({"precise_bn": "false"}, "precise_bn must be true or false, got 'false' (a str) (write it without quotes"),
+    ({"plots": "some"}, "unknown plots 'some'; choose one of: curves, all, off"),
+    ({"augment": "rotate"}, "unknown augmentation 'rotate' in augment; choose from: flip, crop, scale"),
+    ({"augment": ["crop:x"]}, "augmentation 'crop:x': the strength after ':' must be a number"),
+    ({"augment": 0}, "augment must be true, false or a list of augmentation names (e.g. flip,crop), got 0"),
     ({"epochs": "2"}, "epochs must be an integer, got '2'"),
     ({"epochs": 2.5}, "epochs must be an integer, got 2.5"),
     ({"lr": "0.01"}, "lr must be a number, got '0.01'"),
@@ -108,8 +110,8 @@ def test_none_unsets_optional_settings(tmp_path, capsys):
 
 
 def test_the_python_api_types_values_too():
-    with pytest.raises(ConfigError, match="augment must be true or false, got 'false'"):
-        TrainConfig(augment="false").validate()
+    with pytest.raises(ConfigError, match="precise_bn must be true or false, got 'false'"):
+        TrainConfig(precise_bn="false").validate()
     with pytest.raises(ConfigError, match="a configuration must be a mapping"):
         TrainConfig.from_dict([("epochs", 2)])
     assert TrainConfig(lr=1).validate().lr == 1.0 and isinstance(TrainConfig(lr=1).validate().lr, float)
@@ -117,8 +119,8 @@ def test_the_python_api_types_values_too():
 
 def test_a_saved_config_with_bad_values_is_reported_by_eval(run_dir, capsys):
     cfg = json.loads((run_dir / "config.json").read_text())
-    cfg["plots"] = "false"
+    cfg["precise_bn"] = "false"
     (run_dir / "config.json").write_text(json.dumps(cfg))
     assert main(["eval", str(run_dir)]) == 2
     err = capsys.readouterr().err
-    assert "has an invalid config.json: plots must be true or false" in err and "Traceback" not in err
+    assert "has an invalid config.json: precise_bn must be true or false" in err and "Traceback" not in err

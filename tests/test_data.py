@@ -364,7 +364,7 @@ def test_image_folder_unreadable_images(tmp_path):
     garbage.unlink()
     truncated = tmp_path / "owl" / "big.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(truncated)
-    b = build_data("image-folder", data_dir=str(tmp_path), val_fraction=0.0)
+    b = build_data("image-folder", data_dir=str(tmp_path), val_fraction=0.0, image_cache_mb=0)  # read lazily
     truncated.write_bytes(truncated.read_bytes()[:2000])  # header intact, pixel data cut
     with pytest.raises(DataError, match="truncated") as err:  # found when the data is built
         build_data("image-folder", data_dir=str(tmp_path), val_fraction=0.0)

@@ -11,7 +11,8 @@ from knnsolver.training import TrainConfig, train
 
 @pytest.mark.parametrize(
     "name, shape, cls",
-    [("auto", (1, 8, 8), "ConvNet8"), ("auto", (1, 28, 28), "ConvNet28"), ("auto", (3, 32, 32), "ResNetSmall"),
+    [("auto", (1, 8, 8), "ConvNet8"), ("auto", (1, 28, 28), "ConvNet28"), ("auto", (3, 32, 32), "ConvNet28"),
+     ("auto", (1, 32, 20), "ConvNet28"), ("auto", (3, 72, 72), "ResNetSmall"),
      ("auto", (20,), "MLPNet"), ("mlp", (1, 8, 8), "MLPNet"), ("resnet", (3, 16, 16), "ResNetSmall")],
 )
 def test_networks_map_inputs_to_embeddings(name, shape, cls):
@@ -21,6 +22,21 @@ def test_networks_map_inputs_to_embeddings(name, shape, cls):
     assert out.shape == (3, 12)
     assert (out < 0).any(), "the embedding layer has no final ReLU"
     assert any(isinstance(m, nn.Dropout) for m in model.modules())
+
+
+@pytest.mark.parametrize("shape, rows, expected", [
+    ((1, 8, 8), 1_000, "conv8"), ((1, 28, 28), 60_000, "conv28"), ((1, 32, 32), 18_000, "conv28"),
+    ((3, 32, 32), 50_000, "conv28"), ((3, 224, 224), 10_000, "resnet"), ((3, 224, 224), 500, "conv28"),
+    ((3, 224, 224), None, "resnet"), ((64,), 100, "mlp"),
+])
+def test_auto_chooses_by_input_and_data_size(shape, rows, expected):
+    from knnsolver.models.factory import choose_model
+
+    name, reason = choose_model(shape, rows)
+    assert name == expected and reason
+    model = build_model("auto", shape, embedding_dim=8, width=4, num_train=rows)
+    assert type(model).__name__ == {"conv8": "ConvNet8", "conv28": "ConvNet28", "resnet": "ResNetSmall",
+                                    "mlp": "MLPNet"}[expected]
 
 
 def test_pretrained_weights_are_loaded_and_checked(tmp_path):

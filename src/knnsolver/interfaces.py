@@ -30,12 +30,14 @@ class EpochContext:
             without gradient. Costly: call it only when needed (a bank refresh).
         num_train: number of training rows.
         device: where the solver's tensors live.
+        num_epochs: the run's epoch count, for schedules that adapt to it (``None``: unknown).
     """
 
     epoch: int
     embed_train: Callable[[], tuple[Tensor, Tensor]]
     num_train: int
     device: torch.device = torch.device("cpu")
+    num_epochs: int | None = None
 
 
 class Solver(nn.Module):
@@ -135,6 +137,10 @@ class Solver(nn.Module):
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         """Hook called before each training epoch (e.g. refresh a bank)."""
+
+    def schedule_note(self, num_epochs: int) -> str | None:
+        """One line saying how the solver adapts its own schedule to a run of ``num_epochs`` epochs, if it does."""
+        return None
 
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
         """Hook called after each training epoch; returns diagnostics to log."""

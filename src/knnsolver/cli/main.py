@@ -173,6 +173,9 @@ def cmd_datasets(argv: Sequence[str]) -> int:
     argparse.ArgumentParser(prog="knnsolver datasets", description="List datasets.").parse_args(argv)
     for name in DATASETS.names():
         print(f"{name:16s} {DATASETS.describe(name)}")
+    from knnsolver.data.datasets import IMAGE_FOLDER_HELP
+
+    print(f"\n{IMAGE_FOLDER_HELP}", end="")
     return 0
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from knnsolver.data.augment import build_augmentation
 from knnsolver.data.datasets import RowDataset, Source
 from knnsolver.data.transforms import Transform
 from knnsolver.data.sampler import ClassBalancedBatchSampler
@@ -47,6 +48,7 @@ class DataBundle:
         test_query: for a query/gallery protocol (In-Shop), a bool per test row, true for the
             queries, which search the other test rows (the gallery); ``None``: all against all.
         recall_ks: the Recall@K cut-offs the dataset is reported at.
+        notes: how the inputs were converted (size, channels, cache), for the run's first lines.
     """
 
     train: RowDataset
@@ -64,6 +66,7 @@ class DataBundle:
     test_class_ids: list[int]
     test_query: Tensor | None = None
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)
+    notes: str = ""
 
 
 def data_fingerprint(data: DataBundle) -> dict[str, Any]:
@@ -83,7 +86,8 @@ def data_fingerprint(data: DataBundle) -> dict[str, Any]:
     return {**{name: 0 if part is None else len(part) for name, part in parts.items()}, "hash": digest.hexdigest()}
 
 
-def _load_source(name: str, data_dir: str | None, image_size: int | None, resize_size: int | None) -> Source:
+def _load_source(name: str, data_dir: str | None, image_size: int | None, resize_size: int | None,
+                 image_channels: int | None = None, image_cache_mb: int | None = None) -> Source:
     """Call the registered loader with the options it takes (``None``: the loader's default)."""
     loader = DATASETS.get(name)
     params = inspect.signature(loader).parameters
@@ -91,7 +95,10 @@ def _load_source(name: str, data_dir: str | None, image_size: int | None, resize
         raise ConfigError(f"dataset {name!r} is bundled and takes no data_dir; drop --data-dir")
     if resize_size is not None and "resize_size" not in params:
         raise ConfigError(f"dataset {name!r} does not resize and crop its images; drop --resize-size")
-    given = {"data_dir": data_dir, "image_size": image_size, "resize_size": resize_size}
+    if image_channels is not None and "image_channels" not in params:
+        raise ConfigError(f"dataset {name!r} has a fixed number of channels; drop --image-channels")
+    given = {"data_dir": data_dir, "image_size": image_size, "resize_size": resize_size,
+             "image_channels": image_channels, "image_cache_mb": image_cache_mb}
     return loader(**{k: v for k, v in given.items() if v is not None and k in params})
 
 
@@ -103,10 +110,12 @@ def build_data(
     max_per_class: int | None = None,
     seed: int = 0,
     data_dir: str | None = None,
-    augment: bool = False,
+    augment: bool | list[str] = False,
     image_size: int | None = None,
     resize_size: int | None = None,
     train_classes: list[int] | None = None,
+    image_channels: int | None = None,
+    image_cache_mb: int | None = None,
 ) -> DataBundle:
     """Load dataset ``name`` and split it into train / validation / test.
 
@@ -123,12 +132,15 @@ def build_data(
 
     Validation is drawn with ``seed``; ``max_per_class`` then keeps at most that
     many training rows per class, drawn with ``seed`` from a separate stream, so
-    validation and test stay the same whatever the cap. ``augment`` applies the
-    source's training augmentation to ``train`` only, and the source's evaluation
-    transform (the benchmarks' centre crop) applies to every other dataset;
-    ``image_size`` is the side of the images (``None``: the dataset's default, 64
-    for image-folder, 224 for the benchmarks) and ``resize_size`` the shorter side
-    benchmark images are resized to before cropping.
+    validation and test stay the same whatever the cap. ``augment`` applies
+    training augmentation to ``train`` only: ``True`` the source's default set, or
+    a list of named options (:mod:`knnsolver.data.augment`); the source's evaluation
+    transform (the benchmarks' centre crop) applies to every other dataset.
+    ``image_size`` is the side of the images (``None``: the dataset's default: an
+    image folder's native size when all its images share one, else 64; 224 for the
+    benchmarks) and ``resize_size`` the shorter side benchmark images are resized
+    to before cropping. ``image_channels`` and ``image_cache_mb`` go to the
+    image-folder loader (:func:`~knnsolver.data.datasets.load_image_folder`).
     """
     if split not in SPLITS:
         raise ConfigError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
@@ -143,9 +155,8 @@ def build_data(
             raise ConfigError(f"{option} must be >= 1, got {value}")
     if train_classes is not None and split != "disjoint":
         raise ConfigError("train_classes only applies to split 'disjoint'")
-    source = _load_source(name, data_dir, image_size, resize_size)
-    if augment and source.augmentation is None:
-        raise ConfigError(f"dataset {name!r} has no augmentation (its inputs are not images); drop --augment")
+    source = _load_source(name, data_dir, image_size, resize_size, image_channels, image_cache_mb)
+    augmentation = build_augmentation(augment, source.augment_policy, name)
 
     labels = source.labels
     if split == "standard":
@@ -176,7 +187,7 @@ def build_data(
 
     train_eval = dataset(train_rows, train_ids)
     return DataBundle(
-        train=dataset(train_rows, train_ids, source.augmentation) if augment else train_eval,
+        train=dataset(train_rows, train_ids, augmentation) if augmentation is not None else train_eval,
         train_eval=train_eval,
         val=dataset(val_rows, train_ids) if len(val_rows) else None,
         test=dataset(test_rows, test_ids),
@@ -191,6 +202,7 @@ def build_data(
         test_class_ids=[int(c) for c in test_ids],
         test_query=_query_mask(source, test_rows) if split == "disjoint" and train_classes is None else None,
         recall_ks=tuple(source.recall_ks),
+        notes=source.notes,
     )
 
 

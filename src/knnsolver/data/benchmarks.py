@@ -20,7 +20,8 @@ object's bounding box for the ``-bbox`` variants, resized so the shorter side is
 ``resize_size`` (aspect kept; default ``image_size * 8 / 7``, i.e. 256 for 224); evaluation
 takes the centre ``image_size`` square, training (``--augment``) a random-resized crop of
 16-100 % of the area (as Musgrave et al., "A Metric Learning Reality Check", 2020) resized to
-``image_size``, flipped left-right half the time. Pixels stay in [0, 1]: a backbone that wants
+``image_size``, flipped left-right half the time (``--augment true`` = ``scale,flip``, ``scale``
+from 0.16; see :mod:`knnsolver.data.augment` for the other options). Pixels stay in [0, 1]: a backbone that wants
 standardised input (ImageNet statistics) standardises it itself (:mod:`knnsolver.models.backbones`).
 """
 from __future__ import annotations
@@ -29,8 +30,9 @@ from pathlib import Path
 
 import numpy as np
 
+from knnsolver.data.augment import AugmentPolicy
 from knnsolver.data.datasets import PROTOCOL_CROP_SCALE, PhotoPool, Source
-from knnsolver.data.transforms import CenterCrop, Compose, RandomHorizontalFlip, RandomResizedCrop
+from knnsolver.data.transforms import CenterCrop
 from knnsolver.errors import ConfigError, DataError
 
 DEFAULT_IMAGE_SIZE = 224
@@ -70,7 +72,7 @@ def _photo_source(
         test_rows=np.asarray(test_rows, dtype=np.int64),
         class_names=class_names,
         input_shape=(3, crop, crop),
-        augmentation=Compose([RandomResizedCrop(crop, scale=PROTOCOL_CROP_SCALE), RandomHorizontalFlip()]),
+        augment_policy=AugmentPolicy(("scale", "flip"), (crop, crop), min_scale=PROTOCOL_CROP_SCALE[0]),
         eval_transform=CenterCrop(crop),
         **protocol,
     )

@@ -28,7 +28,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from knnsolver.data.splits import official_split
-from knnsolver.data.transforms import CenterCrop, Compose, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, Resize, Transform
+from knnsolver.data.augment import AugmentPolicy
+from knnsolver.data.transforms import CenterCrop, Resize, Transform
 from knnsolver.errors import ConfigError, DataError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -114,15 +115,30 @@ def image_to_rgb(img: Image.Image) -> Tensor:
     return grey.unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
-class ImageFilePool(Pool):
-    """Image files read lazily with Pillow as RGB (:func:`image_to_rgb`) and resized to ``image_size`` squared.
+def image_to_grey(img: Image.Image) -> Tensor:
+    """A Pillow image as a (1, H, W) float32 tensor in [0, 1] (colour is converted to luminance,
+    high-bit-depth greyscale scaled by its own full scale, as in :func:`image_to_rgb`)."""
+    full_scale = _HIGH_DEPTH_FULL_SCALE.get(img.mode)
+    if full_scale is None:
+        return torch.from_numpy(np.asarray(img.convert("L")).copy())[None].float().div_(255.0)
+    return torch.from_numpy(np.asarray(img).astype(np.float32) / full_scale).clamp_(0.0, 1.0)[None]
 
-    Non-square images are stretched, not cropped, so nothing of the object is lost.
+
+# Pillow modes that hold one grey value per pixel (greyscale folders load as 1 channel by default).
+GREY_MODES = frozenset({"1", "L", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"})
+
+
+class ImageFilePool(Pool):
+    """Image files read lazily with Pillow, as RGB (:func:`image_to_rgb`) or with ``channels=1`` as
+    greyscale (:func:`image_to_grey`), resized to ``size`` (an int: a square; ``(height, width)``).
+
+    Images of another size are stretched, not cropped, so nothing of the object is lost.
     """
 
-    def __init__(self, paths: list[Path], image_size: int) -> None:
+    def __init__(self, paths: list[Path], size: int | tuple[int, int], channels: int = 3) -> None:
         self.paths = list(paths)
-        self.resize = Resize(image_size)
+        self.resize = Resize(size)
+        self.to_tensor = image_to_grey if channels == 1 else image_to_rgb
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -131,13 +147,30 @@ class ImageFilePool(Pool):
         path = self.paths[index]
         try:
             with Image.open(path) as img:
-                x = image_to_rgb(img)
+                x = self.to_tensor(img)
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
         return self.resize(x)
 
     def fingerprint(self) -> str:
         """Hash of every file's path, size and modification time (reading every image would be slow)."""
+        return files_fingerprint(self.paths)
+
+
+class CachedImagePool(TensorPool):
+    """8-bit image files decoded once, at loading, into memory (:class:`ImageFilePool`'s values,
+    after any resizing rounded to 1/255), so no epoch decodes a file again and in-memory
+    batching applies (:mod:`knnsolver.data.batches`). Its fingerprint is still the files'."""
+
+    def __init__(self, files: ImageFilePool) -> None:
+        first = files.get(0)
+        data = torch.empty(len(files), *first.shape, dtype=torch.uint8)
+        for i in range(len(files)):
+            data[i] = (first if i == 0 else files.get(i)).mul_(255.0).round_()
+        super().__init__(data, scale=1.0 / 255.0)
+        self.paths = files.paths
+
+    def fingerprint(self) -> str:
         return files_fingerprint(self.paths)
 
 
@@ -214,7 +247,8 @@ class Source:
         train_rows, test_rows: sorted pool rows of the official train and test sets.
         class_names: name of every class id.
         input_shape: shape of one input, e.g. ``(1, 8, 8)`` or ``(D,)``.
-        augmentation: training transform, or ``None`` where augmentation makes no sense.
+        augment_policy: the augmentation options the dataset allows and its default set
+            (:mod:`knnsolver.data.augment`), or ``None`` where augmentation makes no sense.
         eval_transform: transform of every row not augmented (e.g. a centre crop), or ``None``.
         disjoint_train_classes: the class ids that train under the dataset's own unseen-class
             protocol (SOP's and In-Shop's training lists); ``None``: the first half of the classes.
@@ -230,11 +264,12 @@ class Source:
     test_rows: np.ndarray
     class_names: list[str]
     input_shape: tuple[int, ...]
-    augmentation: Transform | None = None
+    augment_policy: AugmentPolicy | None = None
     eval_transform: Transform | None = None
     disjoint_train_classes: list[int] | None = None
     query_rows: np.ndarray | None = None
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)
+    notes: str = ""  # how the inputs were converted (size, channels, cache), for the run's first lines
 
 
 class RowDataset(Dataset):
@@ -273,7 +308,8 @@ def load_digits() -> Source:
 
     The data has no official test set: a stratified 20% is held out with a fixed
     seed (:func:`knnsolver.data.splits.official_split`), the same in every run.
-    Augmentation: random 1-pixel shifts (no flips: digits are not mirror-symmetric).
+    Augmentation (``--augment true``): ``crop:1``, random 1-pixel shifts. Orientation-sensitive:
+    flips are refused (a mirrored 2, 3 or 7 is no digit).
     """
     from sklearn import datasets as sk_datasets
 
@@ -289,7 +325,7 @@ def load_digits() -> Source:
         test_rows=test_rows,
         class_names=[str(d) for d in range(10)],
         input_shape=(1, 8, 8),
-        augmentation=RandomCrop(8, padding=1),
+        augment_policy=AugmentPolicy(("crop:1",), (8, 8), orientation_sensitive=True),
     )
 
 
@@ -330,8 +366,9 @@ def load_fashion_mnist(data_dir: str | None = None) -> Source:
 
     Reads ``data_dir`` or, by default, ``/usr/share/datasets/fashion-mnist``.
     Pixels stay uint8 in memory and are scaled on access. Official split:
-    60000 train / 10000 test. Augmentation: random shifts of up to 2 pixels and
-    horizontal flips.
+    60000 train / 10000 test. Augmentation (``--augment true``): ``crop:2,flip``, random shifts
+    of up to 2 pixels and horizontal flips. Not orientation-sensitive: a mirrored shirt, shoe or
+    bag is still one (the classes are left-right symmetric), so flips are allowed.
     """
     root = Path(data_dir) if data_dir is not None else Path(FASHION_MNIST_DIR)
     if not root.is_dir():
@@ -366,7 +403,7 @@ def load_fashion_mnist(data_dir: str | None = None) -> Source:
         test_rows=np.arange(n_train, n_train + n_test),
         class_names=list(FASHION_MNIST_CLASSES),
         input_shape=(1, *image_hw),
-        augmentation=Compose([RandomCrop(image_hw, padding=2), RandomHorizontalFlip()]),
+        augment_policy=AugmentPolicy(("crop:2", "flip"), tuple(image_hw)),
     )
 
 
@@ -399,27 +436,87 @@ def _check_image(path: Path) -> None:
         raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
 
 
-def load_image_folder(data_dir: str | None = None, image_size: int = 64, resize_size: int | None = None) -> Source:
-    """Images in one sub-folder per class (the CUB-200 / Cars196 layout), as (3, S, S) floats in [0, 1].
+# What ``knnsolver datasets`` says about image folders (load_image_folder's docstring in short).
+IMAGE_FOLDER_HELP = """\
+image-folder (--dataset image-folder --data-dir D):
+  layout      D/<class>/<image> (png, jpg, jpeg, bmp, gif, tif, tiff, webp, ppm; only images directly in a
+              class folder count), or D/train/<class>/... and D/test/<class>/... for your own split
+  split       standard: D/train and D/test when present, else a stratified 20% of each class is held out
+              as test (fixed seed); disjoint: the first half of the sorted class names train, the rest test
+              (the train/test folders are pooled); validation: --val-fraction of the training rows
+  size        native when every image has the same size (any aspect); else stretched to 64x64;
+              --image-size N stretches every image to NxN
+  channels    1 when every image is greyscale, else RGB (greyscale repeated); --image-channels 1|3 forces it
+  memory      decoded once at start-up and kept in memory (8-bit) when that takes at most --image-cache-mb
+              (default 1024 MB; 0 turns it off); else each epoch reads the files again (use --num-workers)
+  augment     --augment true = scale,flip; for characters, digits or text use --augment scale or crop
+              (options: flip[:p], crop[:pixels], scale[:min area], comma-separated, applied in order)
+  network     --model auto: conv28 up to 64 px (or under 2,000 training rows), else resnet
+"""
 
-    Images are RGB, read lazily and resized to ``image_size`` squared. When
-    ``data_dir`` has ``train/`` and ``test/`` sub-folders (each with one folder
-    per class) they are the official split; otherwise every image forms the pool
-    and a stratified 20% is held out with a fixed seed. Only images directly in a
-    class folder count. Augmentation: a random crop of 50-100% of the area,
-    resized back, and horizontal flips.
+# Default cap on the memory an image folder's decoded cache may take (``image_cache_mb``).
+IMAGE_CACHE_MB = 1024
+# The side images are stretched to when a folder's images differ in size and no image_size is given.
+IMAGE_FOLDER_SIZE = 64
 
-    With ``resize_size`` images follow the benchmarks' protocol instead of being
-    stretched: shorter side resized to ``resize_size`` (aspect kept), the centre
-    ``image_size`` square for evaluation, a random-resized crop of 16-100% of the
-    area and flips for training.
+
+def _scan_headers(paths: list[Path]) -> tuple[set[tuple[int, int]], bool, bool]:
+    """The (width, height) sizes found, whether every image is greyscale and whether any is over 8 bits,
+    from each file's header (Pillow reads no pixels for this); unreadable files are refused, naming them."""
+    sizes, grey, deep = set(), True, False
+    for path in paths:
+        try:
+            with Image.open(path) as img:
+                sizes.add(img.size)
+                grey = grey and img.mode in GREY_MODES
+                deep = deep or img.mode in _HIGH_DEPTH_FULL_SCALE
+        except (OSError, ValueError, SyntaxError) as err:
+            raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
+    return sizes, grey, deep
+
+
+def load_image_folder(data_dir: str | None = None, image_size: int | None = None, resize_size: int | None = None,
+                      image_channels: int | None = None, image_cache_mb: int = IMAGE_CACHE_MB) -> Source:
+    """Images in one sub-folder per class (the CUB-200 / Cars196 layout), as (C, H, W) floats in [0, 1].
+
+    Layout and split: ``data_dir/<class>/<image>``; only images directly in a class folder count
+    (extensions: png, jpg, jpeg, bmp, gif, tif, tiff, webp, ppm). When ``data_dir`` has ``train/``
+    and ``test/`` sub-folders (each with one folder per class) they are the official split;
+    otherwise a stratified 20 % of each class is held out as the test set with a fixed seed.
+    ``--split disjoint`` ignores that split: the first half of the sorted class names train, the
+    rest test.
+
+    Conversions: with no ``image_size``, images keep their native size when all share it (any
+    aspect), else are stretched to 64x64; ``image_size`` stretches them to that square. Channels:
+    ``image_channels`` 1 (greyscale; colour converted to luminance) or 3 (RGB; greyscale repeated);
+    ``None`` picks 1 when every image is greyscale, else 3. 16-bit greyscale is scaled by its own
+    full scale. Cache: when the decoded images take at most ``image_cache_mb`` MB (one byte per
+    value; 0 turns it off), every file is decoded once at loading and kept in memory as 8-bit
+    values, instead of decoding each file again in every epoch; otherwise files are read lazily
+    (use ``--num-workers``). Every file is read once at loading either way, so a broken image is
+    reported before training.
+
+    Augmentation (``--augment true``): ``scale,flip``, a random crop of 50-100 % of the area resized
+    back and horizontal flips; for characters, digits or text use ``--augment scale`` or ``crop``.
+
+    With ``resize_size`` images follow the benchmarks' protocol instead of being stretched: RGB,
+    shorter side resized to ``resize_size`` (aspect kept), the centre ``image_size`` square for
+    evaluation (default 224), a random-resized crop of 16-100 % of the area and flips for
+    training; nothing is cached.
     """
     if data_dir is None:
         raise ConfigError("dataset 'image-folder' needs data_dir (--data-dir): a folder with one sub-folder of images per class")
-    if image_size < 1:
+    if image_size is not None and image_size < 1:
         raise ConfigError(f"image_size must be >= 1, got {image_size}")
-    if resize_size is not None and resize_size < image_size:
-        raise ConfigError(f"resize_size ({resize_size}) must be >= image_size ({image_size}): the centre crop is cut from the resized image")
+    if image_channels not in (None, 1, 3):
+        raise ConfigError(f"image_channels must be 1 (greyscale), 3 (RGB) or null (automatic), got {image_channels}")
+    if resize_size is not None:
+        if image_channels == 1:
+            raise ConfigError("image_channels 1 does not apply with resize_size (the benchmark protocol is RGB); drop one")
+        image_size = image_size or 224
+        if resize_size < image_size:
+            raise ConfigError(f"resize_size ({resize_size}) must be >= image_size ({image_size}): the centre crop is cut "
+                              "from the resized image")
     root = Path(data_dir)
     if not root.is_dir():
         raise DataError(f"image folder {root} does not exist or is not a folder")
@@ -438,30 +535,45 @@ def load_image_folder(data_dir: str | None = None, image_size: int = 64, resize_
             paths += files
             labels += [class_names.index(name)] * len(files)
             part_of += [p] * len(files)
-    for path in paths:  # every split's images, before any training
-        _check_image(path)
     labels_arr = np.asarray(labels, dtype=np.int64)
     if len(parts) == 2:
         part_arr = np.asarray(part_of)
         train_rows, test_rows = np.flatnonzero(part_arr == 0), np.flatnonzero(part_arr == 1)
     else:
         train_rows, test_rows = official_split(labels_arr)
-    if resize_size is None:
-        pool, eval_transform, crop = ImageFilePool(paths, image_size), None, RandomResizedCrop(image_size)
+    common = dict(name="image-folder", labels=labels_arr, train_rows=train_rows, test_rows=test_rows,
+                  class_names=class_names)
+    if resize_size is not None:
+        for path in paths:  # every split's images, before any training
+            _check_image(path)
+        return Source(**common, pool=PhotoPool(paths, resize_size), input_shape=(3, image_size, image_size),
+                      augment_policy=AugmentPolicy(("scale", "flip"), (image_size, image_size),
+                                                   min_scale=PROTOCOL_CROP_SCALE[0]),
+                      eval_transform=CenterCrop(image_size), notes="RGB, benchmark resize and centre crop")
+    sizes, grey, deep = _scan_headers(paths)
+    channels = image_channels or (1 if grey else 3)
+    if image_size is not None:
+        hw, how = (image_size, image_size), f"stretched to {image_size}x{image_size} (--image-size)"
+    elif len(sizes) == 1:
+        (w, h), = sizes
+        hw, how = (h, w), f"native size {h}x{w}"
     else:
-        pool, eval_transform = PhotoPool(paths, resize_size), CenterCrop(image_size)
-        crop = RandomResizedCrop(image_size, scale=PROTOCOL_CROP_SCALE)
-    return Source(
-        name="image-folder",
-        pool=pool,
-        labels=labels_arr,
-        train_rows=train_rows,
-        test_rows=test_rows,
-        class_names=class_names,
-        input_shape=(3, image_size, image_size),
-        augmentation=Compose([crop, RandomHorizontalFlip()]),
-        eval_transform=eval_transform,
-    )
+        hw = (IMAGE_FOLDER_SIZE, IMAGE_FOLDER_SIZE)
+        how = f"{len(sizes)} sizes found, stretched to {IMAGE_FOLDER_SIZE}x{IMAGE_FOLDER_SIZE} (set --image-size)"
+    colour = ("greyscale, 1 channel" if channels == 1 and grey else "converted to greyscale" if channels == 1
+              else "greyscale repeated to 3 channels" if grey else "RGB")
+    pool: Pool = ImageFilePool(paths, hw, channels)
+    megabytes = len(paths) * channels * hw[0] * hw[1] / 2**20
+    if megabytes <= image_cache_mb and not deep:
+        pool, cache = CachedImagePool(pool), f"decoded once into memory ({megabytes:.0f} MB)"
+    else:
+        for path in paths:  # every split's images, before any training
+            _check_image(path)
+        why = ("16-bit images are not cached" if deep else "image_cache_mb=0" if not image_cache_mb
+               else f"{megabytes:.0f} MB decoded exceeds image_cache_mb={image_cache_mb}")
+        cache = f"read from disk every epoch ({why})"
+    return Source(**common, pool=pool, input_shape=(channels, *hw),
+                  augment_policy=AugmentPolicy(("scale", "flip"), hw), notes=f"{how}, {colour}, {cache}")
 
 
 def _read_array(read: Callable[[], np.ndarray], where: str) -> np.ndarray:

@@ -53,7 +53,14 @@ class RBFSolver(Solver):
             the default stays re-estimation and the benchmark suites should tune it.
         update_interval: refresh the bank (centres, neighbour lists, automatic
             sigma) before every epoch with ``epoch % update_interval == 0``; it is
-            always filled before the first epoch.
+            always filled before the first epoch. Where the run is no longer than
+            the interval (``update_interval >= epochs``, so the bank would only
+            ever hold the untrained network's embeddings), the interval becomes
+            ``max(1, epochs // 2)``: a 2- or 3-epoch run refreshes before every
+            epoch, a 10-epoch run before epochs 1 and 6 (1-based); the trainer
+            prints one line saying so (:meth:`schedule_note`). The rule follows the
+            configured epoch count, so raising ``epochs`` on ``--resume`` past the
+            interval changes the schedule from then on (the epochs already run kept theirs).
         learn_weights: learn the per-centre log-weights ``theta_i``; the paper
             learns them for classification and fixes ``w_i = 1`` for metric learning,
             so the trainer sets ``False`` on the disjoint split unless you set it.
@@ -220,6 +227,22 @@ class RBFSolver(Solver):
                 "them and leaves them out (counted as solver_frac_unscorable in the log)", TrainingWarning, stacklevel=2,
             )
 
+    def refresh_interval(self, num_epochs: int | None) -> int:
+        """The epochs between bank refreshes in a run of ``num_epochs``: ``update_interval``, or
+        ``max(1, num_epochs // 2)`` where that would never refresh after the first fill."""
+        if num_epochs is None or self.update_interval < num_epochs:
+            return self.update_interval
+        return max(1, num_epochs // 2)
+
+    def schedule_note(self, num_epochs: int) -> str | None:
+        """The adapted refresh schedule in one line, where :meth:`refresh_interval` changed it."""
+        interval = self.refresh_interval(num_epochs)
+        if interval == self.update_interval or num_epochs < 2:
+            return None
+        before = ", ".join(str(e + 1) for e in range(0, num_epochs, interval))
+        return (f"rbf: update_interval={self.update_interval} >= epochs={num_epochs} would fill the bank once from the "
+                f"untrained network; refreshing every {interval} epoch(s) instead (before epochs {before})")
+
     def on_epoch_start(self, ctx: EpochContext) -> None:
         if ctx.num_train != self.num_train:
             raise ConfigError(
@@ -227,7 +250,7 @@ class RBFSolver(Solver):
             )
         self._stats.zero_()
         self._own, self._own_rows = [], 0
-        if not self.bank.filled or ctx.epoch % self.update_interval == 0:
+        if not self.bank.filled or ctx.epoch % self.refresh_interval(ctx.num_epochs) == 0:
             self.refresh(*ctx.embed_train())
 
     def on_epoch_end(self, ctx: EpochContext) -> dict[str, float]:
@@ -246,12 +269,13 @@ class RBFSolver(Solver):
         if own is not None and own.numel():
             out["median_own_centre_distance"] = float(own.median())
             drift = out["median_own_centre_distance"] / out["sigma"]
+            interval = self.refresh_interval(ctx.num_epochs if ctx is not None else None)
             if drift > _STALE_SIGMAS and distributed.is_main():
                 warnings.warn(
                     f"RBF centres are stale: training queries lie a median {drift:.1f} sigma from their own stored "
                     f"centre, so the RBF values are near 0 and the loss acts as a hard nearest-neighbour rule; "
-                    + (f"refresh more often (update_interval={self.update_interval} now; 1 suits training from scratch)"
-                       if self.update_interval > 1 else "lower the learning rate or set online_update=True"),
+                    + (f"refresh more often (every {interval} epochs now; update_interval=1 suits training from scratch)"
+                       if interval > 1 else "lower the learning rate or set online_update=True"),
                     TrainingWarning, stacklevel=2,
                 )
         return out

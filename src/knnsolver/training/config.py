@@ -9,6 +9,7 @@ from typing import Any, get_args, get_type_hints
 import torch
 
 from knnsolver.constraints import Interval, check_choice, check_type
+from knnsolver.data.augment import parse_options
 from knnsolver.errors import ConfigError
 from knnsolver.registry import DATASETS
 
@@ -17,8 +18,9 @@ SPLITS = ("standard", "disjoint")
 LR_SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BN_MODES = ("batch", "frozen", "matched")
+PLOTS = ("curves", "all", "off")
 _CHOICES = {"optimizer": OPTIMIZERS, "split": SPLITS, "lr_schedule": LR_SCHEDULES, "precision": tuple(PRECISIONS),
-            "bn_mode": BN_MODES}
+            "bn_mode": BN_MODES, "plots": PLOTS}
 _AT_LEAST_ONE = Interval(1)
 # Valid ranges of the numeric settings (the seed's bound keeps every per-epoch seed within 64 bits).
 _RANGES = {
@@ -27,6 +29,7 @@ _RANGES = {
     "max_per_class": Interval(1, hint=" (or null for no cap)"),
     "precise_bn_rows": Interval(1, hint=" (turn re-estimation off with precise_bn=false)"),
     "num_workers": Interval(0, hint=" (0 = load in the main process)"),
+    "image_cache_mb": Interval(0, hint=" (0 = no cache)"),
     "samples_per_class": Interval(0, hint=" (0 = automatic)"),
     "lr": Interval(0, low_open=True),
     "backbone_lr": Interval(0, hint=" (or null for lr)"),
@@ -98,8 +101,14 @@ class TrainConfig:
     data_dir: str | None = None
     val_fraction: float = 0.1
     max_per_class: int | None = None
-    augment: bool = False
-    image_size: int | None = None  # None: the dataset's default (64 for image-folder, 224 for the benchmarks)
+    # Training augmentation: false (none), true (the dataset's default set), or named options in order, e.g.
+    # ["crop:2", "flip"] (--augment crop:2,flip): flip[:P], crop[:pixels], scale[:min area] (knnsolver.data.augment).
+    augment: str | list[str] | bool = False
+    # None: the dataset's default (an image folder's native size when its images share one, else 64; 224 for the
+    # benchmarks)
+    image_size: int | None = None
+    image_channels: int | None = None  # image-folder: 1 (greyscale) or 3 (RGB); None: 1 when every image is greyscale
+    image_cache_mb: int = 1024  # image-folder: decode every image once into memory when it takes at most this; 0: off
     resize_size: int | None = None  # benchmarks: shorter side before cropping; None: image_size * 8 / 7
     balanced: bool | None = None  # None: the class-balanced sampler only where the solver needs it
     samples_per_class: int = 0  # class-balanced sampler's m; 0 picks it from batch size and class count
@@ -114,7 +123,9 @@ class TrainConfig:
     eval_every: int = 1
     eval_batch_size: int = 512
     num_workers: int = 0  # DataLoader worker processes for file-backed or augmented data
-    plots: bool = True
+    # curves: loss.png and metrics.png (cheap); all: also a t-SNE of at most 2,000 test embeddings; off.
+    # true/false stand for curves/off.
+    plots: str | bool = "curves"
     progress: bool = True
     device: str = "auto"
     precision: str = "fp32"
@@ -129,6 +140,9 @@ class TrainConfig:
             if f.name == "solver_options":
                 if not isinstance(self.solver_options, dict):
                     raise ConfigError(f"solver_options must be a mapping of option name to value, got {self.solver_options!r}")
+                continue
+            if f.name in _WORDS:
+                setattr(self, f.name, _WORDS[f.name](getattr(self, f.name)))
                 continue
             args = get_args(hints[f.name])
             kind = next((a for a in args if a is not type(None)), hints[f.name])
@@ -149,6 +163,8 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
         for name, choices in _CHOICES.items():
             check_choice(name, getattr(self, name), choices)
+        if isinstance(self.augment, list):
+            parse_options(self.augment)
         DATASETS.get(self.dataset)
         self.torch_device  # checks the device name
         self._check_solver_options()
@@ -196,6 +212,39 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(known))}")
         return cls(**data).check_types()
+
+
+def _augment_value(value: Any) -> bool | list[str]:
+    """``augment`` as ``False``, ``True`` or a list of option names; ``"flip,crop"`` (a flag) is split at
+    the commas, and the words true/false/default/none keep their meaning (``--augment true`` as before)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        items = value.split(",")
+    elif isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        items = list(value)
+    else:
+        raise ConfigError(f"augment must be true, false or a list of augmentation names (e.g. flip,crop), "
+                          f"got {value!r}")
+    items = [item.strip().lower() for item in items if item.strip()]
+    if items in ([], ["false"], ["none"]):
+        return False
+    if items in (["true"], ["default"]):
+        return True
+    return items
+
+
+def _plots_value(value: Any) -> str:
+    """``plots`` as one of :data:`PLOTS`; ``True``/``False`` (and the words true/false) are curves/off."""
+    if isinstance(value, bool) or value in ("true", "false"):
+        return "curves" if value in (True, "true") else "off"
+    if not isinstance(value, str):
+        raise ConfigError(f"plots must be one of: {', '.join(PLOTS)} (or true/false), got {value!r}")
+    return value
+
+
+# Settings given in words as well as values: each is read into one canonical form.
+_WORDS = {"augment": _augment_value, "plots": _plots_value}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:

@@ -1,4 +1,8 @@
-"""PNG plots of a run: loss and metric curves, and a 2-D t-SNE of test embeddings by class."""
+"""PNG plots of a run: loss and metric curves (cheap, by default), and on request a 2-D t-SNE of test embeddings by class.
+
+The t-SNE (``plots="all"``) reuses the test embeddings the final evaluation computed and
+runs on at most :data:`TSNE_MAX_POINTS` of them, so it costs no second embedding pass.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -54,7 +58,9 @@ def plot_tsne(embeddings: np.ndarray, labels: np.ndarray, out: Path, seed: int =
     plt.close(fig)
 
 
-def plot_run(history: list[dict[str, Any]], embeddings: np.ndarray, labels: np.ndarray, out: Path, seed: int = 0) -> None:
+def plot_run(history: list[dict[str, Any]], embeddings: np.ndarray, labels: np.ndarray, out: Path, seed: int = 0,
+             tsne: bool = False) -> None:
+    """The curves, and with ``tsne`` the t-SNE of (a subset of) the test embeddings."""
     plot_curves(history, out)
-    if len(embeddings) > 5:
+    if tsne and len(embeddings) > 5:
         plot_tsne(embeddings, labels, out, seed)

@@ -5,9 +5,16 @@ One run writes to ``out/``:
 * ``config.json``   the full configuration;
 * ``checkpoint.pt`` the last finished epoch (model, solver, optimizer, history), written atomically;
 * ``best.pt``       model and solver at the best validation score;
-* ``log.jsonl``     one line per epoch (loss, throughput, validation metrics, solver diagnostics);
-* ``summary.json``  final test metrics of the best checkpoint, and the data's fingerprint;
-* ``*.png``         loss / metric curves and a t-SNE of test embeddings.
+* ``log.jsonl``     one line per epoch (loss, throughput, validation metrics, solver diagnostics, seconds);
+* ``summary.json``  final test metrics of the best checkpoint, the data's fingerprint, what was
+  run (network, parameters, device, threads, geometry) and how long each phase took;
+* ``*.png``         loss / metric curves, and with ``plots="all"`` a t-SNE of test embeddings.
+
+On screen (stderr, rank 0; :mod:`knnsolver.training.progress`) a run first says what it
+chose (data, input shape, network and parameter count, solver settings, device and threads),
+then prints a line before and after each long phase (loading, BatchNorm warm-up, bank refresh,
+test evaluation, plots) and one line per epoch that stays: loss, validation score(s), time and,
+for the RBF solver, sigma and the mean RBF value.
 
 The folder is locked for the run's lifetime, and ``overwrite`` trains into a
 fresh folder swapped in at the first checkpoint (:mod:`knnsolver.training.runfolder`),
@@ -47,7 +54,8 @@ import pickle
 import random
 import time
 import warnings
-from dataclasses import dataclass, replace
+import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -66,11 +74,13 @@ from knnsolver.errors import ConfigError, DataError, DivergenceError, TrainingWa
 from knnsolver.evaluation import embed_dataset, retrieval_summary, solver_accuracy
 from knnsolver.interfaces import EpochContext, Solver
 from knnsolver.models import build_model
+from knnsolver.models.factory import choose_model
 from knnsolver.registry import SOLVERS, options_of
-from knnsolver.training.batchnorm import calibrate_batchnorm, freeze_batchnorm, kept_running_statistics
+from knnsolver.training.batchnorm import batchnorm_layers, calibrate_batchnorm, freeze_batchnorm, kept_running_statistics
 from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from knnsolver.training.config import PRECISIONS, TrainConfig, load_config_file
 from knnsolver.training.lr_groups import parameter_groups
+from knnsolver.training.progress import Progress
 from knnsolver.training.runfolder import RunFolder
 from knnsolver.training.schedule import lr_factor
 
@@ -110,6 +120,11 @@ class Run:
     train_embeddings: tuple[Tensor, Tensor] | None = None
     solver_options: dict[str, Any] | None = None  # every option the solver was built with, defaults included
     folder: Path | None = None  # where rank 0 writes the run's files (None: config.out)
+    model_name: str = ""  # the network built (``auto`` resolved), and why it was chosen
+    model_reason: str = ""
+    progress: Progress = field(default_factory=lambda: Progress(enabled=False))
+    refreshes: int = 0  # bank refreshes so far (embeddings of the training set taken for the solver)
+    test_embeddings: tuple[Tensor, Tensor] | None = None  # the last test evaluation's, in the solver's space
 
     @property
     def bn_mode(self) -> str:
@@ -146,6 +161,8 @@ class Run:
     def bank_embeddings(self) -> tuple[Tensor, Tensor]:
         """Training-set embeddings for a bank refresh, after re-estimating BatchNorm (collective);
         those of the evaluation just before, when no training step came between."""
+        self.refreshes += 1
+        self.progress.say(f"bank refresh: embedding {len(self.data.train_eval):,} training rows ...")
         self.calibrate()
         if self.bn_mode == "matched":
             with kept_running_statistics(self.model):
@@ -155,7 +172,7 @@ class Run:
         return self.embed_all(self.data.train_eval)
 
     def context(self, epoch: int) -> EpochContext:
-        return EpochContext(epoch, self.bank_embeddings, len(self.data.train_eval), self.device)
+        return EpochContext(epoch, self.bank_embeddings, len(self.data.train_eval), self.device, self.config.epochs)
 
     def evaluate(self, dataset, prefix: str) -> dict[str, float]:
         """Accuracy (standard split) or retrieval metrics (disjoint split) on ``dataset``.
@@ -165,13 +182,16 @@ class Run:
         """
         self.calibrate()
         emb, labels = self.embed(dataset)
+        with torch.no_grad():
+            space = self.solver.transform(emb)
+        if dataset is self.data.test:
+            self.test_embeddings = space, labels  # for the plots
         if self.config.split == "standard":
             train_emb = train_labels = None
             if self.solver.predicts_by_knn:
                 train_emb, train_labels = self.train_embeddings = self.embed(self.data.train_eval)
             return {f"{prefix}accuracy": solver_accuracy(self.solver, train_emb, train_labels, emb, labels)}
-        with torch.no_grad():
-            emb = self.solver.transform(emb)
+        emb = space
         query = self.data.test_query if dataset is self.data.test else None  # In-Shop: queries against a gallery
         metrics = retrieval_summary(emb, labels, with_nmi=prefix == "test_", seed=self.config.seed, query_mask=query,
                                     ks=self.data.recall_ks)
@@ -184,28 +204,40 @@ class Run:
         self.bn_current, self.train_embeddings = False, None
 
 
-def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
+def build_run(config: TrainConfig, model: nn.Module | None = None, progress: Progress | None = None) -> Run:
     """Build data, backbone and solver for ``config`` (``model`` overrides the named backbone).
 
     The solver gets its paper's protocol values for the split
     (:meth:`Solver.protocol_defaults`, e.g. fixed RBF weights on the disjoint
-    split) wherever ``solver_options`` does not set them.
+    split) wherever ``solver_options`` does not set them. ``progress`` prints
+    the loading phase and keeps its time (default: silent).
     """
     config.validate()
+    progress = progress or Progress(enabled=False)
     seed_everything(config.seed)
-    data = build_data(
-        config.dataset, split=config.split, val_fraction=config.val_fraction, max_per_class=config.max_per_class,
-        seed=config.seed, data_dir=config.data_dir, augment=config.augment, image_size=config.image_size,
-        resize_size=config.resize_size,
-    )
+    where = f" from {config.data_dir}" if config.data_dir else ""
+    with progress.phase("startup", f"loading {config.dataset}{where}"):
+        data = build_data(
+            config.dataset, split=config.split, val_fraction=config.val_fraction, max_per_class=config.max_per_class,
+            seed=config.seed, data_dir=config.data_dir, augment=config.augment, image_size=config.image_size,
+            resize_size=config.resize_size, image_channels=config.image_channels,
+            image_cache_mb=config.image_cache_mb,
+        )
     classes = int(torch.unique(data.train_labels).numel())
     if classes < 2:
         raise ConfigError(
             f"the training set of {config.dataset!r} holds {classes} class; nothing can be learnt and accuracy would be "
             "trivially 1.0; use data with at least 2 classes (check --max-per-class and the class folders)"
         )
+    model_name, model_reason = config.model, "asked for"
     if model is None:
-        model = build_model(config.model, data.input_shape, config.embedding_dim, config.dropout, config.width, config.pretrained)
+        if config.model == "auto":
+            model_name, model_reason = choose_model(data.input_shape, len(data.train))
+            model_reason = f"auto: {model_reason}"
+        model = build_model(config.model, data.input_shape, config.embedding_dim, config.dropout, config.width,
+                            config.pretrained, num_train=len(data.train))
+    else:
+        model_name, model_reason = type(model).__name__, "given"
     cls = SOLVERS.get(config.solver)
     options = {**cls.protocol_defaults(config.split), **config.solver_options}
     solver = SOLVERS.build(
@@ -216,7 +248,33 @@ def build_run(config: TrainConfig, model: nn.Module | None = None) -> Run:
     device = config.torch_device
     if device.type == "cuda" and len(data.input_shape) == 3:
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on GPUs
-    return Run(config, data, model.to(device), solver.to(device), solver_options={**effective, **options})
+    return Run(config, data, model.to(device), solver.to(device), solver_options={**effective, **options},
+               model_name=model_name, model_reason=model_reason, progress=progress)
+
+
+def describe_run(run: Run) -> list[str]:
+    """The lines a run starts with: data, input, network, solver, device and threads (what was chosen, and why)."""
+    cfg, data = run.config, run.data
+    val = len(data.val) if data.val is not None else 0
+    classes = (f"{data.num_classes} classes" if cfg.split == "standard"
+               else f"{data.num_classes} training classes, {len(data.test_class_names)} unseen test classes")
+    notes = f" ({data.notes})" if data.notes else ""
+    params = sum(p.numel() for p in run.model.parameters())
+    options = ", ".join(f"{k}={v}" for k, v in (run.solver_options or {}).items())
+    env_threads = os.environ.get("OMP_NUM_THREADS")
+    threads = f"{torch.get_num_threads()} torch threads" + (
+        f" (OMP_NUM_THREADS={env_threads})" if env_threads else " (set OMP_NUM_THREADS to change; see README)")
+    loading = f"{cfg.num_workers} loader workers" if cfg.num_workers else "loading in the main process"
+    lines = [
+        f"data: {cfg.dataset}, {cfg.split} split: {len(data.train):,} train / {val:,} val / {len(data.test):,} test rows, "
+        f"{classes}",
+        f"input: {'x'.join(map(str, data.input_shape))}{notes}",
+        f"network: {run.model_name} ({run.model_reason}), {params:,} parameters, {cfg.embedding_dim}-d embedding",
+        f"solver: {cfg.solver} ({options})" if options else f"solver: {cfg.solver}",
+        f"device: {run.device}, {threads}, {loading}",
+    ]
+    note = run.solver.schedule_note(cfg.epochs)
+    return lines + ([note] if note else [])
 
 
 def _fused(device: torch.device) -> bool:
@@ -403,8 +461,11 @@ def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Modu
     state = _on_main(lambda: _open_run(config, resume, overwrite, folder))
     if not distributed.is_main():
         config = replace(config, progress=False)
-    run = build_run(config, model)
+    progress = Progress(enabled=distributed.is_main())
+    run = build_run(config, model, progress)
     run.folder = folder.path
+    for line in describe_run(run):
+        progress.say(line)
     fingerprint = _on_main(lambda: data_fingerprint(run.data))
     optimizer = _optimizer(config, parameter_groups(run.model, run.solver, config.lr, config.backbone_lr), run.device)
     scaler = torch.amp.GradScaler(run.device.type, enabled=config.precision == "fp16")
@@ -422,7 +483,10 @@ def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Modu
     else:
         # An untrained network's running statistics are BatchNorm's defaults (mean 0, variance 1),
         # which can put eval-mode embeddings (an RBF bank and its sigma) on a 100x smaller scale.
-        run.calibrate(force=True)
+        if batchnorm_layers(run.model):
+            rows = min(len(run.data.train_eval), config.precise_bn_rows)
+            with progress.phase("batchnorm_warmup", f"BatchNorm warm-up on {rows:,} training rows"):
+                run.calibrate(force=True)
     _on_main(lambda: write_json(config.to_dict(), folder.path / CONFIG))
     step = _loss_step(run)
 
@@ -506,13 +570,18 @@ def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gra
     config, out = run.config, run.folder or Path(run.config.out)
     is_eval_epoch = (epoch + 1) % config.eval_every == 0 or epoch + 1 == config.epochs
     if is_eval_epoch and run.data.val is not None:
+        start = time.perf_counter()
         row.update(run.evaluate(run.data.val, "val_"))
+        row["seconds_val"] = time.perf_counter() - start
+        run.progress.add("validation", row["seconds_val"])
     history.append(row)
     score = row.get(_select_key(config))
     if run.data.val is None and epoch + 1 == config.epochs:
         # No validation split: the last epoch is the one kept, also when a resume raised the epoch count.
         score = float(epoch + 1)
-    if score is not None and score > best_score:
+    improved = score is not None and score > best_score
+    run.progress.say(epoch_line(row, config, improved and run.data.val is not None))
+    if improved:
         best_score = score
         run.calibrate()  # best.pt holds the statistics its evaluation used (no-op after validation)
         save_checkpoint({"model": run.model.state_dict(), "solver": run.solver.state_dict(), "epoch": epoch,
@@ -525,6 +594,25 @@ def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gra
         out / CHECKPOINT,
     )
     return best_score
+
+
+# The validation scores an epoch line shows (when logged), after the one that selects the best epoch.
+_SHOWN_VAL = ("val_map_at_r",)
+
+
+def epoch_line(row: dict[str, Any], config: TrainConfig, best: bool = False) -> str:
+    """One epoch in one line: loss, validation score(s), time, and the RBF solver's sigma and mean RBF value."""
+    parts = [f"loss {row['loss']:.4f}"]
+    for key in (_select_key(config), *_SHOWN_VAL):
+        if row.get(key) is not None:
+            parts.append(f"{key} {row[key]:.4f}")
+    seconds = row["seconds"] + row.get("seconds_refresh", 0.0) + row.get("seconds_val", 0.0)
+    split = [f"train {row['seconds']:.1f}"] + [f"{name} {row[k]:.1f}" for name, k in
+                                              (("refresh", "seconds_refresh"), ("val", "seconds_val")) if k in row]
+    parts.append(f"{seconds:.1f} s ({', '.join(split)}; {row['samples_per_s']:.0f} rows/s)")
+    if "solver_sigma" in row:
+        parts.append(f"sigma {row['solver_sigma']:.4g}, mean RBF {row.get('solver_mean_rbf_value', math.nan):.4g}")
+    return f"epoch {row['epoch']}/{config.epochs}: " + ", ".join(parts) + (" (best so far)" if best else "")
 
 
 def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
@@ -545,7 +633,12 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
     cfg, dev = run.config, run.device
     if run.bn_mode == "frozen":
         run.calibrate(force=True)  # the statistics this epoch's training forward (and any refresh) uses
+    refreshes, start = run.refreshes, time.perf_counter()
     run.solver.on_epoch_start(ctx)
+    refresh_seconds = time.perf_counter() - start if run.refreshes > refreshes else None
+    if refresh_seconds is not None:
+        run.progress.add("bank_refresh", refresh_seconds)
+        run.progress.say(f"bank refresh before epoch {epoch + 1}: {refresh_seconds:.1f} s")
     run.model.train()
     run.solver.train()
     if run.bn_mode == "frozen":
@@ -603,6 +696,9 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
     seen = int(total[1])
     row = {"epoch": epoch + 1, "loss": float(total[0]) / max(1, seen), "seconds": elapsed, "samples_per_s": seen / elapsed,
            "lr": lr}
+    run.progress.add("train", elapsed)
+    if refresh_seconds is not None:
+        row.update(bank_refreshed=True, seconds_refresh=refresh_seconds)
     row.update({f"solver_{k}": float(v) for k, v in run.solver.on_epoch_end(ctx).items()})
     first = history[0]["loss"] if history else 0.0
     if first > 0 and row["loss"] > DIVERGENCE_FACTOR * first:
@@ -642,30 +738,58 @@ def test_summary(run: Run, out: Path, history: list[dict[str, Any]]) -> dict[str
     """
     best = load_checkpoint(out / BEST)
     run.load_weights(best)
+    key = _select_key(run.config)
+    best_row = next((row for row in history if row["epoch"] == best["epoch"] + 1), {})
     summary: dict[str, Any] = {"best_epoch": best["epoch"] + 1, "dataset": run.config.dataset,
                                "solver": run.config.solver, "split": run.config.split,
                                "embedding_space": run.solver.embedding_space, "bn_mode": run.bn_mode,
                                "precise_bn": run.config.precise_bn,
-                               "diverged": any(row.get("diverged", False) for row in history)}
+                               "diverged": any(row.get("diverged", False) for row in history),
+                               "epochs_run": len(history), "best_val_metric": key, "best_val_score": best_row.get(key),
+                               "model": run.model_name, "model_parameters": sum(p.numel() for p in run.model.parameters()),
+                               "device": str(run.device), "threads": torch.get_num_threads(),
+                               "evaluation_geometry": evaluation_geometry(run)}
     summary.update(run.evaluate(run.data.test, "test_"))
     return summary
+
+
+def evaluation_geometry(run: Run) -> dict[str, Any]:
+    """How the test numbers were computed: the embedding space ranked in, and who is compared with whom."""
+    if run.config.split == "standard":
+        protocol = "classification by the solver's prediction, test rows against the training set"
+    elif run.data.test_query is not None:
+        protocol = "retrieval: query rows against a separate gallery"
+    else:
+        protocol = "retrieval: every test row against the other test rows (unseen classes)"
+    return {"embedding_space": run.solver.embedding_space, "protocol": protocol,
+            "recall_ks": list(run.data.recall_ks) if run.config.split == "disjoint" else None}
 
 
 def finish(run: Run, out: Path, fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate the best checkpoint on test (:func:`test_summary`), write ``summary.json`` (with the
     data's fingerprint) and plots."""
     history = load_checkpoint(out / CHECKPOINT)["history"]
-    summary = test_summary(run, out, history)
+    with run.progress.phase("test", f"test evaluation of the best epoch ({len(run.data.test):,} rows)"):
+        summary = test_summary(run, out, history)
     summary["data_fingerprint"] = fingerprint if fingerprint is not None else data_fingerprint(run.data)
-    write_json(summary, out / SUMMARY)
-    if run.config.plots:
+    if run.config.plots != "off":
         from knnsolver.training.plots import plot_run
 
-        test_emb, test_labels = run.embed(run.data.test)
-        with torch.no_grad():
-            test_emb = run.solver.transform(test_emb)
-        plot_run(history, test_emb.cpu().numpy(), test_labels.cpu().numpy(), out, seed=run.config.seed)
+        with run.progress.phase("plots", f"plots ({run.config.plots})"):
+            test_emb, test_labels = run.test_embeddings
+            plot_run(history, test_emb.cpu().numpy(), test_labels.cpu().numpy(), out, seed=run.config.seed,
+                     tsne=run.config.plots == "all")
+    summary["timing"] = run.progress.timing()
+    write_json(summary, out / SUMMARY)
+    run.progress.say(_result_line(summary, run.config))
     return summary
+
+
+def _result_line(summary: dict[str, Any], config: TrainConfig) -> str:
+    """The headline test numbers and the wall time in one line."""
+    keys = ("test_accuracy",) if config.split == "standard" else ("precision_at_1", "map_at_r", "nmi")
+    scores = ", ".join(f"{k} {summary[k]:.4f}" for k in keys if summary.get(k) is not None)
+    return f"done: best epoch {summary['best_epoch']}, {scores}; {summary['timing']['wall_seconds']:.1f} s in all"
 
 
 def load_saved(out: str | Path) -> tuple[Run, Path]:
@@ -684,7 +808,7 @@ def load_saved(out: str | Path) -> tuple[Run, Path]:
         config = TrainConfig.from_dict(load_config_file(out / CONFIG))
     except ConfigError as err:
         raise DataError(f"the run in {out} has an invalid {CONFIG}: {err}") from None
-    config.plots = False
+    config.plots = "off"
     saved = load_checkpoint(out / BEST).get("solver_options")
     if saved is not None:
         config.solver_options = dict(saved)
