@@ -63,7 +63,7 @@ def test_each_run_writes_its_result_file(finished):
 def test_resume_skips_finished_runs_and_reruns_unfinished(tmp_path, monkeypatch):
     assert _bench(tmp_path, solvers="softmax", seeds="0,1,2") == 0
     folder = tmp_path / "classification"
-    before = json.loads((folder / "softmax__final__s2.json").read_text())
+    before = json.loads((folder / "softmax__final__s2.json").read_text())["summary"]
     # s1 was killed after its last epoch, before its result was written; s2 before any epoch ended
     (folder / "softmax__final__s1.json").unlink()
     (folder / "softmax__final__s2.json").unlink()
@@ -72,7 +72,9 @@ def test_resume_skips_finished_runs_and_reruns_unfinished(tmp_path, monkeypatch)
     started = _count_training(monkeypatch)
     assert _bench(tmp_path, solvers="softmax", seeds="0,1,2") == 0
     assert started == [("softmax__final__s1", True), ("softmax__final__s2", False)]
-    assert json.loads((folder / "softmax__final__s2.json").read_text())["summary"] == before["summary"]
+    after = json.loads((folder / "softmax__final__s2.json").read_text())["summary"]
+    assert after.pop("timing") and {k: v for k, v in before.items() if k != "timing"} == after
+    assert "epoch 1/1" in (folder / "runs" / "softmax__final__s2.log").read_text()  # its lines, off the console
     started.clear()
     assert _bench(tmp_path, solvers="softmax", seeds="0,1,2") == 0
     assert started == []
@@ -229,3 +231,16 @@ def test_the_commit_can_be_named_by_the_sender(monkeypatch):
     assert runner.git_commit() == "abc1234"
     monkeypatch.delenv("KNNSOLVER_COMMIT")
     assert runner.git_commit() != "abc1234"
+
+
+def test_results_stored_before_a_setting_was_added_still_match(finished, tmp_path, monkeypatch):
+    """A setting added to TrainConfig later (at its default) does not make stored results 'other settings'."""
+    out = tmp_path / "older"
+    shutil.copytree(finished, out)
+    for path in (out / "classification").glob("*.json"):
+        data = json.loads(path.read_text())
+        del data["config"]["image_cache_mb"]  # as stored by the code before the field existed
+        data["config"]["plots"] = False  # the spelling before "off"
+        path.write_text(json.dumps(data))
+    started = _count_training(monkeypatch)
+    assert _bench(out) == 0 and started == []

@@ -8,6 +8,7 @@ from its last finished epoch.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -108,7 +109,10 @@ def _train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     """Train (resuming a killed run of the same configuration, else from scratch) and collect the result."""
     cfg = spec.train_config(str(run_dir))
     resume = _can_resume(run_dir, cfg)
-    summary = train(cfg, resume=resume, overwrite=not resume)
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    # The run's progress lines and warnings go to a log beside its folder, not between the suite's lines.
+    with open(run_dir.with_suffix(".log"), "a") as log, contextlib.redirect_stderr(log):
+        summary = train(cfg, resume=resume, overwrite=not resume)
     history = read_log(run_dir)
     key = VAL_KEYS[cfg.split]
     return {"config": cfg.to_dict(), "summary": summary, "val_key": key, "best_val": best_val(history, key),

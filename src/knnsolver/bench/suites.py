@@ -538,7 +538,19 @@ def best_other(results: Mapping[str, dict], condition: str, exclude: Sequence[st
 
 
 def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
-    """A config without its paths, which follow the spelling of the --out folder."""
+    """A config in today's canonical form, without its paths (which follow the spelling of the --out folder).
+
+    A training config is read back through :class:`TrainConfig`, so a result
+    stored before a setting was added (it takes its default) or before a value's
+    spelling changed (``plots: false`` -> ``"off"``) still matches the same
+    settings; a measurement config is compared as stored.
+    """
+    config = dict(config)
+    if "dataset" in config:
+        try:
+            config = TrainConfig.from_dict(config).to_dict()
+        except (ConfigError, TypeError, ValueError):
+            pass  # a setting unknown today: compared as stored, so it differs
     return {k: v for k, v in config.items() if k not in ("out", "data_dir")}
 
 
