@@ -155,3 +155,35 @@ def test_bank_and_prediction_need_the_training_embeddings():
         solver(torch.randn(3, 4), torch.tensor([0, 1, 1]))
     with pytest.raises(RuntimeError, match="fit_reference"):
         solver.predict(torch.randn(3, 4))
+
+
+def test_the_fixed_shape_class_layout_gives_the_same_residuals():
+    """On accelerators the class table has shapes fixed in advance (every class, width N: no host read of
+    the class counts); its residuals equal the tight table's, absent classes included."""
+    from knnsolver.functional.crc import class_layout, crc_residuals
+
+    g = torch.Generator().manual_seed(0)
+    queries, atoms = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randn(9, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([3, 0, 3, 3, 1, 0, 3, 1, 3])  # class 2 and 4 absent
+    alpha = torch.randn(6, 9, generator=g, dtype=torch.float64)
+    tight = crc_residuals(queries, atoms, labels, alpha, 5, class_layout(labels))
+    fixed_layout = class_layout(labels, 5)
+    assert fixed_layout[1].shape == (5, 9) and tight.shape == (6, 5)
+    torch.testing.assert_close(crc_residuals(queries, atoms, labels, alpha, 5, fixed_layout), tight)
+    want = torch.stack([((queries - (alpha * (labels == c)) @ atoms) ** 2).sum(1) for c in range(5)], 1)
+    torch.testing.assert_close(tight, want)
+
+
+def test_a_bank_dictionary_keeps_its_class_table_between_refreshes(monkeypatch):
+    """The bank's tight class table is made once per fit_reference, not at every training step."""
+    import knnsolver.functional.crc as fcrc
+
+    calls = []
+    real = fcrc.class_layout
+    monkeypatch.setattr(fcrc, "class_layout", lambda *a, **k: calls.append(a) or real(*a, **k))
+    solver = SOLVERS.build("crc", embedding_dim=4, num_classes=3, num_train=12, dictionary="bank")
+    labels = torch.arange(12) % 3
+    solver.fit_reference(torch.randn(12, 4), labels)
+    for _ in range(3):
+        solver(torch.randn(4, 4), labels[:4], torch.arange(4)).backward()
+    assert calls == []  # the solver's own table (made in fit_reference) served every step

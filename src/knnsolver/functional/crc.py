@@ -80,30 +80,50 @@ def crc_code(
     return alpha
 
 
-def _class_layout(labels: Tensor) -> tuple[Tensor, Tensor]:
+def class_layout(labels: Tensor, num_classes: int | None = None) -> tuple[Tensor, Tensor]:
     """``(present, index)``: the classes that have atoms, and a ``(C', m)`` table of their
-    atom indices padded with ``N`` (a zero atom appended by the caller)."""
+    atom indices padded with ``N`` (a zero atom appended by the caller).
+
+    Without ``num_classes`` the table is as tight as the labels allow (``m`` = the
+    largest class), which needs the host to read the class counts. With it the
+    shapes are fixed in advance (every class listed, ``m = N``): no host
+    synchronisation, for accelerators and for a batch dictionary that changes
+    every step. A fixed dictionary (a bank) computes its tight layout once per
+    refresh instead (``layout`` of :func:`crc_residuals`).
+    """
     n = labels.shape[0]
-    present, counts = torch.unique(labels, return_counts=True)
     order = torch.argsort(labels, stable=True)
-    slot = torch.repeat_interleave(torch.arange(len(present), device=labels.device), counts)
+    if num_classes is None:
+        present, counts = torch.unique(labels, return_counts=True)
+        slot = torch.repeat_interleave(torch.arange(len(present), device=labels.device), counts)
+        width = int(counts.max())
+    else:
+        present = torch.arange(num_classes, device=labels.device)
+        counts = torch.bincount(labels, minlength=num_classes)
+        slot, width = labels[order], n
     rank = torch.arange(n, device=labels.device) - (torch.cumsum(counts, 0) - counts)[slot]
-    index = torch.full((len(present), int(counts.max())), n, dtype=torch.long, device=labels.device)
+    index = torch.full((len(present), width), n, dtype=torch.long, device=labels.device)
     index[slot, rank] = order
     return present, index
 
 
-def crc_residuals(queries: Tensor, atoms: Tensor, atom_labels: Tensor, alpha: Tensor, num_classes: int) -> Tensor:
+def crc_residuals(queries: Tensor, atoms: Tensor, atom_labels: Tensor, alpha: Tensor, num_classes: int,
+                  layout: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Class residuals ``r[b, c] = ||x'_b - D'_c alpha_{b,c}||^2`` of shape ``(B, C)``.
 
-    Classes are laid out as a padded ``(C', m)`` table (``m`` = largest class).
+    Classes are laid out as a padded ``(C', m)`` table (:func:`class_layout`;
+    ``layout`` when the caller keeps it for a fixed dictionary, else made here,
+    with fixed shapes on accelerators so no step waits on the host).
     Small classes (``m^2 <= B p``) expand the square with class Gram blocks,
     ``||x'||^2 - 2 alpha_c . (D'_c^T x') + alpha_c^T D'_c^T D'_c alpha_c`` (memory
     ``C' m^2``); large ones form the reconstructions ``D'_c alpha_c`` (memory
     ``B C' p``). Absent classes get ``||x'||^2``.
     """
     b, p = queries.shape
-    present, index = _class_layout(atom_labels)
+    if layout is None:
+        fixed = atom_labels.device.type != "cpu" or torch.compiler.is_compiling()
+        layout = class_layout(atom_labels, num_classes if fixed else None)
+    present, index = layout
     m = index.shape[1]
     a = F.pad(alpha, (0, 1))[:, index]  # (B, C', m), zeros at the padding
     blocks = F.pad(atoms, (0, 0, 0, 1))[index]  # (C', m, p)
@@ -129,14 +149,15 @@ def crc_logits(
     *,
     exclude: Tensor | None = None,
     method: str = "auto",
+    layout: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """``-r(x) / T`` of shape ``(B, C)`` for raw queries ``(B, d)`` and atoms ``(N, d)``;
-    ``metric`` is ``L`` of shape ``(p, d)``, ``M = L^T L``."""
+    ``metric`` is ``L`` of shape ``(p, d)``, ``M = L^T L``; ``layout`` as in :func:`crc_residuals`."""
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     q, d = queries @ metric.T, atoms @ metric.T
     alpha = crc_code(q, d, lam, exclude=exclude, method=method)
-    return -crc_residuals(q, d, atom_labels, alpha, num_classes) / temperature
+    return -crc_residuals(q, d, atom_labels, alpha, num_classes, layout) / temperature
 
 
 def crc_loss(

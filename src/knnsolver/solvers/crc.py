@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from knnsolver.bank.reference import ReferenceSet
 from knnsolver.errors import ConfigError
-from knnsolver.functional.crc import SOLVE_METHODS, crc_logits
+from knnsolver.functional.crc import SOLVE_METHODS, class_layout, crc_logits
 from knnsolver.interfaces import EpochContext, Solver
 
 CRC_DICTIONARIES = ("batch", "bank")
@@ -81,6 +81,7 @@ class CRCSolver(Solver):
         self.solve = solve
         self.metric = nn.Parameter(torch.eye(metric_dim, embedding_dim))
         self.dictionary_set = ReferenceSet(embedding_dim, persistent=False)  # the coded-over embeddings
+        self._layout: tuple[Tensor, Tensor] | None = None  # the dictionary's class table (functional.crc.class_layout)
 
     @property
     def atoms(self) -> Tensor:
@@ -98,9 +99,10 @@ class CRCSolver(Solver):
         """``L x'``: the space whose Euclidean distance is the learned Mahalanobis metric."""
         return self._prepare(embeddings) @ self.metric.T
 
-    def _logits(self, queries: Tensor, atoms: Tensor, atom_labels: Tensor, exclude: Tensor | None) -> Tensor:
+    def _logits(self, queries: Tensor, atoms: Tensor, atom_labels: Tensor, exclude: Tensor | None,
+                layout: tuple[Tensor, Tensor] | None = None) -> Tensor:
         return crc_logits(queries, atoms, atom_labels, self.metric, self.lam, self.temperature, self.num_classes,
-                          exclude=exclude, method=self.solve)
+                          exclude=exclude, method=self.solve, layout=layout)
 
     def _require_atoms(self, what: str) -> None:
         if self.atoms.shape[0] == 0:
@@ -114,12 +116,13 @@ class CRCSolver(Solver):
         else:
             self._require_atoms("with dictionary='bank'")
             exclude = None if row_indices is None else row_indices.long()
-            logits = self._logits(x, self.atoms, self.atom_labels, exclude)
+            logits = self._logits(x, self.atoms, self.atom_labels, exclude, self._layout)
         return F.cross_entropy(logits, labels)
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         labels = self.check_reference(embeddings, labels)
         self.dictionary_set.set(self._prepare(embeddings.detach().float()), labels)
+        self._layout = class_layout(self.atom_labels)  # tight, read once per refresh, not at every step
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         if self.dictionary == "bank" and (ctx.epoch % self.bank_refresh_every == 0 or self.atoms.shape[0] == 0):
@@ -131,4 +134,4 @@ class CRCSolver(Solver):
         self.check_queries(embeddings)
         self._require_atoms("prediction")
         x = self._prepare(embeddings.float())
-        return torch.cat([self._logits(q, self.atoms, self.atom_labels, None) for q in x.split(256)])
+        return torch.cat([self._logits(q, self.atoms, self.atom_labels, None, self._layout) for q in x.split(256)])
