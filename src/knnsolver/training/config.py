@@ -160,7 +160,7 @@ class TrainConfig:
 
         options = {o.name: o for o in options_of(SOLVERS.get(self.solver))}
         for name, value in self.solver_options.items():
-            if name in options:
+            if name in options and value not in options[name].words:  # a word such as sigma's "auto" is kept
                 opt = options[name]
                 self.solver_options[name] = check_type(f"solver option {name}", value, opt.type,
                                                        optional=opt.default is None)
