@@ -42,12 +42,9 @@ class Option:
     words: tuple[str, ...] = ()
 
     def describe(self) -> str:
-        """The help line with the choices or words and the default, as the CLI shows it."""
-        takes = f"one of: {', '.join(self.choices)}" if self.choices else ""
-        if self.words:
-            takes = f"a {self.type.__name__} or {' or '.join(self.words)}"
-        parts = [self.help, takes, f"default: {'none' if self.default is None else self.default}"]
-        return "; ".join(p for p in parts if p)
+        """The help line and the default, as the CLI shows it (beside the choices or words)."""
+        default = f"default: {'none' if self.default is None else self.default}"
+        return f"{self.help}; {default}" if self.help else default
 
 
 class Registry:

@@ -134,6 +134,8 @@ class Inputs:
             self._rows.append(row)
 
     def _add_path(self, path: Path, spec: InputSpec) -> None:
+        if not path.exists():
+            raise DataError(f"input {path} does not exist")
         if path.is_dir():
             images = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
                             and not any(part.startswith(".") for part in p.relative_to(path).parts))
@@ -152,20 +154,21 @@ class Inputs:
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
             if spec.images is None:
                 raise ConfigError(f"{path} is an image, but this model takes {spec.describe()}")
-            if not path.is_file():
-                raise DataError(f"image {path} does not exist")
             self.names.append(str(path))
             self.paths.append(str(path))
             self._rows.append(None)
-        elif not path.exists():
-            raise DataError(f"input {path} does not exist")
         else:
             raise ConfigError(f"{path} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}), an .npy file nor "
                               f"a folder; this model takes {spec.describe()}")
 
 
 def collect(inputs: Any, spec: InputSpec) -> Inputs:
-    """Resolve ``inputs`` (a tensor, an array, a path, or a list of paths) into :class:`Inputs`; empty is refused."""
+    """Resolve ``inputs`` (a tensor, an array, a path, or a list of paths) into :class:`Inputs`; empty is refused.
+
+    Already resolved :class:`Inputs` are returned as they are.
+    """
+    if isinstance(inputs, Inputs):
+        return inputs
     out = Inputs()
     if isinstance(inputs, Tensor):
         out._add_array(inputs, "input", spec)
