@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Sequence, get_args, get_type_hints
 
+from knnsolver.constraints import Interval
 from knnsolver.distributed import launch_rank
 from knnsolver.docstrings import one_line, option_docs
 from knnsolver.errors import ConfigError, KnnSolverError, StorageError
@@ -250,13 +251,6 @@ def _model_parser(command: str, description: str, inputs: bool = True) -> argpar
     return parser
 
 
-def _positive_int(text: str) -> int:
-    value = _flag_type(int)(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def _print_rows(rows: list[dict[str, Any]], columns: list[str], fmt: str, nested: str | None = None) -> None:
     """Rows as CSV (one line per nested item when ``nested`` names a list in each row) or as a JSON list."""
     if fmt == "json":
@@ -278,12 +272,14 @@ def cmd_predict(argv: Sequence[str]) -> int:
 
     parser = _model_parser("predict", "Predict the class of each input with a trained model: its top classes and "
                                       "their probabilities, or unknown (-1) below --reject-below.")
-    parser.add_argument("--top-k", type=_positive_int, default=1, help="classes listed per input, most probable first "
-                                                                        "(default: 1)")
+    parser.add_argument("--top-k", type=_flag_type(int), default=1, help="classes listed per input, most probable "
+                                                                          "first (default: 1)")
     parser.add_argument("--reject-below", type=_flag_type(float), metavar="P",
                         help="answer unknown (-1) when the top class probability is below P; choose P for a target "
                              "false-accept rate with KnnModel.choose_threshold (default: never reject)")
     args = parser.parse_args(argv)
+    Interval(1).check("--top-k", args.top_k)
+    Interval(0, 1).check("--reject-below", args.reject_below)
     model = load(args.run_dir, args.device)
     items = collect(args.inputs, model.spec)
     proba = model.predict_proba(items)
@@ -303,8 +299,9 @@ def cmd_search(argv: Sequence[str]) -> int:
 
     parser = _model_parser("search", "Find each input's nearest reference items (training and added examples) in the "
                                      "model's embedding space.")
-    parser.add_argument("--k", type=_positive_int, default=10, help="items listed per input, nearest first (default: 10)")
+    parser.add_argument("--k", type=_flag_type(int), default=10, help="items listed per input, nearest first (default: 10)")
     args = parser.parse_args(argv)
+    Interval(1).check("--k", args.k)
     model = load(args.run_dir, args.device)
     result = model.search(args.inputs, args.k)
     rows = []

@@ -184,47 +184,57 @@ class KnnModel:
 
     # --- growing it ---
 
-    def _label_ids(self, labels: Any, n: int, create: bool) -> tuple[Tensor, list[str]]:
-        """Class ids of ``labels`` (one per input, or one for all: ids or class names) and the classes after them.
-
-        With ``create`` new names become new classes, as do the ids that follow the
-        last class; otherwise (true labels of validation data) anything else is unknown (-1).
-        """
-        if isinstance(labels, (int, str, np.integer, np.str_)) and not isinstance(labels, bool):
-            labels = [labels] * n
+    @staticmethod
+    def _label_list(labels: Any, n: int) -> list[int | str]:
+        """``labels`` as a list of ``n`` class ids (ints) or names (strs): one per input, or one for all."""
+        wrong = "class labels must be integer ids or class names"
         if isinstance(labels, Tensor):
             if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-                raise ConfigError(f"class labels must be integer ids or class names, got a {labels.dtype} tensor")
-            labels = labels.reshape(-1).tolist()
+                raise ConfigError(f"{wrong}, got a tensor of {labels.dtype}")
+            labels = labels.reshape(-1).tolist() if labels.dim() else labels.item()
         elif isinstance(labels, np.ndarray):
             if labels.dtype.kind not in "iuU":
-                raise ConfigError(f"class labels must be integer ids or class names, got an array of {labels.dtype}")
-            labels = labels.reshape(-1).tolist()
-        if not isinstance(labels, Sequence) or isinstance(labels, (str, bytes)):
-            raise ConfigError(f"class labels must be integer ids or class names, got {type(labels).__name__}")
+                raise ConfigError(f"{wrong}, got an array of {labels.dtype}")
+            labels = labels.reshape(-1).tolist() if labels.ndim else labels.item()
+        if isinstance(labels, (int, str, np.integer, np.str_)):
+            labels = [labels] * n
+        if not isinstance(labels, Sequence):
+            raise ConfigError(f"{wrong}, got {type(labels).__name__}")
         if len(labels) != n:
             raise ConfigError(f"got {len(labels)} class labels for {n} inputs; give one label per input (or one for all)")
-        classes, names = list(self.classes), {name: i for i, name in reversed(list(enumerate(self.classes)))}
-        ids = []
+        out: list[int | str] = []
         for label in labels:
-            if isinstance(label, (str, np.str_)):
-                if str(label) not in names and create:
-                    names[str(label)] = len(classes)
-                    classes.append(str(label))
-                ids.append(names.get(str(label), UNKNOWN))
-            elif isinstance(label, (int, np.integer)) and not isinstance(label, bool):
-                label = int(label)
-                if create and label == len(classes):
-                    classes.append(str(label))
-                    names.setdefault(str(label), label)
-                elif create and not 0 <= label < len(classes):
-                    raise ConfigError(f"class id {label} is neither a known class (0..{len(self.classes) - 1}) nor "
-                                      f"the next new one ({len(classes)}); give new classes the ids that follow, or names")
-                ids.append(label if 0 <= label < len(classes) else UNKNOWN)
+            if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
+                out.append(int(label))
+            elif isinstance(label, (str, np.str_)):
+                out.append(str(label))
             else:
-                raise ConfigError(f"class labels must be integer ids or class names, got {label!r} "
-                                  f"(a {type(label).__name__})")
-        return torch.tensor(ids, dtype=torch.long), classes
+                raise ConfigError(f"{wrong}, got {label!r} (a {type(label).__name__})")
+        return out
+
+    def _label_ids(self, labels: Any, n: int, create: bool) -> tuple[Tensor, list[str]]:
+        """Class ids of ``labels`` (:meth:`_label_list`) and the classes after them.
+
+        With ``create`` the ids that follow the last class (together, in any order)
+        and unknown names become new classes; otherwise (true labels of validation
+        data) an unknown id or name, or ``-1``, is unknown (-1).
+        """
+        labels = self._label_list(labels, n)
+        classes = list(self.classes)
+        if create:
+            ids = {label for label in labels if isinstance(label, int)}
+            new = sorted(i for i in ids if i >= len(classes))
+            if min(ids, default=0) < 0 or new != list(range(len(classes), len(classes) + len(new))):
+                raise ConfigError(f"class ids must be known classes (0..{len(classes) - 1}) or the ids that follow "
+                                  f"them ({len(classes)}, {len(classes) + 1}, ...), got {sorted(ids)}; or give class names")
+            classes += [str(i) for i in new]
+            classes += list(dict.fromkeys(label for label in labels if isinstance(label, str) and label not in classes))
+        index: dict[str, int] = {}
+        for i, name in enumerate(classes):
+            index.setdefault(name, i)
+        ids_out = [(label if 0 <= label < len(classes) else UNKNOWN) if isinstance(label, int) else index.get(label, UNKNOWN)
+                   for label in labels]
+        return torch.tensor(ids_out, dtype=torch.long), classes
 
     def add(self, inputs: Any, labels: Any) -> "KnnModel":
         """Add labelled examples to the reference set, of new classes too; the network is unchanged.
