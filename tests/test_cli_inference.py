@@ -167,7 +167,7 @@ def test_bad_inputs_are_one_line_and_leave_the_run_as_it_was(trained, files, tmp
         (["predict", trained, tmp_path / "broken.png"], ["cannot read image", "broken.png"]),
         (["predict", trained, tmp_path / "wide.npy"], ["has shape (2, 1, 8, 9)", "(N, 1, 8, 8)"]),
         (["predict", trained, tmp_path / "empty"], ["holds no images"]),
-        (["predict", trained, known[0], "--reject-below", "1.5"], ["--reject-below must be in [0, 1]"]),
+        (["predict", trained, known[0], "--reject-below", "-0.5"], ["--reject-below must be >= 0"]),
         (["predict", trained, known[0], "--top-k", "0"], ["--top-k must be >= 1"]),
         (["search", tmp_path / "no-run", known[0]], ["does not exist or is not a folder"]),
         (["search", trained, tmp_path / "broken.png"], ["cannot read image"]),

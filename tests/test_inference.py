@@ -185,8 +185,9 @@ def test_predict_rejects_below_a_chosen_threshold(runs, test_split):
     assert accepted_wrong.sum() <= 0.1 * wrong.sum() + 1e-9
     top = model.predict_proba(x).max(1).values
     assert torch.equal(predicted == UNKNOWN, top < choice.threshold)
-    with pytest.raises(ConfigError, match=r"reject_below must be in \[0, 1\]"):
-        model.predict(x[:2], reject_below=1.5)
+    with pytest.raises(ConfigError, match="reject_below must be >= 0"):
+        model.predict(x[:2], reject_below=-0.5)
+    assert model.predict(x[:3], reject_below=1.01).tolist() == [UNKNOWN] * 3
 
 
 def _digit_pngs(folder: Path, images: torch.Tensor) -> list[Path]:

@@ -279,7 +279,7 @@ def cmd_predict(argv: Sequence[str]) -> int:
                              "false-accept rate with KnnModel.choose_threshold (default: never reject)")
     args = parser.parse_args(argv)
     Interval(1).check("--top-k", args.top_k)
-    Interval(0, 1).check("--reject-below", args.reject_below)
+    Interval(0, hint=" (above 1 rejects every input)").check("--reject-below", args.reject_below)
     model = load(args.run_dir, args.device)
     items = collect(args.inputs, model.spec)
     proba = model.predict_proba(items)

@@ -29,11 +29,12 @@ class RejectThreshold:
 
 
 def reject(probabilities: Tensor, reject_below: float | None) -> Tensor:
-    """The top class of each row of ``(N, C)`` probabilities, or :data:`UNKNOWN` where its probability < ``reject_below``."""
+    """The top class of each row of ``(N, C)`` probabilities, or :data:`UNKNOWN` where its probability < ``reject_below``
+    (a value above 1 rejects every input)."""
     top, predicted = probabilities.max(1)
     if reject_below is None:
         return predicted
-    Interval(0, 1).check("reject_below", reject_below)
+    Interval(0, hint=" (above 1 rejects every input)").check("reject_below", reject_below)
     return torch.where(top >= reject_below, predicted, torch.full_like(predicted, UNKNOWN))
 
 
@@ -44,7 +45,9 @@ def reject_threshold(top_probability: Tensor, correct: Tensor, false_accept_rate
     ``top_probability`` and ``correct`` hold one value per validation input: its top
     class probability and whether that class is its true one (never, for an input
     of a class the model does not know). The lowest such threshold keeps the most
-    right predictions. With no wrong prediction the threshold is 0 (accept all).
+    right predictions. With no wrong prediction the threshold is 0 (accept all); when
+    too many wrong predictions are certain (probability 1, as when all of a kNN
+    solver's neighbours agree) it is just above 1 (reject all).
     """
     Interval(0, 1).check("false_accept_rate", false_accept_rate)
     if top_probability.shape != correct.shape or top_probability.dim() != 1 or not len(correct):
