@@ -11,6 +11,7 @@ import knnsolver
 from knnsolver.data import build_data
 from knnsolver.errors import ConfigError, DataError, MissingDependencyError, RunFolderBusyError, StorageError
 from knnsolver.inference import UNKNOWN, reject_threshold
+from knnsolver.registry import SOLVERS
 from knnsolver.training import TrainConfig, embed_saved, evaluate_saved, train
 from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint
 
@@ -43,6 +44,21 @@ def test_a_loaded_run_predicts_as_its_evaluation_did(runs, test_split):
         model = knnsolver.load(runs[name])
         expected = evaluate_saved(runs[name])["test_accuracy"]
         assert (model.predict(x) == labels).double().mean().item() == pytest.approx(expected, abs=1e-12), name
+
+
+@pytest.mark.parametrize("solver", SOLVERS.names())
+def test_every_solver_gives_probabilities_that_sum_to_one(solver):
+    torch.manual_seed(0)
+    emb, labels = torch.randn(60, 16), torch.arange(60) % 4
+    model = SOLVERS.build(solver, embedding_dim=16, num_classes=4, num_train=60, **({"k": 5} if solver == "rbf" else {}))
+    if solver == "rbf":
+        model.refresh(emb, labels)
+    model.fit_reference(emb, labels)
+    queries = torch.randn(7, 16)
+    proba = model.eval().predict_proba(queries)
+    assert proba.shape == (7, 4) and bool((proba >= 0).all())
+    assert torch.allclose(proba.sum(1), torch.ones(7), atol=1e-5)
+    assert torch.equal(proba.argmax(1), model.predict(queries).argmax(1))  # the same ranking as the scores
 
 
 @pytest.mark.parametrize("name", ["rbf", "hal", "softmax"])
@@ -80,6 +96,8 @@ def test_added_classes_by_id_or_name_are_predicted(runs, test_split):
     assert bool((model.predict_proba(x[6:9])[:, 12] > 0).all())  # and votes for its new class
     model.add(x[9:10].expand(5, -1, -1, -1), "dog")  # five copies outvote the training neighbours
     assert model.predict(x[9:10]).tolist() == [13]
+    model.add(x[10:12], "3")  # a known class's name adds examples to it
+    assert model.num_classes == 14 and model.reference_labels[-2:].tolist() == [3, 3]
     assert model.predict_proba(x[:2]).shape == (2, 14)
 
 
