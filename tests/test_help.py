@@ -59,7 +59,7 @@ def test_every_training_setting_explains_itself_and_lists_its_choices():
 
 
 def test_sigma_auto_is_a_word_and_zero_still_means_it():
-    parser, dests = _train_parser("rbf")
+    parser, _ = _train_parser("rbf")
     args = vars(parser.parse_args(["--sigma", "auto"]))
     assert args["solveropt__sigma"] == "auto"
     assert vars(parser.parse_args(["--sigma", "0.5"]))["solveropt__sigma"] == 0.5

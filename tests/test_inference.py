@@ -9,7 +9,13 @@ from PIL import Image
 
 import knnsolver
 from knnsolver.data import build_data
-from knnsolver.errors import ConfigError, DataError, MissingDependencyError, RunFolderBusyError, StorageError
+from knnsolver.errors import (
+    ConfigError,
+    DataError,
+    MissingDependencyError,
+    RunFolderBusyError,
+    StorageError,
+)
 from knnsolver.inference import UNKNOWN, reject_threshold
 from knnsolver.registry import SOLVERS
 from knnsolver.training import TrainConfig, embed_saved, evaluate_saved, train

@@ -47,8 +47,8 @@ def _metavar(opt: Option) -> str:
 
 
 def _add_option(group: argparse._ArgumentGroup, flag: str, dest: str, opt: Option) -> None:
-    """A flag for ``opt``, with its help line, choices or words and default (:meth:`Option.describe`)."""
-    group.add_argument(f"--{flag.replace('_', '-')}", dest=dest, default=argparse.SUPPRESS, metavar=_metavar(opt),
+    """The flag ``flag`` for ``opt``, with its help line, choices or words and default (:meth:`Option.describe`)."""
+    group.add_argument(flag, dest=dest, default=argparse.SUPPRESS, metavar=_metavar(opt),
                        type=_flag_type(opt.type, opt.default is None, opt.words), help=opt.describe())
 
 
@@ -76,21 +76,25 @@ def train_options() -> list[Option]:
 def _add_train_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("training")
     for opt in train_options():
-        _add_option(group, opt.name, opt.name, opt)
+        _add_option(group, f"--{opt.name.replace('_', '-')}", opt.name, opt)
+
+
+def _solver_flag(option: str) -> str:
+    """The flag of a solver option: ``--NAME``, or ``--solver-NAME`` where a training setting has the name."""
+    from knnsolver.training.config import TrainConfig
+
+    taken = {f.name for f in fields(TrainConfig)}
+    return f"--{(option if option not in taken else f'solver_{option}').replace('_', '-')}"
 
 
 def _add_solver_flags(parser: argparse.ArgumentParser, solver: str) -> dict[str, str]:
     """Add the solver's constructor options as flags; return {dest: option name}."""
-    from knnsolver.training.config import TrainConfig
-
-    taken = {f.name for f in fields(TrainConfig)}
     group = parser.add_argument_group(
         f"{solver} solver options", f"another solver's: knnsolver train --solver NAME --help ({', '.join(SOLVERS.names())})")
     dests = {}
     for opt in options_of(SOLVERS.get(solver), skip=_COMMON):
-        flag = opt.name if opt.name not in taken else f"solver_{opt.name}"
         dest = f"solveropt__{opt.name}"
-        _add_option(group, flag, dest, opt)
+        _add_option(group, _solver_flag(opt.name), dest, opt)
         dests[dest] = opt.name
     return dests
 
@@ -221,7 +225,7 @@ def _list_options(registry: Registry, command: str, argv: Sequence[str]) -> int:
         if args.name:
             for o in opts:
                 # Solver options are flags of knnsolver train; a search backend's are keyword options.
-                shown = f"--{o.name.replace('_', '-')} {_metavar(o)}" if registry is SOLVERS else f"{o.name} ({_metavar(o)})"
+                shown = f"{_solver_flag(o.name)} {_metavar(o)}" if registry is SOLVERS else f"{o.name} ({_metavar(o)})"
                 print(f"  {shown}\n      {o.describe()}")
         elif opts:
             print(f"{'':16s} options: " + ", ".join(f"{o.name}={o.default}" for o in opts))

@@ -2,4 +2,4 @@
 from knnsolver.inference.model import KnnModel, SearchResult, load
 from knnsolver.inference.openset import UNKNOWN, RejectThreshold, reject_threshold
 
-__all__ = ["KnnModel", "RejectThreshold", "SearchResult", "UNKNOWN", "load", "reject_threshold"]
+__all__ = ["UNKNOWN", "KnnModel", "RejectThreshold", "SearchResult", "load", "reject_threshold"]

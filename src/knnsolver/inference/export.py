@@ -14,8 +14,9 @@ import copy
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -72,7 +73,7 @@ def _onnx(embedder: nn.Module, example: Tensor, tmp: Path, check: Tensor) -> Ten
     return torch.from_numpy(session.run(None, {"input": check.numpy()})[0])
 
 
-def export(model: "KnnModel", path: str | Path, format: str = "torchscript", atol: float = 1e-4) -> dict[str, Any]:
+def export(model: KnnModel, path: str | Path, format: str = "torchscript", atol: float = 1e-4) -> dict[str, Any]:
     """Write the network to ``path`` and the reference set beside it; return what was written and the check's error.
 
     Files: ``path`` (TorchScript, load with ``torch.jit.load``; or ONNX, input

@@ -56,7 +56,7 @@ class InputSpec:
     resize_size: int | None = None
 
     @classmethod
-    def of_data(cls, data: DataBundle) -> "InputSpec":
+    def of_data(cls, data: DataBundle) -> InputSpec:
         """The spec of a run's evaluation split: the pool its rows are read from, and its transform."""
         shape = tuple(int(s) for s in data.input_shape)
         pool = data.test.pool
@@ -72,7 +72,7 @@ class InputSpec:
         return {"shape": list(self.shape), "images": self.images, "resize_size": self.resize_size}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "InputSpec":
+    def from_dict(cls, data: dict[str, Any]) -> InputSpec:
         return cls(tuple(data["shape"]), data["images"], data.get("resize_size"))
 
     def describe(self) -> str:

@@ -12,9 +12,10 @@ one file, ``model.pt``, and loads without the data.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,8 +23,13 @@ from torch import Tensor, nn
 
 from knnsolver.bank.reference import ReferenceSet
 from knnsolver.errors import ConfigError, DataError, StorageError
-from knnsolver.inference.inputs import InputSpec, Inputs, collect
-from knnsolver.inference.openset import UNKNOWN, RejectThreshold, reject, reject_threshold
+from knnsolver.inference.inputs import Inputs, InputSpec, collect
+from knnsolver.inference.openset import (
+    UNKNOWN,
+    RejectThreshold,
+    reject,
+    reject_threshold,
+)
 from knnsolver.interfaces import Solver, check_k
 from knnsolver.search.exact import ExactSearch
 
@@ -236,7 +242,7 @@ class KnnModel:
                    for label in labels]
         return torch.tensor(ids_out, dtype=torch.long), classes
 
-    def add(self, inputs: Any, labels: Any) -> "KnnModel":
+    def add(self, inputs: Any, labels: Any) -> KnnModel:
         """Add labelled examples to the reference set, of new classes too; the network is unchanged.
 
         ``labels``: one per input (or one for all): class ids (the ids after the
@@ -334,7 +340,7 @@ class KnnModel:
         return export(self, path, format, atol)
 
     @classmethod
-    def _from_file(cls, folder: Path, device: str) -> "KnnModel":
+    def _from_file(cls, folder: Path, device: str) -> KnnModel:
         from knnsolver.models import build_model
         from knnsolver.registry import SOLVERS
         from knnsolver.training.checkpoint import load_checkpoint
@@ -370,7 +376,7 @@ class KnnModel:
         return model
 
     @classmethod
-    def _from_run(cls, folder: Path, device: str) -> "KnnModel":
+    def _from_run(cls, folder: Path, device: str) -> KnnModel:
         from knnsolver.training.checkpoint import load_checkpoint
         from knnsolver.training.trainer import BEST, SUMMARY, load_saved
 
