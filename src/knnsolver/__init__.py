@@ -2,10 +2,28 @@
 
 Solvers are built by name from :data:`knnsolver.registry.SOLVERS` or imported from
 ``knnsolver.solvers.<name>``; their maths lives in :mod:`knnsolver.functional`.
-Training runs through :func:`knnsolver.training.train` or the ``knnsolver`` command.
+Training runs through :func:`knnsolver.training.train` or the ``knnsolver`` command;
+:func:`load` turns a finished run into a model that predicts, searches and grows.
 """
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from knnsolver.interfaces import EpochContext, NeighbourSearch, Solver
 from knnsolver.registry import DATASETS, MODELS, SEARCHES, SOLVERS
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from knnsolver.inference import KnnModel
+
 __version__ = "0.1.0"
-__all__ = ["EpochContext", "NeighbourSearch", "Solver", "DATASETS", "MODELS", "SEARCHES", "SOLVERS", "__version__"]
+__all__ = ["EpochContext", "NeighbourSearch", "Solver", "DATASETS", "MODELS", "SEARCHES", "SOLVERS", "load",
+           "__version__"]
+
+
+def load(path: str | Path, device: str = "cpu") -> KnnModel:
+    """The model of a finished run or a saved model folder (:func:`knnsolver.inference.load`)."""
+    from knnsolver.inference import load as load_model
+
+    return load_model(path, device)

@@ -65,6 +65,9 @@ class Solver(nn.Module):
     needs_balanced_sampler: bool = False
     predicts_by_knn: bool = False
     embedding_space: str = "euclidean"
+    # What predict returns: "logits" (a softmax makes them probabilities), "log-probabilities",
+    # or "votes" (non-negative kNN votes, normalised to sum to 1); read by predict_proba.
+    score_kind: str = "logits"
     # The training maths as a pure function of tensors, where a solver has one (see compile_loss).
     _step: Callable[..., Any] | None = None
 
@@ -85,6 +88,25 @@ class Solver(nn.Module):
     def predict(self, embeddings: Tensor) -> Tensor:
         """Return class scores of shape ``(B, num_classes)``; argmax is the prediction."""
         raise NotImplementedError
+
+    @torch.no_grad()
+    def predict_proba(self, embeddings: Tensor) -> Tensor:
+        """Class probabilities ``(B, C)`` from :meth:`predict`'s scores, each row summing to 1.
+
+        How depends on :attr:`score_kind`: a softmax of logits, the exponential of
+        log-probabilities, or each class's share of the kNN votes.
+        """
+        scores = self.predict(embeddings).float()
+        if self.score_kind == "log-probabilities":
+            return scores.exp()
+        if self.score_kind == "votes":
+            return scores / scores.sum(1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
+        return torch.softmax(scores, dim=1)
+
+    def extra_repr(self) -> str:
+        """Sizes first; subclasses append their key settings (shown by ``print(solver)``)."""
+        sizes = f"embedding_dim={self.embedding_dim}, num_classes={self.num_classes}"
+        return sizes + (f", num_train={self.num_train}" if self.num_train else "")
 
     @classmethod
     def protocol_defaults(cls, split: str) -> dict[str, object]:

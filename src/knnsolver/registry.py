@@ -2,28 +2,49 @@
 
 Entries are ``"module:attribute"`` strings imported on first use, so listing
 names is instant and an optional dependency is only needed when its entry is
-built. :func:`options_of` reads a class's keyword options (name, default, type)
-from its constructor so the CLI can expose them as flags without a second list.
+built. :func:`options_of` reads a class's keyword options (name, default, type,
+choices, help) from its constructor and docstring so the CLI can expose them as
+flags without a second list.
 """
 from __future__ import annotations
 
 import importlib
 import inspect
+import types
 import typing
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from knnsolver.docstrings import one_line, option_docs
 from knnsolver.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Option:
-    """One keyword option of a registered class."""
+    """One keyword option of a registered class.
+
+    Attributes:
+        name: the constructor's keyword.
+        default: its default value.
+        type: the type of its values (``bool``, ``int``, ``float`` or ``str``).
+        help: one line from the class's docstring (:mod:`knnsolver.docstrings`).
+        choices: the names a ``str`` option takes, from its hint: ``Annotated[str, NAMES]`` with
+            ``NAMES`` a :class:`Registry`, a tuple of names or a dict keyed by them (the
+            tuple the constructor validates with), or ``Literal["a", "b"]``; empty: any value.
+        words: words taken besides values of ``type`` (``float | Literal["auto"]``: ``auto``).
+    """
 
     name: str
     default: Any
     type: type
     help: str = ""
+    choices: tuple[str, ...] = ()
+    words: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        """The help line and the default, as the CLI shows it (beside the choices or words)."""
+        default = f"default: {'none' if self.default is None else self.default}"
+        return f"{self.help}; {default}" if self.help else default
 
 
 class Registry:
@@ -62,30 +83,50 @@ class Registry:
 _SIMPLE = (bool, int, float, str)
 
 
+def hint_kind(hint: Any) -> tuple[Any, tuple[str, ...], tuple[str, ...]]:
+    """``(type, choices, words)`` of a type hint (see :class:`Option`); ``None`` is dropped from unions."""
+    choices: tuple[str, ...] = ()
+    if typing.get_origin(hint) is Annotated:
+        hint, *meta = typing.get_args(hint)
+        for m in meta:
+            if isinstance(m, Registry):
+                choices = tuple(m.names())
+            elif isinstance(m, (tuple, list, dict)):  # the names themselves (a dict: its keys)
+                choices = tuple(m)
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    members = tuple(m for m in members if m is not type(None))
+    words = tuple(w for m in members if typing.get_origin(m) is Literal for w in typing.get_args(m))
+    kinds = [m for m in members if typing.get_origin(m) is not Literal]
+    if not kinds:  # only names: Literal["a", "b"]
+        return type(words[0]), words, ()
+    return kinds[0], choices, words
+
+
 def options_of(cls: Any, skip: tuple[str, ...] = ()) -> list[Option]:
-    """List the keyword options with simple-typed defaults of ``cls``'s constructor.
+    """List the keyword options with simple-typed defaults of ``cls``'s constructor, with their help lines.
 
     Arguments without a default (``embedding_dim``, ``num_classes`` ...) are
     supplied by the trainer and are not options. ``Optional[X]`` options with a
     ``None`` default take type ``X``.
     """
-    hints = typing.get_type_hints(cls.__init__) if hasattr(cls, "__init__") else {}
+    hints = typing.get_type_hints(cls.__init__, include_extras=True) if hasattr(cls, "__init__") else {}
+    docs = option_docs(cls)
     out = []
     for p in inspect.signature(cls).parameters.values():
         if p.name in skip or p.default is inspect.Parameter.empty or p.kind is not p.KEYWORD_ONLY and p.kind is not p.POSITIONAL_OR_KEYWORD:
             continue
-        hint = hints.get(p.name, type(p.default))
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        base = args[0] if args else hint
+        base, choices, words = hint_kind(hints.get(p.name, type(p.default)))
         if base not in _SIMPLE:
             continue
-        out.append(Option(p.name, p.default, base))
+        out.append(Option(p.name, p.default, base, one_line(docs.get(p.name, "")), choices, words))
     return out
 
 
-def parse_value(text: str, kind: type, optional: bool = False) -> Any:
-    """Parse a command-line string into ``kind`` (bools accept true/false/1/0/yes/no);
+def parse_value(text: str, kind: type, optional: bool = False, words: tuple[str, ...] = ()) -> Any:
+    """Parse a command-line string into ``kind`` (bools accept true/false/1/0/yes/no), or one of ``words``;
     ``none``/``null`` is None only where the setting is ``optional``."""
+    if text in words:
+        return text
     if text.lower() in ("none", "null"):
         if optional:
             return None
@@ -100,7 +141,8 @@ def parse_value(text: str, kind: type, optional: bool = False) -> Any:
     try:
         return kind(text)
     except ValueError:
-        raise ConfigError(f"expected a value of type {kind.__name__}, got {text!r}") from None
+        also = f" or {' or '.join(words)}" if words else ""
+        raise ConfigError(f"expected a value of type {kind.__name__}{also}, got {text!r}") from None
 
 
 SOLVERS = Registry(

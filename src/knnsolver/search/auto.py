@@ -47,6 +47,8 @@ is 200,000 (an estimate, not a measured crossover).
 """
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor
 
@@ -61,13 +63,15 @@ class AutoSearch(NeighbourSearch):
 
     Args:
         threshold: number of points from which the approximate backend is used on the CPU.
-        cuda_threshold: the same for points on CUDA, where exact search is far cheaper.
-        approximate: registered name of the approximate backend, built with its defaults.
+        cuda_threshold: number of points from which the approximate backend is used on CUDA.
+            Higher than ``threshold``: exact search is far cheaper on a GPU.
+        approximate: the approximate backend (not ``auto`` or ``exact``), built with its defaults.
     """
 
     name = "auto"
 
-    def __init__(self, threshold: int = 50_000, cuda_threshold: int = 200_000, approximate: str = "faiss-hnsw") -> None:
+    def __init__(self, threshold: int = 50_000, cuda_threshold: int = 200_000,
+                 approximate: Annotated[str, SEARCHES] = "faiss-hnsw") -> None:
         if threshold < 1 or cuda_threshold < 1:
             raise ConfigError(f"threshold and cuda_threshold must be >= 1, got {threshold} and {cuda_threshold}")
         if approximate in ("auto", "exact"):

@@ -105,7 +105,11 @@ class _FaissSearch(NeighbourSearch):
 
 
 class FaissFlatSearch(_FaissSearch):
-    """Exact search with ``IndexFlatL2``; faiss's reference and the benchmark baseline."""
+    """Exact search with ``IndexFlatL2``; faiss's reference and the benchmark baseline.
+
+    Args:
+        gpu: use faiss's GPU build when available and the points are on CUDA.
+    """
 
     name = "faiss-flat"
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from typing import Annotated
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +46,16 @@ class CentralizedSolver(Solver):
 
     ``predict_by="centre"`` (default) scores ``-||x̂ - ĉ_k||^2`` (nearest centre);
     ``predict_by="knn"`` votes among the ``knn_k`` nearest training ``x̂``.
+
+    Options:
+        scale: radius ``s`` of the sphere samples and centres are put on.
+        learn_scale: learn the radius with the network.
+        margin: ranking margin between the true centre's distance and each other centre's.
+        form: penalty of a margin violation, ``hinge`` or ``softplus``.
+        decorrelate_every: orthonormalise the class centres every this many training steps; 0 = only at construction.
+        allow_correlated: allow more classes than embedding dimensions (only the first ``d`` centres are decorrelated).
+        predict_by: ``centre`` picks the nearest class centre, ``knn`` votes among the nearest training embeddings.
+        knn_k: neighbours that vote with ``predict_by=knn``.
     """
 
     embedding_space = "l2-normalised"
@@ -58,10 +69,10 @@ class CentralizedSolver(Solver):
         scale: float = 4.0,
         learn_scale: bool = False,
         margin: float = 4.0,
-        form: str = "hinge",
+        form: Annotated[str, RANKING_FORMS] = "hinge",
         decorrelate_every: int = 10,
         allow_correlated: bool = False,
-        predict_by: str = "centre",
+        predict_by: Annotated[str, CENTRALIZED_PREDICT] = "centre",
         knn_k: int = 5,
     ) -> None:
         super().__init__(embedding_dim, num_classes, num_train)
@@ -86,6 +97,7 @@ class CentralizedSolver(Solver):
         self.decorrelate_every = int(decorrelate_every)
         self.predict_by = predict_by
         self.predicts_by_knn = predict_by == "knn"
+        self.score_kind = "votes" if self.predicts_by_knn else "logits"
         self.log_scale = nn.Parameter(torch.tensor(math.log(scale)), requires_grad=learn_scale)
         self.centres = nn.Parameter(torch.randn(num_classes, embedding_dim))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
@@ -96,6 +108,10 @@ class CentralizedSolver(Solver):
     def _load_from_state_dict(self, *args, **kwargs) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._steps = int(self.steps)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, scale={self.scale.item():.4g}, margin={self.margin:g}, form={self.form}, "
+                f"decorrelate_every={self.decorrelate_every}, predict_by={self.predict_by}, knn_k={self.knn.k}")
 
     @property
     def scale(self) -> Tensor:

@@ -1,6 +1,8 @@
 """The DML-CRC solver: a collaborative representation classifier with a learned Mahalanobis metric."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,6 +43,15 @@ class CRCSolver(Solver):
     and returns ``-r / T``. A class with no atom in the dictionary gets ``r_c = ||x'||^2``.
     ``solve`` picks the ridge system (``auto``: push-through when the dictionary is
     larger than ``metric_dim``).
+
+    Options:
+        dictionary: what training queries are coded over: the ``batch`` itself or a ``bank`` of the training set.
+        metric_dim: rows of the learned metric ``L``; none = the embedding size.
+        lam: ridge weight of the codes (larger: smoother, less exact codes).
+        temperature: softmax temperature over the negative class residuals.
+        normalize: L2-normalise queries and atoms before coding, as CRC does.
+        bank_refresh_every: re-embed the training set into the bank every this many epochs (``bank`` only).
+        solve: which ridge system codes the queries; ``auto`` picks the cheaper one.
     """
 
     predicts_by_knn = True  # predict needs the training dictionary from fit_reference
@@ -52,13 +63,13 @@ class CRCSolver(Solver):
         num_classes: int,
         num_train: int = 0,
         *,
-        dictionary: str = "batch",
+        dictionary: Annotated[str, CRC_DICTIONARIES] = "batch",
         metric_dim: int | None = None,
         lam: float = 0.1,
         temperature: float = 0.05,
         normalize: bool = True,
         bank_refresh_every: int = 1,
-        solve: str = "auto",
+        solve: Annotated[str, SOLVE_METHODS] = "auto",
     ) -> None:
         super().__init__(embedding_dim, num_classes, num_train)
         if dictionary not in CRC_DICTIONARIES:
@@ -82,6 +93,10 @@ class CRCSolver(Solver):
         self.metric = nn.Parameter(torch.eye(metric_dim, embedding_dim))
         self.dictionary_set = ReferenceSet(embedding_dim, persistent=False)  # the coded-over embeddings
         self._layout: tuple[Tensor, Tensor] | None = None  # the dictionary's class table (functional.crc.class_layout)
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, dictionary={self.dictionary}, metric_dim={self.metric.shape[0]}, "
+                f"lam={self.lam:g}, temperature={self.temperature:g}, normalize={self.normalize}, solve={self.solve}")
 
     @property
     def atoms(self) -> Tensor:

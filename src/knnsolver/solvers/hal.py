@@ -1,6 +1,8 @@
 """The HAL solver: hypersphere anchor loss, predicting by kNN or by nearest anchor."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 from torch import Tensor, nn
 
@@ -28,10 +30,16 @@ class HALSolver(Solver):
     ``predict_by="knn"`` (default; HAL is a loss for kNN classifiers) votes among the
     ``knn_k`` nearest L2-normalised training embeddings given to :meth:`fit_reference`;
     ``predict_by="anchor"`` returns the logits above (nearest anchor wins, no reference needed).
+
+    Options:
+        tau: temperature of the softmax over sample-to-anchor distances (smaller: sharper).
+        predict_by: ``knn`` votes among the nearest training embeddings, ``anchor`` picks the nearest class anchor.
+        knn_k: neighbours that vote in kNN prediction.
     """
 
     predicts_by_knn = True
     embedding_space = "l2-normalised"
+    score_kind = "votes"
 
     def __init__(
         self,
@@ -40,7 +48,7 @@ class HALSolver(Solver):
         num_train: int = 0,
         *,
         tau: float = 0.1,
-        predict_by: str = "knn",
+        predict_by: Annotated[str, HAL_PREDICT] = "knn",
         knn_k: int = 5,
     ) -> None:
         super().__init__(embedding_dim, num_classes, num_train)
@@ -51,9 +59,13 @@ class HALSolver(Solver):
         self.tau = float(tau)
         self.predict_by = predict_by
         self.predicts_by_knn = predict_by == "knn"
+        self.score_kind = "votes" if self.predicts_by_knn else "logits"
         self.anchors = nn.Parameter(torch.randn(num_classes, embedding_dim))
         self.knn = KNNHead(num_classes, embedding_dim, knn_k)
         self._step = hal_loss
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, tau={self.tau:g}, predict_by={self.predict_by}, knn_k={self.knn.k}"
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         labels = self.check_batch(embeddings, labels)

@@ -28,6 +28,7 @@ class KNNHead(nn.Module):
 
     The reference set is refilled by :meth:`fit` before every evaluation (so
     it is not saved in ``state_dict``); its search index is built once per fill.
+    Labels of classes beyond ``num_classes`` (added after training) widen the scores.
     """
 
     def __init__(self, num_classes: int, dim: int, k: int = 5, search: NeighbourSearch | None = None) -> None:
@@ -38,8 +39,13 @@ class KNNHead(nn.Module):
         self.k = int(k)
         self.reference = ReferenceSet(dim, search or ExactSearch(), persistent=False)
 
+    def extra_repr(self) -> str:
+        return f"k={self.k}"
+
     def fit(self, embeddings: Tensor, labels: Tensor) -> None:
         self.reference.set(embeddings.detach().float(), labels)
+        if len(labels):
+            self.num_classes = max(self.num_classes, int(labels.max()) + 1)
 
     @torch.no_grad()
     def scores(self, embeddings: Tensor) -> Tensor:

@@ -34,10 +34,14 @@ class PMLSolver(Solver):
     A non-finite embedding makes the loss NaN even when a miner leaves its row
     out of every pair (``0 * sum(x)`` is added: zero for finite input, NaN
     otherwise), so the trainer's guard sees it.
+
+    Options:
+        knn_k: neighbours that vote in kNN prediction.
     """
 
     predicts_by_knn = True
     embedding_space = "l2-normalised"
+    score_kind = "votes"
 
     def __init__(
         self,
@@ -48,16 +52,22 @@ class PMLSolver(Solver):
         loss: nn.Module,
         miner: nn.Module | None = None,
         knn_k: int = 5,
+        settings: dict[str, float] | None = None,
     ) -> None:
         super().__init__(embedding_dim, num_classes, num_train)
         self.loss = loss
         self.miner = miner
         self.knn = KNNHead(num_classes, embedding_dim, knn_k)
+        self.settings = dict(settings or {})  # the loss's options, for extra_repr
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         labels = self.check_batch(embeddings, labels)
         indices = None if self.miner is None else self.miner(embeddings, labels)
         return self.loss(embeddings, labels, indices) + 0.0 * embeddings.sum()
+
+    def extra_repr(self) -> str:
+        settings = "".join(f", {name}={value:g}" for name, value in self.settings.items())
+        return f"{super().extra_repr()}{settings}, knn_k={self.knn.k}"
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         labels = self.check_reference(embeddings, labels)
@@ -69,7 +79,11 @@ class PMLSolver(Solver):
 
 
 class TripletSolver(PMLSolver):
-    """``TripletMarginLoss(margin)`` on the semi-hard triplets of ``TripletMarginMiner(margin)``."""
+    """``TripletMarginLoss(margin)`` on the semi-hard triplets of ``TripletMarginMiner(margin)``.
+
+    Options:
+        margin: how much nearer a positive must be than a negative (also the miner's margin).
+    """
 
     needs_balanced_sampler = True
 
@@ -79,12 +93,16 @@ class TripletSolver(PMLSolver):
         _require_positive("triplet", margin=margin)
         super().__init__(
             embedding_dim, num_classes, num_train, knn_k=knn_k, loss=losses.TripletMarginLoss(margin=margin),
-            miner=miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard"),
+            miner=miners.TripletMarginMiner(margin=margin, type_of_triplets="semihard"), settings={"margin": margin},
         )
 
 
 class LiftedStructureSolver(PMLSolver):
-    """``LiftedStructureLoss(neg_margin, pos_margin=0)`` (Song et al. 2016) on normalised distances."""
+    """``LiftedStructureLoss(neg_margin, pos_margin=0)`` (Song et al. 2016) on normalised distances.
+
+    Options:
+        neg_margin: distance beyond which a negative pair costs nothing.
+    """
 
     needs_balanced_sampler = True
 
@@ -93,11 +111,15 @@ class LiftedStructureSolver(PMLSolver):
     ) -> None:
         _require_positive("lifted", neg_margin=neg_margin)
         loss = losses.LiftedStructureLoss(neg_margin=neg_margin)
-        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss, settings={"neg_margin": neg_margin})
 
 
 class NPairsSolver(PMLSolver):
-    """``NPairsLoss`` (Sohn 2016) on raw dot products, plus ``embedding_reg * ||x||^2`` (batch mean)."""
+    """``NPairsLoss`` (Sohn 2016) on raw dot products, plus ``embedding_reg * ||x||^2`` (batch mean).
+
+    Options:
+        embedding_reg: weight of the squared-norm penalty that keeps raw embeddings small.
+    """
 
     needs_balanced_sampler = True
 
@@ -110,11 +132,16 @@ class NPairsSolver(PMLSolver):
             distance=distances.DotProductSimilarity(normalize_embeddings=False),
             embedding_regularizer=regularizers.LpRegularizer(power=2), embedding_reg_weight=embedding_reg,
         )
-        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss,
+                         settings={"embedding_reg": embedding_reg})
 
 
 class NCASolver(PMLSolver):
-    """Batch ``NCALoss(softmax_scale)``: softmax over ``-softmax_scale * ||x̂_i - x̂_j||^2`` within the batch."""
+    """Batch ``NCALoss(softmax_scale)``: softmax over ``-softmax_scale * ||x̂_i - x̂_j||^2`` within the batch.
+
+    Options:
+        softmax_scale: multiplies the negative squared distances inside the softmax (larger: sharper).
+    """
 
     needs_balanced_sampler = True
 
@@ -123,33 +150,51 @@ class NCASolver(PMLSolver):
     ) -> None:
         _require_positive("nca", softmax_scale=softmax_scale)
         loss = losses.NCALoss(softmax_scale=softmax_scale)
-        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss,
+                         settings={"softmax_scale": softmax_scale})
 
 
 class ProxyNCASolver(PMLSolver):
-    """``ProxyNCALoss(softmax_scale)``: NCA against one learnable proxy per class."""
+    """``ProxyNCALoss(softmax_scale)``: NCA against one learnable proxy per class.
+
+    Options:
+        softmax_scale: multiplies the negative squared distances to the proxies inside the softmax.
+    """
 
     def __init__(
         self, embedding_dim: int, num_classes: int, num_train: int = 0, *, softmax_scale: float = 10.0, knn_k: int = 5
     ) -> None:
         _require_positive("proxynca", softmax_scale=softmax_scale)
         loss = losses.ProxyNCALoss(num_classes, embedding_dim, softmax_scale=softmax_scale)
-        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss,
+                         settings={"softmax_scale": softmax_scale})
 
 
 class NormalizedSoftmaxSolver(PMLSolver):
-    """``NormalizedSoftmaxLoss(temperature)``: cross-entropy over cosine logits ``cos / temperature``."""
+    """``NormalizedSoftmaxLoss(temperature)``: cross-entropy over cosine logits ``cos / temperature``.
+
+    Options:
+        temperature: divides the cosine logits (smaller: sharper).
+    """
 
     def __init__(
         self, embedding_dim: int, num_classes: int, num_train: int = 0, *, temperature: float = 0.05, knn_k: int = 5
     ) -> None:
         _require_positive("normsoftmax", temperature=temperature)
         loss = losses.NormalizedSoftmaxLoss(num_classes, embedding_dim, temperature=temperature)
-        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss,
+                         settings={"temperature": temperature})
 
 
 class MultiSimilaritySolver(PMLSolver):
-    """``MultiSimilarityLoss(alpha, beta, base)`` on ``MultiSimilarityMiner(epsilon)``'s pairs (Wang et al. 2019)."""
+    """``MultiSimilarityLoss(alpha, beta, base)`` on ``MultiSimilarityMiner(epsilon)``'s pairs (Wang et al. 2019).
+
+    Options:
+        alpha: weight of the positive pairs' similarity term.
+        beta: weight of the negative pairs' similarity term.
+        base: similarity offset the pairs are weighed around.
+        epsilon: the miner's margin for keeping informative pairs.
+    """
 
     needs_balanced_sampler = True
 
@@ -170,11 +215,17 @@ class MultiSimilaritySolver(PMLSolver):
             embedding_dim, num_classes, num_train, knn_k=knn_k,
             loss=losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base),
             miner=miners.MultiSimilarityMiner(epsilon=epsilon),
+            settings={"alpha": alpha, "beta": beta, "base": base, "epsilon": epsilon},
         )
 
 
 class ProxyAnchorSolver(PMLSolver):
-    """``ProxyAnchorLoss(margin, alpha)`` (Kim et al. 2020): one learnable proxy per class as the anchor."""
+    """``ProxyAnchorLoss(margin, alpha)`` (Kim et al. 2020): one learnable proxy per class as the anchor.
+
+    Options:
+        margin: similarity margin around the proxies.
+        alpha: scale of the similarities (larger: harder pairs weigh more).
+    """
 
     def __init__(
         self,
@@ -188,4 +239,5 @@ class ProxyAnchorSolver(PMLSolver):
     ) -> None:
         _require_positive("proxyanchor", margin=margin, alpha=alpha)
         loss = losses.ProxyAnchorLoss(num_classes, embedding_dim, margin=margin, alpha=alpha)
-        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss)
+        super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss,
+                         settings={"margin": margin, "alpha": alpha})

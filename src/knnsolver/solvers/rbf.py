@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +25,7 @@ from knnsolver.registry import SEARCHES
 from knnsolver.search.common import drop_own_rows
 
 NEIGHBOUR_MODES = ("stored", "fresh")
+SIGMA_AUTO = "auto"
 # Cap on the (batch x k x d) neighbour block gathered at once in predict().
 _PREDICT_BLOCK = 2**24
 # Median distance of a training query to its own stored centre, in sigmas, above which the bank counts as stale.
@@ -36,54 +38,57 @@ class RBFSolver(Solver):
     """Nearest-neighbour RBF loss and classifier over a bank of stored training embeddings.
 
     Options:
-        k: neighbours per sample in training (the paper uses 100 to 200).
-        sigma: global RBF width; ``0`` = automatic: re-estimated at every bank
-            refresh (and :meth:`fit_reference`) as the median distance from a
-            centre to its nearest other centre
+        k: neighbours of each training sample that score it (the paper uses 100 to 200).
+        sigma: RBF width, or ``auto``: the bank's median nearest-centre spacing, re-estimated at every refresh.
+            ``auto`` (also written ``0``) is
+            re-estimated at every bank refresh (and :meth:`fit_reference`) as the
+            median distance from a centre to its nearest other centre
             (:func:`~knnsolver.functional.rbf.rbf_auto_sigma`: the bank's typical
             spacing), so it follows the embedding's scale as training rescales it
             (the paper fine-tunes at lr 1e-5, where the scale barely moves; from
             scratch the unnormalised embedding grows 16-40x and a sigma set once
             turns the solver into a hard nearest-neighbour rule). With
             ``learn_sigma`` an automatic sigma is set at the first fill only and then learned.
-        learn_sigma: learn ``log sigma`` with the network instead of keeping it
-            fixed or re-estimating it. Measured on validation (benchmarks/README.md,
+        learn_sigma: learn sigma with the network instead of fixing or re-estimating it.
+            Measured on validation (benchmarks/README.md,
             "training health"): a learned sigma is 1.5 points better at 500 images
             per class (3 of 3 seeds) but 0.4-3.8 points worse at 10 per class, so
             the default stays re-estimation and the benchmark suites should tune it.
-        update_interval: refresh the bank (centres, neighbour lists, automatic
-            sigma) before every epoch with ``epoch % update_interval == 0``; it is
-            always filled before the first epoch. Where the run is no longer than
-            the interval (``update_interval >= epochs``, so the bank would only
-            ever hold the untrained network's embeddings), the interval becomes
-            ``max(1, epochs // 2)``: a 2- or 3-epoch run refreshes before every
-            epoch, a 10-epoch run before epochs 1 and 6 (1-based); the trainer
-            prints one line saying so (:meth:`schedule_note`). The rule follows the
-            configured epoch count, so raising ``epochs`` on ``--resume`` past the
-            interval changes the schedule from then on (the epochs already run kept theirs).
-        learn_weights: learn the per-centre log-weights ``theta_i``; the paper
-            learns them for classification and fixes ``w_i = 1`` for metric learning,
-            so the trainer sets ``False`` on the disjoint split unless you set it.
-        normalize: put embeddings (queries and centres) on a sphere of radius
-            ``radius`` before the RBF, fixing the scale so that a hand-set sigma
-            keeps its meaning (in units of the radius); retrieval then ranks in
+        update_interval: refresh the bank (centres, neighbour lists, automatic sigma) every this many epochs.
+            The refresh runs before every epoch with ``epoch % update_interval == 0``; the
+            bank is always filled before the first epoch. Where the run is no longer than
+            the interval (``update_interval >= epochs``, so the bank would only ever hold
+            the untrained network's embeddings), the interval becomes ``max(1, epochs // 2)``:
+            a 2- or 3-epoch run refreshes before every epoch, a 10-epoch run before epochs 1
+            and 6 (1-based); the trainer prints one line saying so (:meth:`schedule_note`).
+            The rule follows the configured epoch count, so raising ``epochs`` on
+            ``--resume`` past the interval changes the schedule from then on (the epochs
+            already run kept theirs).
+        learn_weights: learn a weight per centre (true: the paper's classification setting).
+            The paper learns the log-weights ``theta_i`` for classification and fixes
+            ``w_i = 1`` for metric learning, so the trainer sets ``False`` on the
+            disjoint split unless you set it.
+        normalize: put queries and centres on a sphere of radius ``radius`` (false: the paper's free scale).
+            Fixing the scale keeps the meaning of a hand-set sigma
+            (in units of the radius); retrieval then ranks in
             that space (``embedding_space = "l2-normalised"``). On by default,
             a departure from the paper (which fine-tunes at lr 1e-5, where the
             scale barely moves) chosen on validation: from scratch on
             Fashion-MNIST it gained 3.4 points over raw embeddings
-            (benchmarks/README.md, "training health"); ``False`` is the paper's
-            free-scale form.
-        radius: the sphere's radius with ``normalize``.
-        neighbour_mode: ``stored`` uses the neighbour list of the sample's own
+            (benchmarks/README.md, "training health").
+        radius: radius of the sphere the embeddings are put on with ``normalize``.
+        neighbour_mode: where a sample's neighbours come from: ``stored`` lists or a ``fresh`` search.
+            ``stored`` uses the neighbour list of the sample's own
             centre, computed at the last refresh (the paper; needs row indices);
             ``fresh`` searches the bank with the current embedding every batch,
             excluding the sample's own row.
-        online_update: after each training-mode batch, write its detached
-            embeddings into the bank at its rows (neighbour lists still wait for
-            the next refresh); an eval-mode call (a validation loss) writes nothing.
-        bank_dtype: storage of the centres, ``float32`` or ``float16``.
-        search: neighbour-search backend by name (``knnsolver.registry.SEARCHES``).
-        predict_k: centres searched per query in :meth:`predict`; ``0`` = ``k``.
+        online_update: write each training batch's embeddings into the bank at once.
+            After each training-mode batch its detached embeddings go into the bank
+            at its rows (neighbour lists still wait for the next refresh); an
+            eval-mode call (a validation loss) writes nothing.
+        bank_dtype: storage precision of the bank's centres.
+        search: neighbour-search backend of the bank (``knnsolver searches`` lists their options).
+        predict_k: centres searched per query at prediction; ``0`` = the same as ``k``.
 
     :meth:`fit_reference` replaces the bank's centres with the given embeddings
     (neighbour lists stay until the next refresh), so prediction uses the
@@ -111,6 +116,7 @@ class RBFSolver(Solver):
     """
 
     predicts_by_knn = True
+    score_kind = "log-probabilities"
 
     def __init__(
         self,
@@ -119,25 +125,29 @@ class RBFSolver(Solver):
         num_train: int,
         *,
         k: int = 200,
-        sigma: float = 0.0,
+        sigma: float | Literal["auto"] = SIGMA_AUTO,
         learn_sigma: bool = False,
         update_interval: int = 10,
         learn_weights: bool = True,
         normalize: bool = True,
         radius: float = 1.0,
-        neighbour_mode: str = "stored",
+        neighbour_mode: Annotated[str, NEIGHBOUR_MODES] = "stored",
         online_update: bool = False,
-        bank_dtype: str = "float32",
-        search: str = "exact",
+        bank_dtype: Annotated[str, BANK_DTYPES] = "float32",
+        search: Annotated[str, SEARCHES] = "exact",
         predict_k: int = 0,
     ) -> None:
         super().__init__(embedding_dim, num_classes, num_train)
+        if isinstance(sigma, str):
+            if sigma != SIGMA_AUTO:
+                raise ConfigError(f"sigma must be a finite number >= 0 (0 = auto), or {SIGMA_AUTO!r}, got {sigma!r}")
+            sigma = 0.0
         if neighbour_mode not in NEIGHBOUR_MODES:
             raise ConfigError(f"unknown neighbour_mode {neighbour_mode!r}; choose one of: {', '.join(NEIGHBOUR_MODES)}")
         if bank_dtype not in BANK_DTYPES:
             raise ConfigError(f"unknown bank_dtype {bank_dtype!r}; choose one of: {', '.join(BANK_DTYPES)}")
         if not sigma >= 0 or math.isinf(sigma):
-            raise ConfigError(f"sigma must be a finite number >= 0 (0 = set automatically), got {sigma}")
+            raise ConfigError(f"sigma must be a finite number >= 0 (0 = auto), or 'auto', got {sigma}")
         if not radius > 0 or math.isinf(radius):
             raise ConfigError(f"radius must be a finite number > 0, got {radius}")
         if update_interval < 1:
@@ -167,6 +177,15 @@ class RBFSolver(Solver):
         self._step = rbf_step  # the pure training maths; compile_loss() swaps in a compiled copy
         self._sigma_known = sigma > 0
         self._rows_checked = False  # on an accelerator, row indices are checked once per refresh (a host read)
+
+    def extra_repr(self) -> str:
+        sigma = "learned" if self.log_sigma.requires_grad else "auto" if self.auto_sigma else "fixed"
+        if not torch.isnan(self.log_sigma):
+            sigma += f" ({self.log_sigma.exp().item():.4g})"
+        space = f"normalize=True, radius={self.radius:g}" if self.normalize else "normalize=False"
+        return (f"{super().extra_repr()}, k={self.k}, predict_k={self.predict_k}, sigma={sigma}, {space}, "
+                f"update_interval={self.update_interval}, learn_weights={self.log_weights.requires_grad}, "
+                f"neighbour_mode={self.neighbour_mode}, search={self.search.name}, centres={len(self.bank)}")
 
     @classmethod
     def protocol_defaults(cls, split: str) -> dict[str, object]:

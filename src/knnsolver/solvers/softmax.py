@@ -13,7 +13,11 @@ def softmax_loss(embeddings: Tensor, weight: Tensor, bias: Tensor, labels: Tenso
 
 
 class SoftmaxSolver(Solver):
-    """``loss = CE(W x + b, y)``; ``predict`` returns the logits ``W x + b``."""
+    """``loss = CE(W x + b, y)``; ``predict`` returns the logits ``W x + b``.
+
+    Options:
+        label_smoothing: share of each target's probability spread evenly over all classes (0: none).
+    """
 
     def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, label_smoothing: float = 0.0) -> None:
         super().__init__(embedding_dim, num_classes, num_train)
@@ -24,6 +28,9 @@ class SoftmaxSolver(Solver):
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         labels = self.check_batch(embeddings, labels)
         return self._step(embeddings, self.classifier.weight, self.classifier.bias, labels, self.label_smoothing)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, label_smoothing={self.label_smoothing:g}"
 
     def predict(self, embeddings: Tensor) -> Tensor:
         self.check_queries(embeddings)

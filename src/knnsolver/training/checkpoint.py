@@ -105,6 +105,13 @@ def write_json(data: Any, path: str | Path) -> None:
     _atomic_write(Path(path), lambda fh: fh.write(_json(data, indent=2).encode()))
 
 
+def write_npy(array: Any, path: str | Path) -> None:
+    """Write a numpy array as an ``.npy`` file, atomically."""
+    import numpy as np
+
+    _atomic_write(Path(path), lambda fh: np.save(fh, array, allow_pickle=False))
+
+
 def write_jsonl(rows: list[dict[str, Any]], path: str | Path) -> None:
     """Write one strict JSON object per line (non-finite numbers as null), atomically."""
     _atomic_write(Path(path), lambda fh: fh.write("".join(_json(r) + "\n" for r in rows).encode()))

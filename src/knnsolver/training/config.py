@@ -79,6 +79,50 @@ class TrainConfig:
       with precise BN, and ``matched`` was level with ``batch`` (+0.3 points,
       within seed noise, at the cost of an embedding pass per refresh), so
       ``batch`` is the default for every solver.
+
+    Attributes:
+        dataset: the data to train on (``knnsolver datasets`` lists them).
+        solver: the loss and classifier on top of the network (``knnsolver solvers`` lists them).
+        out: the run folder: config, log, checkpoints, summary and plots.
+        split: ``standard`` classifies the dataset's own classes, ``disjoint`` scores retrieval on unseen classes.
+        epochs: passes over the training set.
+        batch_size: training rows per step (per process under torchrun).
+        optimizer: the optimiser of the network and the solver.
+        lr: learning rate (of the embedding layer and solver when ``backbone_lr`` is set).
+        backbone_lr: learning rate of the backbone; none = ``lr``.
+        weight_decay: L2 weight decay of the optimiser.
+        momentum: SGD momentum.
+        seed: seeds the data split, the initial weights and every epoch's sampling.
+        model: the network (a registered name or ``timm:NAME``); ``auto`` picks one for the input shape.
+        embedding_dim: size of the embedding the network outputs.
+        dropout: dropout rate before the embedding layer.
+        width: channel width of the small built-in networks.
+        pretrained: weights file to start the network from (torchvision's or timm's format); none = random init.
+        data_dir: where the dataset's files are; none = the dataset's default.
+        val_fraction: share of the training rows held out to choose the best epoch; 0 = none.
+        max_per_class: keep at most this many training rows per class; none = all.
+        augment: augment the training images (the dataset's own augmentation).
+        image_size: side of the square images fed to the network; none = the dataset's default.
+        resize_size: shorter side images are resized to before the centre crop; none = image_size * 8 / 7.
+        balanced: sample batches class-balanced; none = only for solvers that need it.
+        samples_per_class: images per class in a balanced batch; 0 = chosen from batch size and class count.
+        lr_schedule: how the learning rate changes over the run (see Training controls above).
+        warmup_epochs: epochs of linear learning-rate warm-up (may be fractional).
+        lr_step_epochs: epochs between the learning-rate drops of the ``step`` schedule.
+        lr_gamma: factor of each learning-rate drop of the ``step`` schedule.
+        clip_grad_norm: clip the global gradient norm to this value; none = no clipping.
+        precise_bn: re-estimate BatchNorm statistics before every evaluation and bank refresh.
+        precise_bn_rows: training rows used to re-estimate the BatchNorm statistics.
+        bn_mode: how BatchNorm normalises while training (see Training controls above).
+        eval_every: validate every this many epochs.
+        eval_batch_size: rows per batch when embedding for evaluation and bank refreshes.
+        num_workers: DataLoader worker processes for file-backed or augmented data; 0 = the main process.
+        plots: draw loss and metric curves and a t-SNE of the test embeddings at the end.
+        progress: show progress bars.
+        device: ``auto`` (a CUDA GPU when one is visible, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``fp32``, or run the network under ``bf16`` or ``fp16`` autocast (the solver stays fp32).
+        compile: run the network (and on a GPU the solver's loss) through ``torch.compile``.
+        solver_options: the solver's own options, by name (flags of their own on the command line).
     """
 
     dataset: str = "digits"
@@ -176,7 +220,7 @@ class TrainConfig:
 
         options = {o.name: o for o in options_of(SOLVERS.get(self.solver))}
         for name, value in self.solver_options.items():
-            if name in options:
+            if name in options and value not in options[name].words:  # a word such as sigma's "auto" is kept
                 opt = options[name]
                 self.solver_options[name] = check_type(f"solver option {name}", value, opt.type,
                                                        optional=opt.default is None)

@@ -792,8 +792,8 @@ def _result_line(summary: dict[str, Any], config: TrainConfig) -> str:
     return f"done: best epoch {summary['best_epoch']}, {scores}; {summary['timing']['wall_seconds']:.1f} s in all"
 
 
-def load_saved(out: str | Path) -> tuple[Run, Path]:
-    """Rebuild a saved run from its folder (plots off), weights not yet loaded.
+def load_saved(out: str | Path, device: str | None = None) -> tuple[Run, Path]:
+    """Rebuild a saved run from its folder (plots off), weights not yet loaded; ``device`` overrides the run's.
 
     The solver is built with the options saved beside its weights (defaults
     included), so a later change of a default does not change a saved run. Runs
@@ -809,6 +809,8 @@ def load_saved(out: str | Path) -> tuple[Run, Path]:
     except ConfigError as err:
         raise DataError(f"the run in {out} has an invalid {CONFIG}: {err}") from None
     config.plots = "off"
+    if device is not None:
+        config.device = device
     saved = load_checkpoint(out / BEST).get("solver_options")
     if saved is not None:
         config.solver_options = dict(saved)
