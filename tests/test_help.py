@@ -10,7 +10,8 @@ from knnsolver.solvers.rbf import RBFSolver
 from knnsolver.training import TrainConfig
 
 COMMON = ("embedding_dim", "num_classes", "num_train")
-FREE_TEXT = {"out", "model", "pretrained", "data_dir", "device"}  # training settings that take any text
+# Training settings that take any text (augment: composable names with strengths, such as "flip,crop:2").
+FREE_TEXT = {"out", "model", "pretrained", "data_dir", "device", "augment"}
 SIZES = {"embedding_dim": 16, "num_classes": 4, "num_train": 40}
 
 

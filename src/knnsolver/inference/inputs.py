@@ -22,6 +22,7 @@ from torch import Tensor
 from knnsolver.data import DataBundle
 from knnsolver.data.datasets import (
     IMAGE_EXTENSIONS,
+    CachedImagePool,
     ImageFilePool,
     PhotoPool,
     TensorPool,
@@ -44,16 +45,20 @@ class InputSpec:
         shape: one input's shape, e.g. ``(1, 8, 8)``, ``(3, 64, 64)`` or ``(D,)``.
         images: how an image file is read; ``None``: the network takes feature vectors, not images.
             ``grey``: greyscale in [0, 1] resized to the shape (digits, Fashion-MNIST: the
-            in-memory datasets, whose pixels are in [0, 1]); ``stretch``: RGB in [0, 1]
-            resized to the square (``image-folder`` without ``resize_size``); ``crop``:
+            in-memory datasets, whose pixels are in [0, 1]); ``stretch``: read as the run's
+            image folder was (its channels, resized to its height and width; ``image-folder``
+            without ``resize_size``); ``crop``:
             RGB, shorter side resized to ``resize_size``, then the centre square (the
             benchmarks' protocol; bounding boxes of a ``*-bbox`` dataset do not apply to new images).
         resize_size: the shorter side before the centre crop (``crop`` only).
+        quantized: ``stretch`` values rounded to 1/255 after resizing, as a folder decoded
+            into memory at loading was (:class:`~knnsolver.data.datasets.CachedImagePool`).
     """
 
     shape: tuple[int, ...]
     images: str | None
     resize_size: int | None = None
+    quantized: bool = False
 
     @classmethod
     def of_data(cls, data: DataBundle) -> InputSpec:
@@ -64,16 +69,19 @@ class InputSpec:
             return cls(shape, "crop", pool.resize_size)
         if isinstance(pool, ImageFilePool):
             return cls(shape, "stretch")
+        if isinstance(pool, CachedImagePool):
+            return cls(shape, "stretch", quantized=True)
         if isinstance(pool, TensorPool) and len(shape) == 3:
             return cls(shape, "grey" if shape[0] == 1 else "stretch")
         return cls(shape, None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"shape": list(self.shape), "images": self.images, "resize_size": self.resize_size}
+        return {"shape": list(self.shape), "images": self.images, "resize_size": self.resize_size,
+                "quantized": self.quantized}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> InputSpec:
-        return cls(tuple(data["shape"]), data["images"], data.get("resize_size"))
+        return cls(tuple(data["shape"]), data["images"], data.get("resize_size"), data.get("quantized", False))
 
     def describe(self) -> str:
         """What the network takes, in words (for error messages)."""
@@ -89,7 +97,8 @@ class InputSpec:
         if self.images == "crop":
             return CenterCrop(self.shape[1:])(PhotoPool([path], self.resize_size).get(0))
         if self.images == "stretch":
-            return ImageFilePool([path], self.shape[1]).get(0)
+            x = ImageFilePool([path], tuple(self.shape[1:]), channels=self.shape[0]).get(0)
+            return x.mul_(255.0).round_().mul_(1.0 / 255.0) if self.quantized else x
         try:
             with Image.open(path) as img:
                 rgb = image_to_rgb(img)

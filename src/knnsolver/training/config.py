@@ -101,9 +101,11 @@ class TrainConfig:
         data_dir: where the dataset's files are; none = the dataset's default.
         val_fraction: share of the training rows held out to choose the best epoch; 0 = none.
         max_per_class: keep at most this many training rows per class; none = all.
-        augment: augment the training images (the dataset's own augmentation).
+        augment: training augmentation: true (the dataset's own set), false, or names such as flip,crop:2,scale:0.5.
         image_size: side of the square images fed to the network; none = the dataset's default.
         resize_size: shorter side images are resized to before the centre crop; none = image_size * 8 / 7.
+        image_channels: channels an image folder is read with (1 or 3); none = 1 when every image is greyscale.
+        image_cache_mb: most megabytes of decoded images an image folder keeps in memory (0 = decode every epoch).
         balanced: sample batches class-balanced; none = only for solvers that need it.
         samples_per_class: images per class in a balanced batch; 0 = chosen from batch size and class count.
         lr_schedule: how the learning rate changes over the run (see Training controls above).
@@ -117,7 +119,7 @@ class TrainConfig:
         eval_every: validate every this many epochs.
         eval_batch_size: rows per batch when embedding for evaluation and bank refreshes.
         num_workers: DataLoader worker processes for file-backed or augmented data; 0 = the main process.
-        plots: draw loss and metric curves and a t-SNE of the test embeddings at the end.
+        plots: curves (loss and metric curves), all (adds a t-SNE of at most 2,000 test embeddings) or off.
         progress: show progress bars.
         device: ``auto`` (a CUDA GPU when one is visible, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32``, or run the network under ``bf16`` or ``fp16`` autocast (the solver stays fp32).
