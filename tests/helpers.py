@@ -69,3 +69,25 @@ def train_interrupted(config, stop_after: int) -> None:
 def results(summary: dict) -> dict:
     """A run's summary without its timing (wall and phase seconds differ between any two runs)."""
     return {k: v for k, v in summary.items() if k != "timing"}
+
+
+def run_cli(capsys, *argv) -> tuple[int, str, str]:
+    """``knnsolver ARGV`` in-process: exit code, stdout, stderr; no traceback may be printed."""
+    from knnsolver.cli.main import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in out + err
+    return code, out, err
+
+
+def one_line_error(code: int, err: str, *fragments: str) -> None:
+    """Exit code 2 and exactly one ``knnsolver: error:`` line holding every fragment (progress lines and
+    warnings may come before it)."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("knnsolver: ")
+             and not line.startswith("knnsolver: warning")]
+    assert len(lines) == 1 and lines[0].startswith("knnsolver: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

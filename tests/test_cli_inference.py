@@ -12,25 +12,15 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from knnsolver.cli.main import main
+from helpers import one_line_error as _one_line_error, run_cli as _run
 
 # Digits 0-4 train (disjoint split); the RBF flow of the README, through the command line.
 TRAIN = ["train", "--dataset", "digits", "--solver", "rbf", "--split", "disjoint", "--epochs", "4", "--width", "16",
          "--k", "20", "--sigma", "auto", "--update-interval", "1", "--plots", "false", "--progress", "false"]
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
 
 
-def _one_line_error(code, err, *fragments):
-    assert code == 2, err
-    lines = [line for line in err.strip().splitlines() if not line.startswith("knnsolver: warning")]
-    assert len(lines) == 1 and lines[0].startswith("knnsolver: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:

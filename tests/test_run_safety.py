@@ -15,28 +15,14 @@ import pytest
 from knnsolver.cli.main import main
 from knnsolver.errors import TrainingWarning
 from knnsolver.training import trainer
-from helpers import results
+from helpers import one_line_error as _one_line_error, results, run_cli as _run
 
 BASE = ["--dataset", "digits", "--solver", "softmax", "--width", "8", "--embedding-dim", "8", "--plots", "false",
         "--progress", "false", "--max-per-class", "30", "--eval-batch-size", "2000"]
 
 
-def _run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    assert "Traceback" not in out + err
-    return code, out, err
 
 
-def _one_line_error(code, err, *fragments):
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    # Progress lines (a run's header, phases and epochs) come before the error; warnings may too.
-    lines = [line for line in err.strip().splitlines() if line.startswith("knnsolver: ")
-             and not line.startswith("knnsolver: warning")]
-    assert len(lines) == 1 and lines[0].startswith("knnsolver: error: "), err
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
