@@ -244,3 +244,34 @@ def test_results_stored_before_a_setting_was_added_still_match(finished, tmp_pat
         path.write_text(json.dumps(data))
     started = _count_training(monkeypatch)
     assert _bench(out) == 0 and started == []
+
+
+def test_a_raised_budget_continues_stored_runs_from_their_checkpoints(tmp_path, monkeypatch):
+    """At a constant learning rate, more epochs continue the stored runs (grid and finals) from their
+    checkpoints; the results equal a straight run of the longer budget."""
+    import dataclasses
+
+    from knnsolver.bench import suites
+
+    def preset(epochs):
+        tiny = suites.PRESETS["tiny"]
+        return dataclasses.replace(tiny, standard=dict(tiny.standard, epochs=epochs, lr_schedule="constant"))
+
+    monkeypatch.setitem(suites.PRESETS, "tiny", preset(1))
+    assert _bench(tmp_path / "short", solvers="softmax") == 0
+    final = tmp_path / "short" / "classification" / "softmax__final__s1.json"
+    chosen_before = json.loads(final.read_text())["params"]
+    monkeypatch.setitem(suites.PRESETS, "tiny", preset(2))
+    started = _count_training(monkeypatch)
+    assert _bench(tmp_path / "short", solvers="softmax") == 0
+    # the grid is continued; the final too, unless the longer grid chose another setting (then it runs again)
+    same_choice = json.loads(final.read_text())["params"] == chosen_before
+    assert sorted(started) == sorted([("softmax__final__s1", same_choice),
+                                      *[(f"softmax__label_smoothing={v}__s0", True) for v in ("0", "0.1", "0.2")]])
+    assert _bench(tmp_path / "straight", solvers="softmax") == 0
+    for path in (tmp_path / "straight" / "classification").glob("*.json"):
+        want = json.loads(path.read_text())
+        got = json.loads((tmp_path / "short" / "classification" / path.name).read_text())
+        assert len(got["history"]) == 2 and got["params"] == want["params"]
+        for key in ("test_accuracy", "best_epoch"):
+            assert got["summary"][key] == want["summary"][key], (path.name, key)

@@ -98,11 +98,21 @@ def best_val(history: Sequence[Mapping[str, Any]], key: str) -> float:
     return max(scores)
 
 
+def continues(shorter: Mapping[str, Any], longer: Mapping[str, Any]) -> bool:
+    """Whether training config ``longer`` is ``shorter`` run for more epochs at a constant learning rate, so
+    resuming the shorter run gives exactly the longer one (every epoch's randomness is seeded by its number)."""
+    a, b = comparable(shorter), comparable(longer)
+    return (a.get("lr_schedule") == b.get("lr_schedule") == "constant" and a.get("epochs", 0) < b.get("epochs", 0)
+            and {**a, "epochs": b["epochs"]} == b)
+
+
 def _can_resume(run_dir: Path, cfg: TrainConfig) -> bool:
-    """Whether ``run_dir`` holds a checkpoint of exactly this configuration (not of a moved or changed run)."""
+    """Whether ``run_dir`` holds a checkpoint of this configuration, or of it cut shorter (:func:`continues`),
+    and not of a moved or changed run."""
     if not (run_dir / "checkpoint.pt").is_file() or not (run_dir / "config.json").is_file():
         return False
-    return json.loads((run_dir / "config.json").read_text()) == cfg.to_dict()
+    saved = json.loads((run_dir / "config.json").read_text())
+    return saved.get("out") == cfg.out and (comparable(saved) == comparable(cfg.to_dict()) or continues(saved, cfg.to_dict()))
 
 
 def _train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
@@ -212,6 +222,23 @@ def select_shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSp
     return [s for s in specs if s.pick is None and methods.index(s.method) % count == index]
 
 
+def _outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dict]) -> str | None:
+    """Why a stored result must be redone under today's suite, or ``None`` when it stands.
+
+    A training run stored with fewer epochs at a constant learning rate is
+    continued from its checkpoint (a budget raised later costs only the new
+    epochs); a final whose grid now chooses other settings is run again.
+    """
+    if spec.kind != "train" or stored.get("kind") != "train" or spec.pick is not None:
+        return None
+    resolved, _ = resolve(spec, results)
+    if spec.params is None and dict(resolved.params) != stored.get("params"):
+        return f"its grid now chooses {params_text(resolved.params)}: run again"
+    if continues(stored["config"], resolved.train_config(stored["config"]["out"]).to_dict()):
+        return f"continued to {resolved.config['epochs']} epochs"
+    return None
+
+
 def _check_same(spec: RunSpec, stored: Mapping[str, Any], path: Path) -> None:
     """Refuse to mix results of different settings (another preset) in one folder."""
     if spec.params is None or spec.pick is not None:
@@ -265,11 +292,18 @@ def run_suite(
     for number, spec in enumerate(specs, 1):
         label = f"[{number}/{len(specs)}] {suite.name} {spec.run_id}"
         path = folder / f"{spec.run_id}.json"
+        earlier = 0.0  # seconds already spent on a stored run that is continued
         if spec.run_id in results:
-            _check_same(spec, results[spec.run_id], path)
-            tqdm.write(f"{label}: done already")
-            bar.update()
-            continue
+            stored = results[spec.run_id]
+            redo = _outdated(spec, stored, results)
+            if redo is None:
+                _check_same(spec, stored, path)
+                tqdm.write(f"{label}: done already")
+                bar.update()
+                continue
+            tqdm.write(f"{label}: {redo}")
+            del results[spec.run_id]
+            earlier = stored["wall_seconds"] if redo.startswith("continued") and "same_run_as" not in stored else 0.0
         spec, same_as = resolve(spec, results)
         start = time.perf_counter()
         result: dict[str, Any] = {
@@ -284,7 +318,7 @@ def run_suite(
             result["same_run_as"] = same_as["run_id"]
         else:
             result.update(execute(spec, folder))
-            result["wall_seconds"] = time.perf_counter() - start
+            result["wall_seconds"] = earlier + time.perf_counter() - start
         result.update(command=command, commit=commit, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
                       machine=host)
         write_json(result, path)
