@@ -19,10 +19,6 @@ TRAIN = ["train", "--dataset", "digits", "--solver", "rbf", "--split", "disjoint
          "--k", "20", "--sigma", "auto", "--update-interval", "1", "--plots", "false", "--progress", "false"]
 
 
-
-
-
-
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes())
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name != ".lock"}

@@ -75,7 +75,7 @@ def test_a_config_file_holding_a_list_is_one_line(tmp_path, capsys):
     (["--seed", str(2**63)], "seed must be in [0, 4.29497e+09)"),
     (["--val-fraction", "1.5"], "val_fraction must be in [0, 1), got 1.5"),
     (["--resize-size", "-3"], "resize_size must be >= 1, got -3"),
-    (["--backbone-lr", "-1"], "backbone_lr must be >= 0"),
+    (["--backbone-lr", "-1"], "backbone_lr must be > 0"),
 ])
 def test_bad_flag_values_are_one_line_and_write_nothing(tmp_path, capsys, flags, message):
     out = tmp_path / "r"

@@ -156,7 +156,6 @@ def test_a_model_saved_into_its_run_folder_is_loaded_from_it_until_the_run_chang
     knnsolver.load(run).add(x[:4], "cat").save(run)
     assert knnsolver.load(run).classes[-1] == "cat"
     state = load_checkpoint(run / "best.pt")
-    state["epoch"] += 0
     save_checkpoint({**state, "note": "retrained"}, run / "best.pt")
     with pytest.raises(DataError, match="was saved from an earlier training of the run"):
         knnsolver.load(run)
@@ -175,10 +174,13 @@ def test_save_refuses_files_and_foreign_folders_and_busy_runs(runs, test_split, 
         model.save(tmp_path / "other")
     run = tmp_path / "run"
     shutil.copytree(runs["hal"], run)
+    with pytest.raises(StorageError, match="holds another run"):  # a copy is not the folder the model came from
+        model.save(run)
+    own = knnsolver.load(run)
     lock = _Lock(run)  # a training holding the folder
     try:
         with pytest.raises(RunFolderBusyError, match="in use by another training"):
-            model.save(run)
+            own.save(run)
     finally:
         lock.release()
     assert not (run / "model.pt").exists()

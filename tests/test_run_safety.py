@@ -21,10 +21,6 @@ BASE = ["--dataset", "digits", "--solver", "softmax", "--width", "8", "--embeddi
         "--progress", "false", "--max-per-class", "30", "--eval-batch-size", "2000"]
 
 
-
-
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name != ".lock"}
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from knnsolver.data.transforms import Compose, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, Transform
+from knnsolver.data.transforms import CenterCrop, Compose, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, Transform
 from knnsolver.errors import ConfigError
 
 NAMES = ("flip", "crop", "scale")
@@ -32,12 +32,16 @@ class AugmentPolicy:
         size: the (height, width) the augmented image must keep.
         orientation_sensitive: mirrored images would be other classes or no class (digits, characters).
         min_scale: ``scale``'s default smallest area fraction.
+        uncropped: the stored images are larger than ``size`` (resized, not yet cropped:
+            the benchmark protocol), so options that do not crop (``flip`` alone) end
+            with the evaluation's centre crop.
     """
 
     default: tuple[str, ...]
     size: tuple[int, int]
     orientation_sensitive: bool = False
     min_scale: float = 0.5
+    uncropped: bool = False
 
     def describe(self) -> str:
         """The default set in words, for ``knnsolver datasets``."""
@@ -57,8 +61,8 @@ def parse_options(names: list[str]) -> list[tuple[str, float | None]]:
             value = float(strength) if strength else None
         except ValueError:
             raise ConfigError(f"augmentation {item!r}: the strength after ':' must be a number") from None
-        if value is not None and not (value > 0 and (name == "crop" or value <= 1)):
-            limit = "> 0 pixels" if name == "crop" else "in (0, 1]"
+        if value is not None and not (value >= 1 and value == int(value) if name == "crop" else 0 < value <= 1):
+            limit = "a whole number of pixels >= 1" if name == "crop" else "in (0, 1]"
             raise ConfigError(f"augmentation {item!r}: the strength must be {limit}")
         parsed.append((name, value))
     return parsed
@@ -83,4 +87,6 @@ def build_augmentation(augment: bool | list[str], policy: AugmentPolicy | None, 
             transforms.append(RandomCrop(policy.size, padding=padding))
         else:
             transforms.append(RandomResizedCrop(policy.size, scale=(strength or policy.min_scale, 1.0)))
+    if policy.uncropped and not any(name in ("crop", "scale") for name, _ in options):
+        transforms.append(CenterCrop(policy.size))
     return transforms[0] if len(transforms) == 1 else Compose(transforms)

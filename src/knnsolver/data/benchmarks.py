@@ -72,7 +72,7 @@ def _photo_source(
         test_rows=np.asarray(test_rows, dtype=np.int64),
         class_names=class_names,
         input_shape=(3, crop, crop),
-        augment_policy=AugmentPolicy(("scale", "flip"), (crop, crop), min_scale=PROTOCOL_CROP_SCALE[0]),
+        augment_policy=AugmentPolicy(("scale", "flip"), (crop, crop), min_scale=PROTOCOL_CROP_SCALE[0], uncropped=True),
         eval_transform=CenterCrop(crop),
         **protocol,
     )

@@ -213,7 +213,11 @@ class PhotoPool(Pool):
         path = self.paths[index]
         try:
             with Image.open(path) as img:
-                img = img.convert("RGB")
+                full_scale = _HIGH_DEPTH_FULL_SCALE.get(img.mode)
+                if full_scale is None:
+                    img = img.convert("RGB")
+                else:  # as image_to_rgb: by its own full scale, kept as float ("F") through crop and resize
+                    img = Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) / full_scale, 0.0, 1.0), mode="F")
         except (OSError, ValueError) as err:
             raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
         if self.boxes is not None:
@@ -223,6 +227,8 @@ class PhotoPool(Pool):
         size = (max(self.resize_size, round(width * scale)), max(self.resize_size, round(height * scale)))
         if size != img.size:
             img = img.resize(size, Image.Resampling.BILINEAR)
+        if img.mode == "F":
+            return torch.from_numpy(np.asarray(img).copy()).unsqueeze(0).expand(3, -1, -1).contiguous()
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div_(255.0)
 
 
@@ -548,7 +554,7 @@ def load_image_folder(data_dir: str | None = None, image_size: int | None = None
             _check_image(path)
         return Source(**common, pool=PhotoPool(paths, resize_size), input_shape=(3, image_size, image_size),
                       augment_policy=AugmentPolicy(("scale", "flip"), (image_size, image_size),
-                                                   min_scale=PROTOCOL_CROP_SCALE[0]),
+                                                   min_scale=PROTOCOL_CROP_SCALE[0], uncropped=True),
                       eval_transform=CenterCrop(image_size), notes="RGB, benchmark resize and centre crop")
     sizes, grey, deep = _scan_headers(paths)
     channels = image_channels or (1 if grey else 3)

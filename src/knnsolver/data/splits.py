@@ -86,7 +86,8 @@ def disjoint_classes(class_ids: Sequence[int], train_classes: Sequence[int] | No
         raise ConfigError(
             f"train_classes must name at least one class and leave at least one for testing, got {len(chosen)} of {len(ids)}"
         )
-    return chosen, [c for c in ids if c not in set(chosen)]
+    taken = set(chosen)
+    return chosen, [c for c in ids if c not in taken]
 
 
 def remap(labels: np.ndarray, class_ids: Sequence[int]) -> np.ndarray:

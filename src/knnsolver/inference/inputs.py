@@ -129,6 +129,9 @@ class Inputs:
         if not array.is_floating_point() and array.dtype not in (torch.uint8, torch.int8, torch.int16, torch.int32,
                                                                   torch.int64):
             raise ConfigError(f"{name} holds {array.dtype} values; the model takes numbers")
+        if spec.images is not None and not array.is_floating_point():
+            raise ConfigError(f"{name} holds {array.dtype} values, but this model takes images as floats in [0, 1] "
+                              "(divide 8-bit pixels by 255), or image files")
         if tuple(array.shape) == spec.shape:
             array = array[None]
         if tuple(array.shape[1:]) != spec.shape:

@@ -322,6 +322,9 @@ class KnnModel:
             if others:
                 raise StorageError(f"{folder} holds other files ({', '.join(others[:3])}); save the model into a new "
                                    "or empty folder, a model folder or its run folder")
+        if (folder / BEST).is_file() and Path(self._info["origin"]).resolve() != folder.resolve():
+            raise StorageError(f"{folder} holds another run; save the model into its own run folder, a model folder "
+                               "or a new or empty folder")
         state = self._state()
         owner = RunFolder(folder)
         owner.open()
@@ -357,7 +360,9 @@ class KnnModel:
         try:
             config = TrainConfig.from_dict(dict(state["config"]))
             spec = InputSpec.from_dict(state["spec"])
-            backbone = build_model(config.model, spec.shape, config.embedding_dim, config.dropout, config.width)
+            # num_train as in training: ``auto`` chooses the network by the data size too
+            backbone = build_model(config.model, spec.shape, config.embedding_dim, config.dropout, config.width,
+                                   num_train=state["num_train"])
             solver = SOLVERS.build(config.solver, embedding_dim=config.embedding_dim, num_classes=state["train_classes"],
                                    num_train=state["num_train"], **config.solver_options)
             backbone.load_state_dict(state["backbone"])

@@ -211,7 +211,8 @@ def load_torchvision_weights(model: ResNet | VGG16, path: str | Path, name: str)
         raise ConfigError(f"pretrained weights {path} are not a state dict of tensors (torchvision's .pth format)")
     state = {k: v for k, v in state.items() if not k.startswith(model.classifier_prefix)}
     own = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-    missing = [k for k in own if k not in state]
+    # torchvision's older files lack BatchNorm's num_batches_tracked (torch fills it in): not missing
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
     if missing or unexpected or wrong:

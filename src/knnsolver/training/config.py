@@ -32,7 +32,7 @@ _RANGES = {
     "image_cache_mb": Interval(0, hint=" (0 = no cache)"),
     "samples_per_class": Interval(0, hint=" (0 = automatic)"),
     "lr": Interval(0, low_open=True),
-    "backbone_lr": Interval(0, hint=" (or null for lr)"),
+    "backbone_lr": Interval(0, low_open=True, hint=" (or null for lr)"),
     "weight_decay": Interval(0),
     "momentum": Interval(0, 1),
     "dropout": Interval(0, 1, high_open=True),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import glob
 import os
 import shutil
 import socket
@@ -85,8 +86,9 @@ def _remove_leftovers(folder: Path) -> None:
     """Delete temporary files of interrupted atomic writes in ``folder`` and interrupted overwrites beside it."""
     for tmp in folder.glob(f".*{TMP_SUFFIX}"):
         tmp.unlink(missing_ok=True)
-    for stale in [*folder.parent.glob(f".{folder.name}{_OVERWRITE_TAG}*"),
-                  *folder.parent.glob(f".{folder.name}{_REPLACED_TAG}*")]:
+    name = glob.escape(folder.name)  # a name with [, * or ? must not match another run's folders
+    for stale in [*folder.parent.glob(f".{name}{_OVERWRITE_TAG}*"),
+                  *folder.parent.glob(f".{name}{_REPLACED_TAG}*")]:
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -116,7 +118,7 @@ class RunFolder:
         old run as ``.OUT.replaced-PID``: it is put back first.
         """
         if not self.out.exists():
-            for replaced in self.out.parent.glob(f".{self.out.name}{_REPLACED_TAG}*"):
+            for replaced in self.out.parent.glob(f".{glob.escape(self.out.name)}{_REPLACED_TAG}*"):
                 os.rename(replaced, self.out)
                 break
         created = not self.out.exists()
