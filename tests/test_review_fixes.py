@@ -104,3 +104,62 @@ def test_integer_pixels_are_refused_for_image_models(big_images_run):
     model = knnsolver.load(big_images_run)
     with pytest.raises(ConfigError, match="divide 8-bit pixels by 255"):
         model.embed(np.zeros((1, *model.spec.shape), dtype=np.uint8))
+
+
+def test_an_interrupted_swap_puts_the_old_run_back(tmp_path, monkeypatch):
+    import os
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text("old")
+    folder = RunFolder(out)
+    folder.open()
+    folder.start_replacement()
+    (folder.path / "summary.json").write_text("new")
+    real, calls = os.rename, []
+
+    def rename(src, dst):
+        calls.append(src)
+        if len(calls) == 2:  # the new run's rename into place
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(KeyboardInterrupt):
+        folder.commit()
+    monkeypatch.setattr(os, "rename", real)
+    folder.close()
+    assert (out / "summary.json").read_text() == "old"
+
+
+def test_large_photos_of_one_size_are_not_trained_at_full_resolution(tmp_path):
+    from knnsolver.data.datasets import IMAGE_FOLDER_SIZE, NATIVE_MAX_SIDE, load_image_folder
+
+    for c in range(2):
+        (tmp_path / f"c{c}").mkdir()
+        for j in range(3):
+            Image.fromarray(np.full((NATIVE_MAX_SIDE + 44, 300, 3), 40 * c + j, dtype=np.uint8)).save(
+                tmp_path / f"c{c}" / f"{j}.png")
+    source = load_image_folder(tmp_path)
+    assert source.input_shape[1:] == (IMAGE_FOLDER_SIZE, IMAGE_FOLDER_SIZE)
+
+
+def test_in_shop_query_and_gallery_roles_are_part_of_the_data_fingerprint():
+    from knnsolver.data import build_data, data_fingerprint
+
+    data = build_data("digits", split="disjoint")
+    plain = data_fingerprint(data)
+    data.test_query = torch.zeros(len(data.test), dtype=torch.bool)
+    data.test_query[:10] = True
+    first = data_fingerprint(data)
+    data.test_query[:20] = True
+    assert plain["hash"] != first["hash"] != data_fingerprint(data)["hash"]
+
+
+def test_start_up_cleans_only_knnsolvers_own_temporary_files(tmp_path):
+    (tmp_path / ".notes.tmp").write_text("the user's")
+    (tmp_path / ".checkpoint.pt.ab12cd_3.tmp").write_text("an interrupted write")
+    folder = RunFolder(tmp_path)
+    folder.open()
+    folder.close()
+    assert (tmp_path / ".notes.tmp").exists() and not (tmp_path / ".checkpoint.pt.ab12cd_3.tmp").exists()

@@ -83,6 +83,8 @@ def data_fingerprint(data: DataBundle) -> dict[str, Any]:
             digest.update(name.encode())
             digest.update(part.rows.tobytes())
             digest.update(part.labels.numpy().tobytes())
+    if data.test_query is not None:  # In-Shop: which test rows query and which are the gallery
+        digest.update(data.test_query.numpy().tobytes())
     return {**{name: 0 if part is None else len(part) for name, part in parts.items()}, "hash": digest.hexdigest()}
 
 

@@ -450,7 +450,7 @@ image-folder (--dataset image-folder --data-dir D):
   split       standard: D/train and D/test when present, else a stratified 20% of each class is held out
               as test (fixed seed); disjoint: the first half of the sorted class names train, the rest test
               (the train/test folders are pooled); validation: --val-fraction of the training rows
-  size        native when every image has the same size (any aspect); else stretched to 64x64;
+  size        native when every image has the same size (any aspect, sides up to 256 px); else stretched to 64x64;
               --image-size N stretches every image to NxN
   channels    1 when every image is greyscale, else RGB (greyscale repeated); --image-channels 1|3 forces it
   memory      decoded once at start-up and kept in memory (8-bit) when that takes at most --image-cache-mb
@@ -464,6 +464,7 @@ image-folder (--dataset image-folder --data-dir D):
 IMAGE_CACHE_MB = 1024
 # The side images are stretched to when a folder's images differ in size and no image_size is given.
 IMAGE_FOLDER_SIZE = 64
+NATIVE_MAX_SIDE = 256  # a shared native size up to this side is kept; larger photos are stretched to the default
 
 
 def _scan_headers(paths: list[Path]) -> tuple[set[tuple[int, int]], bool, bool]:
@@ -493,7 +494,7 @@ def load_image_folder(data_dir: str | None = None, image_size: int | None = None
     rest test.
 
     Conversions: with no ``image_size``, images keep their native size when all share it (any
-    aspect), else are stretched to 64x64; ``image_size`` stretches them to that square. Channels:
+    aspect, sides up to :data:`NATIVE_MAX_SIDE`), else are stretched to 64x64; ``image_size`` stretches them to that square. Channels:
     ``image_channels`` 1 (greyscale; colour converted to luminance) or 3 (RGB; greyscale repeated);
     ``None`` picks 1 when every image is greyscale, else 3. 16-bit greyscale is scaled by its own
     full scale. Cache: when the decoded images take at most ``image_cache_mb`` MB (one byte per
@@ -560,9 +561,14 @@ def load_image_folder(data_dir: str | None = None, image_size: int | None = None
     channels = image_channels or (1 if grey else 3)
     if image_size is not None:
         hw, how = (image_size, image_size), f"stretched to {image_size}x{image_size} (--image-size)"
-    elif len(sizes) == 1:
+    elif len(sizes) == 1 and max(next(iter(sizes))) <= NATIVE_MAX_SIDE:
         (w, h), = sizes
         hw, how = (h, w), f"native size {h}x{w}"
+    elif len(sizes) == 1:
+        (w, h), = sizes
+        hw = (IMAGE_FOLDER_SIZE, IMAGE_FOLDER_SIZE)
+        how = (f"native size {h}x{w} is over {NATIVE_MAX_SIDE} px, stretched to {IMAGE_FOLDER_SIZE}x{IMAGE_FOLDER_SIZE} "
+               "(set --image-size)")
     else:
         hw = (IMAGE_FOLDER_SIZE, IMAGE_FOLDER_SIZE)
         how = f"{len(sizes)} sizes found, stretched to {IMAGE_FOLDER_SIZE}x{IMAGE_FOLDER_SIZE} (set --image-size)"

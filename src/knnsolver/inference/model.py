@@ -389,7 +389,12 @@ class KnnModel:
         if not (out / SUMMARY).is_file():
             raise ConfigError(f"{out} holds an unfinished run (no {SUMMARY}); finish it with knnsolver train --config "
                               f"{out / 'config.json'} --resume before using it")
-        run.load_weights(load_checkpoint(out / BEST))
+        try:
+            run.load_weights(load_checkpoint(out / BEST))
+        except RuntimeError as err:  # the weights no longer fit the data (rows or classes changed since training)
+            raise DataError(f"the weights in {out / BEST} do not fit the run's data as it is now "
+                            f"({str(err).splitlines()[0]}); the data changed since training: restore it, or "
+                            "load a model saved with save()") from None
         run.calibrate()
         emb, labels = run.embed(run.data.train_eval)
         pool, rows = run.data.train_eval.pool, run.data.train_eval.rows

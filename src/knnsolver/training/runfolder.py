@@ -18,6 +18,7 @@ import datetime
 import fcntl
 import glob
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -26,6 +27,8 @@ from knnsolver.errors import RunFolderBusyError, StorageError
 from knnsolver.training.checkpoint import TMP_SUFFIX
 
 LOCK = ".lock"
+# The temporary files of checkpoint.write_* (mkstemp: ".NAME.XXXXXXXX.tmp" for a run file NAME).
+_OUR_TMP = re.compile(r"^\.[^/]+\.(pt|json|jsonl|npy|png)\.[a-z0-9_]+" + re.escape(TMP_SUFFIX) + "$")
 _OVERWRITE_TAG = ".overwrite-"
 _REPLACED_TAG = ".replaced-"
 
@@ -85,7 +88,8 @@ class _Lock:
 def _remove_leftovers(folder: Path) -> None:
     """Delete temporary files of interrupted atomic writes in ``folder`` and interrupted overwrites beside it."""
     for tmp in folder.glob(f".*{TMP_SUFFIX}"):
-        tmp.unlink(missing_ok=True)
+        if _OUR_TMP.match(tmp.name):  # only knnsolver's own (--out may be a folder holding other files)
+            tmp.unlink(missing_ok=True)
     name = glob.escape(folder.name)  # a name with [, * or ? must not match another run's folders
     for stale in [*folder.parent.glob(f".{name}{_OVERWRITE_TAG}*"),
                   *folder.parent.glob(f".{name}{_REPLACED_TAG}*")]:
@@ -141,9 +145,15 @@ class RunFolder:
         replaced = self.out.parent / f".{self.out.name}{_REPLACED_TAG}{os.getpid()}"
         try:
             os.rename(self.out, replaced)
-            os.rename(self.path, self.out)
         except OSError as err:
             raise _storage_error(self.out, err, "replace the run in") from None
+        try:
+            os.rename(self.path, self.out)
+        except BaseException as err:  # Ctrl-C or a failure between the renames: the old run goes back at once
+            os.rename(replaced, self.out)
+            if isinstance(err, OSError):
+                raise _storage_error(self.out, err, "replace the run in") from None
+            raise
         self.path = self.out
         old = self._locks.pop(0)
         old.release()
