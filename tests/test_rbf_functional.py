@@ -239,3 +239,19 @@ def test_accelerator_path_of_the_loss_equals_the_cpu_path(monkeypatch):
     assert rbf_terms(x, centres, cl, neighbours, lw, 0.7, labels).true_absent.any()  # the hard case occurs
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+def test_floored_logsumexp_matches_torch_and_keeps_infinities_and_nan():
+    """The RBF log-sum-exps drop terms more than 80 below the row's largest (the CPU's exp is slow far below
+    and such terms are under 2e-35 of the sum): values and gradients match torch.logsumexp."""
+    from knnsolver.functional.rbf import _logsumexp
+
+    x = torch.cat([-torch.rand(6, 9, dtype=torch.float64) * 300, torch.zeros(1, 9, dtype=torch.float64)])
+    x[0, :4] = float("-inf")
+    a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    _logsumexp(a, 1).sum().backward()
+    torch.logsumexp(b, 1).sum().backward()
+    torch.testing.assert_close(_logsumexp(x, 1), torch.logsumexp(x, 1))
+    torch.testing.assert_close(a.grad, b.grad, atol=1e-30, rtol=1e-12)
+    assert _logsumexp(torch.full((1, 3), float("-inf")), 1).item() == float("-inf")
+    assert torch.isnan(_logsumexp(torch.tensor([[0.0, float("nan")]]), 1)).all()

@@ -82,6 +82,26 @@ def rbf_logits(
     return logits.masked_fill(padding, _NEG_INF), sq.detach().masked_fill(padding, float("inf"))
 
 
+# Exponents below this are dropped as 0: such a term is under 2e-35 of the largest one, and the CPU's
+# exp takes a slow path far below it (10x slower at -95; a small sigma puts most RBF terms there).
+_EXP_FLOOR = -80.0
+
+
+def _floored_exp(z: Tensor) -> Tensor:
+    """``exp(z)`` for ``z <= 0``, exactly 0 below :data:`_EXP_FLOOR` (NaN stays NaN)."""
+    return z.clamp(min=_EXP_FLOOR).exp() * (z >= _EXP_FLOOR)
+
+
+def _logsumexp(x: Tensor, dim: int) -> Tensor:
+    """``torch.logsumexp`` without its slow path: terms more than 80 below the row's largest are dropped.
+
+    A row of ``-inf`` gives ``-inf``; a NaN anywhere in a row gives NaN (the trainer's guard sees it).
+    """
+    peak = x.detach().amax(dim, keepdim=True)
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    return _floored_exp(x - peak).sum(dim).log() + peak.squeeze(dim)
+
+
 def _class_logsumexp(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor:
     """``out[b, c] = logsumexp_{j: labels[b, j] = c} logits[b, j]``, ``-inf`` for empty classes.
 
@@ -91,7 +111,7 @@ def _class_logsumexp(logits: Tensor, labels: Tensor, num_classes: int) -> Tensor
     shape = (logits.shape[0], num_classes)
     peak = logits.new_full(shape, _NEG_INF).scatter_reduce(1, labels, logits.detach(), "amax")
     peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
-    sums = logits.new_zeros(shape).scatter_add(1, labels, (logits - peak.gather(1, labels)).exp())
+    sums = logits.new_zeros(shape).scatter_add(1, labels, _floored_exp(logits - peak.gather(1, labels)))
     # A class with a finite logit has sums >= 1 (its max contributes exp(0)); the
     # clamp keeps log() and its gradient finite on the classes that are absent.
     return torch.where(sums > 0, peak + sums.clamp(min=1.0).log(), torch.full_like(sums, _NEG_INF))
@@ -114,7 +134,7 @@ def rbf_log_probs(
     """
     logits, _ = rbf_logits(embeddings, centres, neighbours, log_weights, sigma)
     labels = centre_labels[neighbours.long().clamp(min=0)].long()
-    return _class_logsumexp(logits, labels, num_classes) - torch.logsumexp(logits, dim=1, keepdim=True)
+    return _class_logsumexp(logits, labels, num_classes) - _logsumexp(logits, 1).unsqueeze(1)
 
 
 @torch.no_grad()
@@ -214,7 +234,7 @@ def rbf_terms(
     scorable = is_true.any(1, keepdim=True)
     # Unscorable rows get finite dummy logits so no NaN reaches the gradient.
     true_logits = torch.where(scorable, logits.masked_fill(~is_true, _NEG_INF), torch.zeros_like(logits))
-    nll = torch.logsumexp(logits, 1) - torch.logsumexp(true_logits, 1)
+    nll = _logsumexp(logits, 1) - _logsumexp(true_logits, 1)
     scorable = scorable.squeeze(1)
     nll = torch.where(scorable, nll, torch.full_like(nll, float("inf")))
     return RBFTerms(nll, sq[:, : neighbours.shape[1]], true_absent, scorable)
@@ -264,7 +284,7 @@ def rbf_step(
     with torch.no_grad():
         sq = terms.sq_distances
         stats = torch.stack([
-            sq.sqrt().mean(1).sum(), (-sq / (2 * sigma**2)).exp().mean(1).sum(), terms.true_absent.sum(),
+            sq.sqrt().mean(1).sum(), _floored_exp(-sq / (2 * sigma**2)).mean(1).sum(), terms.true_absent.sum(),
             (~terms.scorable).sum(), sq.new_full((), float(labels.shape[0])),
         ]).float()
         own = (embeddings.detach() - centres[exclude].to(embeddings.dtype)).norm(dim=1) if exclude is not None \
