@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 
-import torch
 from torch.profiler import ProfilerActivity, profile
 
 from knnsolver.training import TrainConfig, train

@@ -67,7 +67,6 @@ def test_bad_flag_value_is_a_usage_error(capsys):
 
 def test_embed_writes_embeddings_matching_the_best_network(tmp_path, capsys):
     import numpy as np
-    import torch
 
     from knnsolver.training import TrainConfig, build_run
     from knnsolver.training.checkpoint import load_checkpoint

@@ -1,5 +1,4 @@
 import pytest
-import torch
 from pytorch_metric_learning import losses, miners
 
 from knnsolver.errors import ConfigError

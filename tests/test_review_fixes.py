@@ -1,7 +1,6 @@
 """Defects found in review of the run-folder, dataset and inference work; each test fails on the code before the fix."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
