@@ -78,3 +78,12 @@ def test_diverged_runs_are_failed_not_averaged():
     runs = [{"summary": {"test_accuracy": 0.9}}, {"summary": {"test_accuracy": 0.1, "diverged": True}}]
     good, failed = usable(runs)
     assert good == runs[:1] and failed == runs[1:]
+
+
+def test_convergence_tells_a_plateau_from_a_rising_curve():
+    """A late best within 0.3 points of the earlier best is a plateau's noise; a larger late gain is still rising."""
+    rising = [0.80 + 0.01 * e for e in range(10)]  # best at epoch 10, 2 points above epoch 8's
+    flat = [0.85] * 8 + [0.851, 0.852]
+    c = convergence([(10, 10), (10, 10), (3, 10)], [rising, flat, rising[:3] + [0.7] * 7])
+    assert (c.runs, c.late, c.plateau) == (3, 2, 1) and not c.ok
+    assert "1 of those 2 peaked on a plateau" in c.text() and "1 were still rising" in c.text()

@@ -456,8 +456,10 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
         lines.append(f"- `{split}` split runs: {text}" + (f"; varied within the suite: {', '.join(varied)}" if varied else "") + ".")
     finals = [r for r in results.values() if r.get("role") == "final" and "history" in r and r.get("kind") == "train"]
     if finals:
+        good = usable(finals)[0]
         lines.append("- Convergence: " + convergence(
-            (r["summary"]["best_epoch"], r["config"]["epochs"]) for r in usable(finals)[0]).text() + ".")
+            [(r["summary"]["best_epoch"], r["config"]["epochs"]) for r in good],
+            [[row.get(r["val_key"], math.nan) for row in r["history"]] for r in good]).text() + ".")
     failed = usable([r for r in results.values() if "summary" in r])[1]
     if failed:
         lines.append(f"- Failed (diverged) runs, left out of every number: {', '.join(r['run_id'] for r in failed)}.")

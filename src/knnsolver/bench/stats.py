@@ -30,6 +30,7 @@ LEVEL = 0.95
 BOOTSTRAP_RESAMPLES = 10_000
 LATE_FRACTION = 0.2  # the last 20% of epochs
 CONVERGED_SHARE = 0.8  # at least 80% of final runs must peak before them
+PLATEAU_POINTS = 0.003  # a late best less than this above the earlier best counts as a plateau's noise
 
 __all__ = [
     "FAILS", "HOLDS", "OPEN", "Convergence", "PairedTest", "SlopeTest", "at_grid_edge", "bootstrap_interval",
@@ -159,10 +160,13 @@ def at_grid_edge(grid: Sequence[Any], chosen: Any) -> bool:
 
 @dataclass(frozen=True)
 class Convergence:
-    """How many final runs peaked on validation in the last ``LATE_FRACTION`` of their epochs."""
+    """How many final runs peaked on validation in the last ``LATE_FRACTION`` of their epochs, and how many
+    of those only by noise: their late best within ``PLATEAU_POINTS`` of the best before (a flat plateau,
+    where the rule cannot be met by any budget) rather than still rising."""
 
     runs: int
     late: int
+    plateau: int = 0
 
     @property
     def ok(self) -> bool:
@@ -170,15 +174,25 @@ class Convergence:
 
     def text(self) -> str:
         status = "passes" if self.ok else "FAILS: budgets too short"
+        flat = (f"; {self.plateau} of those {self.late} peaked on a plateau (within {100 * PLATEAU_POINTS:g} points "
+                f"of their earlier best), {self.late - self.plateau} were still rising") if self.late else ""
         return (f"{self.late} of {self.runs} final runs had their best validation epoch in the last "
-                f"{LATE_FRACTION:.0%} of epochs ({status}; the protocol asks for at most {1 - CONVERGED_SHARE:.0%})")
+                f"{LATE_FRACTION:.0%} of epochs ({status}; the protocol asks for at most {1 - CONVERGED_SHARE:.0%})"
+                + flat)
 
 
-def convergence(runs: Iterable[tuple[int, int]]) -> Convergence:
-    """``runs``: ``(best_epoch, epochs)`` of each final run (1-based best epoch)."""
+def convergence(runs: Iterable[tuple[int, int]], curves: Iterable[Sequence[float]] | None = None) -> Convergence:
+    """``runs``: ``(best_epoch, epochs)`` of each final run (1-based best epoch); ``curves``, when given,
+    their validation scores by epoch, to tell a late peak on a plateau from one still rising."""
     pairs = list(runs)
-    late = sum(1 for best, epochs in pairs if best > (1 - LATE_FRACTION) * epochs)
-    return Convergence(len(pairs), late)
+    is_late = [best > (1 - LATE_FRACTION) * epochs for best, epochs in pairs]
+    plateau = 0
+    if curves is not None:
+        for late, curve, (_, epochs) in zip(is_late, curves, pairs):
+            cut = int((1 - LATE_FRACTION) * epochs)
+            if late and 0 < cut < len(curve) and max(curve[cut:]) - max(curve[:cut]) < PLATEAU_POINTS:
+                plateau += 1
+    return Convergence(len(pairs), sum(is_late), plateau)
 
 
 def usable(runs: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
