@@ -24,6 +24,7 @@ DATA=${DATA:-$PWD/.data/fashion-mnist}
 "$PYTHON" benchmarks/bench_speed.py --device "$DEVICE" --data-dir "$DATA" --per-class "$PER_CLASS" --width 32 \
   --batch 128 --epochs 3 --k 200 --update-interval 2 --repeats 50 --variants "${VARIANTS:-fp32,compile}" \
   --skip-slow-data 2>&1 | tee "$OUT/speed.txt"
+"$PYTHON" benchmarks/bench_cuda_graph.py --data-dir "$DATA" 2>&1 | tee "$OUT/cuda_graph.txt"
 "$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --data-dir "$DATA" --solver softmax --per-class 300 \
   2>&1 | grep -v USDT | tee "$OUT/profile_softmax.txt"
 "$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --data-dir "$DATA" --solver rbf --per-class 300 --compile \

@@ -1,0 +1,105 @@
+"""How fast could the training step be on a GPU? The softmax step captured whole in one CUDA graph (issue 12).
+
+The eager loop is bound by per-step launches (benchmarks/README.md, "On a GPU"): about 160
+kernels a step at 7 us each. This prototype captures one full step (network forward and
+backward, softmax loss, Adam with ``capturable=True``) in a ``torch.cuda.CUDAGraph`` and
+replays it over an epoch of Fashion-MNIST batches gathered on the device, against the same
+step run eagerly in this process. It measures the head-room only; the trainer's guards and
+logging are not in it.
+
+    python benchmarks/bench_cuda_graph.py --data-dir .data/fashion-mnist [--batch 128] [--width 32]
+
+Needs CUDA (it says so and exits 0 elsewhere).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+from knnsolver.data import build_data
+from knnsolver.models import build_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=3)
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("bench_cuda_graph: no CUDA device here; nothing measured")
+        return
+    dev = torch.device("cuda")
+    data = build_data("fashion-mnist", data_dir=a.data_dir, seed=0)
+    rows = torch.as_tensor(data.train.rows)
+    pool = data.train.pool
+    x_all = (pool.data[rows].to(dev).float() * pool.scale).unsqueeze(1) if pool.data.dim() == 3 else \
+        pool.data[rows].to(dev).float() * pool.scale
+    y_all = data.train.labels.to(dev)
+    n = (len(y_all) // a.batch) * a.batch  # whole batches only: a graph has one shape
+
+    def fresh():
+        torch.manual_seed(0)
+        model = build_model("conv28", tuple(x_all.shape[1:]), 64, 0.0, a.width).to(dev).to(memory_format=torch.channels_last)
+        head = torch.nn.Linear(64, 10).to(dev)
+        params = [*model.parameters(), *head.parameters()]
+        return model, head, params
+
+    def epoch_order(epoch: int) -> torch.Tensor:
+        return torch.randperm(len(y_all), generator=torch.Generator().manual_seed(epoch))[:n].to(dev).view(-1, a.batch)
+
+    # eager
+    model, head, params = fresh()
+    opt = torch.optim.Adam(params, lr=1e-3, fused=True)
+    eager = []
+    for epoch in range(a.epochs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for idx in epoch_order(epoch):
+            loss = F.cross_entropy(head(model(x_all[idx])), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        torch.cuda.synchronize()
+        eager.append(time.perf_counter() - start)
+
+    # one CUDA graph per step
+    model, head, params = fresh()
+    opt = torch.optim.Adam(params, lr=1e-3, capturable=True)
+    static_x = x_all[: a.batch].clone()
+    static_y = y_all[: a.batch].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the graph (allocator, cuDNN choices, optimizer state)
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(model(static_x)), static_y).backward()
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = F.cross_entropy(head(model(static_x)), static_y)
+        static_loss.backward()
+        opt.step()
+    graphed = []
+    for epoch in range(a.epochs):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for idx in epoch_order(epoch):
+            static_x.copy_(x_all[idx])
+            static_y.copy_(y_all[idx])
+            graph.replay()
+        torch.cuda.synchronize()
+        graphed.append(time.perf_counter() - start)
+    e, g = min(eager[1:] or eager), min(graphed[1:] or graphed)
+    print(f"softmax epoch, {n} rows, batch {a.batch}, conv28 width {a.width}, {torch.cuda.get_device_name()}: "
+          f"eager {e:.3f} s, one CUDA graph per step {g:.3f} s ({e / g:.2f}x); last loss {static_loss.item():.4f}")
+
+
+if __name__ == "__main__":
+    main()
