@@ -37,7 +37,7 @@ from knnsolver.bench.claims import (  # noqa: E402
     target_level,
     regime_of,
 )
-from knnsolver.bench.runner import TRAINING_VERSION, load_results  # noqa: E402
+from knnsolver.bench.runner import TRAINING_VERSION, load_results, outdated  # noqa: E402
 from knnsolver.bench.suites import (  # noqa: E402
     PAIRWISE_KNN_LOSSES,
     PRESETS,
@@ -48,6 +48,7 @@ from knnsolver.bench.suites import (  # noqa: E402
     Preset,
     Suite,
     ablation_variants,
+    build_specs,
     choose,
     dim_text,
     final_results,
@@ -540,6 +541,12 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         section = RENDERERS[suite.name](results, plots)
         verdicts = {c: c.evaluate(results) for c in claims}
         regime = regime_of(results)
+        planned = build_specs(suite, preset, results_dir) if preset.name in recorded else []
+        missing = sum(spec.run_id not in results or outdated(spec, results[spec.run_id], results) is not None
+                      for spec in planned)
+        if missing:
+            head.append(f"**In progress: {len(planned) - missing} of {len(planned)} runs of the `{preset.name}` preset "
+                        "are done under its current budgets; the verdicts below may change when the suite completes.**")
         stale = sum(1 for r in results.values() if r.get("training", 1) < TRAINING_VERSION)
         if stale:
             head.append(f"**Stale: {stale} of {len(results)} results were produced before the training fixes of "
@@ -549,7 +556,7 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         head += ["### Setup", f"- Regime tested: {regime}.\n" + _setup(suite, results)]
         if claims:
             head += ["### Claims", "\n".join(_claim_line(c, v) for c, v in verdicts.items())]
-        note = " (stale results)" if stale else ""
+        note = " (stale results)" if stale else " (in progress)" if missing else ""
         summary += [[suite.name, c.text, regime, c.paper_regime, (v.status if v else "too few results") + note]
                     for c, v in verdicts.items()]
         sections.append("\n\n".join([*head, section.body]))

@@ -222,7 +222,7 @@ def select_shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSp
     return [s for s in specs if s.pick is None and methods.index(s.method) % count == index]
 
 
-def _outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dict]) -> str | None:
+def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dict]) -> str | None:
     """Why a stored result must be redone under today's suite, or ``None`` when it stands.
 
     A training run stored with fewer epochs at a constant learning rate is
@@ -295,7 +295,7 @@ def run_suite(
         earlier = 0.0  # seconds already spent on a stored run that is continued
         if spec.run_id in results:
             stored = results[spec.run_id]
-            redo = _outdated(spec, stored, results)
+            redo = outdated(spec, stored, results)
             if redo is None:
                 _check_same(spec, stored, path)
                 tqdm.write(f"{label}: done already")
