@@ -277,3 +277,13 @@ def test_a_raised_budget_continues_stored_runs_from_their_checkpoints(tmp_path, 
         assert len(got["history"]) == 2 and got["params"] == want["params"]
         for key in ("test_accuracy", "best_epoch"):
             assert got["summary"][key] == want["summary"][key], (path.name, key)
+
+
+def test_a_results_folder_without_the_grids_still_renders(finished, tmp_path):
+    """A partial copy (here: the GPU slice, whose grid files were lost in transfer) renders without choosing."""
+    out = tmp_path / "partial"
+    shutil.copytree(finished, out)
+    for path in (out / "classification").glob("softmax__label_smoothing=*.json"):
+        path.unlink()
+    text = write_report(out, tmp_path / "B.md", tmp_path / "plots").read_text()
+    assert "**In progress: " in text
