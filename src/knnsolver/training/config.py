@@ -102,8 +102,8 @@ class TrainConfig:
         val_fraction: share of the training rows held out to choose the best epoch; 0 = none.
         max_per_class: keep at most this many training rows per class; none = all.
         augment: training augmentation: true (the dataset's own set), false, or names such as flip,crop:2,scale:0.5.
-        image_size: side of the square images fed to the network; none = the dataset's default.
-        resize_size: shorter side images are resized to before the centre crop; none = image_size * 8 / 7.
+        image_size: side of the square images fed to the network; none = the dataset's default (an image folder's shared native size).
+        resize_size: shorter side before the centre crop; none = image_size * 8 / 7 (benchmarks) or no crop (image folders).
         image_channels: channels an image folder is read with (1 or 3); none = 1 when every image is greyscale.
         image_cache_mb: most megabytes of decoded images an image folder keeps in memory (0 = decode every epoch).
         balanced: sample batches class-balanced; none = only for solvers that need it.
