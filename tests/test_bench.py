@@ -75,6 +75,9 @@ def test_resume_skips_finished_runs_and_reruns_unfinished(tmp_path, monkeypatch)
     after = json.loads((folder / "softmax__final__s2.json").read_text())["summary"]
     assert after.pop("timing") and {k: v for k, v in before.items() if k != "timing"} == after
     assert "epoch 1/1" in (folder / "runs" / "softmax__final__s2.log").read_text()  # its lines, off the console
+    # each grid run logs apart, though its name has a dot in it
+    assert {p.name for p in (folder / "runs").glob("softmax__label_smoothing=*.log")} == {
+        f"softmax__label_smoothing={v}__s0.log" for v in ("0", "0.1", "0.2")}
     started.clear()
     assert _bench(tmp_path, solvers="softmax", seeds="0,1,2") == 0
     assert started == []

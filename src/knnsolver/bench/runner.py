@@ -121,7 +121,8 @@ def _train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     resume = _can_resume(run_dir, cfg)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # The run's progress lines and warnings go to a log beside its folder, not between the suite's lines.
-    with open(run_dir.with_suffix(".log"), "a") as log, contextlib.redirect_stderr(log):
+    # Named by appending: with_suffix would cut "sigma=0.1__s0" at its dot, so grid runs would share one log.
+    with open(run_dir.parent / f"{run_dir.name}.log", "a") as log, contextlib.redirect_stderr(log):
         summary = train(cfg, resume=resume, overwrite=not resume)
     history = read_log(run_dir)
     key = VAL_KEYS[cfg.split]

@@ -130,7 +130,7 @@ PRESETS: dict[str, Preset] = {
         seeds=(0, 1, 2, 3, 4),
         num_classes=10,
         standard=_FULL_STANDARD,
-        disjoint=dict(_FULL_STANDARD, split="disjoint", width=32, max_per_class=300, samples_per_class=16, epochs=30),
+        disjoint=dict(_FULL_STANDARD, split="disjoint", max_per_class=300, samples_per_class=16, epochs=30),
         unseen_subset=True,
         scarcity_sizes=(10, 20, 50, 100, 500, None),
         scarcity_reference=100,
@@ -156,7 +156,7 @@ PRESETS: dict[str, Preset] = {
             "scarcity": "about 600 optimiser steps per run (epochs = 600 / batches per epoch, at least 2), 10 "
                         "validation passes, the best kept (early stopping); grids at 100 per class; softmax and rbf x "
                         "6 sizes x 5 seeds",
-            "unseen-classes": "width 32, 30 epochs of 1,500 images of classes 0-4 (about 700 optimiser steps); 8 "
+            "unseen-classes": "30 epochs of 1,500 images of classes 0-4 (about 700 optimiser steps); 8 "
                               "solvers x (3 grid points + 4 more seeds) at 64-d plus rbf, triplet and the best other "
                               "solver x 3 sizes x 5 seeds",
             "cost": "loss steps on random embeddings at batch 256, 1,024, 4,096 and 10, 100, 1,000 classes (50 "
