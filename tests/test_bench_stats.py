@@ -87,3 +87,6 @@ def test_convergence_tells_a_plateau_from_a_rising_curve():
     c = convergence([(10, 10), (10, 10), (3, 10)], [rising, flat, rising[:3] + [0.7] * 7])
     assert (c.runs, c.late, c.plateau) == (3, 2, 1) and not c.ok
     assert "1 of those 2 peaked on a plateau" in c.text() and "1 were still rising" in c.text()
+    by_method = convergence([(10, 10)] * 3 + [(10, 10)], [rising, rising, rising, flat], ["npairs", "hal", "npairs", "rbf"])
+    assert by_method.rising == (("npairs", 2), ("hal", 1))  # the plateau run is not counted as rising
+    assert "3 were still rising (npairs 2, hal 1)" in by_method.text()

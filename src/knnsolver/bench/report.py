@@ -460,7 +460,8 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
         good = usable(finals)[0]
         lines.append("- Convergence: " + convergence(
             [(r["summary"]["best_epoch"], r["config"]["epochs"]) for r in good],
-            [[row.get(r["val_key"], math.nan) for row in r["history"]] for r in good]).text() + ".")
+            [[row.get(r["val_key"], math.nan) for row in r["history"]] for r in good],
+            [r["method"] for r in good]).text() + ".")
     failed = usable([r for r in results.values() if "summary" in r])[1]
     if failed:
         lines.append(f"- Failed (diverged) runs, left out of every number: {', '.join(r['run_id'] for r in failed)}.")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -162,11 +163,13 @@ def at_grid_edge(grid: Sequence[Any], chosen: Any) -> bool:
 class Convergence:
     """How many final runs peaked on validation in the last ``LATE_FRACTION`` of their epochs, and how many
     of those only by noise: their late best within ``PLATEAU_POINTS`` of the best before (a flat plateau,
-    where the rule cannot be met by any budget) rather than still rising."""
+    where the rule cannot be met by any budget) rather than still rising. ``rising`` counts the runs still
+    rising by method, when methods are given, so the report names the solvers the budget is short for."""
 
     runs: int
     late: int
     plateau: int = 0
+    rising: tuple[tuple[str, int], ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -174,25 +177,33 @@ class Convergence:
 
     def text(self) -> str:
         status = "passes" if self.ok else "FAILS: budgets too short"
+        which = f" ({', '.join(f'{m} {n}' for m, n in self.rising)})" if self.rising else ""
         flat = (f"; {self.plateau} of those {self.late} peaked on a plateau (within {100 * PLATEAU_POINTS:g} points "
-                f"of their earlier best), {self.late - self.plateau} were still rising") if self.late else ""
+                f"of their earlier best), {self.late - self.plateau} were still rising{which}") if self.late else ""
         return (f"{self.late} of {self.runs} final runs had their best validation epoch in the last "
                 f"{LATE_FRACTION:.0%} of epochs ({status}; the protocol asks for at most {1 - CONVERGED_SHARE:.0%})"
                 + flat)
 
 
-def convergence(runs: Iterable[tuple[int, int]], curves: Iterable[Sequence[float]] | None = None) -> Convergence:
+def convergence(runs: Iterable[tuple[int, int]], curves: Iterable[Sequence[float]] | None = None,
+                methods: Iterable[str] | None = None) -> Convergence:
     """``runs``: ``(best_epoch, epochs)`` of each final run (1-based best epoch); ``curves``, when given,
-    their validation scores by epoch, to tell a late peak on a plateau from one still rising."""
+    their validation scores by epoch, to tell a late peak on a plateau from one still rising; ``methods``,
+    when given with ``curves``, each run's method, to count the still-rising runs by method."""
     pairs = list(runs)
     is_late = [best > (1 - LATE_FRACTION) * epochs for best, epochs in pairs]
-    plateau = 0
+    names = list(methods) if methods is not None else [""] * len(pairs)
+    plateau, rising = 0, Counter()
     if curves is not None:
-        for late, curve, (_, epochs) in zip(is_late, curves, pairs):
+        for late, curve, (_, epochs), name in zip(is_late, curves, pairs, names):
             cut = int((1 - LATE_FRACTION) * epochs)
-            if late and 0 < cut < len(curve) and max(curve[cut:]) - max(curve[:cut]) < PLATEAU_POINTS:
+            if not late or not 0 < cut < len(curve):
+                continue
+            if max(curve[cut:]) - max(curve[:cut]) < PLATEAU_POINTS:
                 plateau += 1
-    return Convergence(len(pairs), sum(is_late), plateau)
+            elif name:
+                rising[name] += 1
+    return Convergence(len(pairs), sum(is_late), plateau, tuple(sorted(rising.items(), key=lambda kv: (-kv[1], kv[0]))))
 
 
 def usable(runs: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:

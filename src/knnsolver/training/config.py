@@ -10,6 +10,7 @@ import torch
 
 from knnsolver.constraints import Interval, check_choice, check_type
 from knnsolver.data.augment import parse_options
+from knnsolver.data.datasets import IMAGE_CACHE_MB
 from knnsolver.errors import ConfigError
 from knnsolver.registry import DATASETS
 
@@ -154,7 +155,7 @@ class TrainConfig:
     # benchmarks)
     image_size: int | None = None
     image_channels: int | None = None  # image-folder: 1 (greyscale) or 3 (RGB); None: 1 when every image is greyscale
-    image_cache_mb: int = 1024  # image-folder: decode every image once into memory when it takes at most this; 0: off
+    image_cache_mb: int = IMAGE_CACHE_MB  # image-folder: decode every image once into memory when it takes at most this; 0: off
     resize_size: int | None = None  # benchmarks: shorter side before cropping; None: image_size * 8 / 7
     balanced: bool | None = None  # None: the class-balanced sampler only where the solver needs it
     samples_per_class: int = 0  # class-balanced sampler's m; 0 picks it from batch size and class count
