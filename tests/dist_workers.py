@@ -121,3 +121,24 @@ def train_run(config: dict[str, Any], resume: bool = False, overwrite: bool = Fa
     except KnnSolverError as err:
         return {"error": f"{type(err).__name__}: {err}"}
     return {"summary": summary, "model": model.state_dict()}
+
+
+def ddp_left_after_train(config: dict[str, Any]) -> int:
+    """How many DistributedDataParallel wrappers ``train`` (of its own network) leaves alive when it returns.
+
+    The cyclic collector is off, so what the run left in reference cycles stays countable: such a wrapper
+    holds the process group, and freed at interpreter exit, after the group's teardown, it can abort the
+    process ("terminate called without an active exception").
+    """
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    from knnsolver.training import TrainConfig, train
+
+    gc.disable()
+    try:
+        train(TrainConfig(**config))
+        return sum(isinstance(o, DistributedDataParallel) for o in gc.get_objects())
+    finally:
+        gc.enable()

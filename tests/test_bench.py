@@ -290,3 +290,84 @@ def test_a_results_folder_without_the_grids_still_renders(finished, tmp_path):
         path.unlink()
     text = write_report(out, tmp_path / "B.md", tmp_path / "plots").read_text()
     assert "**In progress: " in text
+
+
+def _grid_specs(solver, values, condition=""):
+    from knnsolver.bench.suites import RunSpec
+
+    return [RunSpec(f"{solver}@{condition}__{v}", "train", solver, condition, 0, "grid", {"solver": solver}, {k: v},
+                    grid_index=i) for i, (k, v) in enumerate(values)]
+
+
+def _stored(specs, scores):
+    return [{"run_id": s.run_id, "params": dict(s.params), "best_val": score, "grid_index": s.grid_index}
+            for s, score in zip(specs, scores)]
+
+
+def test_a_grid_whose_edge_is_chosen_is_extended_along_the_ladder():
+    from knnsolver.bench.suites import LADDERS, grid_extension
+
+    grid = _grid_specs("hal", [("tau", v) for v in (0.05, 0.1, 0.2)])
+    up = grid_extension(grid, _stored(grid, [0.80, 0.81, 0.83]))  # the upper edge wins: try 0.4 next
+    assert up.params == {"tau": 0.4} and up.grid_index == 3 and up.seed == 0 and up.role == "grid"
+    assert up.run_id == "hal__tau=0.4__s0" and up.config == grid[0].config
+    down = grid_extension(grid, _stored(grid, [0.83, 0.81, 0.80]))
+    assert down.params == {"tau": 0.025}
+    assert grid_extension(grid, _stored(grid, [0.80, 0.83, 0.80])) is None  # interior: bracketed
+    # a tie between the first grid and an extension goes to the point tried first: no further step
+    wider = grid + [up]
+    assert grid_extension(wider, _stored(wider, [0.80, 0.81, 0.83, 0.83])) is None
+    # at the ladder's end there is nothing more to try
+    top = _grid_specs("hal", [("tau", v) for v in LADDERS["hal"][-3:]])
+    assert grid_extension(top, _stored(top, [0.1, 0.2, 0.3])) is None
+    # a grid that is not a run of ladder values (the ablation's sigma sweep, 0 = automatic) is left alone
+    sweep = _grid_specs("rbf", [("sigma", v) for v in (0.0, 0.05, 0.1, 0.2, 0.4)])
+    assert grid_extension(sweep, _stored(sweep, [0.1, 0.2, 0.3, 0.4, 0.5])) is None
+
+
+def test_every_grid_is_a_run_of_its_ladder():
+    from knnsolver.bench.suites import GRIDS, LADDERS
+
+    for solver, grid in GRIDS.items():
+        ((_, values),) = grid.items()
+        ladder = LADDERS[solver]
+        at = ladder.index(values[0])
+        assert ladder[at:at + len(values)] == tuple(values), solver
+        assert list(ladder) == sorted(ladder), solver
+
+
+def test_the_runner_extends_a_grid_before_its_finals_choose(tmp_path, monkeypatch):
+    """Validation rising towards the upper edge makes the runner try 0.3 then 0.4 (the ladder's end) before
+    the finals, which take the extended choice; a second call runs nothing; the report shows every point."""
+    import dataclasses
+
+    from knnsolver.bench import suites
+
+    monkeypatch.setitem(suites.PRESETS, "tiny", dataclasses.replace(suites.PRESETS["tiny"], extend_grids=True))
+    ran = []
+
+    def fake(spec, folder):
+        smoothing = spec.params["label_smoothing"]
+        ran.append(spec.run_id)
+        score = 0.5 + smoothing - (smoothing > 0.35) * 0.2  # peaks at 0.3, beyond the first grid
+        return {"config": spec.train_config(str(folder / "runs" / spec.run_id)).to_dict(), "summary": {
+            "test_accuracy": score, "best_epoch": 1}, "val_key": "val_accuracy", "best_val": score,
+            "history": [{"epoch": 1, "val_accuracy": score}]}
+
+    monkeypatch.setattr(runner, "execute", fake)
+    assert _bench(tmp_path, solvers="softmax") == 0
+    assert ran == ["softmax__label_smoothing=0__s0", "softmax__label_smoothing=0.1__s0",
+                   "softmax__label_smoothing=0.2__s0", "softmax__label_smoothing=0.3__s0",
+                   "softmax__label_smoothing=0.4__s0", "softmax__final__s1"]
+    folder = tmp_path / "classification"
+    for seed in (0, 1):
+        assert json.loads((folder / f"softmax__final__s{seed}.json").read_text())["params"] == {"label_smoothing": 0.3}
+    ran.clear()
+    assert _bench(tmp_path, solvers="softmax") == 0 and ran == []
+    text = write_report(tmp_path, tmp_path / "B.md", tmp_path / "plots").read_text()
+    assert "| softmax | label_smoothing=0.3 | 80.00 | **chosen** |" in text
+    assert "label_smoothing=0.4 | 70.00" in text and "still to be extended" not in text
+    # the report says when a grid still has an extension due
+    (folder / "softmax__label_smoothing=0.4__s0.json").unlink()
+    assert "1 grid(s) chose an edge and are still to be extended" in write_report(
+        tmp_path, tmp_path / "B.md", tmp_path / "plots").read_text()

@@ -37,7 +37,7 @@ from knnsolver.bench.claims import (  # noqa: E402
     target_level,
     regime_of,
 )
-from knnsolver.bench.runner import TRAINING_VERSION, load_results, outdated  # noqa: E402
+from knnsolver.bench.runner import TRAINING_VERSION, load_results, outdated, pending_extensions  # noqa: E402
 from knnsolver.bench.suites import (  # noqa: E402
     PAIRWISE_KNN_LOSSES,
     PRESETS,
@@ -161,7 +161,9 @@ def grid_table(results: Mapping[str, dict], groups: Sequence[tuple[str, str]], s
         chosen = choose(grid)
         edge = [k for k, v in chosen["params"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                 and at_grid_edge([r["params"][k] for r in grid], v)]
-        for r in grid:
+        # in value order, so points added beyond an edge (runner: grid extensions) sit where they belong
+        numeric = all(isinstance(v, (int, float)) for r in grid for v in r["params"].values())
+        for r in sorted(grid, key=lambda r: tuple(r["params"].values())) if numeric else grid:
             mark = ""
             if r["run_id"] == chosen["run_id"]:
                 mark = "**chosen**" + (f" (at the grid edge in {', '.join(edge)}: the optimum may lie outside)"
@@ -496,8 +498,10 @@ of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
   batch size, schedule and step budget (preset `{preset.name}`: {preset.description}).
 - **One learning rate for all** (Adam at a constant 1e-3, chosen once); each solver's one key
   hyperparameter is chosen on the validation split from a 3-point grid around its expected optimum
-  (first seed); a choice at a grid edge is flagged, since the optimum may lie outside. Test data is
-  used only for the final numbers.
+  (first seed); when the choice is at an edge, the grid is extended outward one point at a time along
+  the parameter's ladder (up to two points beyond each edge, `knnsolver.bench.suites.LADDERS`) until
+  the optimum is bracketed; a choice still at an edge is flagged, since the optimum may lie outside.
+  Test data is used only for the final numbers.
 - **5 seeds** for every final; **paired comparisons** by seed: the mean difference gets a 95%
   t-interval (the paired t-test's; a bootstrap interval and the effect size d_z beside it). A claim
   **holds** when the whole interval lies beyond its threshold, **does not hold** when it lies on the
@@ -545,9 +549,13 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         planned = build_specs(suite, preset, results_dir) if preset.name in recorded else []
         missing = sum(spec.run_id not in results or outdated(spec, results[spec.run_id], results) is not None
                       for spec in planned)
-        if missing:
+        due = pending_extensions(planned, results) if planned and preset.extend_grids else 0
+        if missing or due:
+            extend = f", and {due} grid(s) chose an edge and are still to be extended" if due else ""
             head.append(f"**In progress: {len(planned) - missing} of {len(planned)} runs of the `{preset.name}` preset "
-                        "are done under its current budgets; the verdicts below may change when the suite completes.**")
+                        f"are done under its current budgets{extend}; the verdicts below may change when the suite "
+                        "completes.**")
+            missing += due
         stale = sum(1 for r in results.values() if r.get("training", 1) < TRAINING_VERSION)
         if stale:
             head.append(f"**Stale: {stale} of {len(results)} results were produced before the training fixes of "

@@ -31,6 +31,7 @@ from knnsolver.bench.suites import (
     Suite,
     build_specs,
     comparable,
+    grid_extension,
     params_text,
     resolve,
 )
@@ -243,6 +244,29 @@ def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dic
     return None
 
 
+def next_extension(grid: Sequence[RunSpec], results: Mapping[str, dict]) -> RunSpec | None:
+    """The next grid run beyond ``grid``'s chosen edge still to run (:func:`~knnsolver.bench.suites.grid_extension`),
+    walking past the extensions already stored; ``None`` when none is due or the grid itself is unfinished."""
+    grid = list(grid)
+    while grid and all(s.run_id in results for s in grid):
+        extra = grid_extension(grid, [results[s.run_id] for s in grid])
+        if extra is None:
+            return None
+        if extra.run_id not in results or outdated(extra, results[extra.run_id], results) is not None:
+            return extra
+        grid.append(extra)
+    return None
+
+
+def pending_extensions(specs: Sequence[RunSpec], results: Mapping[str, dict]) -> int:
+    """How many of the grids in ``specs`` have an extension due (the report marks the suite in progress)."""
+    grids: dict[tuple[str, str], list[RunSpec]] = {}
+    for spec in specs:
+        if spec.role == "grid":
+            grids.setdefault((spec.method, spec.condition), []).append(spec)
+    return sum(next_extension(grid, results) is not None for grid in grids.values())
+
+
 def _check_same(spec: RunSpec, stored: Mapping[str, Any], path: Path) -> None:
     """Refuse to mix results of different settings (another preset) in one folder."""
     if spec.params is None or spec.pick is not None:
@@ -266,6 +290,43 @@ def _result_line(result: Mapping[str, Any]) -> str:
     return ", ".join(parts) + f" ({result['wall_seconds']:.0f} s)"
 
 
+def _run_one(spec: RunSpec, label: str, *, suite: Suite, preset: Preset, folder: Path, results: dict[str, dict],
+             command: str, commit: str, host: Mapping[str, Any]) -> None:
+    """Run ``spec`` unless its stored result stands (continuing or redoing an outdated one); store the result."""
+    path = folder / f"{spec.run_id}.json"
+    earlier = 0.0  # seconds already spent on a stored run that is continued
+    if spec.run_id in results:
+        stored = results[spec.run_id]
+        redo = outdated(spec, stored, results)
+        if redo is None:
+            _check_same(spec, stored, path)
+            tqdm.write(f"{label}: done already")
+            return
+        tqdm.write(f"{label}: {redo}")
+        del results[spec.run_id]
+        earlier = stored["wall_seconds"] if redo.startswith("continued") and "same_run_as" not in stored else 0.0
+    spec, same_as = resolve(spec, results)
+    start = time.perf_counter()
+    result: dict[str, Any] = {
+        "format": RESULT_FORMAT, "suite": suite.name, "run_id": spec.run_id, "kind": spec.kind,
+        "method": spec.method, "condition": spec.condition, "seed": spec.seed, "role": spec.role,
+        "params": dict(spec.params or {}), "grid_index": spec.grid_index, "preset": preset.name,
+        "training": TRAINING_VERSION,
+    }
+    if same_as is not None:
+        result.update({k: same_as[k] for k in ("config", "summary", "val_key", "best_val", "history", "wall_seconds")
+                       if k in same_as})
+        result["same_run_as"] = same_as["run_id"]
+    else:
+        result.update(execute(spec, folder))
+        result["wall_seconds"] = earlier + time.perf_counter() - start
+    result.update(command=command, commit=commit, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                  machine=host)
+    write_json(result, path)
+    results[spec.run_id] = result
+    tqdm.write(f"{label}: {_result_line(result)}" + (f" = {same_as['run_id']}" if same_as else ""))
+
+
 def run_suite(
     suite: Suite,
     preset: Preset,
@@ -285,49 +346,25 @@ def run_suite(
     """
     out = Path(out)
     folder = out / suite.name
-    specs = build_specs(suite, preset, out, solvers, seeds)
-    if shard is not None:
-        specs = select_shard(specs, *shard)
+    every = build_specs(suite, preset, out, solvers, seeds)
+    specs = select_shard(every, *shard) if shard is not None else every
     if suite.uses_unseen_subset and preset.unseen_subset:
         prepare_unseen_subset(out / "data" / UNSEEN_SUBSET)
     results = load_results(folder)
     commit, host = git_commit(Path(__file__).parent), machine()
     bar = tqdm(total=len(specs), desc=suite.name, unit="run")
+    extended: set[tuple[str, str]] = set()
+    context = dict(suite=suite, preset=preset, folder=folder, results=results, command=command, commit=commit,
+                   host=host)
     for number, spec in enumerate(specs, 1):
-        label = f"[{number}/{len(specs)}] {suite.name} {spec.run_id}"
-        path = folder / f"{spec.run_id}.json"
-        earlier = 0.0  # seconds already spent on a stored run that is continued
-        if spec.run_id in results:
-            stored = results[spec.run_id]
-            redo = outdated(spec, stored, results)
-            if redo is None:
-                _check_same(spec, stored, path)
-                tqdm.write(f"{label}: done already")
+        if preset.extend_grids and spec.role == "final" and spec.tune_from and spec.tune_from not in extended:
+            extended.add(spec.tune_from)
+            grid = [s for s in every if s.role == "grid" and (s.method, s.condition) == spec.tune_from]
+            while (extra := next_extension(grid, results)) is not None:
+                bar.total += 1
+                _run_one(extra, f"[grid extension] {suite.name} {extra.run_id}", **context)
                 bar.update()
-                continue
-            tqdm.write(f"{label}: {redo}")
-            del results[spec.run_id]
-            earlier = stored["wall_seconds"] if redo.startswith("continued") and "same_run_as" not in stored else 0.0
-        spec, same_as = resolve(spec, results)
-        start = time.perf_counter()
-        result: dict[str, Any] = {
-            "format": RESULT_FORMAT, "suite": suite.name, "run_id": spec.run_id, "kind": spec.kind,
-            "method": spec.method, "condition": spec.condition, "seed": spec.seed, "role": spec.role,
-            "params": dict(spec.params or {}), "grid_index": spec.grid_index, "preset": preset.name,
-            "training": TRAINING_VERSION,
-        }
-        if same_as is not None:
-            result.update({k: same_as[k] for k in ("config", "summary", "val_key", "best_val", "history", "wall_seconds")
-                           if k in same_as})
-            result["same_run_as"] = same_as["run_id"]
-        else:
-            result.update(execute(spec, folder))
-            result["wall_seconds"] = earlier + time.perf_counter() - start
-        result.update(command=command, commit=commit, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                      machine=host)
-        write_json(result, path)
-        results[spec.run_id] = result
-        tqdm.write(f"{label}: {_result_line(result)}" + (f" = {same_as['run_id']}" if same_as else ""))
+        _run_one(spec, f"[{number}/{len(specs)}] {suite.name} {spec.run_id}", **context)
         bar.update()
     bar.close()
     return results

@@ -5,7 +5,8 @@ A suite is a list of :class:`RunSpec` in execution order. Fair comparison
 backbone, embedding size, augmentation, batch size and epoch budget (the
 preset's ``standard`` or ``disjoint`` settings), plus the fixed solver settings
 of :data:`FIXED`. Each solver's key hyperparameters come from the small grid in
-:data:`GRIDS`: a ``grid`` run per grid point with the first seed, then ``final``
+:data:`GRIDS`: a ``grid`` run per grid point with the first seed (extended
+along :data:`LADDERS` while the best point is at an edge), then ``final``
 runs over every seed with the grid point of best *validation* score. Finals
 hold ``params=None`` until the runner resolves them (:func:`resolve`) from the
 stored grid results, so test data never steers a choice.
@@ -42,6 +43,25 @@ GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
     "normsoftmax": {"temperature": (0.025, 0.05, 0.1)},
     "multisimilarity": {"base": (0.3, 0.5, 0.7)},
     "proxyanchor": {"margin": (0.05, 0.1, 0.2)},
+}
+# Each key hyperparameter's ladder: its GRIDS points with up to two values beyond each edge, in order.
+# A grid must bracket the optimum: when validation chooses a value at the edge of the points tried,
+# the runner (with the preset's ``extend_grids``) tries the next value outward, one more grid run on the
+# first seed, until the choice is interior or the ladder ends; the report still flags an edge choice.
+LADDERS: dict[str, tuple[Any, ...]] = {
+    "softmax": (0.0, 0.1, 0.2, 0.3, 0.4),
+    "rbf": (0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6),
+    "hal": (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8),
+    "crc": (0.00003, 0.0003, 0.003, 0.03, 0.3, 3.0, 30.0),
+    "centralized": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+    "triplet": (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8),
+    "lifted": (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
+    "npairs": (0.000002, 0.00002, 0.0002, 0.002, 0.02, 0.2, 2.0),
+    "nca": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0),
+    "proxynca": (0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0),
+    "normsoftmax": (0.00625, 0.0125, 0.025, 0.05, 0.1, 0.2, 0.4),
+    "multisimilarity": (0.1, 0.3, 0.5, 0.7, 0.9),
+    "proxyanchor": (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8),
 }
 # Settings that differ from a solver's defaults in every suite: short budgets need a bank
 # refreshed every epoch (the paper's 10-epoch interval assumes ~100 epochs), k as in the paper.
@@ -95,6 +115,7 @@ class Preset:
     # suite -> the solvers its claims need (the default of --solvers); absent: every registered solver
     solvers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     hardware: str = "cpu"  # "cpu" or "gpu": results of the two are never mixed in one table
+    extend_grids: bool = True  # try LADDERS values beyond a grid edge that validation chooses
 
 
 _FULL_STANDARD = dict(
@@ -152,7 +173,8 @@ PRESETS: dict[str, Preset] = {
             "classification": "50 epochs of 3,000 images (about 2,400 optimiser steps: at 25 epochs validation "
                               "still rose for most solvers, and those runs were continued from their checkpoints); "
                               "8 solvers x (3 grid points + 4 more seeds) = 56 trainings of about 2-3 minutes with 1 "
-                              "thread, run as 2 shards side by side (benchmarks/run_suites.sh): about 75 minutes",
+                              "thread, plus a training per grid extension and 4 more finals per changed choice, run "
+                              "as 2 shards side by side (benchmarks/run_suites.sh)",
             "scarcity": "about 600 optimiser steps per run (epochs = 600 / batches per epoch, at least 2), 10 "
                         "validation passes, the best kept (early stopping); grids at 100 per class; softmax and rbf x "
                         "6 sizes x 5 seeds",
@@ -225,6 +247,7 @@ PRESETS: dict[str, Preset] = {
         step_bank_size=200,
         step_repeats=2,
         budgets={},
+        extend_grids=False,
     ),
 }
 
@@ -521,6 +544,39 @@ def choose(grid: Sequence[dict]) -> dict:
     if not grid:
         raise ConfigError("no grid result to choose from")
     return max(grid, key=lambda r: (r["best_val"], -r["grid_index"]))
+
+
+def grid_extension(grid: Sequence[RunSpec], stored: Sequence[Mapping[str, Any]]) -> RunSpec | None:
+    """The grid run to add to ``grid`` (its specs so far, every one with its result in ``stored``), or ``None``.
+
+    When the chosen point is at an edge of the values tried, the next value
+    outward on the solver's ladder (:data:`LADDERS`) is run on the grid's seed;
+    ``None`` when the choice is interior, the ladder ends there, or the grid is
+    not a run of ladder values (the ablation's sigma sweep, a multi-key grid).
+    The new run's ``grid_index`` comes after every earlier point, so a tie goes
+    to a point tried before it.
+    """
+    if not grid:
+        return None
+    first = grid[0]
+    ladder = LADDERS.get(first.solver, ())
+    keys = {k for spec in grid for k in (spec.params or {})}
+    if len(keys) != 1 or not ladder:
+        return None
+    (key,) = keys
+    tried = [spec.params[key] for spec in grid]
+    if any(v not in ladder for v in tried):
+        return None
+    positions = sorted({ladder.index(v) for v in tried})
+    if positions != list(range(positions[0], positions[-1] + 1)):
+        return None
+    at = ladder.index(choose(stored)["params"][key])
+    step = 1 if at == positions[-1] and at + 1 < len(ladder) else -1 if at == positions[0] and at > 0 else 0
+    if step == 0 or len(positions) < 2:
+        return None
+    params = {key: ladder[at + step]}
+    return replace(first, run_id=_run_id(first.method, first.condition, params_text(params), first.seed), params=params,
+                   grid_index=max(spec.grid_index for spec in grid) + 1)
 
 
 def final_results(results: Mapping[str, dict], method: str, condition: str) -> list[dict]:

@@ -48,6 +48,7 @@ Distributed data parallel (launched with ``torchrun``; see :mod:`knnsolver.distr
 """
 from __future__ import annotations
 
+import gc
 import inspect
 import math
 import pickle
@@ -432,6 +433,10 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, mo
         return _train(config, resume, overwrite, model)
     finally:
         if started:
+            # DistributedDataParallel's hooks form reference cycles, so its reducer, which holds the process
+            # group, would otherwise be freed by the cyclic collector at interpreter exit, after the group is
+            # torn down, and a process could abort there ("terminate called without an active exception").
+            gc.collect()
             torch.distributed.destroy_process_group()
 
 
