@@ -312,6 +312,7 @@ def test_bad_inputs_are_one_clear_error(runs, tmp_path):
 
 
 def test_export_reproduces_the_embeddings_and_writes_the_reference_set(runs, test_split, tmp_path, monkeypatch):
+    import hashlib
     import json
 
     from knnsolver.inference import export as export_module
@@ -326,7 +327,13 @@ def test_export_reproduces_the_embeddings_and_writes_the_reference_set(runs, tes
     reference = np.load(tmp_path / "net_reference.npy")
     assert reference.shape == (model.reference_size, 16)
     assert np.array_equal(np.load(tmp_path / "net_reference_labels.npy"), model.reference_labels.numpy())
-    assert json.loads((tmp_path / "net_classes.json").read_text())["classes"][-1] == "new"
+    manifest = json.loads((tmp_path / "net_classes.json").read_text())
+    assert manifest["classes"][-1] == "new"
+    # written last, the classes file names the other three by SHA-256 (hashlib here): a torn export shows
+    for entry in manifest["files"].values():
+        assert entry["sha256"] == hashlib.sha256((tmp_path / entry["name"]).read_bytes()).hexdigest()
+    assert sorted(e["name"] for e in manifest["files"].values()) == ["net.pt", "net_reference.npy",
+                                                                       "net_reference_labels.npy"]
     monkeypatch.setattr(export_module, "_torchscript", lambda *args: torch.zeros(5, 16))
     with pytest.raises(DataError, match="differ from the model's by up to"):
         model.export(tmp_path / "bad.pt")

@@ -11,6 +11,7 @@ must match the model's within ``atol``, else nothing is written.
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import tempfile
 import warnings
@@ -73,6 +74,14 @@ def _onnx(embedder: nn.Module, example: Tensor, tmp: Path, check: Tensor) -> Ten
     return torch.from_numpy(session.run(None, {"input": check.numpy()})[0])
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def export(model: KnnModel, path: str | Path, format: str = "torchscript", atol: float = 1e-4) -> dict[str, Any]:
     """Write the network to ``path`` and the reference set beside it; return what was written and the check's error.
 
@@ -81,8 +90,10 @@ def export(model: KnnModel, path: str | Path, format: str = "torchscript", atol:
     (``(R, d)`` float32 reference embeddings in the solver's space),
     ``NAME_reference_labels.npy`` (``(R,)`` int64 class ids) and ``NAME_classes.json``
     (class names by id, the input spec and the solver's space). The network is
-    checked before it is put in place (module docstring); the reference files are
-    written after it, each atomically.
+    checked before it is put in place (module docstring); the other files are
+    written after it, each atomically, the classes file last: it records the
+    SHA-256 of the three others (``files``), so a reader can tell a complete
+    export from one torn by a crash between two files.
     """
     from knnsolver.training.checkpoint import write_json, write_npy
 
@@ -118,6 +129,8 @@ def export(model: KnnModel, path: str | Path, format: str = "torchscript", atol:
     files = reference_paths(path)
     write_npy(model.reference_embeddings().numpy(), files["reference"])
     write_npy(model.reference_labels.numpy(), files["labels"])
+    digests = {key: {"name": where.name, "sha256": _sha256(where)}
+               for key, where in (("network", path), ("reference", files["reference"]), ("labels", files["labels"]))}
     write_json({"classes": model.classes, "input": model.spec.to_dict(), "embedding_space": model.embedding_space,
-                "sources": model.reference_sources}, files["classes"])
+                "sources": model.reference_sources, "files": digests}, files["classes"])
     return {"network": str(path), "format": format, "max_abs_error": error, **{k: str(v) for k, v in files.items()}}
