@@ -371,3 +371,15 @@ def test_the_runner_extends_a_grid_before_its_finals_choose(tmp_path, monkeypatc
     (folder / "softmax__label_smoothing=0.4__s0.json").unlink()
     assert "1 grid(s) chose an edge and are still to be extended" in write_report(
         tmp_path, tmp_path / "B.md", tmp_path / "plots").read_text()
+
+
+def test_wall_time_counts_the_longest_shard_and_the_unsharded_passes():
+    from knnsolver.bench.report import wall_seconds
+
+    def run(command, seconds, **extra):
+        return {"command": command, "wall_seconds": seconds, **extra}
+
+    results = {"a": run("knnsolver bench x --shard 0/2", 60.0), "b": run("knnsolver bench x --shard 0/2", 40.0),
+               "c": run("knnsolver bench x --shard 1/2", 70.0), "d": run("knnsolver bench x", 15.0),
+               "e": run("knnsolver bench x", 99.0, same_run_as="a")}
+    assert wall_seconds(results) == 100.0 + 15.0  # shard 0 (100 s) beside shard 1 (70 s), then the unsharded pass
