@@ -200,6 +200,11 @@ def test_shards_split_methods_and_leave_cross_method_choices_to_the_unsharded_pa
     assert len(shards[0]) + len(shards[1]) + len(picked) == len(specs)
     with pytest.raises(ConfigError, match="shard 2/2 does not exist"):
         select_shard(specs, 2, 2)
+    # the cost suite's timings wait for the unsharded pass, alone on the machine; its time-to-target trainings shard
+    cost = build_specs(get_suite("cost"), get_preset("full"), tmp_path)
+    sharded = [s for i in range(2) for s in select_shard(cost, i, 2)]
+    assert {s.kind for s in sharded} == {"train"} and {s.method for s in sharded} == {"centralized", "triplet"}
+    assert len(sharded) == sum(s.kind == "train" for s in cost)
 
 
 def test_the_full_preset_runs_what_its_claims_need_with_5_seeds_and_bracketing_grids(tmp_path):

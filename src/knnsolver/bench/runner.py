@@ -216,12 +216,17 @@ def execute(spec: RunSpec, folder: Path) -> dict[str, Any]:
     raise ConfigError(f"unknown run kind {spec.kind!r}")
 
 
+# Kinds that time something: never run in a shard, where another process shares the machine.
+TIMED_KINDS = ("step_cost", "epoch_cost")
+
+
 def select_shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
     """The specs of shard ``index`` of ``count`` (see :func:`run_suite`)."""
     if not 0 <= index < count:
         raise ConfigError(f"shard {index}/{count} does not exist; use i/n with 0 <= i < n")
-    methods = list(dict.fromkeys(s.method for s in specs if s.pick is None))
-    return [s for s in specs if s.pick is None and methods.index(s.method) % count == index]
+    kept = [s for s in specs if s.pick is None and s.kind not in TIMED_KINDS]
+    methods = list(dict.fromkeys(s.method for s in kept))
+    return [s for s in kept if methods.index(s.method) % count == index]
 
 
 def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dict]) -> str | None:
@@ -342,7 +347,8 @@ def run_suite(
     methods is ``i`` modulo ``n``, so ``n`` processes can share a suite: a
     method's grid and finals stay in one shard (finals choose from their own
     grid), and runs that choose across methods (the unseen-classes suite's best
-    other solver) are left to a later unsharded call, which skips what is done.
+    other solver) or time something (:data:`TIMED_KINDS`, which need the machine
+    to themselves) are left to a later unsharded call, which skips what is done.
     """
     out = Path(out)
     folder = out / suite.name

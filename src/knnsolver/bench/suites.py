@@ -129,7 +129,7 @@ _FULL_STANDARD = dict(
 _CLAIM_SOLVERS = {
     "classification": ("softmax", "rbf", "hal", "nca", "triplet", "lifted", "npairs", "multisimilarity"),
     "scarcity": ("softmax", "rbf"),
-    "unseen-classes": ("softmax", "rbf", "hal", "centralized", "triplet", "lifted", "npairs", "multisimilarity"),
+    "unseen-classes": ("softmax", "rbf", "hal", "triplet", "lifted", "npairs"),
     "cost": ("softmax", "rbf", "hal", "centralized", "nca", "triplet", "lifted", "npairs", "multisimilarity"),
     "ablation": ("rbf",),
 }
@@ -151,7 +151,7 @@ PRESETS: dict[str, Preset] = {
         seeds=(0, 1, 2, 3, 4),
         num_classes=10,
         standard=_FULL_STANDARD,
-        disjoint=dict(_FULL_STANDARD, split="disjoint", max_per_class=300, samples_per_class=16, epochs=30),
+        disjoint=dict(_FULL_STANDARD, split="disjoint", max_per_class=300, samples_per_class=16, epochs=90),
         unseen_subset=True,
         scarcity_sizes=(10, 20, 50, 100, 500, None),
         scarcity_reference=100,
@@ -164,7 +164,7 @@ PRESETS: dict[str, Preset] = {
         ablation_sigma=(0.0, 0.05, 0.1, 0.2, 0.4),  # on the unit sphere (normalize=True); 0 = automatic
         ablation_intervals=(1, 5, 10),
         cost_epochs=2,
-        target_epochs=30,
+        target_epochs=90,
         step_batch_sizes=(256, 1024, 4096),
         step_class_counts=(10, 100, 1000),
         step_bank_size=10_000,
@@ -178,12 +178,15 @@ PRESETS: dict[str, Preset] = {
             "scarcity": "about 600 optimiser steps per run (epochs = 600 / batches per epoch, at least 2), 10 "
                         "validation passes, the best kept (early stopping); grids at 100 per class; softmax and rbf x "
                         "6 sizes x 5 seeds",
-            "unseen-classes": "30 epochs of 1,500 images of classes 0-4 (about 700 optimiser steps); 8 "
-                              "solvers x (3 grid points + 4 more seeds) at 64-d plus rbf, triplet and the best other "
-                              "solver x 3 sizes x 5 seeds",
+            "unseen-classes": "90 epochs of 1,500 images of classes 0-4 (about 2,100 optimiser steps: at 30 "
+                              "epochs 31 of 44 finals peaked in the last 20%, 22 still rising); the claims' rbf, "
+                              "triplet, lifted and npairs, with softmax and hal (our methods' baselines), x (3 grid "
+                              "points + 4 more seeds) at 64-d, plus rbf, triplet and the best other solver x 3 sizes "
+                              "x 5 seeds",
             "cost": "loss steps on random embeddings at batch 256, 1,024, 4,096 and 10, 100, 1,000 classes (50 "
-                    "repeats); 2 epochs per solver for the epoch time; time to target: 30 epochs on the unseen-class "
-                    "split x 2 solvers, evaluated every epoch (24 optimiser steps)",
+                    "repeats); 2 epochs per solver for the epoch time (timings alone on the machine, after the "
+                    "shards); time to target: 90 epochs on the unseen-class split x 2 solvers, evaluated every "
+                    "epoch (24 optimiser steps)",
             "ablation": "25 epochs of 3,000 images, a 5-point sigma grid then 10 RBF variants x 5 seeds",
         },
         solvers=_CLAIM_SOLVERS,
