@@ -51,6 +51,7 @@ def _with_group(work: Callable[[], Any]) -> Any:
         return work()
     finally:
         if started:
+            gc.collect()  # DDP wrappers in reference cycles hold the group: free them first (as train() does)
             torch.distributed.destroy_process_group()
 
 
