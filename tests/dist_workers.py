@@ -5,6 +5,7 @@ does its part, and saves what the parent test checks to ``<folder>/rank<r>.pt``.
 """
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from pathlib import Path
@@ -131,8 +132,6 @@ def ddp_left_after_train(config: dict[str, Any]) -> int:
     holds the process group, and freed at interpreter exit, after the group's teardown, it can abort the
     process ("terminate called without an active exception").
     """
-    import gc
-
     from torch.nn.parallel import DistributedDataParallel
 
     from knnsolver.training import TrainConfig, train
