@@ -90,3 +90,13 @@ def test_convergence_tells_a_plateau_from_a_rising_curve():
     by_method = convergence([(10, 10)] * 3 + [(10, 10)], [rising, rising, rising, flat], ["npairs", "hal", "npairs", "rbf"])
     assert by_method.rising == (("npairs", 2), ("hal", 1))  # the plateau run is not counted as rising
     assert "3 were still rising (npairs 2, hal 1)" in by_method.text()
+
+
+def test_a_test_against_a_margin_says_so_beside_its_p_value_and_effect_size():
+    """A +0.30-point gain tested against a 1-point margin has a negative d_z: the text must say it is from the margin."""
+    against_margin = paired_test([0.002, 0.004, 0.003, 0.0025, 0.0035], threshold=0.01)
+    assert against_margin.effect_size < 0 and against_margin.verdict == FAILS
+    assert "+0.30 pts [" in against_margin.text() and "(paired t-test of the difference from the +1 pts margin: p=" in (
+        against_margin.text())
+    plain = paired_test([0.002, 0.004, 0.003, 0.0025, 0.0035])
+    assert "(paired t-test: p=" in plain.text() and "margin" not in plain.text()

@@ -88,14 +88,16 @@ class PairedTest:
     verdict: str
 
     def text(self, scale: float = 100.0, unit: str = " pts") -> str:
-        """``+1.23 pts [0.40, 2.06] (t-test p=0.012, d_z=2.1, n=5)`` with values multiplied by ``scale``."""
+        """``+1.23 pts [+0.40, +2.06] (paired t-test: p=0.012, d_z=2.10; bootstrap [...]; n=5)``, values times
+        ``scale``; with a margin, the test and the effect size say they are taken from it, not from 0."""
         if self.n == 0:
             return "no paired runs"
         if self.n < 2:
             return f"{scale * self.mean:+.2f}{unit} (n=1: no interval)"
+        margin = f" of the difference from the {scale * self.threshold:+g}{unit} margin" if self.threshold else ""
         return (f"{scale * self.mean:+.2f}{unit} [{scale * self.low:+.2f}, {scale * self.high:+.2f}] "
-                f"(paired t-test p={self.p_value:.3g}, bootstrap [{scale * self.boot_low:+.2f}, "
-                f"{scale * self.boot_high:+.2f}], d_z={self.effect_size:.2f}, n={self.n})")
+                f"(paired t-test{margin}: p={self.p_value:.3g}, d_z={self.effect_size:.2f}; bootstrap "
+                f"[{scale * self.boot_low:+.2f}, {scale * self.boot_high:+.2f}]; n={self.n})")
 
 
 def paired_test(differences: Sequence[float], threshold: float = 0.0, level: float = LEVEL) -> PairedTest:
