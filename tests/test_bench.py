@@ -388,3 +388,29 @@ def test_wall_time_counts_the_longest_shard_and_the_unsharded_passes():
                "c": run("knnsolver bench x --shard 1/2", 70.0), "d": run("knnsolver bench x", 15.0),
                "e": run("knnsolver bench x", 99.0, same_run_as="a")}
     assert wall_seconds(results) == 100.0 + 15.0  # shard 0 (100 s) beside shard 1 (70 s), then the unsharded pass
+
+
+def test_results_written_into_tracked_files_do_not_mark_the_commit_modified(tmp_path, monkeypatch):
+    """A suite writes its results into tracked files while it runs; only a change to the code marks a commit."""
+    import subprocess
+
+    monkeypatch.delenv("KNNSOLVER_COMMIT", raising=False)
+    repo = tmp_path / "repo"
+    (repo / "src").mkdir(parents=True)
+    (repo / "benchmarks").mkdir()
+    (repo / "src" / "code.py").write_text("x = 1\n")
+    (repo / "benchmarks" / "result.json").write_text("{}\n")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "start")
+    head = runner.git_commit(repo / "src")
+    assert len(head) == 40
+    (repo / "benchmarks" / "result.json").write_text('{"run": 1}\n')
+    assert runner.git_commit(repo / "src") == head
+    (repo / "src" / "code.py").write_text("x = 2\n")
+    assert runner.git_commit(repo / "src") == head + "+modified"

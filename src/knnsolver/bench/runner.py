@@ -49,7 +49,10 @@ TRAINING_VERSION = 2
 
 
 def git_commit(cwd: str | Path | None = None) -> str:
-    """``git rev-parse HEAD`` (with ``+modified`` when the work tree differs), or ``unknown``.
+    """``git rev-parse HEAD`` (with ``+modified`` when the code differs from it), or ``unknown``.
+
+    Only the code counts (``src/``, ``pyproject.toml``): the results a suite
+    writes into tracked files while it runs do not make later runs "modified".
 
     ``KNNSOLVER_COMMIT`` overrides it: a working tree copied to another machine
     (a lent GPU) may carry a stale ``.git``, so the sender names the commit.
@@ -58,8 +61,10 @@ def git_commit(cwd: str | Path | None = None) -> str:
         return os.environ["KNNSOLVER_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True,
-                               text=True, check=True).stdout.strip()
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "pyproject.toml"],
+                               cwd=top, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+modified" if dirty else "")
