@@ -414,3 +414,15 @@ def test_results_written_into_tracked_files_do_not_mark_the_commit_modified(tmp_
     assert runner.git_commit(repo / "src") == head
     (repo / "src" / "code.py").write_text("x = 2\n")
     assert runner.git_commit(repo / "src") == head + "+modified"
+
+
+def test_step_cost_times_the_centralized_loss_with_more_classes_than_dimensions():
+    """The cost suite times 1,000 classes in 64-d; orthogonal centres cannot exist there, so the centralized loss
+    runs with allow_correlated=True instead of stopping the suite."""
+    from knnsolver.bench.suites import RunSpec
+
+    config = dict(batch_sizes=[16], class_counts=[4, 24], embedding_dim=8, bank_size=96, repeats=2, budget_s=0.5,
+                  max_step_s=2.0, solver="centralized", solver_options={})
+    rows = runner.step_cost(RunSpec("centralized@step__s0", "step_cost", "centralized", "step", 0, "final", config, {}))
+    assert [(r["num_classes"], r["batch_size"]) for r in rows] == [(4, 16), (24, 16)]
+    assert all(0 < r["q1_s"] <= r["median_s"] <= r["q3_s"] for r in rows)

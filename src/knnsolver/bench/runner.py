@@ -176,6 +176,9 @@ def step_cost(spec: RunSpec) -> list[dict[str, Any]]:
     ``on_epoch_start`` from random embeddings, as after a refresh. Once a step
     takes over ``max_step_s``, larger batches of that class count are skipped
     (pytorch-metric-learning's lifted structure loss grows far faster than B^2).
+    The centralized loss with more classes than dimensions (1,000 classes in
+    64-d) runs with ``allow_correlated=True``: orthogonal centres cannot exist
+    there, and only the first ``d`` are decorrelated.
     """
     c = spec.config
     gen = torch.Generator().manual_seed(spec.seed)
@@ -184,7 +187,10 @@ def step_cost(spec: RunSpec) -> list[dict[str, Any]]:
         n, dim = int(c["bank_size"]), int(c["embedding_dim"])
         train_labels = torch.arange(n) % num_classes
         bank = torch.randn(n, dim, generator=gen)
-        solver = SOLVERS.build(spec.solver, embedding_dim=dim, num_classes=num_classes, num_train=n, **c["solver_options"])
+        options = dict(c["solver_options"])
+        if spec.solver == "centralized" and num_classes > dim:
+            options["allow_correlated"] = True
+        solver = SOLVERS.build(spec.solver, embedding_dim=dim, num_classes=num_classes, num_train=n, **options)
         solver.on_epoch_start(EpochContext(0, lambda: (bank, train_labels), n))
         solver.train()
         for batch in sorted(c["batch_sizes"]):
