@@ -29,6 +29,7 @@ from torch import Tensor
 from knnsolver.errors import KnnSolverError
 from knnsolver.interfaces import EpochContext
 from knnsolver.bench.provenance import cpu_name
+from knnsolver.bench.runner import triplet_count
 from knnsolver.registry import SOLVERS
 
 LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -37,11 +38,6 @@ SAMPLES_PER_CLASS = 4
 
 def balanced_labels(n: int, num_classes: int) -> Tensor:
     return (torch.arange(n) // SAMPLES_PER_CLASS) % num_classes
-
-
-def triplet_count(labels: Tensor) -> int:
-    counts = torch.bincount(labels).double()
-    return int((counts * (counts - 1) * (len(labels) - counts)).sum())
 
 
 def solver_cases(dim: int, num_classes: int, bank: int) -> tuple[dict[str, LossFn], list[str]]:

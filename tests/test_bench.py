@@ -423,6 +423,25 @@ def test_step_cost_times_the_centralized_loss_with_more_classes_than_dimensions(
 
     config = dict(batch_sizes=[16], class_counts=[4, 24], embedding_dim=8, bank_size=96, repeats=2, budget_s=0.5,
                   max_step_s=2.0, solver="centralized", solver_options={})
-    rows = runner.step_cost(RunSpec("centralized@step__s0", "step_cost", "centralized", "step", 0, "final", config, {}))
+    rows = runner.step_cost(RunSpec("centralized@step__s0", "step_cost", "centralized", "step", 0, "final", config,
+                                    {}))["step_times"]
     assert [(r["num_classes"], r["batch_size"]) for r in rows] == [(4, 16), (24, 16)]
     assert all(0 < r["q1_s"] <= r["median_s"] <= r["q3_s"] for r in rows)
+
+
+def test_step_cost_skips_triplet_batches_with_too_many_triplets(monkeypatch):
+    """The miner indexes every triplet first: a batch over the limit is listed as skipped, not timed for minutes."""
+    import torch
+
+    from knnsolver.bench.suites import RunSpec
+
+    labels = torch.arange(32) % 4  # 8 per class: 32 * 7 * 24 = 5,376 triplets
+    assert runner.triplet_count(labels) == 32 * 7 * 24
+    # any 32 labels of 4 classes hold at most 7,680 triplets, any 64 at least 10,980
+    monkeypatch.setattr(runner, "MAX_TRIPLETS", 8000)
+    config = dict(batch_sizes=[16, 32, 64], class_counts=[4], embedding_dim=8, bank_size=128, repeats=2, budget_s=0.5,
+                  max_step_s=2.0, solver="triplet", solver_options={})
+    out = runner.step_cost(RunSpec("triplet@step__s0", "step_cost", "triplet", "step", 0, "final", config, {}))
+    assert [r["batch_size"] for r in out["step_times"]] == [16, 32]
+    assert [(t["batch_size"], t["num_classes"]) for t in out["skipped"]] == [(64, 4)]
+    assert "triplets (over 8e+03)" in out["skipped"][0]["why"]

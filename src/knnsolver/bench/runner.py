@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from knnsolver.bench.data import prepare_unseen_subset
@@ -168,21 +169,34 @@ def _quartile_times(fn: Callable[[], None], repeats: int, budget_s: float) -> tu
     return q1, q2, q3, len(times)
 
 
-def step_cost(spec: RunSpec) -> list[dict[str, Any]]:
+# pytorch-metric-learning's triplet miner builds every (anchor, positive, negative) index first: past this
+# many triplets in a batch (95 million at B=1,024 with 10 classes) one step takes minutes and gigabytes.
+MAX_TRIPLETS = 3e7
+
+
+def triplet_count(labels: Tensor) -> int:
+    """The number of (anchor, positive, negative) triplets in a batch with these labels."""
+    counts = torch.bincount(labels).double()
+    return int((counts * (counts - 1) * (len(labels) - counts)).sum())
+
+
+def step_cost(spec: RunSpec) -> dict[str, list[dict[str, Any]]]:
     """Forward + backward time of the solver's loss on random embeddings, per class count and batch size.
 
     Labels and row indices come from a training set of ``bank_size`` rows with
     balanced labels; a solver with a bank (rbf) gets it filled by its own
     ``on_epoch_start`` from random embeddings, as after a refresh. Once a step
     takes over ``max_step_s``, larger batches of that class count are skipped
-    (pytorch-metric-learning's lifted structure loss grows far faster than B^2).
+    (pytorch-metric-learning's lifted structure loss grows far faster than B^2),
+    as are triplet batches with over :data:`MAX_TRIPLETS` triplets (listed under
+    ``skipped``).
     The centralized loss with more classes than dimensions (1,000 classes in
     64-d) runs with ``allow_correlated=True``: orthogonal centres cannot exist
     there, and only the first ``d`` are decorrelated.
     """
     c = spec.config
     gen = torch.Generator().manual_seed(spec.seed)
-    rows = []
+    rows, skipped = [], []
     for num_classes in c["class_counts"]:
         n, dim = int(c["bank_size"]), int(c["embedding_dim"])
         train_labels = torch.arange(n) % num_classes
@@ -197,6 +211,10 @@ def step_cost(spec: RunSpec) -> list[dict[str, Any]]:
             idx = torch.randperm(n, generator=gen)[:batch]
             emb = torch.randn(batch, dim, generator=gen, requires_grad=True)
             labels = train_labels[idx]
+            if spec.solver == "triplet" and triplet_count(labels) > MAX_TRIPLETS:
+                skipped.append({"batch_size": batch, "num_classes": num_classes,
+                                "why": f"{triplet_count(labels):.2g} triplets (over {MAX_TRIPLETS:.0e})"})
+                break
 
             def step() -> None:
                 loss = solver(emb, labels, idx)
@@ -210,7 +228,7 @@ def step_cost(spec: RunSpec) -> list[dict[str, Any]]:
                          "calls": calls})
             if median > float(c["max_step_s"]):
                 break
-    return rows
+    return {"step_times": rows, "skipped": skipped}
 
 
 def execute(spec: RunSpec, folder: Path) -> dict[str, Any]:
@@ -223,7 +241,7 @@ def execute(spec: RunSpec, folder: Path) -> dict[str, Any]:
         out["refresh_seconds"] = _refresh_seconds(spec, run_dir)
         return out
     if spec.kind == "step_cost":
-        return {"config": dict(spec.config), "step_times": step_cost(spec)}
+        return {"config": dict(spec.config), **step_cost(spec)}
     raise ConfigError(f"unknown run kind {spec.kind!r}")
 
 
