@@ -445,3 +445,18 @@ def test_step_cost_skips_triplet_batches_with_too_many_triplets(monkeypatch):
     assert [r["batch_size"] for r in out["step_times"]] == [16, 32]
     assert [(t["batch_size"], t["num_classes"]) for t in out["skipped"]] == [(64, 4)]
     assert "triplets (over 8e+03)" in out["skipped"][0]["why"]
+
+
+def test_lifted_structure_batches_too_large_for_memory_are_skipped():
+    """At B=256 with 10 classes its positive x negative pair matrix has 3.7e8 entries (over 23 GiB in one step)."""
+    import itertools
+
+    import torch
+
+    small = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])
+    pairs = list(itertools.permutations(small.tolist(), 2))  # ordered pairs, counted one by one
+    assert runner.pair_product(small) == sum(a == b for a, b in pairs) * sum(a != b for a, b in pairs)
+    ten = torch.arange(256) % 10
+    assert "positive x negative pairs (over 1e+08)" in runner.oversized("lifted", ten)
+    assert runner.oversized("lifted", torch.arange(256) % 100) is None  # 2.6e7
+    assert runner.oversized("nca", ten) is None

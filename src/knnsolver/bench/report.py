@@ -314,7 +314,8 @@ def _cost_step_section(results: Mapping[str, dict], plots: Plots) -> list[str]:
     rows = [[m, *[cell(steps[m][s]) if s in steps[m] else "-" for s in settings]] for m in solvers]
     parts = ["### Loss step time (forward + backward on random embeddings, median [quartiles] ms)",
              "A dash: not measured: a smaller batch of that solver already took longer than the step limit, or "
-             "(triplet) the batch holds too many triplets for its miner: "
+             "the batch is too large for the triplet miner or the lifted structure loss (their pair and triplet "
+             "tables): "
              + ("; ".join(f"B={t['batch_size']}, C={t['num_classes']}: {t['why']}" for r in results.values()
                           for t in r.get("skipped", [])) or "none here") + ".",
              table(["solver", *[f"B={b}, C={c}" for b, c in settings]], rows)]

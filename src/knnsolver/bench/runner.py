@@ -172,12 +172,30 @@ def _quartile_times(fn: Callable[[], None], repeats: int, budget_s: float) -> tu
 # pytorch-metric-learning's triplet miner builds every (anchor, positive, negative) index first: past this
 # many triplets in a batch (95 million at B=1,024 with 10 classes) one step takes minutes and gigabytes.
 MAX_TRIPLETS = 3e7
+# Its lifted structure loss builds a (positive pairs x negative pairs) matrix: 3.7e8 entries at B=256 with
+# 10 classes, and over 23 GiB in one step (killed for memory on this 24 GiB machine).
+MAX_PAIR_PRODUCT = 1e8
 
 
 def triplet_count(labels: Tensor) -> int:
     """The number of (anchor, positive, negative) triplets in a batch with these labels."""
     counts = torch.bincount(labels).double()
     return int((counts * (counts - 1) * (len(labels) - counts)).sum())
+
+
+def pair_product(labels: Tensor) -> int:
+    """(ordered positive pairs) x (ordered negative pairs) of a batch: the lifted structure loss's matrix size."""
+    counts = torch.bincount(labels).double()
+    return int((counts * (counts - 1)).sum() * (counts * (len(labels) - counts)).sum())
+
+
+def oversized(solver: str, labels: Tensor) -> str | None:
+    """Why one loss step of ``solver`` on a batch with these labels would not fit in time or memory, or None."""
+    if solver == "triplet" and triplet_count(labels) > MAX_TRIPLETS:
+        return f"{triplet_count(labels):.2g} triplets (over {MAX_TRIPLETS:.0e})"
+    if solver == "lifted" and pair_product(labels) > MAX_PAIR_PRODUCT:
+        return f"{pair_product(labels):.2g} positive x negative pairs (over {MAX_PAIR_PRODUCT:.0e})"
+    return None
 
 
 def step_cost(spec: RunSpec) -> dict[str, list[dict[str, Any]]]:
@@ -188,8 +206,8 @@ def step_cost(spec: RunSpec) -> dict[str, list[dict[str, Any]]]:
     ``on_epoch_start`` from random embeddings, as after a refresh. Once a step
     takes over ``max_step_s``, larger batches of that class count are skipped
     (pytorch-metric-learning's lifted structure loss grows far faster than B^2),
-    as are triplet batches with over :data:`MAX_TRIPLETS` triplets (listed under
-    ``skipped``).
+    as are batches too large for the triplet miner or the lifted structure loss
+    (:func:`oversized`; listed under ``skipped``).
     The centralized loss with more classes than dimensions (1,000 classes in
     64-d) runs with ``allow_correlated=True``: orthogonal centres cannot exist
     there, and only the first ``d`` are decorrelated.
@@ -211,9 +229,9 @@ def step_cost(spec: RunSpec) -> dict[str, list[dict[str, Any]]]:
             idx = torch.randperm(n, generator=gen)[:batch]
             emb = torch.randn(batch, dim, generator=gen, requires_grad=True)
             labels = train_labels[idx]
-            if spec.solver == "triplet" and triplet_count(labels) > MAX_TRIPLETS:
-                skipped.append({"batch_size": batch, "num_classes": num_classes,
-                                "why": f"{triplet_count(labels):.2g} triplets (over {MAX_TRIPLETS:.0e})"})
+            why = oversized(spec.solver, labels)
+            if why is not None:
+                skipped.append({"batch_size": batch, "num_classes": num_classes, "why": why})
                 break
 
             def step() -> None:
