@@ -93,11 +93,13 @@ def test_a_moved_results_folder_restarts_unfinished_runs(finished, tmp_path, mon
 
 
 def test_results_of_other_settings_are_refused(finished, tmp_path):
+    """A result of another preset in the folder is refused, not overwritten (same preset: run again, below)."""
     out = tmp_path / "copy"
     shutil.copytree(finished, out)
     path = out / "classification" / "softmax__label_smoothing=0__s0.json"
     data = json.loads(path.read_text())
     data["config"]["width"] = 99
+    data["preset"] = "full"
     path.write_text(json.dumps(data))
     with pytest.raises(ConfigError, match="other settings"):
         _bench(out)
@@ -460,3 +462,23 @@ def test_lifted_structure_batches_too_large_for_memory_are_skipped():
     assert "positive x negative pairs (over 1e+08)" in runner.oversized("lifted", ten)
     assert runner.oversized("lifted", torch.arange(256) % 100) is None  # 2.6e7
     assert runner.oversized("nca", ten) is None
+
+
+def test_a_changed_setting_of_the_same_preset_runs_again_and_the_report_says_so(finished, tmp_path, monkeypatch):
+    """A budget change that cannot continue a run (here the evaluation interval) redoes the stored runs of that
+    preset instead of refusing them, and until then the report marks the suite in progress."""
+    import dataclasses
+
+    from knnsolver.bench import suites
+
+    out = tmp_path / "changed"
+    shutil.copytree(finished, out)
+    tiny = suites.PRESETS["tiny"]
+    monkeypatch.setitem(suites.PRESETS, "tiny", dataclasses.replace(tiny, standard=dict(tiny.standard, eval_every=2)))
+    assert "**In progress: 0 of " in write_report(out, tmp_path / "B.md", tmp_path / "plots").read_text()
+    started = _count_training(monkeypatch)
+    assert _bench(out) == 0
+    assert len(started) == len(list((finished / "classification").glob("*.json"))) - 2  # finals s0 copy their grid
+    assert all(not resumed for _, resumed in started)
+    for path in (out / "classification").glob("*.json"):
+        assert json.loads(path.read_text())["config"]["eval_every"] == 2

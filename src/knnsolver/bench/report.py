@@ -564,9 +564,9 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         verdicts = {c: c.evaluate(results) for c in claims}
         regime = regime_of(results)
         planned = build_specs(suite, preset, results_dir) if preset.name in recorded else []
-        missing = sum(spec.run_id not in results or outdated(spec, results[spec.run_id], results) is not None
+        missing = sum(spec.run_id not in results or outdated(spec, results[spec.run_id], results, preset.name) is not None
                       for spec in planned)
-        due = pending_extensions(planned, results) if planned and preset.extend_grids else 0
+        due = pending_extensions(planned, results, preset.name) if planned and preset.extend_grids else 0
         if missing or due:
             extend = f", and {due} grid(s) chose an edge and are still to be extended" if due else ""
             head.append(f"**In progress: {len(planned) - missing} of {len(planned)} runs of the `{preset.name}` preset "

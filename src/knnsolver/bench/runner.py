@@ -276,12 +276,15 @@ def select_shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSp
     return [s for s in kept if methods.index(s.method) % count == index]
 
 
-def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dict]) -> str | None:
+def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dict], preset: str | None = None) -> str | None:
     """Why a stored result must be redone under today's suite, or ``None`` when it stands.
 
     A training run stored with fewer epochs at a constant learning rate is
     continued from its checkpoint (a budget raised later costs only the new
-    epochs); a final whose grid now chooses other settings is run again.
+    epochs); a final whose grid now chooses other settings is run again, and so
+    is a run of the same ``preset`` whose settings changed otherwise (a budget
+    that also changes the evaluation interval). A result of another preset is
+    left to :func:`_check_same`, which refuses to mix the two.
     """
     if spec.kind != "train" or stored.get("kind") != "train" or spec.pick is not None:
         return None
@@ -291,12 +294,15 @@ def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dic
         return None
     if spec.params is None and dict(resolved.params) != stored.get("params"):
         return f"its grid now chooses {params_text(resolved.params)}: run again"
-    if continues(stored["config"], resolved.train_config(stored["config"]["out"]).to_dict()):
+    wanted = resolved.train_config(stored["config"]["out"]).to_dict()
+    if continues(stored["config"], wanted):
         return f"continued to {resolved.config['epochs']} epochs"
+    if preset is not None and stored.get("preset") == preset and comparable(stored["config"]) != comparable(wanted):
+        return "its settings changed: run again"
     return None
 
 
-def next_extension(grid: Sequence[RunSpec], results: Mapping[str, dict]) -> RunSpec | None:
+def next_extension(grid: Sequence[RunSpec], results: Mapping[str, dict], preset: str | None = None) -> RunSpec | None:
     """The next grid run beyond ``grid``'s chosen edge still to run (:func:`~knnsolver.bench.suites.grid_extension`),
     walking past the extensions already stored; ``None`` when none is due or the grid itself is unfinished."""
     grid = list(grid)
@@ -304,19 +310,19 @@ def next_extension(grid: Sequence[RunSpec], results: Mapping[str, dict]) -> RunS
         extra = grid_extension(grid, [results[s.run_id] for s in grid])
         if extra is None:
             return None
-        if extra.run_id not in results or outdated(extra, results[extra.run_id], results) is not None:
+        if extra.run_id not in results or outdated(extra, results[extra.run_id], results, preset) is not None:
             return extra
         grid.append(extra)
     return None
 
 
-def pending_extensions(specs: Sequence[RunSpec], results: Mapping[str, dict]) -> int:
+def pending_extensions(specs: Sequence[RunSpec], results: Mapping[str, dict], preset: str | None = None) -> int:
     """How many of the grids in ``specs`` have an extension due (the report marks the suite in progress)."""
     grids: dict[tuple[str, str], list[RunSpec]] = {}
     for spec in specs:
         if spec.role == "grid":
             grids.setdefault((spec.method, spec.condition), []).append(spec)
-    return sum(next_extension(grid, results) is not None for grid in grids.values())
+    return sum(next_extension(grid, results, preset) is not None for grid in grids.values())
 
 
 def _check_same(spec: RunSpec, stored: Mapping[str, Any], path: Path) -> None:
@@ -349,7 +355,7 @@ def _run_one(spec: RunSpec, label: str, *, suite: Suite, preset: Preset, folder:
     earlier = 0.0  # seconds already spent on a stored run that is continued
     if spec.run_id in results:
         stored = results[spec.run_id]
-        redo = outdated(spec, stored, results)
+        redo = outdated(spec, stored, results, preset.name)
         if redo is None:
             _check_same(spec, stored, path)
             tqdm.write(f"{label}: done already")
@@ -413,7 +419,7 @@ def run_suite(
         if preset.extend_grids and spec.role == "final" and spec.tune_from and spec.tune_from not in extended:
             extended.add(spec.tune_from)
             grid = [s for s in every if s.role == "grid" and (s.method, s.condition) == spec.tune_from]
-            while (extra := next_extension(grid, results)) is not None:
+            while (extra := next_extension(grid, results, preset.name)) is not None:
                 bar.total += 1
                 _run_one(extra, f"[grid extension] {suite.name} {extra.run_id}", **context)
                 bar.update()
