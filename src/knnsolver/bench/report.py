@@ -567,12 +567,12 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         missing = sum(spec.run_id not in results or outdated(spec, results[spec.run_id], results, preset.name) is not None
                       for spec in planned)
         due = pending_extensions(planned, results, preset.name) if planned and preset.extend_grids else 0
-        if missing or due:
+        unfinished = bool(missing or due)
+        if unfinished:
             extend = f", and {due} grid(s) chose an edge and are still to be extended" if due else ""
             head.append(f"**In progress: {len(planned) - missing} of {len(planned)} runs of the `{preset.name}` preset "
                         f"are done under its current budgets{extend}; the verdicts below may change when the suite "
                         "completes.**")
-            missing += due
         stale = sum(1 for r in results.values() if r.get("training", 1) < TRAINING_VERSION)
         if stale:
             head.append(f"**Stale: {stale} of {len(results)} results were produced before the training fixes of "
@@ -582,7 +582,7 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         head += ["### Setup", f"- Regime tested: {regime}.\n" + _setup(suite, results)]
         if claims:
             head += ["### Claims", "\n".join(_claim_line(c, v) for c, v in verdicts.items())]
-        note = " (stale results)" if stale else " (in progress)" if missing else ""
+        note = " (stale results)" if stale else " (in progress)" if unfinished else ""
         summary += [[suite.name, c.text, regime, c.paper_regime, (v.status if v else "too few results") + note]
                     for c, v in verdicts.items()]
         sections.append("\n\n".join([*head, section.body]))

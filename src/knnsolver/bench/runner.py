@@ -62,10 +62,8 @@ def git_commit(cwd: str | Path | None = None) -> str:
         return os.environ["KNNSOLVER_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", "src", "pyproject.toml"],
-                               cwd=top, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/pyproject.toml"],
+                               cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return head + ("+modified" if dirty else "")
@@ -191,10 +189,10 @@ def pair_product(labels: Tensor) -> int:
 
 def oversized(solver: str, labels: Tensor) -> str | None:
     """Why one loss step of ``solver`` on a batch with these labels would not fit in time or memory, or None."""
-    if solver == "triplet" and triplet_count(labels) > MAX_TRIPLETS:
-        return f"{triplet_count(labels):.2g} triplets (over {MAX_TRIPLETS:.0e})"
-    if solver == "lifted" and pair_product(labels) > MAX_PAIR_PRODUCT:
-        return f"{pair_product(labels):.2g} positive x negative pairs (over {MAX_PAIR_PRODUCT:.0e})"
+    if solver == "triplet" and (count := triplet_count(labels)) > MAX_TRIPLETS:
+        return f"{count:.2g} triplets (over {MAX_TRIPLETS:.0e})"
+    if solver == "lifted" and (count := pair_product(labels)) > MAX_PAIR_PRODUCT:
+        return f"{count:.2g} positive x negative pairs (over {MAX_PAIR_PRODUCT:.0e})"
     return None
 
 
@@ -316,13 +314,18 @@ def next_extension(grid: Sequence[RunSpec], results: Mapping[str, dict], preset:
     return None
 
 
-def pending_extensions(specs: Sequence[RunSpec], results: Mapping[str, dict], preset: str | None = None) -> int:
-    """How many of the grids in ``specs`` have an extension due (the report marks the suite in progress)."""
+def grids_of(specs: Sequence[RunSpec]) -> dict[tuple[str, str], list[RunSpec]]:
+    """The grid runs of ``specs`` by the ``(method, condition)`` their finals tune from."""
     grids: dict[tuple[str, str], list[RunSpec]] = {}
     for spec in specs:
         if spec.role == "grid":
             grids.setdefault((spec.method, spec.condition), []).append(spec)
-    return sum(next_extension(grid, results, preset) is not None for grid in grids.values())
+    return grids
+
+
+def pending_extensions(specs: Sequence[RunSpec], results: Mapping[str, dict], preset: str | None = None) -> int:
+    """How many of the grids in ``specs`` have an extension due (the report marks the suite in progress)."""
+    return sum(next_extension(grid, results, preset) is not None for grid in grids_of(specs).values())
 
 
 def _check_same(spec: RunSpec, stored: Mapping[str, Any], path: Path) -> None:
@@ -412,13 +415,12 @@ def run_suite(
     results = load_results(folder)
     commit, host = git_commit(Path(__file__).parent), machine()
     bar = tqdm(total=len(specs), desc=suite.name, unit="run")
-    extended: set[tuple[str, str]] = set()
+    grids = grids_of(every)  # extended once each, before the first final that tunes from it
     context = dict(suite=suite, preset=preset, folder=folder, results=results, command=command, commit=commit,
                    host=host)
     for number, spec in enumerate(specs, 1):
-        if preset.extend_grids and spec.role == "final" and spec.tune_from and spec.tune_from not in extended:
-            extended.add(spec.tune_from)
-            grid = [s for s in every if s.role == "grid" and (s.method, s.condition) == spec.tune_from]
+        if preset.extend_grids and spec.role == "final" and spec.tune_from in grids:
+            grid = grids.pop(spec.tune_from)
             while (extra := next_extension(grid, results, preset.name)) is not None:
                 bar.total += 1
                 _run_one(extra, f"[grid extension] {suite.name} {extra.run_id}", **context)
