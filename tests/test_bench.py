@@ -187,26 +187,121 @@ def test_verdicts_are_paired_by_seed():
     assert combine([HOLDS, HOLDS]) == HOLDS and combine([HOLDS, OPEN]) == OPEN and combine([OPEN, FAILS]) == FAILS
 
 
-def test_shards_split_methods_and_leave_cross_method_choices_to_the_unsharded_pass(tmp_path):
-    from knnsolver.bench.runner import select_shard
+def _fake_execute(ran, folder_check=None, pause=0.0):
+    """A stand-in for :func:`runner.execute` that records what ran; the score rises with the grid index."""
+    import time
 
-    specs = build_specs(get_suite("unseen-classes"), get_preset("full"), tmp_path)
-    shards = [select_shard(specs, i, 2) for i in range(2)]
-    methods = [{s.method for s in shard} for shard in shards]
-    assert not methods[0] & methods[1] and methods[0] and methods[1]
-    for shard in shards:  # a final's grid is in its own shard
-        grids = {(s.method, s.condition) for s in shard if s.role == "grid"}
-        assert all(s.tune_from in grids or s.tune_from[0] == s.method for s in shard if s.tune_from)
-    picked = [s for s in specs if s.pick]
-    assert picked and not any(s.pick for shard in shards for s in shard)
-    assert len(shards[0]) + len(shards[1]) + len(picked) == len(specs)
-    with pytest.raises(ConfigError, match="shard 2/2 does not exist"):
-        select_shard(specs, 2, 2)
-    # the cost suite's timings wait for the unsharded pass, alone on the machine; its time-to-target trainings shard
-    cost = build_specs(get_suite("cost"), get_preset("full"), tmp_path)
-    sharded = [s for i in range(2) for s in select_shard(cost, i, 2)]
-    assert {s.kind for s in sharded} == {"train"} and {s.method for s in sharded} == {"centralized", "triplet"}
-    assert len(sharded) == sum(s.kind == "train" for s in cost)
+    from knnsolver.bench.suites import VAL_KEYS
+
+    def fake(spec, folder):
+        if folder_check is not None:
+            folder_check(spec, folder)
+        ran.append(spec.run_id)
+        time.sleep(pause)
+        cfg = spec.train_config(str(folder / "runs" / spec.run_id)).to_dict()
+        key = VAL_KEYS[cfg["split"]]
+        score = 0.5 + 0.01 * (spec.grid_index or 0) + 0.001 * spec.seed
+        return {"config": cfg, "summary": {"test_accuracy": score, "precision_at_1": score, "best_epoch": 1},
+                "val_key": key, "best_val": score, "history": [{"epoch": 1, key: score}]}
+
+    return fake
+
+
+def test_workers_share_a_suite_running_each_run_once_and_finals_after_their_grids(tmp_path, monkeypatch):
+    """Two workers on one folder: every run made once, by one of them; a final starts only once its whole
+    grid is stored, the best-other pick only once the finals it chooses among are; timings are left out."""
+    import threading
+
+    from knnsolver.bench.suites import grid_results
+
+    monkeypatch.setattr(runner, "WAIT_S", 0.01)
+    ran, problems = [], []
+
+    def check(spec, folder):
+        stored = runner.load_results(folder)
+        if spec.role == "final" and spec.tune_from is not None and spec.seed != 0:
+            method, condition = spec.tune_from
+            if len(grid_results(stored, method, condition)) < 3:
+                problems.append(f"{spec.run_id} started before its grid was stored")
+        if spec.method not in ("rbf", "triplet") and spec.condition != "dim=64":  # the best-other pick
+            if sum(r["role"] == "final" and r["condition"] == "dim=64" and r["method"] == "npairs"
+                   for r in stored.values()) < 2:
+                problems.append(f"{spec.run_id} picked before the npairs finals were stored")
+
+    monkeypatch.setattr(runner, "execute", _fake_execute(ran, check, pause=0.02))
+    suite, preset = get_suite("unseen-classes"), get_preset("tiny")
+    workers = [threading.Thread(target=runner.run_suite, args=(suite, preset, tmp_path, ["rbf", "triplet", "npairs"],
+                                                                [0, 1]), kwargs={"worker": True}) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    assert not problems
+    assert len(ran) == len(set(ran))  # no run twice
+    results = runner.load_results(tmp_path / "unseen-classes")
+    specs = build_specs(suite, preset, tmp_path, ["rbf", "triplet", "npairs"], [0, 1])
+    assert {s.run_id for s in specs} == set(results)
+    assert set(ran) == {r for r, v in results.items() if "same_run_as" not in v}
+    assert not list((tmp_path / "unseen-classes" / ".claims").iterdir())  # every claim released
+    # the cost suite's timings wait for a call without --worker; its time-to-target trainings are shared
+    monkeypatch.setattr(runner, "step_cost", lambda spec: pytest.fail("a worker timed a step"))
+    cost = runner.run_suite(get_suite("cost"), preset, tmp_path, ["softmax", "triplet"], [0], worker=True)
+    assert {r["kind"] for r in cost.values()} == {"train"}
+
+
+def test_a_run_claimed_by_a_live_process_is_left_to_it_and_a_dead_ones_claim_is_taken_over(tmp_path):
+    import subprocess
+    import sys
+
+    claims = runner.Claims(tmp_path)
+    assert claims.take("a") and not claims.take("a")  # held by this process already
+    claims.release("a")
+    assert claims.holder("a") is None and claims.take("a")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        host = claims.owner.split(":")[0]
+        (tmp_path / ".claims" / "b").write_text(f"{host}:{live.pid}")
+        (tmp_path / ".claims" / "c").write_text(f"{host}:{dead.pid}")
+        assert not claims.take("b") and claims.holder("b") == f"{host}:{live.pid}"
+        assert claims.take("c") and claims.holder("c") == claims.owner  # a killed worker's run is taken over
+        claims.release("b")  # not ours: left alone
+        assert claims.holder("b") == f"{host}:{live.pid}"
+    finally:
+        live.kill()
+
+
+def test_a_final_waits_while_another_process_makes_its_grid(tmp_path, monkeypatch):
+    """With one grid point claimed by a live process, a worker runs what it can, then has only waits left."""
+    import subprocess
+    import sys
+
+    ran = []
+    monkeypatch.setattr(runner, "execute", _fake_execute(ran))
+    suite, preset = get_suite("classification"), get_preset("tiny")
+    specs = build_specs(suite, preset, tmp_path, ["softmax"], [0, 1])
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        claims = runner.Claims(tmp_path / "classification")
+        (tmp_path / "classification" / ".claims").mkdir(parents=True)
+        held = specs[1].run_id  # a grid point
+        (tmp_path / "classification" / ".claims" / held).write_text(f"{claims.owner.split(':')[0]}:{live.pid}")
+        for expected in (specs[0], specs[2]):
+            task, left = runner.next_task(specs, specs, runner.load_results(tmp_path / "classification"), preset,
+                                          claims)
+            assert task == expected and left
+            runner._run_one(task, "", suite=suite, preset=preset, folder=tmp_path / "classification",
+                            results=runner.load_results(tmp_path / "classification"), command="", commit="", host={})
+            claims.release(task.run_id)
+        assert runner.next_task(specs, specs, runner.load_results(tmp_path / "classification"), preset,
+                                claims) == (None, True)
+        assert runner.waits_for(specs[-1], specs, runner.load_results(tmp_path / "classification"), preset) == [held]
+    finally:
+        live.kill()
+    live.wait()  # the holder is gone: its claim is stale, so the grid point is this worker's to run
+    task, _ = runner.next_task(specs, specs, runner.load_results(tmp_path / "classification"), preset, claims)
+    assert task == specs[1]
 
 
 def test_the_full_preset_runs_what_its_claims_need_with_5_seeds_and_bracketing_grids(tmp_path):
@@ -380,16 +475,19 @@ def test_the_runner_extends_a_grid_before_its_finals_choose(tmp_path, monkeypatc
         tmp_path, tmp_path / "B.md", tmp_path / "plots").read_text()
 
 
-def test_wall_time_counts_the_longest_shard_and_the_unsharded_passes():
+def test_wall_time_is_the_union_of_the_runs_intervals():
     from knnsolver.bench.report import wall_seconds
 
-    def run(command, seconds, **extra):
-        return {"command": command, "wall_seconds": seconds, **extra}
+    def run(end, seconds, started=None, **extra):
+        r = {"date": f"2026-11-30T10:{end}+00:00", "wall_seconds": seconds, **extra}
+        return r if started is None else {**r, "started": f"2026-11-30T10:{started}+00:00"}
 
-    results = {"a": run("knnsolver bench x --shard 0/2", 60.0), "b": run("knnsolver bench x --shard 0/2", 40.0),
-               "c": run("knnsolver bench x --shard 1/2", 70.0), "d": run("knnsolver bench x", 15.0),
-               "e": run("knnsolver bench x", 99.0, same_run_as="a")}
-    assert wall_seconds(results) == 100.0 + 15.0  # shard 0 (100 s) beside shard 1 (70 s), then the unsharded pass
+    results = {"a": run("01:00", 60.0), "b": run("01:40", 40.0, started="01:00"),  # one worker: 0:00-1:40
+               "c": run("01:10", 70.0),  # the other worker, side by side: 0:00-1:10
+               "d": run("03:15", 15.0),  # a later pass alone: 3:00-3:15
+               "e": run("05:00", 99.0, same_run_as="a"),  # copied: costs nothing
+               "f": run("04:00", 50.0, started="03:30")}  # continued: 30 s now, 20 s in an earlier call
+    assert wall_seconds(results) == 100.0 + 15.0 + 30.0 + 20.0
 
 
 def test_results_written_into_tracked_files_do_not_mark_the_commit_modified(tmp_path, monkeypatch):

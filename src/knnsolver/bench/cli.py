@@ -1,6 +1,6 @@
 """``knnsolver bench``: run a suite, list the suites, render the report, or benchmark neighbour search.
 
-    knnsolver bench SUITE [--preset full|gpu|tiny] [--out DIR] [--shard i/n] [--solvers a,b] [--seeds 0,1]
+    knnsolver bench SUITE [--preset full|gpu|tiny] [--out DIR] [--worker] [--solvers a,b] [--seeds 0,1]
         [--threads N] [--dry-run]
     knnsolver bench report [--results DIR] [--output BENCHMARKS.md] [--plots DIR]
     knnsolver bench list
@@ -44,16 +44,6 @@ def _seeds(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        index, count = (int(part) for part in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected i/n such as 0/2, got {text!r}") from None
-    if not 0 <= index < count:
-        raise argparse.ArgumentTypeError(f"shard {text} does not exist; use i/n with 0 <= i < n")
-    return index, count
-
-
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -70,12 +60,14 @@ def suite_parser(name: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=f"knnsolver bench {name}", description=f"{suite.title}. Claims: {claims}")
     parser.add_argument("--preset", default="full", choices=list(PRESETS),
                         help="full: the Fashion-MNIST benchmark on the CPU (under 120 min per suite on 2 cores, "
-                             "with 2 shards); gpu: the same at full data size on one GPU; tiny: digits, 1 epoch, a "
+                             "with 2 workers); gpu: the same at full data size on one GPU; tiny: digits, 1 epoch, a "
                              "smoke test (default: full)")
     parser.add_argument("--out", help=f"results folder (default: {DEFAULT_RESULTS}, or {DEFAULT_GPU_RESULTS} for a "
                                       "GPU preset: CPU and GPU results are never mixed)")
-    parser.add_argument("--shard", type=_shard, help="i/n: run only shard i of n (methods split round-robin), so n "
-                                                     "processes can share a suite; finish with an unsharded call")
+    parser.add_argument("--worker", action="store_true",
+                        help="share the suite with other processes on the same results folder: each claims the next "
+                             "run, and none times anything (the cost suite's timings wait for a call without "
+                             "--worker, alone on the machine)")
     parser.add_argument("--solvers", type=_names, help="comma-separated solvers to include (default: all)")
     parser.add_argument("--seeds", type=_seeds, help="comma-separated seeds; the first one runs the grids "
                                                      "(default: the preset's)")
@@ -102,7 +94,7 @@ def cmd_suite(name: str, argv: Sequence[str]) -> int:
         return 0
     torch.set_num_threads(args.threads)
     command = " ".join(["knnsolver", "bench", name, *map(shlex.quote, argv)])
-    results = run_suite(suite, preset, args.out, args.solvers, args.seeds, command=command, shard=args.shard)
+    results = run_suite(suite, preset, args.out, args.solvers, args.seeds, command=command, worker=args.worker)
     print(f"{len(results)} results in {args.out}/{name}; render them with: knnsolver bench report --results {args.out}")
     return 0
 

@@ -31,7 +31,7 @@ SEEN_CLASSES = (0, 1, 2, 3, 4)
 def _write_idx(array: np.ndarray, magic: int, path: Path) -> None:
     """Write ``array`` (uint8) as a gzipped IDX file, atomically."""
     header = magic.to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # shards may prepare the same folder at once
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # workers may prepare the same folder at once
     with gzip.open(tmp, "wb", compresslevel=1) as fh:
         fh.write(header + np.ascontiguousarray(array, dtype=np.uint8).tobytes())
     os.replace(tmp, path)

@@ -152,14 +152,27 @@ def _chosen_text(results: Mapping[str, dict], method: str, condition: str) -> st
 
 
 def wall_seconds(results: Mapping[str, dict]) -> float:
-    """The wall time of a suite run as its commands ran: shards (``--shard i/n``) side by side, so the longest
-    shard counts, plus every unsharded pass after them; a copied result (``same_run_as``) costs nothing."""
-    by_command: dict[str, float] = {}
+    """The wall time a suite's runs took, whatever ran side by side: the length of the union of their intervals.
+
+    A run's interval ends at its ``date`` and starts at ``started`` (older
+    results: ``date`` less its wall time); the part of a continued run spent in
+    an earlier call counts as if nothing else ran then. A copied result
+    (``same_run_as``) costs nothing.
+    """
+    spans, earlier = [], 0.0
     for r in results.values():
-        if "same_run_as" not in r:
-            by_command[r.get("command", "")] = by_command.get(r.get("command", ""), 0.0) + r["wall_seconds"]
-    sharded = [t for c, t in by_command.items() if "--shard " in c]
-    return (max(sharded) if sharded else 0.0) + sum(t for c, t in by_command.items() if "--shard " not in c)
+        if "same_run_as" in r:
+            continue
+        end = datetime.datetime.fromisoformat(r["date"]).timestamp()
+        start = datetime.datetime.fromisoformat(r["started"]).timestamp() if "started" in r else end - r["wall_seconds"]
+        spans.append((start, end))
+        before = r["wall_seconds"] - (end - start)
+        earlier += before if before > 1.0 else 0.0  # up to 1 s: the dates' rounding to the second
+    total, reach = 0.0, -math.inf
+    for start, end in sorted(spans):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total + earlier
 
 
 def grid_table(results: Mapping[str, dict], groups: Sequence[tuple[str, str]], score: str) -> str:
@@ -484,7 +497,7 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
         lines.append(f"- Failed (diverged) runs, left out of every number: {', '.join(r['run_id'] for r in failed)}.")
     total = sum(r["wall_seconds"] for r in results.values() if "same_run_as" not in r)
     wall = wall_seconds(results)
-    lines.append(f"- Measured compute: {total / 60:.1f} min over {len(results)} results; run as shards side by side, "
+    lines.append(f"- Measured compute: {total / 60:.1f} min over {len(results)} results; run by workers side by side, "
                  f"about {wall / 60:.0f} min of wall time ({'under' if wall < 60 * SUITE_BUDGET_MINUTES else 'OVER'} "
                  f"the {SUITE_BUDGET_MINUTES}-minute budget).")
     commands = sorted({r["command"] for r in results.values() if r.get("command")})
@@ -529,7 +542,7 @@ of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
 - **Failed runs** (diverged) are listed and never averaged in.
 - CPU and GPU results are stored apart (`benchmarks/results`, `benchmarks/results-gpu`) and never
   mixed in one table. Each CPU suite is sized for under {SUITE_BUDGET_MINUTES} minutes on this 2-core
-  machine as 2 shards side by side (`benchmarks/run_suites.sh`); each result records its wall time.
+  machine as 2 workers side by side (`benchmarks/run_suites.sh`); each result records its wall time.
 
 Reproduce (resumable: completed runs are skipped):
 

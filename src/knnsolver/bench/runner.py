@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from knnsolver.bench.data import prepare_unseen_subset
 from knnsolver.bench.suites import (
+    BEST_OTHER_EXCLUDED,
     UNSEEN_SUBSET,
     VAL_KEYS,
     Preset,
@@ -32,6 +33,7 @@ from knnsolver.bench.suites import (
     Suite,
     build_specs,
     comparable,
+    dim_text,
     grid_extension,
     params_text,
     resolve,
@@ -261,17 +263,10 @@ def execute(spec: RunSpec, folder: Path) -> dict[str, Any]:
     raise ConfigError(f"unknown run kind {spec.kind!r}")
 
 
-# Kinds that time something: never run in a shard, where another process shares the machine.
+# Kinds that time something: never run by a worker, while another process shares the machine.
 TIMED_KINDS = ("step_cost", "epoch_cost")
-
-
-def select_shard(specs: Sequence[RunSpec], index: int, count: int) -> list[RunSpec]:
-    """The specs of shard ``index`` of ``count`` (see :func:`run_suite`)."""
-    if not 0 <= index < count:
-        raise ConfigError(f"shard {index}/{count} does not exist; use i/n with 0 <= i < n")
-    kept = [s for s in specs if s.pick is None and s.kind not in TIMED_KINDS]
-    methods = list(dict.fromkeys(s.method for s in kept))
-    return [s for s in kept if methods.index(s.method) % count == index]
+# How long a worker waits before looking again for a run whose inputs another worker is still making.
+WAIT_S = 10.0
 
 
 def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dict], preset: str | None = None) -> str | None:
@@ -340,6 +335,93 @@ def _check_same(spec: RunSpec, stored: Mapping[str, Any], path: Path) -> None:
         )
 
 
+class Claims:
+    """Which runs of a suite folder a process is running: one lock file per run, created atomically.
+
+    Workers (``run_suite(worker=True)``) share a folder by claiming a run
+    before they start it and releasing the claim once its result is stored. A
+    claim whose process died on this host (a killed worker) is stale and taken
+    over; its run resumes from its checkpoint.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder / ".claims"
+        self.owner = f"{platform.node()}:{os.getpid()}"
+
+    def _path(self, run_id: str) -> Path:
+        return self.folder / run_id
+
+    def holder(self, run_id: str) -> str | None:
+        """The live process (``host:pid``) that holds ``run_id``, or ``None``; a stale claim is removed."""
+        try:
+            owner = self._path(run_id).read_text()
+        except FileNotFoundError:
+            return None
+        host, _, pid = owner.partition(":")
+        if host == platform.node() and pid.isdigit() and not _alive(int(pid)):
+            self._path(run_id).unlink(missing_ok=True)
+            return None
+        return owner
+
+    def take(self, run_id: str) -> bool:
+        """Claim ``run_id`` for this process; ``False`` when another live process holds it."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):  # a second try after removing a stale claim
+            try:
+                fd = os.open(self._path(run_id), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                if self.holder(run_id) is not None:
+                    return False
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(self.owner)
+            return True
+        return False
+
+    def release(self, run_id: str) -> None:
+        if self.holder(run_id) == self.owner:
+            self._path(run_id).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def stands(spec: RunSpec, results: Mapping[str, dict], preset: str | None) -> bool:
+    """Whether ``spec``'s stored result stands under today's suite (see :func:`outdated`)."""
+    return spec.run_id in results and outdated(spec, results[spec.run_id], results, preset) is None
+
+
+def waits_for(spec: RunSpec, every: Sequence[RunSpec], results: Mapping[str, dict], preset: Preset) -> list[str]:
+    """The runs ``spec`` needs before it can start, by id: none for a grid run; a final's whole grid, with the
+    extensions its edge choice calls for; for the best-other pick, every final it chooses among."""
+    if spec.pick is not None:
+        needed = [s for s in every if s.role == "final" and s.pick is None and s.condition == dim_text(64)
+                  and s.method not in BEST_OTHER_EXCLUDED]
+    elif spec.role == "final" and spec.params is None:
+        needed = grids_of(every).get(spec.tune_from, [])
+        if all(stands(s, results, preset.name) for s in needed) and preset.extend_grids:
+            extra = next_extension(needed, results, preset.name)
+            if extra is not None:
+                return [extra.run_id]
+    else:
+        return []
+    missing = [s.run_id for s in needed if not stands(s, results, preset.name)]
+    if not missing and spec.pick is not None:  # the finals it chooses among need their own grids
+        missing = [r for s in needed for r in waits_for(s, every, results, preset)]
+    return missing
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
 def _result_line(result: Mapping[str, Any]) -> str:
     summary = result.get("summary", {})
     test = summary.get("test_accuracy", summary.get("precision_at_1"))
@@ -367,7 +449,7 @@ def _run_one(spec: RunSpec, label: str, *, suite: Suite, preset: Preset, folder:
         del results[spec.run_id]
         earlier = stored["wall_seconds"] if redo.startswith("continued") and "same_run_as" not in stored else 0.0
     spec, same_as = resolve(spec, results)
-    start = time.perf_counter()
+    start, started = time.perf_counter(), _now()
     result: dict[str, Any] = {
         "format": RESULT_FORMAT, "suite": suite.name, "run_id": spec.run_id, "kind": spec.kind,
         "method": spec.method, "condition": spec.condition, "seed": spec.seed, "role": spec.role,
@@ -381,11 +463,35 @@ def _run_one(spec: RunSpec, label: str, *, suite: Suite, preset: Preset, folder:
     else:
         result.update(execute(spec, folder))
         result["wall_seconds"] = earlier + time.perf_counter() - start
-    result.update(command=command, commit=commit, date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-                  machine=host)
+        result["started"] = started  # this call's part of the wall time ran from here to ``date``
+    result.update(command=command, commit=commit, date=_now(), machine=host)
     write_json(result, path)
     results[spec.run_id] = result
     tqdm.write(f"{label}: {_result_line(result)}" + (f" = {same_as['run_id']}" if same_as else ""))
+
+
+def next_task(todo: Sequence[RunSpec], every: Sequence[RunSpec], results: Mapping[str, dict], preset: Preset,
+              claims: Claims) -> tuple[RunSpec | None, bool]:
+    """The next run of ``todo`` (or a grid extension that is due) this process claims, and whether any is left.
+
+    A run is left when its stored result does not stand; it can start when the
+    runs it waits for (:func:`waits_for`) stand and no other live process has
+    claimed it. ``(None, True)``: runs are left, but each waits or is claimed.
+    """
+    extensions = []
+    if preset.extend_grids:
+        extensions = [e for grid in grids_of(every).values() if (e := next_extension(grid, results, preset.name))]
+    left = False
+    for spec in [*extensions, *todo]:
+        if waits_for(spec, every, results, preset):
+            left = True
+            continue
+        if stands(spec, results, preset.name):
+            continue
+        left = True
+        if claims.take(spec.run_id):
+            return spec, True
+    return None, left
 
 
 def run_suite(
@@ -395,37 +501,49 @@ def run_suite(
     solvers: Sequence[str] | None = None,
     seeds: Sequence[int] | None = None,
     command: str = "",
-    shard: tuple[int, int] | None = None,
+    worker: bool = False,
 ) -> dict[str, dict]:
-    """Run every missing run of ``suite`` in order; return all its results by run id.
+    """Run every missing run of ``suite``; return all its results by run id.
 
-    ``shard = (i, n)`` runs only the methods whose position among the suite's
-    methods is ``i`` modulo ``n``, so ``n`` processes can share a suite: a
-    method's grid and finals stay in one shard (finals choose from their own
-    grid), and runs that choose across methods (the unseen-classes suite's best
-    other solver) or time something (:data:`TIMED_KINDS`, which need the machine
-    to themselves) are left to a later unsharded call, which skips what is done.
+    Grids run first, then the finals, each once its grid has chosen (after any
+    extension beyond a chosen edge), then the runs that choose across methods
+    (the unseen-classes suite's best other solver). Processes on one results
+    folder share the work: each claims a run before it starts it
+    (:class:`Claims`) and waits while the runs it needs are still being made
+    by another. ``worker=True`` leaves out the runs that time something
+    (:data:`TIMED_KINDS`), which need the machine to themselves: a later call
+    without it runs them, skipping what is done.
     """
     out = Path(out)
     folder = out / suite.name
     every = build_specs(suite, preset, out, solvers, seeds)
-    specs = select_shard(every, *shard) if shard is not None else every
+    todo = sorted((s for s in every if not (worker and s.kind in TIMED_KINDS)), key=lambda s: (s.role != "grid", s.pick is not None))
     if suite.uses_unseen_subset and preset.unseen_subset:
         prepare_unseen_subset(out / "data" / UNSEEN_SUBSET)
-    results = load_results(folder)
     commit, host = git_commit(Path(__file__).parent), machine()
-    bar = tqdm(total=len(specs), desc=suite.name, unit="run")
-    grids = grids_of(every)  # extended once each, before the first final that tunes from it
-    context = dict(suite=suite, preset=preset, folder=folder, results=results, command=command, commit=commit,
-                   host=host)
-    for number, spec in enumerate(specs, 1):
-        if preset.extend_grids and spec.role == "final" and spec.tune_from in grids:
-            grid = grids.pop(spec.tune_from)
-            while (extra := next_extension(grid, results, preset.name)) is not None:
-                bar.total += 1
-                _run_one(extra, f"[grid extension] {suite.name} {extra.run_id}", **context)
-                bar.update()
-        _run_one(spec, f"[{number}/{len(specs)}] {suite.name} {spec.run_id}", **context)
-        bar.update()
+    claims = Claims(folder)
+    results = load_results(folder)
+    for spec in todo:  # a result of another preset in the folder is refused, not overwritten
+        if stands(spec, results, preset.name):
+            _check_same(spec, results[spec.run_id], folder / f"{spec.run_id}.json")
+    bar = tqdm(total=len(todo), desc=suite.name, unit="run")
+    while True:
+        results = load_results(folder)
+        bar.n = sum(stands(s, results, preset.name) for s in todo)
+        bar.refresh()
+        task, left = next_task(todo, every, results, preset, claims)
+        if task is None:
+            if not left:
+                break
+            time.sleep(WAIT_S)  # what is left waits for runs another process is making
+            continue
+        try:
+            results = load_results(folder)  # another process may have stored it since the first look
+            if not stands(task, results, preset.name):
+                label = "[grid extension]" if task not in todo else f"[{bar.n + 1}/{len(todo)}]"
+                _run_one(task, f"{label} {suite.name} {task.run_id}", suite=suite, preset=preset, folder=folder,
+                         results=results, command=command, commit=commit, host=host)
+        finally:
+            claims.release(task.run_id)
     bar.close()
-    return results
+    return load_results(folder)

@@ -71,6 +71,8 @@ FIXED: dict[str, dict[str, Any]] = {"rbf": {"k": 100, "update_interval": 1}}
 PML_BASELINES = ("triplet", "lifted", "npairs", "nca", "proxynca", "normsoftmax", "multisimilarity", "proxyanchor")
 PAIRWISE_KNN_LOSSES = ("nca", "triplet", "lifted", "npairs", "multisimilarity")
 UNSEEN_BASELINES = ("triplet", "lifted", "npairs")
+# The unseen-classes suite sweeps the embedding size of these, and of the best other solver it runs.
+BEST_OTHER_EXCLUDED = ("rbf", "triplet")
 SCARCITY_SOLVERS = ("softmax", "rbf", "hal")
 TARGET_SOLVERS = ("centralized", "triplet")
 STEP_BUDGET_S = 2.0  # seconds of timed loss steps per (batch size, class count), at least one step
@@ -177,7 +179,7 @@ PRESETS: dict[str, Preset] = {
                               "still rose for most solvers, and those runs were continued from their checkpoints); "
                               "8 solvers x (3 grid points + 4 more seeds) = 56 trainings of about 2-3 minutes with 1 "
                               "thread, plus a training per grid extension and 4 more finals per changed choice, run "
-                              "as 2 shards side by side (benchmarks/run_suites.sh)",
+                              "by 2 workers side by side (benchmarks/run_suites.sh)",
             "scarcity": "about 2,400 optimiser steps per run, as the classification suite (epochs = 2,400 / batches "
                         "per epoch, at least 2), 10 validation passes, the best kept (early stopping); at 600 steps "
                         "34 of 60 finals peaked in the last 20%, those of 500 per class still 1-4 points up over the "
@@ -189,7 +191,7 @@ PRESETS: dict[str, Preset] = {
                               "workers that share the runs",
             "cost": "loss steps on random embeddings at batch 256, 1,024, 4,096 and 10, 100, 1,000 classes (50 "
                     "repeats); 2 epochs per solver for the epoch time (timings alone on the machine, after the "
-                    "shards); time to target: 90 epochs on the unseen-class split x 2 solvers, evaluated every "
+                    "workers); time to target: 90 epochs on the unseen-class split x 2 solvers, evaluated every "
                     "epoch (24 optimiser steps)",
             "ablation": "25 epochs of 3,000 images, a 5-point sigma grid then 10 RBF variants x 5 seeds",
         },
@@ -429,7 +431,7 @@ def build_unseen(preset: Preset, out: Path, solvers: tuple[str, ...], seeds: tup
     specs = []
     for solver in solvers:
         specs += tuned(solver, main, _solver_config(base, solver, {"embedding_dim": 64}), GRIDS[solver], seeds)
-    swept = _select(solvers, ("rbf", "triplet"))
+    swept = _select(solvers, BEST_OTHER_EXCLUDED)
     others = [s for s in solvers if s not in swept]
     for dim in (d for d in preset.embedding_dims if d != 64):
         for solver in swept:
@@ -626,7 +628,7 @@ def resolve(spec: RunSpec, results: Mapping[str, dict]) -> tuple[RunSpec, dict |
     is the same run: the runner copies that result instead of training again.
     """
     if spec.pick == "best-other":
-        method = best_other(results, dim_text(64), exclude=("rbf", "triplet"))
+        method = best_other(results, dim_text(64), exclude=BEST_OTHER_EXCLUDED)
         cfg = apply_settings(dict(spec.config, solver=method, solver_options={}), FIXED.get(method, {}))
         spec = replace(spec, method=method, config=cfg, tune_from=(method, dim_text(64)), pick=None)
     if spec.params is not None:
