@@ -475,6 +475,29 @@ def test_the_runner_extends_a_grid_before_its_finals_choose(tmp_path, monkeypatc
         tmp_path, tmp_path / "B.md", tmp_path / "plots").read_text()
 
 
+def test_a_grid_is_extended_only_on_results_that_stand(tmp_path, monkeypatch):
+    """A grid point stored under older settings (to be run again) does not choose an edge to extend from."""
+    import dataclasses
+
+    from knnsolver.bench import suites
+
+    preset = dataclasses.replace(suites.PRESETS["tiny"], extend_grids=True)
+    monkeypatch.setattr(runner, "execute", _fake_execute([]))  # validation rises with the grid index: upper edge
+    suite = get_suite("classification")
+    specs = build_specs(suite, preset, tmp_path, ["softmax"], [0])
+    folder = tmp_path / "classification"
+    for spec in specs[:3]:
+        runner._run_one(spec, "", suite=suite, preset=preset, folder=folder, results=runner.load_results(folder),
+                        command="", commit="", host={})
+    grid = specs[:3]
+    assert runner.next_extension(grid, runner.load_results(folder), "tiny").params == {"label_smoothing": 0.3}
+    path = folder / f"{specs[2].run_id}.json"
+    stale = json.loads(path.read_text())
+    stale["config"]["width"] = 99  # same preset, older settings: it runs again before the grid chooses
+    path.write_text(json.dumps(stale))
+    assert runner.next_extension(grid, runner.load_results(folder), "tiny") is None
+
+
 def test_wall_time_is_the_union_of_the_runs_intervals():
     from knnsolver.bench.report import wall_seconds
 

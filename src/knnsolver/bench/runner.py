@@ -297,13 +297,14 @@ def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dic
 
 def next_extension(grid: Sequence[RunSpec], results: Mapping[str, dict], preset: str | None = None) -> RunSpec | None:
     """The next grid run beyond ``grid``'s chosen edge still to run (:func:`~knnsolver.bench.suites.grid_extension`),
-    walking past the extensions already stored; ``None`` when none is due or the grid itself is unfinished."""
+    walking past the extensions already stored; ``None`` when none is due or the grid itself is unfinished
+    (a stored result that does not stand, such as one of a shorter budget, does not count)."""
     grid = list(grid)
-    while grid and all(s.run_id in results for s in grid):
+    while grid and all(stands(s, results, preset) for s in grid):
         extra = grid_extension(grid, [results[s.run_id] for s in grid])
         if extra is None:
             return None
-        if extra.run_id not in results or outdated(extra, results[extra.run_id], results, preset) is not None:
+        if not stands(extra, results, preset):
             return extra
         grid.append(extra)
     return None
