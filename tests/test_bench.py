@@ -187,6 +187,25 @@ def test_verdicts_are_paired_by_seed():
     assert combine([HOLDS, HOLDS]) == HOLDS and combine([HOLDS, OPEN]) == OPEN and combine([OPEN, FAILS]) == FAILS
 
 
+def test_a_verdict_against_a_side_still_rising_is_withheld():
+    """"a beats b" holds by the interval, but b was still improving when its budget ended: inconclusive, with
+    the reason; b flat at the end: the verdict stands. The same for "does not hold" when a is still rising."""
+    def runs(values, curve):
+        return [{"seed": s, "summary": {"test_accuracy": v, "best_epoch": 1 + max(range(10), key=curve.__getitem__)},
+                 "config": {"epochs": 10}, "val_key": "val_accuracy",
+                 "history": [{"epoch": e + 1, "val_accuracy": c} for e, c in enumerate(curve)]} for s, v in enumerate(values)]
+
+    up, flat = [0.80 + 0.01 * e for e in range(10)], [0.9] * 5 + [0.91] + [0.9] * 4
+    strong, weak = [0.90, 0.80, 0.95], [0.80, 0.70, 0.849]
+    held = compare(runs(strong, flat), runs(weak, up), "test_accuracy", names=("hal", "lifted"))
+    assert held.verdict == OPEN and "holds by the interval, but lifted was still rising at the end of its budget" in (
+        held.text())
+    assert compare(runs(strong, flat), runs(weak, flat), "test_accuracy").verdict == HOLDS
+    assert compare(runs(strong, up), runs(weak, flat), "test_accuracy").verdict == HOLDS  # the winner rising: stands
+    failed = compare(runs(weak, up), runs(strong, flat), "test_accuracy", names=("rbf", "softmax"))
+    assert failed.verdict == OPEN and "does not hold by the interval, but rbf was still rising" in failed.text()
+
+
 def _fake_execute(ran, folder_check=None, pause=0.0):
     """A stand-in for :func:`runner.execute` that records what ran; the score rises with the grid index."""
     import time

@@ -6,7 +6,7 @@ import pytest
 
 from knnsolver.bench.stats import (
     FAILS, HOLDS, OPEN, at_grid_edge, bootstrap_interval, convergence, paired_differences, paired_test, slope_test,
-    usable,
+    still_rising, usable,
 )
 
 
@@ -90,6 +90,18 @@ def test_convergence_tells_a_plateau_from_a_rising_curve():
     by_method = convergence([(10, 10)] * 3 + [(10, 10)], [rising, rising, rising, flat], ["npairs", "hal", "npairs", "rbf"])
     assert by_method.rising == (("npairs", 2), ("hal", 1))  # the plateau run is not counted as rising
     assert "3 were still rising (npairs 2, hal 1)" in by_method.text()
+
+
+def test_convergence_reads_curves_evaluated_every_few_epochs():
+    """Validation every 3rd epoch leaves NaN between evaluations; a flat curve whose first late epoch was not
+    evaluated is still a plateau, and a late gain is still rising."""
+    nan = math.nan
+    flat = [nan, nan, 0.85, nan, nan, 0.85, nan, nan, 0.851, nan, nan, 0.852]  # the last 20%: epochs 10-12
+    up = [nan, nan, 0.80, nan, nan, 0.82, nan, nan, 0.84, nan, nan, 0.86]
+    c = convergence([(12, 12), (12, 12)], [flat, up], ["rbf", "npairs"])
+    assert (c.late, c.plateau, c.rising) == (2, 1, (("npairs", 1),))
+    assert not still_rising(12, 12, flat) and still_rising(12, 12, up)
+    assert not still_rising(9, 12, up)  # peaked before the last 20%
 
 
 def test_a_test_against_a_margin_says_so_beside_its_p_value_and_effect_size():

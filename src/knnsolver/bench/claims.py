@@ -11,10 +11,20 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping, Sequence
 
-from knnsolver.bench.stats import FAILS, HOLDS, OPEN, PairedTest, paired_differences, paired_test, slope_test, usable
+from knnsolver.bench.stats import (
+    FAILS,
+    HOLDS,
+    OPEN,
+    PairedTest,
+    paired_differences,
+    paired_test,
+    slope_test,
+    still_rising,
+    usable,
+)
 from knnsolver.bench.suites import PAIRWISE_KNN_LOSSES, TARGET_SOLVERS, UNSEEN_BASELINES, dim_text, final_results
 
 HAL_MARGIN = 0.01  # "more than 1% higher kNN accuracy"
@@ -73,9 +83,31 @@ def by_seed(runs: Sequence[dict], key: str) -> dict[int, float]:
     return {int(r["seed"]): float(r["summary"][key]) for r in usable(runs)[0] if key in r.get("summary", {})}
 
 
-def compare(a: Sequence[dict], b: Sequence[dict], key: str, margin: float = 0.0) -> PairedTest:
-    """Whether runs ``a`` beat runs ``b`` on ``key`` by more than ``margin``: a paired test over their common seeds."""
-    return paired_test(paired_differences(by_seed(a, key), by_seed(b, key)), margin)
+def rising(runs: Sequence[dict]) -> bool:
+    """Whether most of ``runs`` (usable, with a per-epoch history) ended their budget still improving on
+    validation (:func:`~knnsolver.bench.stats.still_rising`)."""
+    curves = [r for r in usable(runs)[0] if r.get("history") and "best_epoch" in r.get("summary", {})]
+    up = sum(still_rising(r["summary"]["best_epoch"], r["config"]["epochs"],
+                          [row.get(r["val_key"], math.nan) for row in r["history"]]) for r in curves)
+    return 2 * up > len(curves)
+
+
+def compare(a: Sequence[dict], b: Sequence[dict], key: str, margin: float = 0.0, names: tuple[str, str] = ("a", "b")
+            ) -> PairedTest:
+    """Whether runs ``a`` beat runs ``b`` on ``key`` by more than ``margin``: a paired test over their common seeds.
+
+    A verdict against the side that was still improving when its budget ended
+    (:func:`rising`: ``holds`` over a rising ``b``, ``does not hold`` for a
+    rising ``a``) is withheld as inconclusive: more training could change it.
+    ``names`` name the two sides in that note.
+    """
+    test = paired_test(paired_differences(by_seed(a, key), by_seed(b, key)), margin)
+    loser = b if test.verdict == HOLDS else a if test.verdict == FAILS else None
+    if loser is not None and rising(loser):
+        name = names[1] if loser is b else names[0]
+        return replace(test, verdict=OPEN, note=f"{test.verdict} by the interval, but {name} was still rising at the "
+                                                f"end of its budget")
+    return test
 
 
 def mean_pct(runs: Sequence[dict], key: str) -> str:
@@ -101,7 +133,7 @@ def _rbf_beats_softmax(results: Results) -> Verdict | None:
     rbf, soft = final_results(results, "rbf", ""), final_results(results, "softmax", "")
     if not rbf or not soft:
         return None
-    test = compare(rbf, soft, "test_accuracy")
+    test = compare(rbf, soft, "test_accuracy", names=("rbf", "softmax"))
     return Verdict(test.verdict, f"rbf {mean_pct(rbf, 'test_accuracy')} vs softmax {mean_pct(soft, 'test_accuracy')}; "
                                  f"paired gain {test.text()}.")
 
@@ -111,7 +143,7 @@ def _hal_beats_knn_losses(results: Results) -> Verdict | None:
     baselines = [b for b in PAIRWISE_KNN_LOSSES if final_results(results, b, "")]
     if not hal or not baselines:
         return None
-    each = [(b, compare(hal, final_results(results, b, ""), "test_accuracy", HAL_MARGIN)) for b in baselines]
+    each = [(b, compare(hal, final_results(results, b, ""), "test_accuracy", HAL_MARGIN, ("hal", b))) for b in baselines]
     numbers = f"hal {mean_pct(hal, 'test_accuracy')}; " + "; ".join(
         f"against {b}: {t.text()} vs the {100 * HAL_MARGIN:g}-point margin ({t.verdict})" for b, t in each)
     same = [b for b in HAL_EQUIVALENT if final_results(results, b, "")]
@@ -135,7 +167,7 @@ def _scarcity_trend(results: Results) -> Verdict | None:
     if not per_seed:
         return None
     trend = slope_test(per_seed)
-    gains = ", ".join(f"{c.split('=', 1)[1]}: {compare(final_results(results, 'rbf', c), final_results(results, 'softmax', c), 'test_accuracy').text()}"
+    gains = ", ".join(f"{c.split('=', 1)[1]}: {compare(final_results(results, 'rbf', c), final_results(results, 'softmax', c), 'test_accuracy', names=('rbf', 'softmax')).text()}"
                       for c in sizes)
     return Verdict(trend.verdict, f"{trend.text()} (the claim needs a negative slope: a larger gain with fewer images; "
                                   f"sizes with a cap only); paired RBF gain over softmax by size: {gains}.")
@@ -147,7 +179,8 @@ def _rbf_beats_pair_losses(results: Results) -> Verdict | None:
     baselines = [b for b in UNSEEN_BASELINES if final_results(results, b, main)]
     if not rbf or not baselines:
         return None
-    each = [(b, k, compare(rbf, final_results(results, b, main), k)) for b in baselines for k in ("recall_at_1", "nmi")]
+    each = [(b, k, compare(rbf, final_results(results, b, main), k, names=("rbf", b))) for b in baselines
+            for k in ("recall_at_1", "nmi")]
     numbers = "; ".join(f"{RETRIEVAL_NAMES[k]}: rbf {mean_pct(rbf, k)} vs {b} {mean_pct(final_results(results, b, main), k)}, "
                         f"paired {t.text()} ({t.verdict})" for b, k, t in each)
     return Verdict(combine([t.verdict for _, _, t in each]), numbers + ".")
@@ -162,8 +195,9 @@ def _rbf_grows_with_size(results: Results) -> Verdict | None:
     parts, statuses = [], []
     for k in ("recall_at_1", "nmi"):
         runs = {(m, d): final_results(results, m, d) for m in ("rbf", "triplet") for d in (low, high)}
-        rbf_gain = compare(runs["rbf", high], runs["rbf", low], k).verdict
-        tri_gain = compare(runs["triplet", high], runs["triplet", low], k).verdict
+        rbf_gain = compare(runs["rbf", high], runs["rbf", low], k, names=(f"rbf at {high}", f"rbf at {low}")).verdict
+        tri_gain = compare(runs["triplet", high], runs["triplet", low], k,
+                           names=(f"triplet at {high}", f"triplet at {low}")).verdict
         statuses.append(HOLDS if rbf_gain == HOLDS and tri_gain != HOLDS
                         else FAILS if rbf_gain == FAILS or tri_gain == HOLDS else OPEN)
         parts.append(f"{RETRIEVAL_NAMES[k]} from {low} to {high}: rbf {mean_pct(runs['rbf', low], k)} -> "

@@ -35,7 +35,7 @@ PLATEAU_POINTS = 0.003  # a late best less than this above the earlier best coun
 
 __all__ = [
     "FAILS", "HOLDS", "OPEN", "Convergence", "PairedTest", "SlopeTest", "at_grid_edge", "bootstrap_interval",
-    "convergence", "paired_differences", "paired_test", "slope_test", "usable", "verdict",
+    "convergence", "paired_differences", "paired_test", "slope_test", "still_rising", "usable", "verdict",
 ]
 
 
@@ -86,6 +86,7 @@ class PairedTest:
     effect_size: float
     threshold: float
     verdict: str
+    note: str = ""  # why a verdict the interval alone would give was withheld
 
     def text(self, scale: float = 100.0, unit: str = " pts") -> str:
         """``+1.23 pts [+0.40, +2.06] (paired t-test: p=0.012, d_z=2.10; bootstrap [...]; n=5)``, values times
@@ -97,7 +98,8 @@ class PairedTest:
         margin = f" of the difference from the {scale * self.threshold:+g}{unit} margin" if self.threshold else ""
         return (f"{scale * self.mean:+.2f}{unit} [{scale * self.low:+.2f}, {scale * self.high:+.2f}] "
                 f"(paired t-test{margin}: p={self.p_value:.3g}, d_z={self.effect_size:.2f}; bootstrap "
-                f"[{scale * self.boot_low:+.2f}, {scale * self.boot_high:+.2f}]; n={self.n})")
+                f"[{scale * self.boot_low:+.2f}, {scale * self.boot_high:+.2f}]; n={self.n})"
+                + (f"; {self.note}" if self.note else ""))
 
 
 def paired_test(differences: Sequence[float], threshold: float = 0.0, level: float = LEVEL) -> PairedTest:
@@ -187,21 +189,33 @@ class Convergence:
                 + flat)
 
 
+def still_rising(best_epoch: int, epochs: int, curve: Sequence[float]) -> bool:
+    """Whether a run peaked in its last ``LATE_FRACTION`` of epochs by at least ``PLATEAU_POINTS`` over its best
+    before them: its budget ended while it still improved. ``curve``: validation score by epoch, NaN where the
+    run did not evaluate (validation every few epochs)."""
+    cut = int((1 - LATE_FRACTION) * epochs)
+    if best_epoch <= cut:
+        return False
+    before = [v for v in curve[:cut] if not math.isnan(v)]
+    after = [v for v in curve[cut:] if not math.isnan(v)]
+    return bool(before) and bool(after) and max(after) - max(before) >= PLATEAU_POINTS
+
+
 def convergence(runs: Iterable[tuple[int, int]], curves: Iterable[Sequence[float]] | None = None,
                 methods: Iterable[str] | None = None) -> Convergence:
     """``runs``: ``(best_epoch, epochs)`` of each final run (1-based best epoch); ``curves``, when given,
-    their validation scores by epoch, to tell a late peak on a plateau from one still rising; ``methods``,
-    when given with ``curves``, each run's method, to count the still-rising runs by method."""
+    their validation scores by epoch (NaN where not evaluated), to tell a late peak on a plateau from one
+    still rising (:func:`still_rising`); ``methods``, when given with ``curves``, each run's method, to count
+    the still-rising runs by method."""
     pairs = list(runs)
     is_late = [best > (1 - LATE_FRACTION) * epochs for best, epochs in pairs]
     names = list(methods) if methods is not None else [""] * len(pairs)
     plateau, rising = 0, Counter()
     if curves is not None:
-        for late, curve, (_, epochs), name in zip(is_late, curves, pairs, names):
-            cut = int((1 - LATE_FRACTION) * epochs)
-            if not late or not 0 < cut < len(curve):
+        for late, curve, (best, epochs), name in zip(is_late, curves, pairs, names):
+            if not late or not 0 < int((1 - LATE_FRACTION) * epochs) < len(curve):
                 continue
-            if max(curve[cut:]) - max(curve[:cut]) < PLATEAU_POINTS:
+            if not still_rising(best, epochs, curve):
                 plateau += 1
             elif name:
                 rising[name] += 1
