@@ -187,3 +187,33 @@ def test_a_bank_dictionary_keeps_its_class_table_between_refreshes(monkeypatch):
     for _ in range(3):
         solver(torch.randn(4, 4), labels[:4], torch.arange(4)).backward()
     assert calls == []  # the solver's own table (made in fit_reference) served every step
+
+
+def test_a_bank_dictionary_refreshed_every_few_epochs_resumes_as_the_straight_run(tmp_path):
+    """The bank is the solver's state between refreshes: a run stopped between two refreshes must code over
+    the saved bank, not re-embed the training set at the resumed epoch."""
+    from knnsolver.training import TrainConfig, train
+
+    from helpers import results, train_interrupted
+
+    def cfg(name):
+        return TrainConfig(dataset="digits", solver="crc", epochs=4, out=str(tmp_path / name), embedding_dim=16,
+                           width=8, max_per_class=40, progress=False, plots=False,
+                           solver_options={"dictionary": "bank", "bank_refresh_every": 2})
+
+    straight = train(cfg("straight"))
+    train_interrupted(cfg("resumed"), stop_after=1)  # epoch 2 comes between the refreshes of epochs 0 and 2
+    assert results(train(cfg("resumed"), resume=True)) == results(straight)
+
+
+def test_a_crc_bank_saved_before_it_was_kept_loads_empty():
+    """Checkpoints made while the bank was not saved lack its buffers: they load, with an empty bank to refill."""
+    solver = SOLVERS.build("crc", embedding_dim=4, num_classes=3, num_train=12, dictionary="bank")
+    solver.fit_reference(torch.randn(12, 4), torch.arange(12) % 3)
+    state = {k: v for k, v in solver.state_dict().items() if not k.startswith("dictionary_set.")}
+    assert "dictionary_set.embeddings" in solver.state_dict()
+    fresh = SOLVERS.build("crc", embedding_dim=4, num_classes=3, num_train=12, dictionary="bank")
+    fresh.load_state_dict(state)
+    assert len(fresh.dictionary_set) == 0 and torch.equal(fresh.metric, solver.metric)
+    with pytest.raises(RuntimeError, match="needs the training embeddings"):
+        fresh.predict(torch.randn(2, 4))

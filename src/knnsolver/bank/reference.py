@@ -114,14 +114,20 @@ class ReferenceSet(nn.Module):
         state["_index"] = None  # rebuilt on first use (a faiss index does not pickle)
         return state
 
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: dict[str, Any],
+                              strict: bool, missing_keys: list[str], *args: Any) -> None:
         if prefix + "centres" in state_dict and prefix + "embeddings" not in state_dict:
             state_dict[prefix + "embeddings"] = state_dict.pop(prefix + "centres")  # saved before 2026-11-29
+        keys = [prefix + "embeddings", prefix + "labels"]
+        unsaved = not any(k in state_dict for k in keys)
         # Resize the buffers to the saved shapes (an empty set, or one with appended rows).
         for name in ("embeddings", "labels"):
             saved = state_dict.get(prefix + name)
             if saved is not None:
                 own = getattr(self, name)
                 setattr(self, name, torch.empty(saved.shape, dtype=own.dtype, device=own.device))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, *args)
+        if unsaved:  # saved while the set was not kept (crc's bank before 2026-11-30): it loads empty, to be refilled
+            missing_keys[:] = [k for k in missing_keys if k not in keys]
+            self.set(self.embeddings[:0], self.labels[:0])
         self._changed()

@@ -91,8 +91,11 @@ class CRCSolver(Solver):
         self.bank_refresh_every = int(bank_refresh_every)
         self.solve = solve
         self.metric = nn.Parameter(torch.eye(metric_dim, embedding_dim))
-        self.dictionary_set = ReferenceSet(embedding_dim, persistent=False)  # the coded-over embeddings
+        # The coded-over embeddings. A bank is training state between its refreshes, so a checkpoint keeps it
+        # (a resumed run codes over the saved bank); the batch dictionary's is refilled before every prediction.
+        self.dictionary_set = ReferenceSet(embedding_dim, persistent=dictionary == "bank")
         self._layout: tuple[Tensor, Tensor] | None = None  # the dictionary's class table (functional.crc.class_layout)
+        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_layout", None))
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, dictionary={self.dictionary}, metric_dim={self.metric.shape[0]}, "
@@ -131,13 +134,19 @@ class CRCSolver(Solver):
         else:
             self._require_atoms("with dictionary='bank'")
             exclude = None if row_indices is None else row_indices.long()
-            logits = self._logits(x, self.atoms, self.atom_labels, exclude, self._layout)
+            logits = self._logits(x, self.atoms, self.atom_labels, exclude, self.class_table())
         return F.cross_entropy(logits, labels)
+
+    def class_table(self) -> tuple[Tensor, Tensor]:
+        """The dictionary's class table, made once per change of the dictionary (not at every step)."""
+        if self._layout is None:
+            self._layout = class_layout(self.atom_labels)
+        return self._layout
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         labels = self.check_reference(embeddings, labels)
         self.dictionary_set.set(self._prepare(embeddings.detach().float()), labels)
-        self._layout = class_layout(self.atom_labels)  # tight, read once per refresh, not at every step
+        self._layout = None
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         if self.dictionary == "bank" and (ctx.epoch % self.bank_refresh_every == 0 or self.atoms.shape[0] == 0):
@@ -149,4 +158,4 @@ class CRCSolver(Solver):
         self.check_queries(embeddings)
         self._require_atoms("prediction")
         x = self._prepare(embeddings.float())
-        return torch.cat([self._logits(q, self.atoms, self.atom_labels, None, self._layout) for q in x.split(256)])
+        return torch.cat([self._logits(q, self.atoms, self.atom_labels, None, self.class_table()) for q in x.split(256)])
