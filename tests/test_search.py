@@ -400,3 +400,23 @@ def test_drop_own_rows_removes_the_own_row_or_else_the_farthest():
     found = torch.tensor([[4, 7, 2], [9, 1, 5], [3, 8, 6]])
     kept = drop_own_rows(found, torch.tensor([7, 0, 3]))  # row 0: own in the middle; 1: absent; 2: first
     assert kept.tolist() == [[4, 2], [9, 1], [8, 6]]
+
+
+def test_the_exact_cpu_graph_leaves_torchs_thread_count_as_set():
+    """numba's OpenMP layer shares the runtime with torch: the exact graph once left a 1-thread process
+    (a benchmark worker, 2 of them on 2 cores) running torch on every core after its first refresh."""
+    import subprocess
+
+    code = (
+        "import torch\n"
+        "torch.set_num_threads(1)\n"
+        "from knnsolver.registry import SEARCHES\n"
+        "index = SEARCHES.build('exact').build(torch.randn(3000, 16))\n"
+        "index.graph(10)\n"
+        "index.graph(10)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k not in ("OMP_NUM_THREADS", "NUMBA_NUM_THREADS")}
+    env["NUMBA_NUM_THREADS"] = "2"  # a pool of 2 whatever the machine, so the old leak shows on 1 core too
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "1"

@@ -178,13 +178,15 @@ def _sorted_results(pools, counts, k, out_d, out_i):
 
 @contextmanager
 def numba_threads() -> Iterator[None]:
-    """Run numba kernels with ``torch.get_num_threads()`` threads (at most numba's pool)."""
-    previous = numba.get_num_threads()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+    """Run numba kernels with ``torch.get_num_threads()`` threads (at most numba's pool), and leave torch's
+    count as it was: numba's OpenMP layer shares the OpenMP runtime with torch, so setting numba's count sets
+    torch's too (restoring numba's default, one thread per core, raised a 1-thread run to every core)."""
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
     try:
         yield
     finally:
-        numba.set_num_threads(previous)
+        torch.set_num_threads(threads)
 
 
 def squared_norms(x: np.ndarray) -> np.ndarray:
