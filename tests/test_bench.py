@@ -622,3 +622,18 @@ def test_a_changed_setting_of_the_same_preset_runs_again_and_the_report_says_so(
     assert all(not resumed for _, resumed in started)
     for path in (out / "classification").glob("*.json"):
         assert json.loads(path.read_text())["config"]["eval_every"] == 2
+
+
+def test_unseen_class_runs_validate_on_held_out_classes_with_fixed_rbf_weights(tmp_path):
+    """Issue 11's unseen-classes protocol: class-disjoint validation, and RBF weights fixed at 1 there (the
+    paper learns them for classification only)."""
+    for preset in ("full", "gpu", "tiny"):
+        unseen = build_specs(get_suite("unseen-classes"), get_preset(preset), tmp_path)
+        assert all(s.config["val_classes"] == 2 and s.config["train_classes"] == [0, 1, 2, 3, 4, 5] for s in unseen)
+        assert not any("learn_weights" in s.config["solver_options"] for s in unseen)  # the split's default: fixed
+        target = [s for s in build_specs(get_suite("cost"), get_preset(preset), tmp_path) if s.condition == "target"]
+        assert target and all(s.config["val_classes"] == 2 for s in target)
+    from knnsolver.registry import SOLVERS
+
+    rbf = SOLVERS.get("rbf")
+    assert rbf.protocol_defaults("disjoint") == {"learn_weights": False} and rbf.protocol_defaults("standard") == {}

@@ -167,3 +167,31 @@ def test_image_folder_takes_the_protocol_with_resize_size(tmp_path):
     assert x[:, :, 2:6].min() > 0.9, "the centre of the image, not a squeezed whole"
     stretched = build_data("image-folder", data_dir=str(tmp_path), image_size=8, val_fraction=0.0)
     assert stretched.test[0][0][:, :, 0].max() < 0.1, "without resize_size the whole image is stretched (unchanged)"
+
+
+def test_the_unseen_subset_keeps_train_validation_and_test_classes_apart(tmp_path):
+    """The benchmark subset: all official training images of classes 0-3, VAL_PER_CLASS of classes 4 and 5,
+    the official test images of classes 6-9; loaded as the suites load it, the three class sets are disjoint."""
+    from test_data import write_idx
+
+    from knnsolver.bench import data as bench_data
+    from knnsolver.data import build_data
+
+    rng = np.random.default_rng(0)
+    train_labels, test_labels = np.arange(200) % 10, np.arange(50) % 10
+    source = tmp_path / "source"
+    source.mkdir()
+    write_idx(source / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (200, 28, 28)))
+    write_idx(source / "train-labels-idx1-ubyte.gz", train_labels)
+    write_idx(source / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (50, 28, 28)))
+    write_idx(source / "t10k-labels-idx1-ubyte.gz", test_labels)
+    bench_data.VAL_PER_CLASS, saved = 7, bench_data.VAL_PER_CLASS
+    try:
+        folder = bench_data.prepare_unseen_subset(tmp_path / "subset", source)
+    finally:
+        bench_data.VAL_PER_CLASS = saved
+    b = build_data("fashion-mnist", data_dir=str(folder), split="disjoint", train_classes=[0, 1, 2, 3, 4, 5],
+                   val_classes=2)
+    assert b.train_class_ids == [0, 1, 2, 3] and len(b.train) == 4 * 20  # every training image of 0-3
+    assert b.val_class_names == ["Coat", "Sandal"] and len(b.val) == 2 * 7
+    assert b.test_class_ids == [6, 7, 8, 9] and len(b.test) == 4 * 5  # the official test images of 6-9 only

@@ -124,3 +124,16 @@ def test_a_saved_config_with_bad_values_is_reported_by_eval(run_dir, capsys):
     assert main(["eval", str(run_dir)]) == 2
     err = capsys.readouterr().err
     assert "has an invalid config.json: precise_bn must be true or false" in err and "Traceback" not in err
+
+
+def test_class_lists_are_read_from_flags_and_files_and_checked():
+    from knnsolver.training import TrainConfig
+
+    assert TrainConfig(dataset="digits", train_classes="3, 0,1").validate().train_classes == [0, 1, 3]
+    assert TrainConfig(dataset="digits", train_classes=[5, 4]).validate().train_classes == [4, 5]
+    for bad, message in (("0,x", "train_classes must be class ids such as 0,1,2, got '0,x'"),
+                         ([0, True], r"class ids such as 0,1,2, got \[0, True\]"), ("", "class ids such as 0,1,2, got ''"), ([], "must name at least one class")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(dataset="digits", train_classes=bad).validate()
+    with pytest.raises(ConfigError, match="val_classes must be >= 0"):
+        TrainConfig(dataset="digits", val_classes=-1).validate()

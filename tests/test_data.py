@@ -132,6 +132,28 @@ def test_disjoint_explicit_train_classes(sk_digits):
     assert b.test_class_names[int(y)] == str(sk_digits.target[b.test.rows[0]])
 
 
+def test_class_disjoint_validation_holds_out_whole_training_classes(sk_digits):
+    """val_classes: the last training classes validate, every row of them, and none trains; test is unchanged."""
+    b = build_data("digits", split="disjoint", train_classes=[0, 1, 2, 3, 4, 5], val_classes=2, val_fraction=0.3)
+    target = sk_digits.target
+    assert b.train_class_ids == [0, 1, 2, 3] and b.num_classes == 4 and b.class_names == ["0", "1", "2", "3"]
+    assert b.val_class_names == ["4", "5"] and b.test_class_ids == [6, 7, 8, 9]
+    assert rows_of(b.train) == set(np.flatnonzero(target < 4).tolist())  # val_fraction carves nothing
+    assert rows_of(b.val) == set(np.flatnonzero((target == 4) | (target == 5)).tolist())
+    assert rows_of(b.test) == set(np.flatnonzero(target >= 6).tolist())
+    assert torch.equal(b.val.labels, torch.as_tensor(target[b.val.rows] - 4))  # 0..V-1 among themselves
+    capped = build_data("digits", split="disjoint", val_classes=2, max_per_class=5)  # the cap is for training rows
+    assert Counter(capped.train_labels.tolist()) == {0: 5, 1: 5, 2: 5} and len(capped.val) == (target == 3).sum() + (
+        target == 4).sum()
+    assert build_data("digits", split="disjoint").val_class_names == []
+    with pytest.raises(ConfigError, match="val_classes only applies to split 'disjoint'"):
+        build_data("digits", val_classes=2)
+    with pytest.raises(ConfigError, match="hold out at least 2 of the 5 training classes .* got 1"):
+        build_data("digits", split="disjoint", val_classes=1)
+    with pytest.raises(ConfigError, match="leave at least 2 to train on, got 4"):
+        build_data("digits", split="disjoint", val_classes=4)
+
+
 def test_max_per_class_caps_train_only(digits):
     b = build_data("digits", max_per_class=7, seed=3)
     assert Counter(b.train_labels.tolist()) == {c: 7 for c in range(10)}

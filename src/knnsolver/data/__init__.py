@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,13 +34,16 @@ class DataBundle:
         train: training rows, augmented when requested (otherwise the same object as ``train_eval``).
         train_eval: the same rows in the same order without augmentation (for embedding banks).
         val: validation rows carved from the training classes, or ``None`` when ``val_fraction`` is 0
-            (or too small to carve a single row).
+            (or too small to carve a single row); with ``val_classes``, every row of the classes held out
+            for validation, labelled ``0..V-1`` among themselves (``val_class_names``).
         test: test rows.
         train_labels: labels of the training rows in row order.
         num_classes: number of training classes; train and val labels are ``0..num_classes-1``.
         input_shape: shape of one input, e.g. ``(1, 8, 8)``.
         class_names: names of the training classes, indexed by train label.
         test_class_names: names of the test classes, indexed by test label.
+        val_class_names: names of the validation classes when they are held out whole (``val_classes``),
+            indexed by validation label; empty when validation shares the training classes.
         name: dataset name.
         split: ``"standard"`` or ``"disjoint"``.
         train_class_ids, test_class_ids: the source's class ids behind train and test labels
@@ -67,6 +70,7 @@ class DataBundle:
     test_query: Tensor | None = None
     recall_ks: tuple[int, ...] = (1, 2, 4, 8)
     notes: str = ""
+    val_class_names: list[str] = field(default_factory=list)
 
 
 def data_fingerprint(data: DataBundle) -> dict[str, Any]:
@@ -118,6 +122,7 @@ def build_data(
     train_classes: list[int] | None = None,
     image_channels: int | None = None,
     image_cache_mb: int | None = None,
+    val_classes: int = 0,
 ) -> DataBundle:
     """Load dataset ``name`` and split it into train / validation / test.
 
@@ -129,8 +134,12 @@ def build_data(
         class ids, or of the dataset's own training classes (SOP, In-Shop), or of
         ``train_classes``, train; all rows of the other classes test (for In-Shop,
         its query images against its gallery: ``DataBundle.test_query``).
-        Validation is carved from the training classes. Labels are remapped
-        to ``0..C-1`` separately within train and within test.
+        Validation is carved from the training classes, or, with ``val_classes``,
+        is every row of the last ``val_classes`` training classes, held out whole:
+        class-disjoint validation (Musgrave et al. 2020), so a checkpoint and a
+        hyperparameter are chosen on classes the network never trained on, as the
+        test classes are (``val_fraction`` is then unused). Labels are remapped to
+        ``0..C-1`` separately within train, validation classes and test.
 
     Validation is drawn with ``seed``; ``max_per_class`` then keeps at most that
     many training rows per class, drawn with ``seed`` from a separate stream, so
@@ -157,6 +166,9 @@ def build_data(
             raise ConfigError(f"{option} must be >= 1, got {value}")
     if train_classes is not None and split != "disjoint":
         raise ConfigError("train_classes only applies to split 'disjoint'")
+    if val_classes and split != "disjoint":
+        raise ConfigError("val_classes only applies to split 'disjoint' (class-disjoint validation); "
+                          "use val_fraction with split 'standard'")
     source = _load_source(name, data_dir, image_size, resize_size, image_channels, image_cache_mb)
     augmentation = build_augmentation(augment, source.augment_policy, name)
 
@@ -179,8 +191,19 @@ def build_data(
         in_train = np.isin(labels[every], train_ids)
         pool_train, test_rows = every[in_train], every[~in_train]
 
-    kept, carved = stratified_split(labels[pool_train], val_fraction, np.random.default_rng([seed, 1]))
-    train_rows, val_rows = pool_train[kept], pool_train[carved]
+    val_ids: list[int] = []
+    if val_classes:
+        if not 2 <= val_classes <= len(train_ids) - 2:
+            raise ConfigError(
+                f"val_classes must hold out at least 2 of the {len(train_ids)} training classes (retrieval within "
+                f"one class is always right) and leave at least 2 to train on, got {val_classes}")
+        train_ids, val_ids = train_ids[:-val_classes], train_ids[-val_classes:]
+        in_val = np.isin(labels[pool_train], val_ids)
+        pool_train, val_rows = pool_train[~in_val], pool_train[in_val]
+        train_rows = pool_train
+    else:
+        kept, carved = stratified_split(labels[pool_train], val_fraction, np.random.default_rng([seed, 1]))
+        train_rows, val_rows = pool_train[kept], pool_train[carved]
     if max_per_class is not None:
         train_rows = train_rows[cap_per_class(labels[train_rows], max_per_class, np.random.default_rng([seed, 2]))]
 
@@ -191,7 +214,7 @@ def build_data(
     return DataBundle(
         train=dataset(train_rows, train_ids, augmentation) if augmentation is not None else train_eval,
         train_eval=train_eval,
-        val=dataset(val_rows, train_ids) if len(val_rows) else None,
+        val=dataset(val_rows, val_ids or train_ids) if len(val_rows) else None,
         test=dataset(test_rows, test_ids),
         train_labels=train_eval.labels.clone(),
         num_classes=len(train_ids),
@@ -205,6 +228,7 @@ def build_data(
         test_query=_query_mask(source, test_rows) if split == "disjoint" and train_classes is None else None,
         recall_ks=tuple(source.recall_ks),
         notes=source.notes,
+        val_class_names=[source.class_names[c] for c in val_ids],
     )
 
 

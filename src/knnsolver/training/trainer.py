@@ -222,7 +222,7 @@ def build_run(config: TrainConfig, model: nn.Module | None = None, progress: Pro
             config.dataset, split=config.split, val_fraction=config.val_fraction, max_per_class=config.max_per_class,
             seed=config.seed, data_dir=config.data_dir, augment=config.augment, image_size=config.image_size,
             resize_size=config.resize_size, image_channels=config.image_channels,
-            image_cache_mb=config.image_cache_mb,
+            image_cache_mb=config.image_cache_mb, train_classes=config.train_classes, val_classes=config.val_classes,
         )
     classes = int(torch.unique(data.train_labels).numel())
     if classes < 2:
@@ -258,7 +258,9 @@ def describe_run(run: Run) -> list[str]:
     cfg, data = run.config, run.data
     val = len(data.val) if data.val is not None else 0
     classes = (f"{data.num_classes} classes" if cfg.split == "standard"
-               else f"{data.num_classes} training classes, {len(data.test_class_names)} unseen test classes")
+               else f"{data.num_classes} training classes, "
+                    + (f"{len(data.val_class_names)} other validation classes, " if data.val_class_names else "")
+                    + f"{len(data.test_class_names)} unseen test classes")
     notes = f" ({data.notes})" if data.notes else ""
     params = sum(p.numel() for p in run.model.parameters())
     options = ", ".join(f"{k}={v}" for k, v in (run.solver_options or {}).items())
