@@ -629,10 +629,10 @@ def test_unseen_class_runs_validate_on_held_out_classes_with_fixed_rbf_weights(t
     paper learns them for classification only)."""
     for preset in ("full", "gpu", "tiny"):
         unseen = build_specs(get_suite("unseen-classes"), get_preset(preset), tmp_path)
-        assert all(s.config["val_classes"] == 2 and s.config["train_classes"] == [0, 1, 2, 3, 4, 5] for s in unseen)
+        assert all(s.config["val_classes"] == [4, 6] and s.config["train_classes"] == [0, 1, 2, 3, 4, 6] for s in unseen)
         assert not any("learn_weights" in s.config["solver_options"] for s in unseen)  # the split's default: fixed
         target = [s for s in build_specs(get_suite("cost"), get_preset(preset), tmp_path) if s.condition == "target"]
-        assert target and all(s.config["val_classes"] == 2 for s in target)
+        assert target and all(s.config["val_classes"] == [4, 6] for s in target)
     from knnsolver.registry import SOLVERS
 
     rbf = SOLVERS.get("rbf")

@@ -170,8 +170,8 @@ def test_image_folder_takes_the_protocol_with_resize_size(tmp_path):
 
 
 def test_the_unseen_subset_keeps_train_validation_and_test_classes_apart(tmp_path):
-    """The benchmark subset: all official training images of classes 0-3, VAL_PER_CLASS of classes 4 and 5,
-    the official test images of classes 6-9; loaded as the suites load it, the three class sets are disjoint."""
+    """The benchmark subset: all official training images of classes 0-3, VAL_PER_CLASS of classes 4 and 6,
+    the official test images of classes 5 and 7-9; loaded as the suites load it, the class sets are disjoint."""
     from test_data import write_idx
 
     from knnsolver.bench import data as bench_data
@@ -190,8 +190,11 @@ def test_the_unseen_subset_keeps_train_validation_and_test_classes_apart(tmp_pat
         folder = bench_data.prepare_unseen_subset(tmp_path / "subset", source)
     finally:
         bench_data.VAL_PER_CLASS = saved
-    b = build_data("fashion-mnist", data_dir=str(folder), split="disjoint", train_classes=[0, 1, 2, 3, 4, 5],
-                   val_classes=2)
+    from knnsolver.bench.suites import get_preset
+
+    disjoint = get_preset("full").disjoint
+    b = build_data("fashion-mnist", data_dir=str(folder), split="disjoint", train_classes=disjoint["train_classes"],
+                   val_classes=disjoint["val_classes"])
     assert b.train_class_ids == [0, 1, 2, 3] and len(b.train) == 4 * 20  # every training image of 0-3
-    assert b.val_class_names == ["Coat", "Sandal"] and len(b.val) == 2 * 7
-    assert b.test_class_ids == [6, 7, 8, 9] and len(b.test) == 4 * 5  # the official test images of 6-9 only
+    assert b.val_class_names == ["Coat", "Shirt"] and len(b.val) == 2 * 7
+    assert b.test_class_ids == [5, 7, 8, 9] and len(b.test) == 4 * 5  # the official test images of the others only

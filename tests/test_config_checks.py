@@ -135,5 +135,7 @@ def test_class_lists_are_read_from_flags_and_files_and_checked():
                          ([0, True], r"class ids such as 0,1,2, got \[0, True\]"), ("", "class ids such as 0,1,2, got ''"), ([], "must name at least one class")):
         with pytest.raises(ConfigError, match=message):
             TrainConfig(dataset="digits", train_classes=bad).validate()
-    with pytest.raises(ConfigError, match="val_classes must be >= 0"):
+    assert TrainConfig(dataset="digits", val_classes="6,4").validate().val_classes == [4, 6]
+    assert TrainConfig(dataset="digits", val_classes="2").validate().val_classes == 2
+    with pytest.raises(ConfigError, match="val_classes must be a count >= 0"):
         TrainConfig(dataset="digits", val_classes=-1).validate()

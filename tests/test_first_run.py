@@ -133,8 +133,8 @@ def test_summary_records_time_epochs_model_device_and_geometry(tmp_path):
     saved = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert saved == json.loads(json.dumps(summary))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert summary["epochs_run"] == 2 and summary["best_val_metric"] == "val_precision_at_1"
-    assert summary["best_val_score"] == log[summary["best_epoch"] - 1]["val_precision_at_1"]
+    assert summary["epochs_run"] == 2 and summary["best_val_metric"] == "val_map_at_r"
+    assert summary["best_val_score"] == log[summary["best_epoch"] - 1]["val_map_at_r"]
     assert summary["model"] == "conv8" and summary["model_parameters"] > 1000
     assert summary["device"] == "cpu" and summary["threads"] == torch.get_num_threads()
     geometry = summary["evaluation_geometry"]

@@ -11,8 +11,8 @@ from knnsolver.training import TrainConfig
 
 COMMON = ("embedding_dim", "num_classes", "num_train")
 # Training settings that take any text (augment: composable names with strengths, such as "flip,crop:2";
-# train_classes: class ids such as "0,1,2").
-FREE_TEXT = {"out", "model", "pretrained", "data_dir", "device", "augment", "train_classes"}
+# train_classes, val_classes: class ids such as "0,1,2").
+FREE_TEXT = {"out", "model", "pretrained", "data_dir", "device", "augment", "train_classes", "val_classes"}
 SIZES = {"embedding_dim": 16, "num_classes": 4, "num_train": 40}
 
 

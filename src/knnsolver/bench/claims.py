@@ -30,7 +30,7 @@ from knnsolver.bench.suites import PAIRWISE_KNN_LOSSES, TARGET_SOLVERS, UNSEEN_B
 HAL_MARGIN = 0.01  # "more than 1% higher kNN accuracy"
 HAL_COST_LIMIT = 0.10  # "under 10% of their computational cost"
 HAL_EQUIVALENT = ("proxynca", "normsoftmax")  # HAL itself under METHODS.md's reading
-TARGET_FRACTION = 0.95  # time-to-target: this fraction of the weaker method's converged (best) validation P@1
+TARGET_FRACTION = 0.95  # time-to-target: this fraction of the weaker method's converged (best) validation score
 SPEEDUP_CLAIMED, SPEEDUP_TOLERANCE = 5.0, 0.8  # "about 5x": every seed at least 4x
 # The speed-up is resolved only when the faster method needs at least this many evaluations to reach the target.
 MIN_TARGET_EVALS = 3
@@ -242,7 +242,8 @@ def _hal_cost(results: Results) -> Verdict | None:
 
 
 def steps_to_target(run: Mapping[str, Any], target: float) -> float:
-    """Optimiser steps until validation P@1 first reaches ``target`` (evaluated after every epoch)."""
+    """Optimiser steps until the run's validation score (``val_key``: MAP@R on this split) first reaches
+    ``target`` (evaluated after every epoch)."""
     steps = 0.0
     for row in run["history"]:
         steps += row["seconds"] * row["samples_per_s"] / run["config"]["batch_size"]
@@ -252,7 +253,7 @@ def steps_to_target(run: Mapping[str, Any], target: float) -> float:
 
 
 def target_level(results: Results) -> float | None:
-    """The time-to-target level: ``TARGET_FRACTION`` of the weaker method's mean best validation P@1."""
+    """The time-to-target level: ``TARGET_FRACTION`` of the weaker method's mean best validation score."""
     finals = {m: usable(final_results(results, m, "target"))[0] for m in TARGET_SOLVERS}
     if not all(finals.values()):
         return None
@@ -277,7 +278,7 @@ def _centralized_speedup(results: Results) -> Verdict | None:
         f"; not resolved: a method reached the target within {min(evals)} evaluation(s), so the evaluation "
         f"granularity cannot tell a {SPEEDUP_CLAIMED:g}x speed-up from a smaller one")
     per_seed = ", ".join(f"{steps['triplet'][s]:g}/{steps['centralized'][s]:g}" for s in seeds)
-    return Verdict(status, f"optimiser steps to {100 * target:.2f}% validation P@1, triplet/centralized per seed: "
+    return Verdict(status, f"optimiser steps to {100 * target:.2f}% validation MAP@R, triplet/centralized per seed: "
                            f"{per_seed}; ratios {', '.join(f'{r:.2f}x' for r in ratios)} (holds when every seed is at "
                            f"least {bound:g}x){note}.")
 
@@ -309,7 +310,7 @@ CLAIMS: tuple[Claim, ...] = (
           "Ye et al. (Applied Intelligence 2023): cost relative to batch kNN losses, setting not stated in the "
           "abstract", _hal_cost),
     Claim("cost", "The centralized ranking loss trains about 5x faster than triplet.",
-          "optimiser steps to reach 95% of the weaker method's best validation P@1, triplet over centralized per "
+          "optimiser steps to reach 95% of the weaker method's best validation MAP@R, triplet over centralized per "
           "seed; holds when every seed is at least 4x",
           "Zheng, Ji et al. (AAAI 2019): Cars196, CUB-200 and SOP with an ImageNet-pretrained network",
           _centralized_speedup),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -122,7 +123,7 @@ def build_data(
     train_classes: list[int] | None = None,
     image_channels: int | None = None,
     image_cache_mb: int | None = None,
-    val_classes: int = 0,
+    val_classes: int | Sequence[int] = 0,
 ) -> DataBundle:
     """Load dataset ``name`` and split it into train / validation / test.
 
@@ -135,7 +136,8 @@ def build_data(
         ``train_classes``, train; all rows of the other classes test (for In-Shop,
         its query images against its gallery: ``DataBundle.test_query``).
         Validation is carved from the training classes, or, with ``val_classes``,
-        is every row of the last ``val_classes`` training classes, held out whole:
+        is every row of some training classes, held out whole (a count: the last
+        ones; or their class ids):
         class-disjoint validation (Musgrave et al. 2020), so a checkpoint and a
         hyperparameter are chosen on classes the network never trained on, as the
         test classes are (``val_fraction`` is then unused). Labels are remapped to
@@ -193,11 +195,19 @@ def build_data(
 
     val_ids: list[int] = []
     if val_classes:
-        if not 2 <= val_classes <= len(train_ids) - 2:
+        if isinstance(val_classes, (int, np.integer)):
+            val_ids = train_ids[-int(val_classes):] if val_classes < len(train_ids) else list(train_ids)
+        else:
+            val_ids = sorted({int(c) for c in val_classes})
+            stray = [c for c in val_ids if c not in train_ids]
+            if stray:
+                raise ConfigError(f"val_classes {stray} are not training classes (the training classes are "
+                                  f"{', '.join(map(str, train_ids))}); hold out classes that train_classes names")
+        if not 2 <= len(val_ids) <= len(train_ids) - 2:
             raise ConfigError(
                 f"val_classes must hold out at least 2 of the {len(train_ids)} training classes (retrieval within "
-                f"one class is always right) and leave at least 2 to train on, got {val_classes}")
-        train_ids, val_ids = train_ids[:-val_classes], train_ids[-val_classes:]
+                f"one class is always right) and leave at least 2 to train on, got {len(val_ids)}")
+        train_ids = [c for c in train_ids if c not in val_ids]
         in_val = np.isin(labels[pool_train], val_ids)
         pool_train, val_rows = pool_train[~in_val], pool_train[in_val]
         train_rows = pool_train

@@ -38,7 +38,6 @@ _RANGES = {
     "momentum": Interval(0, 1),
     "dropout": Interval(0, 1, high_open=True),
     "val_fraction": Interval(0, 1, high_open=True),
-    "val_classes": Interval(0, hint=" (0 = validation from val_fraction)"),
     "lr_gamma": Interval(0, 1, low_open=True),
     "clip_grad_norm": Interval(0, low_open=True, hint=" (leave it unset to turn clipping off)"),
     "seed": Interval(0, 2**32, high_open=True),
@@ -102,7 +101,7 @@ class TrainConfig:
         pretrained: weights file to start the network from (torchvision's or timm's format); none = random init.
         data_dir: where the dataset's files are; none = the dataset's default.
         val_fraction: share of the training rows held out to choose the best epoch; 0 = none.
-        val_classes: split disjoint: hold out this many training classes whole as the validation set (class-disjoint, as the unseen test classes are); 0 = use val_fraction.
+        val_classes: split disjoint: training classes held out whole as the validation set (class-disjoint, as the test classes are): a count (the last ones) or class ids such as 4,6; 0 = use val_fraction.
         train_classes: split disjoint: the class ids that train (and validate), e.g. 0,1,2; none = the first half of the classes (or the dataset's own).
         max_per_class: keep at most this many training rows per class; none = all.
         augment: training augmentation: true (the dataset's own set), false, or names such as flip,crop:2,scale:0.5.
@@ -150,7 +149,7 @@ class TrainConfig:
     pretrained: str | None = None
     data_dir: str | None = None
     val_fraction: float = 0.1
-    val_classes: int = 0
+    val_classes: str | list[int] | int = 0  # a count, or class ids (a flag's "4,6" is read as [4, 6])
     train_classes: str | list[int] | None = None  # a flag's "0,1,2" is read as [0, 1, 2]
     max_per_class: int | None = None
     # Training augmentation: false (none), true (the dataset's default set), or named options in order, e.g.
@@ -295,23 +294,38 @@ def _plots_value(value: Any) -> str:
     return value
 
 
-def _class_ids_value(value: Any) -> list[int] | None:
-    """``train_classes`` as a sorted list of distinct class ids, or ``None``; a flag's ``"0,1,2"`` is split at the
-    commas."""
-    if value is None:
-        return None
+def _class_ids(name: str, value: Any) -> list[int]:
+    """A sorted list of distinct class ids from a list or a flag's ``"0,1,2"``."""
     items = value.split(",") if isinstance(value, str) else value
     try:
-        ids = sorted({check_type("train_classes", int(v) if isinstance(v, str) else v, int) for v in items})
+        ids = sorted({check_type(name, int(v) if isinstance(v, str) else v, int) for v in items})
     except (TypeError, ValueError):
-        raise ConfigError(f"train_classes must be class ids such as 0,1,2, got {value!r}") from None
+        raise ConfigError(f"{name} must be class ids such as 0,1,2, got {value!r}") from None
     if not ids:
-        raise ConfigError("train_classes must name at least one class id, such as 0,1,2 (or be none)")
+        raise ConfigError(f"{name} must name at least one class id, such as 0,1,2 (or be none)")
     return ids
 
 
+def _train_classes_value(value: Any) -> list[int] | None:
+    """``train_classes`` as sorted class ids, or ``None``."""
+    return None if value is None else _class_ids("train_classes", value)
+
+
+def _val_classes_value(value: Any) -> int | list[int]:
+    """``val_classes`` as a count (``"2"`` too) or as sorted class ids (``"4,6"``, a list)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ConfigError(f"val_classes must be a count >= 0 (0 = validation from val_fraction) or class ids, "
+                              f"got {value}")
+        return value
+    return _class_ids("val_classes", value)
+
+
 # Settings given in words as well as values: each is read into one canonical form.
-_WORDS = {"augment": _augment_value, "plots": _plots_value, "train_classes": _class_ids_value}
+_WORDS = {"augment": _augment_value, "plots": _plots_value, "train_classes": _train_classes_value,
+          "val_classes": _val_classes_value}
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
