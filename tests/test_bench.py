@@ -637,3 +637,49 @@ def test_unseen_class_runs_validate_on_held_out_classes_with_fixed_rbf_weights(t
 
     rbf = SOLVERS.get("rbf")
     assert rbf.protocol_defaults("disjoint") == {"learn_weights": False} and rbf.protocol_defaults("standard") == {}
+
+
+def test_grid_points_made_under_other_settings_are_set_aside_before_finals_choose(tmp_path, monkeypatch):
+    """An extension stored by an earlier run of the suite under other settings (here: another validation set,
+    which scored it 0.99) is no point of today's grid: it is moved to stale/, and the finals choose among
+    today's points (the interior 0.1), not by its old score."""
+    import dataclasses
+
+    from knnsolver.bench import suites
+
+    preset = dataclasses.replace(suites.PRESETS["tiny"], extend_grids=True)
+    monkeypatch.setitem(suites.PRESETS, "tiny", preset)
+
+    def peaked(spec, folder):
+        out = _fake_execute([])(spec, folder)
+        out["best_val"] = 0.5 + 0.1 * (spec.params["label_smoothing"] == 0.1)
+        return out
+
+    monkeypatch.setattr(runner, "execute", peaked)
+    folder = tmp_path / "classification"
+    folder.mkdir()
+    spec = build_specs(get_suite("classification"), preset, tmp_path, ["softmax"], [0])[0]
+    old = dataclasses.replace(spec, params={"label_smoothing": 0.3}, grid_index=3, config={**spec.config, "width": 99})
+    stale = {"run_id": "softmax__label_smoothing=0.3__s0", "suite": "classification", "kind": "train", "role": "grid",
+             "method": "softmax", "condition": "", "seed": 0, "params": {"label_smoothing": 0.3}, "grid_index": 3,
+             "preset": "tiny", "best_val": 0.99, "config": old.train_config(str(folder / "runs" / "x")).to_dict()}
+    (folder / "softmax__label_smoothing=0.3__s0.json").write_text(json.dumps(stale))
+    assert _bench(tmp_path, solvers="softmax") == 0
+    results = runner.load_results(folder)
+    assert results["softmax__final__s1"]["params"] == {"label_smoothing": 0.1}
+    assert "softmax__label_smoothing=0.3__s0" not in results
+    assert (folder / "stale" / "softmax__label_smoothing=0.3__s0.json").is_file()
+
+
+def test_a_best_other_final_runs_again_when_the_pick_changes(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner, "WAIT_S", 0.01)
+    monkeypatch.setattr(runner, "execute", _fake_execute([]))
+    suite, preset = get_suite("unseen-classes"), get_preset("tiny")
+    results = runner.run_suite(suite, preset, tmp_path, ["rbf", "triplet", "npairs", "lifted"], [0, 1])
+    specs = build_specs(suite, preset, tmp_path, ["rbf", "triplet", "npairs", "lifted"], [0, 1])
+    pick = next(s for s in specs if s.pick)
+    stored = results[pick.run_id]
+    assert runner.outdated(pick, stored, results, "tiny") is None
+    other = "npairs" if stored["method"] == "lifted" else "lifted"
+    assert runner.outdated(pick, {**stored, "method": other}, results, "tiny") == (
+        f"the pick is now {stored['method']}: run again")

@@ -16,6 +16,7 @@ import platform
 import statistics
 import subprocess
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -34,6 +35,7 @@ from knnsolver.bench.suites import (
     build_specs,
     comparable,
     dim_text,
+    grid_results,
     grid_extension,
     params_text,
     resolve,
@@ -279,12 +281,14 @@ def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dic
     that also changes the evaluation interval). A result of another preset is
     left to :func:`_check_same`, which refuses to mix the two.
     """
-    if spec.kind != "train" or stored.get("kind") != "train" or spec.pick is not None:
+    if spec.kind != "train" or stored.get("kind") != "train":
         return None
     try:
         resolved, _ = resolve(spec, results)
     except ConfigError:  # its grid is not stored (a partial copy of the results): judged as stored
         return None
+    if spec.pick is not None and resolved.method != stored.get("method"):
+        return f"the pick is now {resolved.method}: run again"
     if spec.params is None and dict(resolved.params) != stored.get("params"):
         return f"its grid now chooses {params_text(resolved.params)}: run again"
     wanted = resolved.train_config(stored["config"]["out"]).to_dict()
@@ -293,6 +297,30 @@ def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dic
     if preset is not None and stored.get("preset") == preset and comparable(stored["config"]) != comparable(wanted):
         return "its settings changed: run again"
     return None
+
+
+def set_aside_stale(folder: Path, every: Sequence[RunSpec], results: dict[str, dict], preset: str) -> list[str]:
+    """Move out of ``folder`` (into ``folder/stale``) the grid results of ``preset`` that today's suite would not
+    make: points beyond a grid edge (extensions) run under settings that have changed since. Left in place, a
+    finals' choice would count their scores, measured under the old settings (another validation set).
+
+    Only the grids of ``every`` are looked at (a call with fewer solvers leaves the others alone), and not
+    their own points, which the runner runs again before any final chooses. Returns the run ids moved.
+    """
+    ids = {s.run_id for s in every}
+    moved = []
+    for (method, condition), grid in grids_of(every).items():
+        for r in grid_results(results, method, condition):
+            if r.get("preset") != preset or r["run_id"] in ids or r.get("kind") != "train":
+                continue
+            expected = replace(grid[0], params=dict(r["params"]), seed=r["seed"]).train_config(r["config"]["out"])
+            if comparable(expected.to_dict()) != comparable(r["config"]):
+                (folder / "stale").mkdir(exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):  # another worker moved it first
+                    os.replace(folder / f"{r['run_id']}.json", folder / "stale" / f"{r['run_id']}.json")
+                del results[r["run_id"]]
+                moved.append(r["run_id"])
+    return moved
 
 
 def next_extension(grid: Sequence[RunSpec], results: Mapping[str, dict], preset: str | None = None) -> RunSpec | None:
@@ -524,6 +552,8 @@ def run_suite(
     commit, host = git_commit(Path(__file__).parent), machine()
     claims = Claims(folder)
     results = load_results(folder)
+    for run_id in set_aside_stale(folder, every, results, preset.name):
+        tqdm.write(f"{suite.name} {run_id}: made under other settings, moved to {folder / 'stale'}")
     for spec in todo:  # a result of another preset in the folder is refused, not overwritten
         if stands(spec, results, preset.name):
             _check_same(spec, results[spec.run_id], folder / f"{spec.run_id}.json")
