@@ -83,12 +83,16 @@ def by_seed(runs: Sequence[dict], key: str) -> dict[int, float]:
     return {int(r["seed"]): float(r["summary"][key]) for r in usable(runs)[0] if key in r.get("summary", {})}
 
 
+def validation_curve(run: Mapping[str, Any]) -> list[float]:
+    """A run's validation score by epoch, NaN for the epochs it did not evaluate."""
+    return [row.get(run["val_key"], math.nan) for row in run["history"]]
+
+
 def rising(runs: Sequence[dict]) -> bool:
     """Whether most of ``runs`` (usable, with a per-epoch history) ended their budget still improving on
     validation (:func:`~knnsolver.bench.stats.still_rising`)."""
     curves = [r for r in usable(runs)[0] if r.get("history") and "best_epoch" in r.get("summary", {})]
-    up = sum(still_rising(r["summary"]["best_epoch"], r["config"]["epochs"],
-                          [row.get(r["val_key"], math.nan) for row in r["history"]]) for r in curves)
+    up = sum(still_rising(r["summary"]["best_epoch"], r["config"]["epochs"], validation_curve(r)) for r in curves)
     return 2 * up > len(curves)
 
 

@@ -35,6 +35,7 @@ from knnsolver.bench.claims import (  # noqa: E402
     step_times,
     steps_to_target,
     target_level,
+    validation_curve,
     regime_of,
 )
 from knnsolver.bench.runner import TRAINING_VERSION, load_results, outdated, pending_extensions  # noqa: E402
@@ -493,7 +494,7 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
         good = usable(finals)[0]
         lines.append("- Convergence: " + convergence(
             [(r["summary"]["best_epoch"], r["config"]["epochs"]) for r in good],
-            [[row.get(r["val_key"], math.nan) for row in r["history"]] for r in good],
+            [validation_curve(r) for r in good],
             [r["method"] for r in good]).text() + ".")
     failed = usable([r for r in results.values() if "summary" in r])[1]
     if failed:

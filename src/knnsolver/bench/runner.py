@@ -435,10 +435,9 @@ def waits_for(spec: RunSpec, every: Sequence[RunSpec], results: Mapping[str, dic
                   and s.method not in BEST_OTHER_EXCLUDED]
     elif spec.role == "final" and spec.params is None:
         needed = grids_of(every).get(spec.tune_from, [])
-        if all(stands(s, results, preset.name) for s in needed) and preset.extend_grids:
-            extra = next_extension(needed, results, preset.name)
-            if extra is not None:
-                return [extra.run_id]
+        # next_extension looks only at a grid that stands whole
+        if preset.extend_grids and (extra := next_extension(needed, results, preset.name)) is not None:
+            return [extra.run_id]
     else:
         return []
     missing = [s.run_id for s in needed if not stands(s, results, preset.name)]
@@ -464,16 +463,13 @@ def _result_line(result: Mapping[str, Any]) -> str:
 
 def _run_one(spec: RunSpec, label: str, *, suite: Suite, preset: Preset, folder: Path, results: dict[str, dict],
              command: str, commit: str, host: Mapping[str, Any]) -> None:
-    """Run ``spec`` unless its stored result stands (continuing or redoing an outdated one); store the result."""
+    """Run ``spec``, whose stored result, if any, does not stand (:func:`stands`: it is continued or redone);
+    store the result."""
     path = folder / f"{spec.run_id}.json"
     earlier = 0.0  # seconds already spent on a stored run that is continued
     if spec.run_id in results:
         stored = results[spec.run_id]
         redo = outdated(spec, stored, results, preset.name)
-        if redo is None:
-            _check_same(spec, stored, path)
-            tqdm.write(f"{label}: done already")
-            return
         tqdm.write(f"{label}: {redo}")
         del results[spec.run_id]
         earlier = stored["wall_seconds"] if redo.startswith("continued") and "same_run_as" not in stored else 0.0

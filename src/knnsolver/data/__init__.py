@@ -196,7 +196,7 @@ def build_data(
     val_ids: list[int] = []
     if val_classes:
         if isinstance(val_classes, (int, np.integer)):
-            val_ids = train_ids[-int(val_classes):] if val_classes < len(train_ids) else list(train_ids)
+            val_ids = list(train_ids[-int(val_classes):])
         else:
             val_ids = sorted({int(c) for c in val_classes})
             stray = [c for c in val_ids if c not in train_ids]
