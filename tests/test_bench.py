@@ -119,6 +119,7 @@ def test_report_renders_tables_claims_commands_and_plots(finished, tmp_path):
     assert (tmp_path / "report" / "plots" / "classification_accuracy.png").stat().st_size > 1000
     assert "](plots/classification_accuracy.png)" in text
     assert "paired gain" in text and "- Convergence: " in text and "Stale" not in text
+    assert "Not run: proxynca and normsoftmax. Under METHODS.md's reading HAL(tau) equals ProxyNCA" in text
     # only softmax and rbf ran (and seed 1 is not the preset's): the suite is marked unfinished
     assert "**In progress: 8 of 52 runs" in text and "(in progress) |" in text
 

@@ -226,6 +226,10 @@ def render_classification(results: Mapping[str, dict], plots: Plots) -> Section:
     same = [b for b in HAL_EQUIVALENT if b in stats]
     if same:
         parts.append(f"{', '.join(same)}: HAL itself under METHODS.md's reading (equal to 2e-15), shown, not compared.")
+    elif methods:
+        parts.append(f"Not run: {' and '.join(HAL_EQUIVALENT)}. Under METHODS.md's reading HAL(tau) equals ProxyNCA "
+                     "(softmax_scale = 1/tau) and NormSoftmax (temperature = tau/2) to 2e-15 (tests/test_hal.py), so "
+                     "they are HAL itself, not rivals; the budget goes to the losses the claims compare.")
     if methods:
         parts.append(_bar(plots, "classification_accuracy", "Test accuracy (mean ± std over seeds)", methods,
                           [stats[m] for m in methods], "test accuracy (%)"))
