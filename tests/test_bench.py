@@ -427,7 +427,7 @@ def _stored(specs, scores):
 
 
 def test_a_grid_whose_edge_is_chosen_is_extended_along_the_ladder():
-    from knnsolver.bench.suites import LADDERS, grid_extension
+    from knnsolver.bench.suites import LADDERS, choose, grid_extension
 
     grid = _grid_specs("hal", [("tau", v) for v in (0.05, 0.1, 0.2)])
     up = grid_extension(grid, _stored(grid, [0.80, 0.81, 0.83]))  # the upper edge wins: try 0.4 next
@@ -436,9 +436,14 @@ def test_a_grid_whose_edge_is_chosen_is_extended_along_the_ladder():
     down = grid_extension(grid, _stored(grid, [0.83, 0.81, 0.80]))
     assert down.params == {"tau": 0.025}
     assert grid_extension(grid, _stored(grid, [0.80, 0.83, 0.80])) is None  # interior: bracketed
-    # a tie between the first grid and an extension goes to the point tried first: no further step
+    # a best point at an edge is extended even when an earlier point ties with it (the final still takes the
+    # earlier one): a flat edge does not bracket the optimum
     wider = grid + [up]
-    assert grid_extension(wider, _stored(wider, [0.80, 0.81, 0.83, 0.83])) is None
+    assert grid_extension(wider, _stored(wider, [0.80, 0.81, 0.83, 0.83])).params == {"tau": 0.8}
+    assert choose(_stored(wider, [0.80, 0.81, 0.83, 0.83]))["params"] == {"tau": 0.2}
+    assert grid_extension(wider, _stored(wider, [0.80, 0.81, 0.83, 0.82])) is None
+    assert grid_extension(grid, _stored(grid, [0.83, 0.80, 0.83])).params == {"tau": 0.4}  # both edges tie: up first
+    assert grid_extension(grid, _stored(grid, [0.80, 0.83, 0.83])).params == {"tau": 0.4}  # npairs' tie in session 6
     # at the ladder's end there is nothing more to try
     top = _grid_specs("hal", [("tau", v) for v in LADDERS["hal"][-3:]])
     assert grid_extension(top, _stored(top, [0.1, 0.2, 0.3])) is None

@@ -566,12 +566,14 @@ def choose(grid: Sequence[dict]) -> dict:
 def grid_extension(grid: Sequence[RunSpec], stored: Sequence[Mapping[str, Any]]) -> RunSpec | None:
     """The grid run to add to ``grid`` (its specs so far, every one with its result in ``stored``), or ``None``.
 
-    When the chosen point is at an edge of the values tried, the next value
-    outward on the solver's ladder (:data:`LADDERS`) is run on the grid's seed;
-    ``None`` when the choice is interior, the ladder ends there, or the grid is
-    not a run of ladder values (the ablation's sigma sweep, a multi-key grid).
-    The new run's ``grid_index`` comes after every earlier point, so a tie goes
-    to a point tried before it.
+    When a point with the best validation score is at an edge of the values
+    tried (the chosen one, or one that ties with it: a tie at an edge does not
+    bracket the optimum), the next value outward on the solver's ladder
+    (:data:`LADDERS`) is run on the grid's seed, the upper edge first; ``None``
+    when no best point is at an edge, the ladder ends there, or the grid is not
+    a run of ladder values (the ablation's sigma sweep, a multi-key grid). The
+    new run's ``grid_index`` comes after every earlier point, so the final's
+    choice (:func:`choose`) still goes to a point tried before it on a tie.
     """
     if not grid:
         return None
@@ -587,10 +589,13 @@ def grid_extension(grid: Sequence[RunSpec], stored: Sequence[Mapping[str, Any]])
     positions = sorted({ladder.index(v) for v in tried})
     if positions != list(range(positions[0], positions[-1] + 1)):
         return None
-    at = ladder.index(choose(stored)["params"][key])
-    step = 1 if at == positions[-1] and at + 1 < len(ladder) else -1 if at == positions[0] and at > 0 else 0
+    top = max(r["best_val"] for r in stored)
+    best = {ladder.index(r["params"][key]) for r in stored if r["best_val"] == top}
+    low, high = positions[0], positions[-1]
+    step = 1 if high in best and high + 1 < len(ladder) else -1 if low in best and low > 0 else 0
     if step == 0 or len(positions) < 2:
         return None
+    at = high if step == 1 else low
     params = {key: ladder[at + step]}
     return replace(first, run_id=_run_id(first.method, first.condition, params_text(params), first.seed), params=params,
                    grid_index=max(spec.grid_index for spec in grid) + 1)
