@@ -339,6 +339,26 @@ def test_the_full_preset_runs_what_its_claims_need_with_5_seeds_and_bracketing_g
         assert len(values) == 3 and values[0] < values[1] < values[2], solver
 
 
+def test_every_scarcity_size_gets_the_step_budget_and_a_bank_refresh_every_100_steps(tmp_path):
+    """All 57,000 images once took 2 epochs (1,782 steps, not 2,400) with 891 steps between RBF refreshes."""
+    import math
+
+    full = get_preset("full")
+    specs = [s for s in build_specs(get_suite("scarcity"), full, tmp_path) if s.role == "final" and s.seed == 0]
+    assert {s.condition for s in specs} == {"n=10", "n=20", "n=50", "n=100", "n=500", "n=all"}
+    for spec in specs:
+        c = spec.config
+        rows = full.train_rows if c["max_per_class"] is None else c["max_per_class"] * full.num_classes
+        per_pass = math.ceil(rows / c["batch_size"])
+        per_epoch = c.get("epoch_steps") or per_pass
+        assert per_epoch <= 100 and per_epoch <= per_pass, spec.run_id
+        assert full.scarcity_steps <= c["epochs"] * per_epoch < full.scarcity_steps + per_epoch, spec.run_id
+        if spec.solver == "rbf":
+            assert c["solver_options"]["update_interval"] == 1
+    everything = next(s for s in specs if s.condition == "n=all")
+    assert (everything.config["epochs"], everything.config["epoch_steps"]) == (24, 100)
+
+
 def test_gpu_results_go_to_their_own_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for folder in ("results", "results-gpu"):

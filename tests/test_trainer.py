@@ -276,3 +276,47 @@ def test_saved_runs_keep_the_solver_options_they_were_trained_with(tmp_path):
     assert not run.solver.normalize
     run.solver.load_state_dict(best["solver"])
     assert run.solver.bank.filled
+
+
+def _sampling_run(balanced: bool, epoch_steps: int | None):
+    from types import SimpleNamespace
+
+    labels = torch.arange(100) % 4
+    config = TrainConfig(batch_size=8, samples_per_class=2, balanced=balanced, epoch_steps=epoch_steps, seed=3)
+    data = SimpleNamespace(train=list(range(100)), train_labels=labels, num_classes=4)
+    return SimpleNamespace(config=config, data=data, solver=SimpleNamespace(needs_balanced_sampler=False))
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_epoch_steps_cut_the_stream_of_passes_into_equal_epochs(balanced):
+    from knnsolver.training.trainer import _batches
+
+    passes = [_batches(_sampling_run(balanced, None), q) for q in range(4)]
+    per_pass = len(passes[0])
+    assert per_pass > 7 and all(len(p) == per_pass for p in passes)
+    stream = [b for p in passes for b in p]
+    run = _sampling_run(balanced, 7)
+    epochs = [_batches(run, e) for e in range(4 * per_pass // 7)]
+    assert all(len(e) == 7 for e in epochs)
+    assert [b for e in epochs for b in e] == stream[: 7 * len(epochs)]  # each row once per pass, in order
+    # an epoch of exactly one pass is the epoch without epoch_steps
+    whole = _sampling_run(balanced, per_pass)
+    assert [_batches(whole, q) for q in range(4)] == passes
+
+
+def test_epoch_steps_set_how_often_a_bank_refreshes_and_resume_exactly(tmp_path):
+    from helpers import train_interrupted
+
+    kw = dict(solver="rbf", solver_options={"k": 10, "update_interval": 1}, epochs=4, epoch_steps=5, lr_schedule="constant")
+    full = train(_cfg(tmp_path, out=str(tmp_path / "full"), **kw))
+    log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3, 4] and all(r.get("bank_refreshed") for r in log)
+    assert all(round(r["samples_per_s"] * r["seconds"]) == 5 * 64 for r in log)  # 5 batches of 64 per epoch
+    train_interrupted(_cfg(tmp_path, out=str(tmp_path / "part"), **kw), stop_after=2)
+    resumed = train(_cfg(tmp_path, out=str(tmp_path / "part"), **kw), resume=True)
+    assert results(resumed) == results(full)
+
+
+def test_epoch_steps_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match="epoch_steps must be >= 1.*or null for one pass over the training set"):
+        _cfg(tmp_path, epoch_steps=0).validate()

@@ -248,6 +248,28 @@ def _paired_gain(results: Mapping[str, dict], method: str, base: str, condition:
     return Stat(tuple(a[s] - b[s] for s in sorted(set(a) & set(b))))
 
 
+def _epochs_by_steps(result: Mapping[str, Any]) -> str:
+    """``"epochs x optimiser steps per epoch"`` of a training result (one pass unless ``epoch_steps``)."""
+    config, preset = result["config"], PRESETS.get(result.get("preset", ""))
+    steps = config.get("epoch_steps")
+    if steps is None and preset is not None:
+        cap = config.get("max_per_class")
+        steps = math.ceil((cap * preset.num_classes if cap else preset.train_rows) / config["batch_size"])
+    return f"{config['epochs']} x {steps}" if steps else f"{config['epochs']} x one pass"
+
+
+def _drift(finals: Sequence[Mapping[str, Any]]) -> str:
+    """Median over ``finals`` of each run's median own-centre distance over sigma in its second half."""
+    per_run = []
+    for r in finals:
+        rows = [h for h in r.get("history", []) if h.get("solver_median_own_centre_distance") is not None]
+        tail = [h["solver_median_own_centre_distance"] / h["solver_sigma"] for h in rows[len(rows) // 2:]
+                if h.get("solver_sigma")]
+        if tail:
+            per_run.append(statistics.median(tail))
+    return f"{statistics.median(per_run):.1f}" if per_run else "-"
+
+
 def render_scarcity(results: Mapping[str, dict], plots: Plots) -> Section:
     methods = [m for m in SCARCITY_SOLVERS if any(r["method"] == m for r in results.values())]
     sizes = sorted({r["condition"] for r in results.values()}, key=_size_key)
@@ -255,14 +277,21 @@ def render_scarcity(results: Mapping[str, dict], plots: Plots) -> Section:
                          key=lambda g: methods.index(g[0]) if g[0] in methods else 0)
     parts = ["### Hyperparameter grids (validation accuracy, first seed)", grid_table(results, grid_groups, "accuracy")]
     gainers = [m for m in methods if m != "softmax"] if "softmax" in methods else []
-    header = ["training images per class", "epochs", *[f"{m} test accuracy" for m in methods],
-              *[f"{m} - softmax" for m in gainers]]
+    stale = "rbf" in methods
+    header = ["training images per class", "epochs x steps", *[f"{m} test accuracy" for m in methods],
+              *[f"{m} - softmax" for m in gainers], *(["rbf centre drift (sigma)"] if stale else [])]
     stats = {(m, c): _stat(final_results(results, m, c), "test_accuracy") for m in methods for c in sizes}
     gains = {(m, c): _paired_gain(results, m, "softmax", c) for m in gainers for c in sizes}
-    epochs = {r["condition"]: r["config"]["epochs"] for r in results.values()}
-    rows = [[c.split("=", 1)[1], epochs[c], *[stats[m, c].pct() for m in methods], *[gains[m, c].pct() for m in gainers]]
+    budget = {r["condition"]: _epochs_by_steps(r) for r in results.values() if "config" in r}
+    rows = [[c.split("=", 1)[1], budget.get(c, "-"), *[stats[m, c].pct() for m in methods],
+             *[gains[m, c].pct() for m in gainers], *([_drift(final_results(results, "rbf", c))] if stale else [])]
             for c in sizes]
     parts += ["### Test accuracy (%) and gain over softmax (percentage points, paired by seed)", table(header, rows)]
+    if stale:
+        parts.append("Centre drift: how far a training query lies from its own stored RBF centre, in sigmas (the "
+                     "median over each final's second half, then over seeds). The bank is refreshed every epoch; "
+                     "drift grows with the optimiser steps between refreshes, and at 3 sigma or more the RBF values "
+                     "of a query's neighbours are near 0 (the solver warns).")
     if methods and sizes:
         fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
         xs = range(len(sizes))

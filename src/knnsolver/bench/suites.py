@@ -103,6 +103,10 @@ class Preset:
     scarcity_steps: int  # optimiser steps per run (epochs = steps / batches per epoch)
     scarcity_min_epochs: int
     scarcity_evals: int  # validation passes per run
+    # Most optimiser steps per epoch (TrainConfig.epoch_steps): RBF's bank refreshes, and validation comes, at
+    # least this often at every size (one pass of all 57,000 images is 891 steps: centres went 6 sigma stale)
+    scarcity_epoch_steps: int
+    train_rows: int  # training rows with no per-class cap (the standard split), for the budgets of "all"
     embedding_dims: tuple[int, ...]
     ablation: Mapping[str, Any]  # overrides of ``standard`` for the RBF ablation
     ablation_k: tuple[int, ...]
@@ -169,6 +173,8 @@ PRESETS: dict[str, Preset] = {
         scarcity_steps=2400,
         scarcity_min_epochs=2,
         scarcity_evals=10,
+        scarcity_epoch_steps=100,
+        train_rows=57_000,
         embedding_dims=(16, 32, 64, 128),
         ablation=dict(epochs=50, eval_every=1),  # at 25 epochs validation still rose; at 50, 3 of 12 finals peaked late
         ablation_k=(10, 50, 100, 200),
@@ -188,7 +194,10 @@ PRESETS: dict[str, Preset] = {
                               "thread, plus a training per grid extension and 4 more finals per changed choice, run "
                               "by 2 workers side by side (benchmarks/run_suites.sh)",
             "scarcity": "about 2,400 optimiser steps per run, as the ablation (epochs = 2,400 / batches "
-                        "per epoch, at least 2), 10 validation passes, the best kept (early stopping); at 600 steps "
+                        "per epoch, at least 2; an epoch is at most 100 steps, so RBF's bank refreshes at least "
+                        "every 100 steps at every size: all 57,000 images are 891 steps a pass, after which its "
+                        "centres lay 6 sigma from their queries), 10 validation passes, the best kept (early "
+                        "stopping); at 600 steps "
                         "34 of 60 finals peaked in the last 20%, those of 500 per class still 1-4 points up over the "
                         "second half; grids at 100 per class; softmax and rbf x 6 sizes x 5 seeds",
             "unseen-classes": "90 epochs of 1,200 images of classes 0-3 (about 1,700 optimiser steps: at 30 "
@@ -224,6 +233,8 @@ PRESETS: dict[str, Preset] = {
         scarcity_steps=3000,
         scarcity_min_epochs=5,
         scarcity_evals=15,
+        scarcity_epoch_steps=200,
+        train_rows=57_000,
         embedding_dims=(16, 32, 64, 128),
         ablation=dict(epochs=30),
         ablation_k=(10, 50, 100, 200),
@@ -252,6 +263,8 @@ PRESETS: dict[str, Preset] = {
         scarcity_steps=4,
         scarcity_min_epochs=1,
         scarcity_evals=1,
+        scarcity_epoch_steps=20,
+        train_rows=1_294,
         embedding_dims=(8, 16),
         ablation=dict(epochs=2),
         ablation_k=(10, 20),
@@ -391,12 +404,15 @@ def build_classification(preset: Preset, out: Path, solvers: tuple[str, ...], se
     return specs
 
 
-def scarcity_epochs(preset: Preset, per_class: int | None) -> int:
-    """Epochs giving about ``scarcity_steps`` optimiser steps with ``per_class`` images per class."""
-    if per_class is None:
-        return preset.scarcity_min_epochs
-    batches = math.ceil(per_class * preset.num_classes / preset.standard["batch_size"])
-    return max(preset.scarcity_min_epochs, math.ceil(preset.scarcity_steps / batches))
+def scarcity_epochs(preset: Preset, per_class: int | None) -> tuple[int, int | None]:
+    """``(epochs, epoch_steps)`` giving at least ``scarcity_steps`` optimiser steps with ``per_class`` images per
+    class (``None``: all ``train_rows``); an epoch is one pass, or ``scarcity_epoch_steps`` steps where a pass is
+    longer (``epoch_steps``; ``None`` when a pass is short enough)."""
+    rows = preset.train_rows if per_class is None else per_class * preset.num_classes
+    batches = math.ceil(rows / preset.standard["batch_size"])
+    epoch_steps = preset.scarcity_epoch_steps if batches > preset.scarcity_epoch_steps else None
+    epochs = math.ceil(preset.scarcity_steps / (epoch_steps or batches))
+    return max(preset.scarcity_min_epochs, epochs), epoch_steps
 
 
 def size_text(per_class: int | None) -> str:
@@ -410,9 +426,11 @@ def build_scarcity(preset: Preset, out: Path, solvers: tuple[str, ...], seeds: t
     ordered = [n for n in sizes if size_text(n) == reference] + [n for n in sizes if size_text(n) != reference]
     for solver in _select(solvers, SCARCITY_SOLVERS):
         for per_class in ordered:
-            epochs = scarcity_epochs(preset, per_class)
+            epochs, epoch_steps = scarcity_epochs(preset, per_class)
             extra: dict[str, Any] = dict(max_per_class=per_class, epochs=epochs,
                                          eval_every=max(1, epochs // preset.scarcity_evals))
+            if epoch_steps is not None:
+                extra["epoch_steps"] = epoch_steps
             if solver == "rbf" and per_class is not None:  # k must stay below the bank size
                 extra["k"] = min(FIXED["rbf"]["k"], per_class * preset.num_classes - 1)
             cond = size_text(per_class)

@@ -25,6 +25,7 @@ _CHOICES = {"optimizer": OPTIMIZERS, "split": SPLITS, "lr_schedule": LR_SCHEDULE
 _AT_LEAST_ONE = Interval(1)
 # Valid ranges of the numeric settings (the seed's bound keeps every per-epoch seed within 64 bits).
 _RANGES = {
+    "epoch_steps": Interval(1, hint=" (or null for one pass over the training set)"),
     **{name: _AT_LEAST_ONE for name in ("epochs", "batch_size", "embedding_dim", "width", "eval_every",
                                         "eval_batch_size", "lr_step_epochs", "image_size", "resize_size")},
     "max_per_class": Interval(1, hint=" (or null for no cap)"),
@@ -86,7 +87,8 @@ class TrainConfig:
         solver: the loss and classifier on top of the network (``knnsolver solvers`` lists them).
         out: the run folder: config, log, checkpoints, summary and plots.
         split: ``standard`` classifies the dataset's own classes, ``disjoint`` scores retrieval on unseen classes.
-        epochs: passes over the training set.
+        epochs: passes over the training set (or epochs of ``epoch_steps`` steps).
+        epoch_steps: optimiser steps per epoch; none = one pass over the training set. Epochs then cut a seeded stream of passes into equal parts (each row still seen once per pass), so bank refreshes, validation and checkpoints come every this many steps whatever the training-set size.
         batch_size: training rows per step (per process under torchrun).
         optimizer: the optimiser of the network and the solver.
         lr: learning rate (of the embedding layer and solver when ``backbone_lr`` is set).
@@ -135,6 +137,7 @@ class TrainConfig:
     out: str = "runs/default"
     split: str = "standard"
     epochs: int = 10
+    epoch_steps: int | None = None
     batch_size: int = 64
     optimizer: str = "adam"
     lr: float = 1e-3

@@ -58,7 +58,7 @@ import warnings
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -308,24 +308,50 @@ def samples_per_class(batch_size: int, num_classes: int, requested: int = 0) -> 
     )
 
 
-def _batches(run: Run, epoch: int) -> Iterator[list[int]]:
-    """Row-index batches for one epoch (all processes together): class-balanced where needed, else a seeded shuffle."""
+def _batches(run: Run, epoch: int) -> list[list[int]]:
+    """Row-index batches for one epoch (all processes together).
+
+    Without ``epoch_steps`` an epoch is one pass (:func:`_pass`). With it, the
+    passes form one stream (pass ``q`` is seeded by ``q``, as epoch ``q`` is
+    without it) cut into epochs of ``epoch_steps`` batches: epoch ``e`` is
+    batches ``e * epoch_steps`` up to ``(e + 1) * epoch_steps`` of the stream, a
+    pure function of ``e``, so a resumed run draws what the straight run did.
+    """
+    steps = run.config.epoch_steps
+    if steps is None:
+        return _pass(run, epoch)
+    first = _pass(run, 0)
+    per_pass = len(first)
+    if per_pass == 0:
+        return first
+    start = epoch * steps
+    q, offset = divmod(start, per_pass)
+    out: list[list[int]] = []
+    while len(out) < steps:
+        batches = first if q == 0 else _pass(run, q)
+        out += batches[offset : offset + steps - len(out)]
+        q, offset = q + 1, 0
+    return out
+
+
+def _pass(run: Run, q: int) -> list[list[int]]:
+    """Row-index batches of pass ``q`` over the training set: class-balanced where needed, else a seeded shuffle."""
     cfg = run.config
     balanced = run.solver.needs_balanced_sampler if cfg.balanced is None else cfg.balanced
     if balanced:
         m = samples_per_class(cfg.batch_size, run.data.num_classes, cfg.samples_per_class)
         sampler = ClassBalancedBatchSampler(run.data.train_labels, cfg.batch_size, m, seed=cfg.seed)
-        sampler.set_epoch(epoch)
-        return iter(sampler)
+        sampler.set_epoch(q)
+        return list(sampler)
     n = len(run.data.train)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, epoch))).tolist()
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, q))).tolist()
     # A last batch of one sample would break BatchNorm in training mode: fold it away.
-    return iter(BatchSampler(order, cfg.batch_size, drop_last=n % cfg.batch_size == 1))
+    return list(BatchSampler(order, cfg.batch_size, drop_last=n % cfg.batch_size == 1))
 
 
 def _process_batches(run: Run, epoch: int) -> list[list[int]]:
     """This process's share of the epoch's batches: every ``world_size``-th, from its rank."""
-    batches = list(_batches(run, epoch))
+    batches = _batches(run, epoch)
     size = distributed.world_size()
     if size == 1:
         return batches
