@@ -632,7 +632,8 @@ def test_lifted_structure_batches_too_large_for_memory_are_skipped():
 
 def test_a_changed_setting_of_the_same_preset_runs_again_and_the_report_says_so(finished, tmp_path, monkeypatch):
     """A budget change that cannot continue a run (here the evaluation interval) redoes the stored runs of that
-    preset instead of refusing them, and until then the report marks the suite in progress."""
+    preset instead of refusing them; until then the report leaves the old results out of every table and
+    verdict (a re-run half done once paired new rbf seeds with old softmax ones)."""
     import dataclasses
 
     from knnsolver.bench import suites
@@ -641,8 +642,14 @@ def test_a_changed_setting_of_the_same_preset_runs_again_and_the_report_says_so(
     shutil.copytree(finished, out)
     tiny = suites.PRESETS["tiny"]
     monkeypatch.setitem(suites.PRESETS, "tiny", dataclasses.replace(tiny, standard=dict(tiny.standard, eval_every=2)))
-    assert "**In progress: 0 of " in write_report(out, tmp_path / "B.md", tmp_path / "plots").read_text()
+    text = write_report(out, tmp_path / "B.md", tmp_path / "plots").read_text()
+    assert "Not run yet under the current budgets: `knnsolver bench classification" in text
+    assert "(10 results of earlier budgets are left out)" in text and "**RBF beats softmax.**" not in text
     started = _count_training(monkeypatch)
+    assert _bench(out, solvers="softmax") == 0
+    text = write_report(out, tmp_path / "B.md", tmp_path / "plots").read_text()
+    assert "(5 results of earlier budgets are left out of every table and verdict)" in text
+    assert "**RBF beats softmax.** NOT DECIDED" in text and "| rbf |" not in text
     assert _bench(out) == 0
     assert len(started) == len(list((finished / "classification").glob("*.json"))) - 2  # finals s0 copy their grid
     assert all(not resumed for _, resumed in started)

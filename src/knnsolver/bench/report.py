@@ -38,7 +38,13 @@ from knnsolver.bench.claims import (  # noqa: E402
     validation_curve,
     regime_of,
 )
-from knnsolver.bench.runner import TRAINING_VERSION, load_results, outdated, pending_extensions  # noqa: E402
+from knnsolver.bench.runner import (  # noqa: E402
+    TRAINING_VERSION,
+    load_results,
+    outdated,
+    pending_extensions,
+    stale_extensions,
+)
 from knnsolver.bench.suites import (  # noqa: E402
     PAIRWISE_KNN_LOSSES,
     PRESETS,
@@ -610,19 +616,33 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
             summary += [[suite.name, c.text, "-", c.paper_regime, "not run"] for c in claims]
             sections.append("\n\n".join(head))
             continue
+        planned = build_specs(suite, preset, results_dir) if preset.name in recorded else []
+        # Results an earlier budget made are left out of every table and verdict until they are run again.
+        # judged with every seed stored (a call with --seeds may have run more than the preset's)
+        seeds = sorted(set(preset.seeds) | {r["seed"] for r in results.values() if r.get("preset") == preset.name})
+        judged = build_specs(suite, preset, results_dir, seeds=seeds) if planned else []
+        earlier = {s.run_id for s in judged
+                   if s.run_id in results and outdated(s, results[s.run_id], results, preset.name) is not None}
+        earlier |= set(stale_extensions(judged, results, preset.name)) if judged else set()
+        results = {k: r for k, r in results.items() if k not in earlier}
+        if not results:
+            head.append(f"Not run yet under the current budgets: `knnsolver bench {suite.name} --preset {preset.name} "
+                        f"--out {results_dir}` ({len(earlier)} results of earlier budgets are left out).")
+            summary += [[suite.name, c.text, "-", c.paper_regime, "not run"] for c in claims]
+            sections.append("\n\n".join(head))
+            continue
         section = RENDERERS[suite.name](results, plots)
         verdicts = {c: c.evaluate(results) for c in claims}
         regime = regime_of(results)
-        planned = build_specs(suite, preset, results_dir) if preset.name in recorded else []
-        missing = sum(spec.run_id not in results or outdated(spec, results[spec.run_id], results, preset.name) is not None
-                      for spec in planned)
+        missing = sum(spec.run_id not in results for spec in planned)
         due = pending_extensions(planned, results, preset.name) if planned and preset.extend_grids else 0
         unfinished = bool(missing or due)
         if unfinished:
             extend = f", and {due} grid(s) chose an edge and are still to be extended" if due else ""
+            left = f" ({len(earlier)} results of earlier budgets are left out of every table and verdict)" if earlier else ""
             head.append(f"**In progress: {len(planned) - missing} of {len(planned)} runs of the `{preset.name}` preset "
-                        f"are done under its current budgets{extend}; the verdicts below may change when the suite "
-                        "completes.**")
+                        f"are done under its current budgets{extend}{left}; the verdicts below may change when the "
+                        "suite completes.**")
         stale = sum(1 for r in results.values() if r.get("training", 1) < TRAINING_VERSION)
         if stale:
             head.append(f"**Stale: {stale} of {len(results)} results were produced before the training fixes of "

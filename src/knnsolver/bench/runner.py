@@ -299,27 +299,32 @@ def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dic
     return None
 
 
-def set_aside_stale(folder: Path, every: Sequence[RunSpec], results: dict[str, dict], preset: str) -> list[str]:
-    """Move out of ``folder`` (into ``folder/stale``) the grid results of ``preset`` that today's suite would not
-    make: points beyond a grid edge (extensions) run under settings that have changed since. Left in place, a
-    finals' choice would count their scores, measured under the old settings (another validation set).
-
-    Only the grids of ``every`` are looked at (a call with fewer solvers leaves the others alone), and not
-    their own points, which the runner runs again before any final chooses. Returns the run ids moved.
-    """
+def stale_extensions(every: Sequence[RunSpec], results: Mapping[str, dict], preset: str) -> list[str]:
+    """The grid results of ``preset`` beyond the grids of ``every`` (extensions) that today's suite would not make:
+    run under settings that have changed since. Only the grids of ``every`` are looked at (a call with fewer
+    solvers leaves the others alone), and not their own points (:func:`outdated` judges those)."""
     ids = {s.run_id for s in every}
-    moved = []
+    stale = []
     for (method, condition), grid in grids_of(every).items():
         for r in grid_results(results, method, condition):
             if r.get("preset") != preset or r["run_id"] in ids or r.get("kind") != "train":
                 continue
             expected = replace(grid[0], params=dict(r["params"]), seed=r["seed"]).train_config(r["config"]["out"])
             if comparable(expected.to_dict()) != comparable(r["config"]):
-                (folder / "stale").mkdir(exist_ok=True)
-                with contextlib.suppress(FileNotFoundError):  # another worker moved it first
-                    os.replace(folder / f"{r['run_id']}.json", folder / "stale" / f"{r['run_id']}.json")
-                del results[r["run_id"]]
-                moved.append(r["run_id"])
+                stale.append(r["run_id"])
+    return stale
+
+
+def set_aside_stale(folder: Path, every: Sequence[RunSpec], results: dict[str, dict], preset: str) -> list[str]:
+    """Move the :func:`stale_extensions` out of ``folder`` (into ``folder/stale``): left in place, a finals'
+    choice would count their scores, measured under the old settings (another validation set). The runner
+    runs the grids' own points again before any final chooses. Returns the run ids moved."""
+    moved = stale_extensions(every, results, preset)
+    for run_id in moved:
+        (folder / "stale").mkdir(exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):  # another worker moved it first
+            os.replace(folder / f"{run_id}.json", folder / "stale" / f"{run_id}.json")
+        del results[run_id]
     return moved
 
 
