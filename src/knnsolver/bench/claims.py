@@ -31,7 +31,7 @@ HAL_MARGIN = 0.01  # "more than 1% higher kNN accuracy"
 HAL_COST_LIMIT = 0.10  # "under 10% of their computational cost"
 HAL_EQUIVALENT = ("proxynca", "normsoftmax")  # HAL itself under METHODS.md's reading
 TARGET_FRACTION = 0.95  # time-to-target: this fraction of the weaker method's converged (best) validation score
-SPEEDUP_CLAIMED, SPEEDUP_TOLERANCE = 5.0, 0.8  # "about 5x": every seed at least 4x
+SPEEDUP_CLAIMED, SPEEDUP_TOLERANCE = 5.0, 0.8  # "about 5x": a geometric-mean speed-up above 4x
 # The speed-up is resolved only when the faster method needs at least this many evaluations to reach the target.
 MIN_TARGET_EVALS = 3
 RETRIEVAL_NAMES = {"precision_at_1": "P@1", "recall_at_1": "R@1", "recall_at_2": "R@2", "recall_at_4": "R@4",
@@ -171,10 +171,29 @@ def _scarcity_trend(results: Results) -> Verdict | None:
     if not per_seed:
         return None
     trend = slope_test(per_seed)
-    gains = ", ".join(f"{c.split('=', 1)[1]}: {compare(final_results(results, 'rbf', c), final_results(results, 'softmax', c), 'test_accuracy', names=('rbf', 'softmax')).text()}"
+    status, notes = trend.verdict, []
+    if len(finite) >= 3:  # the slope with each size left out: a verdict one size decides is not a trend
+        left_out = {c: slope_test({seed: {k: v for k, v in by_size.items() if k != size_value(c)}
+                                   for seed, by_size in per_seed.items()}) for c in finite}
+        notes.append("leaving one size out: " + ", ".join(
+            f"without {c.split('=', 1)[1]} {100 * t.slope:+.2f} [{100 * t.low:+.2f}, {100 * t.high:+.2f}] ({t.verdict})"
+            for c, t in left_out.items()))
+        decided_by = [c.split("=", 1)[1] for c, t in left_out.items() if t.verdict != trend.verdict]
+        if status != OPEN and decided_by:
+            status = OPEN
+            notes.append(f"{trend.verdict} by the interval, but not without {' or '.join(decided_by)} images per "
+                         "class: inconclusive")
+    up = [f"{m} at {c.split('=', 1)[1]}" for c in finite for m in ("rbf", "softmax")
+          if rising(final_results(results, m, c))]
+    if status != OPEN and up:
+        status = OPEN
+        notes.append(f"{trend.verdict} by the interval, but {', '.join(up)} was still rising at the end of its "
+                     "budget: inconclusive")
+    gains = "; ".join(f"{c.split('=', 1)[1]}: {compare(final_results(results, 'rbf', c), final_results(results, 'softmax', c), 'test_accuracy', names=('rbf', 'softmax')).text()}"
                       for c in sizes)
-    return Verdict(trend.verdict, f"{trend.text()} (the claim needs a negative slope: a larger gain with fewer images; "
-                                  f"sizes with a cap only); paired RBF gain over softmax by size: {gains}.")
+    return Verdict(status, f"{trend.text()} (the claim needs a negative slope: a larger gain with fewer images; "
+                           f"sizes with a cap only); {'; '.join(notes) + '; ' if notes else ''}paired RBF gain over "
+                           f"softmax by size: {gains}.")
 
 
 def _rbf_beats_pair_losses(results: Results) -> Verdict | None:
@@ -245,23 +264,32 @@ def _hal_cost(results: Results) -> Verdict | None:
     return Verdict(combine(list(statuses.values())), numbers)
 
 
+def epoch_steps(run: Mapping[str, Any], row: Mapping[str, Any]) -> int:
+    """Optimiser steps of one logged epoch: its rows over the batch size, a partial last batch counted."""
+    rows = row["seconds"] * row["samples_per_s"]
+    return math.ceil(rows / run["config"]["batch_size"] - 1e-6)
+
+
 def steps_to_target(run: Mapping[str, Any], target: float) -> float:
     """Optimiser steps until the run's validation score (``val_key``: MAP@R on this split) first reaches
     ``target`` (evaluated after every epoch)."""
-    steps = 0.0
+    steps = 0
     for row in run["history"]:
-        steps += row["seconds"] * row["samples_per_s"] / run["config"]["batch_size"]
+        steps += epoch_steps(run, row)
         if row.get(run["val_key"], -math.inf) >= target:
-            return round(steps)
+            return steps
     return math.inf
 
 
 def target_level(results: Results) -> float | None:
-    """The time-to-target level: ``TARGET_FRACTION`` of the weaker method's mean best validation score."""
+    """The time-to-target level: ``TARGET_FRACTION`` of the weaker method's converged plateau, taken as the
+    lowest best validation score among its seeds, so every run of either method can reach it (at 95% of the
+    weaker method's mean best, a seed of it that peaked lower never did, and its ratio was infinite)."""
     finals = {m: usable(final_results(results, m, "target"))[0] for m in TARGET_SOLVERS}
     if not all(finals.values()):
         return None
-    return TARGET_FRACTION * min(statistics.fmean(r["best_val"] for r in runs) for runs in finals.values())
+    weaker = min(finals.values(), key=lambda runs: statistics.fmean(r["best_val"] for r in runs))
+    return TARGET_FRACTION * min(r["best_val"] for r in weaker)
 
 
 def _centralized_speedup(results: Results) -> Verdict | None:
@@ -276,15 +304,21 @@ def _centralized_speedup(results: Results) -> Verdict | None:
     evals = [next((i for i, row in enumerate(finals[m][s]["history"], 1) if row.get(finals[m][s]["val_key"], -1) >= target),
                   math.inf) for m in TARGET_SOLVERS for s in seeds]
     resolved = bool(evals) and min(evals) >= MIN_TARGET_EVALS
-    status = OPEN if len(ratios) < 2 or not resolved else HOLDS if all(r >= bound for r in ratios) else (
-        FAILS if all(r < bound for r in ratios) else OPEN)
+    finite = all(math.isfinite(r) and r > 0 for r in ratios)
+    # The speed-up is a ratio: its geometric mean gets the paired t-interval on log(ratio), against log(bound).
+    test = paired_test([math.log(r) for r in ratios], math.log(bound)) if finite else None
+    status = test.verdict if test is not None and resolved else OPEN
     note = "" if resolved else (
         f"; not resolved: a method reached the target within {min(evals)} evaluation(s), so the evaluation "
         f"granularity cannot tell a {SPEEDUP_CLAIMED:g}x speed-up from a smaller one")
+    if not finite:
+        note += "; a run never reached the target: no interval"
     per_seed = ", ".join(f"{steps['triplet'][s]:g}/{steps['centralized'][s]:g}" for s in seeds)
+    interval = (f"; geometric mean {math.exp(test.mean):.2f}x [{math.exp(test.low):.2f}x, {math.exp(test.high):.2f}x] "
+                f"(t-interval of the mean log ratio, n={test.n})" if test is not None and test.n >= 2 else "")
     return Verdict(status, f"optimiser steps to {100 * target:.2f}% validation MAP@R, triplet/centralized per seed: "
-                           f"{per_seed}; ratios {', '.join(f'{r:.2f}x' for r in ratios)} (holds when every seed is at "
-                           f"least {bound:g}x){note}.")
+                           f"{per_seed}; ratios {', '.join(f'{r:.2f}x' for r in ratios)}{interval} (holds when the "
+                           f"interval lies above {bound:g}x){note}.")
 
 
 _RBF_PAPER = "Meyer, Harwood & Drummond (ICIP 2018): ImageNet-pretrained VGG-16 fine-tuned at lr 1e-5"
@@ -314,8 +348,9 @@ CLAIMS: tuple[Claim, ...] = (
           "Ye et al. (Applied Intelligence 2023): cost relative to batch kNN losses, setting not stated in the "
           "abstract", _hal_cost),
     Claim("cost", "The centralized ranking loss trains about 5x faster than triplet.",
-          "optimiser steps to reach 95% of the weaker method's best validation MAP@R, triplet over centralized per "
-          "seed; holds when every seed is at least 4x",
+          "optimiser steps to reach 95% of the weaker method's plateau (its lowest best validation MAP@R over "
+          "seeds), triplet over centralized per seed; holds when the 95% t-interval of the mean log ratio lies "
+          "above log 4 (about 5x), does not hold when it lies below",
           "Zheng, Ji et al. (AAAI 2019): Cars196, CUB-200 and SOP with an ImageNet-pretrained network",
           _centralized_speedup),
 )

@@ -208,7 +208,7 @@ PRESETS: dict[str, Preset] = {
             "cost": "loss steps on random embeddings at batch 256, 1,024, 4,096 and 10, 100, 1,000 classes (50 "
                     "repeats); 2 epochs per solver for the epoch time (timings alone on the machine, after the "
                     "workers); time to target: 90 epochs on the unseen-class split x 2 solvers, evaluated every "
-                    "epoch (24 optimiser steps)",
+                    "epoch (about 19 optimiser steps: 1,200 images in batches of 64)",
             "ablation": "50 epochs of 3,000 images, validated every epoch (at 25, validation still rose), a "
                         "5-point sigma grid then 10 RBF variants x 5 seeds, run by 2 workers",
         },
