@@ -56,6 +56,22 @@ def test_hal_needs_more_than_one_point_over_every_pairwise_loss(gain, status):
     assert "not compared, being HAL itself" in verdict.numbers and verdict.numbers.count("against ") == 5
 
 
+def test_a_claim_of_several_comparisons_widens_each_interval_bonferroni():
+    """A gain that clears the 1-point margin at 95% but not at 99% does not make HAL's five-loss claim hold."""
+    from knnsolver.bench.stats import family_level
+
+    assert family_level(5) == pytest.approx(0.99) and family_level(1) == pytest.approx(0.95)
+    gains = [0.0175 + d for d in (-0.006, -0.003, 0.0, 0.003, 0.006)]
+    rows = []
+    for loss in ("nca", "triplet", "lifted", "npairs", "multisimilarity"):
+        rows += [r for r in _pair("hal", loss, gains) if r["method"] == loss]
+    rows += [r for r in _pair("hal", "nca", gains) if r["method"] == "hal"]
+    verdict = _claim("HAL beats").evaluate(_results(rows))
+    assert verdict.status == OPEN and "each interval at 99.0% (Bonferroni over 5 comparisons)" in verdict.numbers
+    single = _claim("RBF beats softmax").evaluate(_results(_pair("rbf", "softmax", gains)))
+    assert single.status == HOLDS  # one comparison: the 95% interval
+
+
 @pytest.mark.parametrize("slope_sign, status", [(-1, HOLDS), (1, FAILS), (0, OPEN)])
 def test_scarcity_trend_is_the_slope_of_the_gain_against_log_size(slope_sign, status):
     import math

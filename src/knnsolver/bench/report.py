@@ -63,7 +63,7 @@ from knnsolver.bench.suites import (  # noqa: E402
     grid_results,
     params_text,
 )
-from knnsolver.bench.stats import FAILS, HOLDS, OPEN, at_grid_edge, convergence, usable  # noqa: E402
+from knnsolver.bench.stats import FAILS, HOLDS, OPEN, Convergence, at_grid_edge, convergence, usable  # noqa: E402
 from knnsolver.registry import SOLVERS  # noqa: E402
 SUITE_BUDGET_MINUTES = 120
 RETRIEVAL_KEYS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r",
@@ -512,6 +512,23 @@ RENDERERS: dict[str, Callable[[Mapping[str, dict], Plots], Section]] = {
 # ---- the document -----------------------------------------------------------------------------
 
 
+MIN_EVALS = 5  # a final validated fewer times is left out of the convergence check
+
+
+def _convergence(results: Mapping[str, dict]) -> tuple[Convergence | None, int]:
+    """The convergence check over the usable training finals validated at least :data:`MIN_EVALS` times, and
+    how many finals were validated fewer times (``None`` when no final is judged)."""
+    finals = usable(r for r in results.values()
+                    if r.get("role") == "final" and "history" in r and r.get("kind") == "train")[0]
+    curves = {r["run_id"]: validation_curve(r) for r in finals}
+    judged = [r for r in finals if sum(not math.isnan(v) for v in curves[r["run_id"]]) >= MIN_EVALS]
+    if not judged:
+        return None, len(finals)
+    check = convergence([(r["summary"]["best_epoch"], r["config"]["epochs"]) for r in judged],
+                        [curves[r["run_id"]] for r in judged], [r["method"] for r in judged])
+    return check, len(finals) - len(judged)
+
+
 def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
     """Preset, budget, settings, measured time, commands and provenance of a suite's results."""
     lines = []
@@ -529,13 +546,11 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
         varied = sorted(k for k in CONFIG_KEYS if k not in shared)
         text = ", ".join(f"{k}={v}" for k, v in shared.items())
         lines.append(f"- `{split}` split runs: {text}" + (f"; varied within the suite: {', '.join(varied)}" if varied else "") + ".")
-    finals = [r for r in results.values() if r.get("role") == "final" and "history" in r and r.get("kind") == "train"]
-    if finals:
-        good = usable(finals)[0]
-        lines.append("- Convergence: " + convergence(
-            [(r["summary"]["best_epoch"], r["config"]["epochs"]) for r in good],
-            [validation_curve(r) for r in good],
-            [r["method"] for r in good]).text() + ".")
+    check, short = _convergence(results)
+    if check is not None:
+        few = (f" ({short} runs validated fewer than {MIN_EVALS} times are not judged: a late peak means nothing "
+               "there)") if short else ""
+        lines.append("- Convergence: " + check.text() + few + ".")
     failed = usable([r for r in results.values() if "summary" in r])[1]
     if failed:
         lines.append(f"- Failed (diverged) runs, left out of every number: {', '.join(r['run_id'] for r in failed)}.")
@@ -653,7 +668,10 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         head += ["### Setup", f"- Regime tested: {regime}.\n" + _setup(suite, results)]
         if claims:
             head += ["### Claims", "\n".join(_claim_line(c, v) for c, v in verdicts.items())]
+        check = _convergence(results)[0]
         note = " (stale results)" if stale else " (in progress)" if unfinished else ""
+        if check is not None and not check.ok:
+            note += " (convergence check fails: budgets short)"
         summary += [[suite.name, c.text, regime, c.paper_regime, (v.status if v else "too few results") + note]
                     for c, v in verdicts.items()]
         sections.append("\n\n".join([*head, section.body]))

@@ -5,8 +5,11 @@ Protocol (issue 11; Musgrave et al. 2020 for the fair-comparison rules):
 * Two methods are compared through their **paired differences**: for every seed
   both ran, ``a[seed] - b[seed]`` (same data subset, same initialisation seed).
 * The mean difference gets a 95% **t-interval** (the paired t-test's) and,
-  alongside, a seeded **bootstrap** percentile interval; the effect size is
-  Cohen's ``d_z = mean / sd`` of the differences.
+  alongside, a seeded **bootstrap** percentile interval (shown, never used for
+  a verdict: with 5 seeds it is too narrow); the effect size is Cohen's
+  ``d_z = mean / sd`` of the differences.
+* A claim decided by several comparisons together (HAL against five losses)
+  widens each interval to ``1 - 0.05 / m`` (Bonferroni, :func:`family_level`).
 * A claim "A beats B by more than ``threshold``" **holds** when the whole
   interval lies above the threshold, **does not hold** when it lies below it,
   and is **inconclusive** when the interval contains it (or fewer than 2 pairs
@@ -35,7 +38,7 @@ PLATEAU_POINTS = 0.003  # a late best less than this above the earlier best coun
 
 __all__ = [
     "FAILS", "HOLDS", "OPEN", "Convergence", "PairedTest", "SlopeTest", "at_grid_edge", "bootstrap_interval",
-    "convergence", "paired_differences", "paired_test", "slope_test", "still_rising", "usable", "verdict",
+    "convergence", "family_level", "paired_differences", "paired_test", "slope_test", "still_rising", "usable", "verdict",
 ]
 
 
@@ -87,6 +90,7 @@ class PairedTest:
     threshold: float
     verdict: str
     note: str = ""  # why a verdict the interval alone would give was withheld
+    level: float = LEVEL  # of the t-interval (and the bootstrap's): above 95% under a Bonferroni correction
 
     def text(self, scale: float = 100.0, unit: str = " pts") -> str:
         """``+1.23 pts [+0.40, +2.06] (paired t-test: p=0.012, d_z=2.10; bootstrap [...]; n=5)``, values times
@@ -96,9 +100,10 @@ class PairedTest:
         if self.n < 2:
             return f"{scale * self.mean:+.2f}{unit} (n=1: no interval)"
         margin = f" of the difference from the {scale * self.threshold:+g}{unit} margin" if self.threshold else ""
+        level = f" {self.level:.1%}" if self.level != LEVEL else ""
         return (f"{scale * self.mean:+.2f}{unit} [{scale * self.low:+.2f}, {scale * self.high:+.2f}] "
-                f"(paired t-test{margin}: p={self.p_value:.3g}, d_z={self.effect_size:.2f}; bootstrap "
-                f"[{scale * self.boot_low:+.2f}, {scale * self.boot_high:+.2f}]; n={self.n})"
+                f"(paired t-test{margin}{level}: p={self.p_value:.3g}, d_z={self.effect_size:.2f}; bootstrap "
+                f"[{scale * self.boot_low:+.2f}, {scale * self.boot_high:+.2f}], too narrow at n={self.n} to decide)"
                 + (f"; {self.note}" if self.note else ""))
 
 
@@ -119,7 +124,13 @@ def paired_test(differences: Sequence[float], threshold: float = 0.0, level: flo
             p_value = 0.0 if mean != threshold else 1.0
             effect = math.copysign(math.inf, mean - threshold) if mean != threshold else 0.0
     return PairedTest(len(diffs), mean, low, high, boot_low, boot_high, p_value, effect, threshold,
-                      verdict(low, high, threshold, len(diffs)))
+                      verdict(low, high, threshold, len(diffs)), level=level)
+
+
+def family_level(comparisons: int, level: float = LEVEL) -> float:
+    """The interval level of each of ``comparisons`` tests that decide one claim together (Bonferroni): the
+    chance that any of them is wrong stays at most ``1 - level``."""
+    return 1 - (1 - level) / max(1, comparisons)
 
 
 @dataclass(frozen=True)
