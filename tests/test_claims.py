@@ -127,16 +127,23 @@ def test_unseen_rbf_must_beat_each_pair_loss_on_recall_and_nmi():
     assert _claim("RBF beats triplet").evaluate(_results(rows)).status == FAILS
 
 
-@pytest.mark.parametrize("rbf_gain, triplet_gain, status", [(0.05, 0.0, HOLDS), (0.05, 0.05, FAILS), (-0.05, 0.0, FAILS)])
+# triplet's gain per seed, when not one number: unresolved on its own and no smaller than rbf's
+_NOISY = (0.09, 0.0, 0.09, 0.0, 0.045)
+
+
+@pytest.mark.parametrize("rbf_gain, triplet_gain, status", [(0.05, 0.0, HOLDS), (0.05, 0.05, FAILS), (-0.05, 0.0, FAILS),
+                                                           (0.05, _NOISY, OPEN)])
 def test_rbf_improves_with_embedding_size_while_triplet_does_not(rbf_gain, triplet_gain, status):
+    """The last case held before the interaction test: triplet's gain was merely unresolved."""
     rows = []
     for method, gain in (("rbf", rbf_gain), ("triplet", triplet_gain)):
         for s in SEEDS:
             rows.append(_run(method, "dim=16", s, recall_at_1=0.7 + NOISE[s], nmi=0.7 + NOISE[s]))
             jitter = 0.002 * (s % 3)
-            rows.append(_run(method, "dim=128", s, recall_at_1=0.7 + NOISE[s] + gain + jitter,
-                             nmi=0.7 + NOISE[s] + gain + jitter))
-    assert _claim("RBF improves").evaluate(_results(rows)).status == status
+            g = gain[s] if isinstance(gain, tuple) else gain + jitter
+            rows.append(_run(method, "dim=128", s, recall_at_1=0.7 + NOISE[s] + g, nmi=0.7 + NOISE[s] + g))
+    verdict = _claim("RBF improves").evaluate(_results(rows))
+    assert verdict.status == status and "rbf's gain minus triplet's" in verdict.numbers
 
 
 def _steps(method: str, median: float, spread: float = 0.05) -> dict:
