@@ -716,3 +716,17 @@ def test_a_best_other_final_runs_again_when_the_pick_changes(tmp_path, monkeypat
     other = "npairs" if stored["method"] == "lifted" else "lifted"
     assert runner.outdated(pick, {**stored, "method": other}, results, "tiny") == (
         f"the pick is now {stored['method']}: run again")
+
+
+def test_the_report_shows_thread_counts_that_changed_during_the_runs(finished, tmp_path):
+    """Under the OpenMP leak a run recorded 1 thread at its start and ran with 2: the report says so."""
+    out = tmp_path / "threads"
+    shutil.copytree(finished, out)
+    path = out / "classification" / "softmax__final__s1.json"
+    data = json.loads(path.read_text())
+    data["summary"]["threads"] = data["machine"]["torch_threads"] + 1
+    path.write_text(json.dumps(data))
+    text = write_report(out, tmp_path / "B.md", tmp_path / "plots").read_text()
+    assert "- Torch threads at the end of the runs (the machine line has them at the start): " in text
+    assert f"{data['summary']['threads']} in 1 runs" in text
+    assert "Torch threads at the end" not in write_report(finished, tmp_path / "A.md", tmp_path / "p").read_text()

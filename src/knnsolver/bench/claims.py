@@ -146,7 +146,7 @@ def _rbf_beats_softmax(results: Results) -> Verdict | None:
         return None
     test = compare(rbf, soft, "test_accuracy", names=("rbf", "softmax"))
     return Verdict(test.verdict, f"rbf {mean_pct(rbf, 'test_accuracy')} vs softmax {mean_pct(soft, 'test_accuracy')}; "
-                                 f"paired gain {test.text()}.")
+                                 f"paired gain {test.text()} ({test.outcome()}).")
 
 
 def _hal_beats_knn_losses(results: Results) -> Verdict | None:
@@ -158,7 +158,7 @@ def _hal_beats_knn_losses(results: Results) -> Verdict | None:
     each = [(b, compare(hal, final_results(results, b, ""), "test_accuracy", HAL_MARGIN, ("hal", b), level))
             for b in baselines]
     numbers = f"hal {mean_pct(hal, 'test_accuracy')}; {_family_note(level, len(baselines))}" + "; ".join(
-        f"against {b}: {t.text()} vs the {100 * HAL_MARGIN:g}-point margin ({t.verdict})" for b, t in each)
+        f"against {b}: {t.text()} vs the {100 * HAL_MARGIN:g}-point margin ({t.outcome()})" for b, t in each)
     same = [b for b in HAL_EQUIVALENT if final_results(results, b, "")]
     if same:
         numbers += ("; not compared, being HAL itself under this reading (METHODS.md section 2): "
@@ -198,8 +198,9 @@ def _scarcity_trend(results: Results) -> Verdict | None:
         status = OPEN
         notes.append(f"{trend.verdict} by the interval, but {', '.join(up)} was still rising at the end of its "
                      "budget: inconclusive")
-    gains = "; ".join(f"{c.split('=', 1)[1]}: {compare(final_results(results, 'rbf', c), final_results(results, 'softmax', c), 'test_accuracy', names=('rbf', 'softmax')).text()}"
-                      for c in sizes)
+    tests = {c: compare(final_results(results, "rbf", c), final_results(results, "softmax", c), "test_accuracy",
+                        names=("rbf", "softmax")) for c in sizes}
+    gains = "; ".join(f"{c.split('=', 1)[1]}: {t.text()} ({t.outcome()})" for c, t in tests.items())
     return Verdict(status, f"{trend.text()} (the claim needs a negative slope: a larger gain with fewer images; "
                            f"sizes with a cap only); {'; '.join(notes) + '; ' if notes else ''}paired RBF gain over "
                            f"softmax by size: {gains}.")
@@ -215,7 +216,7 @@ def _rbf_beats_pair_losses(results: Results) -> Verdict | None:
     each = [(b, k, compare(rbf, final_results(results, b, main), k, names=("rbf", b), level=level)) for b in baselines
             for k in ("recall_at_1", "nmi")]
     numbers = _family_note(level, len(each)) + "; ".join(f"{RETRIEVAL_NAMES[k]}: rbf {mean_pct(rbf, k)} vs {b} {mean_pct(final_results(results, b, main), k)}, "
-                        f"paired {t.text()} ({t.verdict})" for b, k, t in each)
+                        f"paired {t.text()} ({t.outcome()})" for b, k, t in each)
     return Verdict(combine([t.verdict for _, _, t in each]), numbers + ".")
 
 

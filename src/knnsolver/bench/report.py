@@ -13,6 +13,7 @@ import datetime
 import math
 import os
 import statistics
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -230,6 +231,11 @@ def render_classification(results: Mapping[str, dict], plots: Plots) -> Section:
     stats = {m: _stat(final_results(results, m, ""), "test_accuracy") for m in methods}
     rows = [[m, _chosen_text(results, m, ""), stats[m].pct(), stats[m].n] for m in methods]
     parts += ["### Test accuracy of the chosen setting (%)", table(["solver", "chosen", "test accuracy", "seeds"], rows)]
+    rules = {m: "kNN vote of the 5 nearest training embeddings" if getattr(SOLVERS.get(m), "predicts_by_knn", False)
+             else "its own classifier" for m in methods}
+    parts.append("Test accuracy is each solver's own prediction rule: " + "; ".join(
+        f"{m}: {'Eq. 4 over its k nearest bank centres' if m == 'rbf' else 'its linear head' if m == 'softmax' else rules[m]}"
+        for m in methods) + ".")
     same = [b for b in HAL_EQUIVALENT if b in stats]
     if same:
         parts.append(f"{', '.join(same)}: HAL itself under METHODS.md's reading (equal to 2e-15), shown, not compared.")
@@ -566,6 +572,11 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
     machines = sorted({_machine_text(r["machine"]) for r in results.values()})
     lines.append(f"- Commit{'s' if len(commits) > 1 else ''}: {', '.join(f'`{c}`' for c in commits)}; "
                  f"dates {dates[0]} to {dates[-1]}; machine: {'; '.join(machines)}.")
+    threads = Counter(r["summary"]["threads"] for r in results.values() if "threads" in r.get("summary", {}))
+    started = {r["machine"]["torch_threads"] for r in results.values()}
+    if threads and set(threads) != started:  # a library changed the count during the runs (the OpenMP leak)
+        lines.append("- Torch threads at the end of the runs (the machine line has them at the start): "
+                     + ", ".join(f"{t} in {n} runs" for t, n in sorted(threads.items())) + ".")
     return "\n".join(lines)
 
 
@@ -585,17 +596,21 @@ of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
 
 - **Same everything but the solver** within a suite: backbone, embedding size, augmentation (none),
   batch size, schedule and step budget (preset `{preset.name}`: {preset.description}).
-- **One learning rate for all** (Adam at a constant 1e-3, chosen once); each solver's one key
+- **One learning rate for all** (Adam at a constant 1e-3, fixed, not tuned); each solver's one key
   hyperparameter is chosen on the validation split from a 3-point grid around its expected optimum
   (first seed); when the choice is at an edge, the grid is extended outward one point at a time along
   the parameter's ladder (up to two points beyond each edge, `knnsolver.bench.suites.LADDERS`) until
   the optimum is bracketed; a choice still at an edge is flagged, since the optimum may lie outside.
   Test data is used only for the final numbers.
 - **5 seeds** for every final; **paired comparisons** by seed: the mean difference gets a 95%
-  t-interval (the paired t-test's; a bootstrap interval and the effect size d_z beside it). A claim
-  **holds** when the whole interval lies beyond its threshold, **does not hold** when it lies on the
-  other side, and is **inconclusive** otherwise. A trend claim is judged on the interval of the
-  per-seed slope.
+  t-interval (the paired t-test's; the effect size d_z and a bootstrap interval beside it, the latter
+  too narrow at 5 seeds to decide anything). A claim **holds** when the whole interval lies beyond its
+  threshold, **does not hold** when it lies on the other side, and is **inconclusive** otherwise; a
+  claim decided by several comparisons together widens each interval (Bonferroni). A verdict against
+  a side still improving at the end of its budget is withheld (inconclusive). A trend claim is judged
+  on the interval of the per-seed slope, and withheld when leaving one size out changes its verdict.
+- Results of an earlier budget of the same preset are left out of every table and verdict until they
+  are run again.
 - **Convergence check**: budgets are long enough when at least 80% of the final runs have their best
   validation epoch outside the last 20% of epochs; each suite prints whether it passes.
 - **Failed runs** (diverged) are listed and never averaged in.

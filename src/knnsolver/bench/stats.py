@@ -103,8 +103,11 @@ class PairedTest:
         level = f" {self.level:.1%}" if self.level != LEVEL else ""
         return (f"{scale * self.mean:+.2f}{unit} [{scale * self.low:+.2f}, {scale * self.high:+.2f}] "
                 f"(paired t-test{margin}{level}: p={self.p_value:.3g}, d_z={self.effect_size:.2f}; bootstrap "
-                f"[{scale * self.boot_low:+.2f}, {scale * self.boot_high:+.2f}], too narrow at n={self.n} to decide)"
-                + (f"; {self.note}" if self.note else ""))
+                f"[{scale * self.boot_low:+.2f}, {scale * self.boot_high:+.2f}], too narrow at n={self.n} to decide)")
+
+    def outcome(self) -> str:
+        """The verdict, with why the interval's own verdict was withheld when it was."""
+        return f"{self.verdict}: {self.note}" if self.note else self.verdict
 
 
 def paired_test(differences: Sequence[float], threshold: float = 0.0, level: float = LEVEL) -> PairedTest:
