@@ -730,3 +730,20 @@ def test_the_report_shows_thread_counts_that_changed_during_the_runs(finished, t
     assert "- Torch threads at the end of the runs (the machine line has them at the start): " in text
     assert f"{data['summary']['threads']} in 1 runs" in text
     assert "Torch threads at the end" not in write_report(finished, tmp_path / "A.md", tmp_path / "p").read_text()
+
+
+def test_the_ablation_table_pairs_each_variant_with_the_base_by_seed_and_counts_seeds(tmp_path):
+    from knnsolver.bench.report import Plots, render_ablation
+
+    def run(condition, seed, acc):
+        return {"run_id": f"rbf@{condition}__final__s{seed}", "role": "final", "kind": "train", "method": "rbf",
+                "condition": condition, "seed": seed, "preset": "tiny", "best_val": acc, "params": {},
+                "summary": {"test_accuracy": acc}, "history": []}
+
+    spread = (0.70, 0.80, 0.75, 0.85, 0.78)  # seed-to-seed spread far above the variant's paired gain
+    rows = [run("k=100,interval=1", s, a) for s, a in enumerate(spread)]
+    rows += [run("k=10", s, a + 0.01) for s, a in enumerate(spread)]
+    rows += [run("k=20", s, a - 0.02) for s, a in enumerate(spread[:2])]
+    body = render_ablation({r["run_id"]: r for r in rows}, Plots(tmp_path / "plots", tmp_path / "B.md")).body
+    assert "| neighbours k | k=10 | 5 | " in body and "| +1.00 [+1.00, +1.00] |" in body
+    assert "| neighbours k | k=20 | 2 | " in body and "| -2.00 [-2.00, -2.00] |" in body

@@ -29,6 +29,7 @@ from knnsolver.bench.claims import (  # noqa: E402
     TARGET_FRACTION,
     Claim,
     Verdict,
+    by_seed,
     claims_of,
     combine,
     compare,
@@ -64,7 +65,17 @@ from knnsolver.bench.suites import (  # noqa: E402
     grid_results,
     params_text,
 )
-from knnsolver.bench.stats import FAILS, HOLDS, OPEN, Convergence, at_grid_edge, convergence, usable  # noqa: E402
+from knnsolver.bench.stats import (  # noqa: E402
+    FAILS,
+    HOLDS,
+    OPEN,
+    Convergence,
+    at_grid_edge,
+    convergence,
+    paired_differences,
+    paired_test,
+    usable,
+)
 from knnsolver.registry import SOLVERS  # noqa: E402
 SUITE_BUDGET_MINUTES = 120
 RETRIEVAL_KEYS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r",
@@ -473,7 +484,8 @@ def render_ablation(results: Mapping[str, dict], plots: Plots) -> Section:
                   table(["sigma (0 = automatic)", "best validation accuracy (%)", "test accuracy (%)", ""], rows)]
     preset = PRESETS.get(next(iter(results.values()))["preset"]) if results else None
     variants = ablation_variants(preset) if preset else []
-    base = _stat(final_results(results, "rbf", variants[0][1]), "test_accuracy") if variants else Stat(())
+    base_runs = final_results(results, "rbf", variants[0][1]) if variants else []
+    base = by_seed(base_runs, "test_accuracy")
     rows = []
     for axis, name, _ in variants:
         finals = final_results(results, "rbf", name)
@@ -481,11 +493,14 @@ def render_ablation(results: Mapping[str, dict], plots: Plots) -> Section:
             continue
         s = _stat(finals, "test_accuracy")
         val = Stat(tuple(r["best_val"] for r in finals))
-        delta = f"{100 * (s.mean - base.mean):+.2f}" if base.values and axis != "base" else ""
-        rows.append([axis, name, val.pct(), s.pct(), delta])
+        delta = paired_test(paired_differences(by_seed(finals, "test_accuracy"), base)) if axis != "base" else None
+        shown = (f"{100 * delta.mean:+.2f} [{100 * delta.low:+.2f}, {100 * delta.high:+.2f}]" if delta and delta.n >= 2
+                 else f"{100 * delta.mean:+.2f}" if delta and delta.n else "")
+        rows.append([axis, name, len(finals), val.pct(), s.pct(), shown])
     if rows:
-        parts += ["### Variants (accuracy %, mean ± std over seeds; difference to the base in points)",
-                  table(["axis", "variant", "validation", "test", "test - base"], rows)]
+        parts += ["### Variants (accuracy %, mean ± std over seeds; test - base: the mean paired difference by seed "
+                  "in points, with its 95% t-interval)",
+                  table(["axis", "variant", "seeds", "validation", "test", "test - base"], rows)]
     diag_variants = [(name, final_results(results, "rbf", name)) for axis, name, _ in variants
                      if axis in ("base", "update interval")]
     diag_variants = [(n, f[0]) for n, f in diag_variants if f]
@@ -498,7 +513,8 @@ def render_ablation(results: Mapping[str, dict], plots: Plots) -> Section:
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=name)
             ax.set(xlabel="epoch", ylabel=key.removeprefix("solver_").replace("_", " "))
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
         parts += ["### Figure 6 diagnostics through training (first seed)",
                   "Mean distance from a training sample to its neighbour centres, their mean RBF value, and the "
                   "fraction of samples with no true-class centre among their neighbours, per epoch.",
