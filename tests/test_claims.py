@@ -150,7 +150,7 @@ def _steps(method: str, median: float, spread: float = 0.05) -> dict:
     times = [{"batch_size": b, "num_classes": c, "median_s": median * b / 256, "q1_s": median * b / 256 * (1 - spread),
               "q3_s": median * b / 256 * (1 + spread)} for b in (256, 1024) for c in (10, 100)]
     return {"run_id": f"{method}@step", "kind": "step_cost", "method": method, "condition": "step", "seed": 0,
-            "role": "final", "step_times": times}
+            "role": "final", "step_times": times, "config": {"embedding_dim": 64}}
 
 
 @pytest.mark.parametrize("hal, status", [(0.05, HOLDS), (0.5, FAILS), (0.098, OPEN)])
@@ -158,6 +158,9 @@ def test_hal_cost_is_judged_on_interquartile_ranges_at_every_setting(hal, status
     rows = [_steps("hal", hal)] + [_steps(m, 1.0) for m in ("nca", "triplet", "lifted", "npairs", "multisimilarity")]
     verdict = _claim("HAL costs").evaluate(_results(rows))
     assert verdict.status == status and "4 settings" in verdict.numbers
+    # its regime is the timed steps', not the suite's training runs'
+    assert _claim("HAL costs").regime_tested(_results(rows)) == (
+        "loss steps alone on random 64-d embeddings, batch 256, 1024, 10, 100 classes, CPU (not the suites' batch of 64)")
 
 
 def _target_run(method: str, seed: int, curve: list[float]) -> dict:

@@ -382,11 +382,15 @@ def _cost_step_section(results: Mapping[str, dict], plots: Plots) -> list[str]:
     solvers = _ordered_methods({k: r for k, r in results.items() if r["kind"] == "step_cost"})
     settings = sorted({key for times in steps.values() for key in times}, key=lambda k: (k[1], k[0]))
 
+    repeats = max((t.get("calls", 0) for times in steps.values() for t in times.values()), default=0)
+
     def cell(t: Mapping[str, Any]) -> str:
-        return f"{1e3 * t['median_s']:.2f} [{1e3 * t['q1_s']:.2f}, {1e3 * t['q3_s']:.2f}]"
+        few = f" ({t['calls']} calls)" if t.get("calls", repeats) < repeats else ""
+        return f"{1e3 * t['median_s']:.2f} [{1e3 * t['q1_s']:.2f}, {1e3 * t['q3_s']:.2f}]{few}"
 
     rows = [[m, *[cell(steps[m][s]) if s in steps[m] else "-" for s in settings]] for m in solvers]
-    parts = ["### Loss step time (forward + backward on random embeddings, median [quartiles] ms)",
+    parts = [f"### Loss step time (forward + backward on random embeddings, median [quartiles] ms of {repeats} calls; "
+             "fewer where 2 s of calls ran out, as marked)",
              "A dash: not measured: a smaller batch of that solver already took longer than the step limit, or "
              "the batch is too large for the triplet miner or the lifted structure loss (their pair and triplet "
              "tables): "
@@ -703,7 +707,8 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         note = " (stale results)" if stale else " (in progress)" if unfinished else ""
         if check is not None and not check.ok:
             note += " (convergence check fails: budgets short)"
-        summary += [[suite.name, c.text, regime, c.paper_regime, (v.status if v else "too few results") + note]
+        summary += [[suite.name, c.text, c.regime_tested(results), c.paper_regime,
+                     (v.status if v else "too few results") + note]
                     for c, v in verdicts.items()]
         sections.append("\n\n".join([*head, section.body]))
     doc = [f"# Benchmarks\n\nRendered by `knnsolver bench report` on {now} from the results in `{results_dir}`.",
