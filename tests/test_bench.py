@@ -199,12 +199,11 @@ def test_a_verdict_against_a_side_still_rising_is_withheld():
     up, flat = [0.80 + 0.01 * e for e in range(10)], [0.9] * 5 + [0.91] + [0.9] * 4
     strong, weak = [0.90, 0.80, 0.95], [0.80, 0.70, 0.849]
     held = compare(runs(strong, flat), runs(weak, up), "test_accuracy", names=("hal", "lifted"))
-    assert held.verdict == OPEN and "holds by the interval, but lifted was still rising at the end of its budget" in (
-        held.text())
+    assert held.outcome() == "inconclusive: holds by the interval, but lifted was still rising at the end of its budget"
     assert compare(runs(strong, flat), runs(weak, flat), "test_accuracy").verdict == HOLDS
     assert compare(runs(strong, up), runs(weak, flat), "test_accuracy").verdict == HOLDS  # the winner rising: stands
     failed = compare(runs(weak, up), runs(strong, flat), "test_accuracy", names=("rbf", "softmax"))
-    assert failed.verdict == OPEN and "does not hold by the interval, but rbf was still rising" in failed.text()
+    assert failed.verdict == OPEN and "does not hold by the interval, but rbf was still rising" in failed.outcome()
 
 
 def _fake_execute(ran, folder_check=None, pause=0.0):

@@ -577,6 +577,8 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
         few = (f" ({short} runs validated fewer than {MIN_EVALS} times are not judged: a late peak means nothing "
                "there)") if short else ""
         lines.append("- Convergence: " + check.text() + few + ".")
+    elif short:
+        lines.append(f"- Convergence: not judged: all {short} finals validated fewer than {MIN_EVALS} times.")
     failed = usable([r for r in results.values() if "summary" in r])[1]
     if failed:
         lines.append(f"- Failed (diverged) runs, left out of every number: {', '.join(r['run_id'] for r in failed)}.")
