@@ -746,3 +746,18 @@ def test_the_ablation_table_pairs_each_variant_with_the_base_by_seed_and_counts_
     body = render_ablation({r["run_id"]: r for r in rows}, Plots(tmp_path / "plots", tmp_path / "B.md")).body
     assert "| neighbours k | k=10 | 5 | " in body and "| +1.00 [+1.00, +1.00] |" in body
     assert "| neighbours k | k=20 | 2 | " in body and "| -2.00 [-2.00, -2.00] |" in body
+
+
+def test_grid_points_within_the_finals_seed_spread_of_the_choice_are_marked():
+    """A grid runs on one seed; a point closer to the choice than the finals' spread could have won on another."""
+    from knnsolver.bench.report import grid_table
+
+    def run(role, params, seed, val, index=0):
+        return {"run_id": f"hal__{params}__s{seed}__{role}", "role": role, "method": "hal", "condition": "",
+                "params": {"tau": params}, "seed": seed, "best_val": val, "grid_index": index}
+
+    rows = [run("grid", 0.05, 0, 0.80, 0), run("grid", 0.1, 0, 0.85, 1), run("grid", 0.2, 0, 0.845, 2)]
+    rows += [run("final", 0.1, s, v) for s, v in enumerate((0.85, 0.86, 0.84, 0.85, 0.855))]
+    text = grid_table({r["run_id"]: r for r in rows}, [("hal", "")], "accuracy")
+    assert "| hal | tau=0.2 | 84.50 | within the finals' seed spread (0.74) of the chosen |" in text
+    assert "| hal | tau=0.05 | 80.00 |  |" in text and "| hal | tau=0.1 | 85.00 | **chosen** |" in text

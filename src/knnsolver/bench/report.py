@@ -205,6 +205,9 @@ def grid_table(results: Mapping[str, dict], groups: Sequence[tuple[str, str]], s
         chosen = choose(grid)
         edge = [k for k, v in chosen["params"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
                 and at_grid_edge([r["params"][k] for r in grid], v)]
+        # The grid runs on one seed: a point closer to the chosen one than the finals' seed-to-seed spread of the
+        # same score could have been chosen under another seed.
+        spread = Stat(tuple(r["best_val"] for r in final_results(results, method, condition))).std
         # in value order, so points added beyond an edge (runner: grid extensions) sit where they belong
         numeric = all(isinstance(v, (int, float)) for r in grid for v in r["params"].values())
         for r in sorted(grid, key=lambda r: tuple(r["params"].values())) if numeric else grid:
@@ -212,6 +215,8 @@ def grid_table(results: Mapping[str, dict], groups: Sequence[tuple[str, str]], s
             if r["run_id"] == chosen["run_id"]:
                 mark = "**chosen**" + (f" (at the grid edge in {', '.join(edge)}: the optimum may lie outside)"
                                        if edge else "")
+            elif spread > 0 and chosen["best_val"] - r["best_val"] <= spread:
+                mark = f"within the finals' seed spread ({100 * spread:.2f}) of the chosen"
             rows.append([method + (f" ({condition})" if condition else ""), params_text(r["params"]),
                          f"{100 * r['best_val']:.2f}", mark])
     if not rows:
