@@ -204,4 +204,5 @@ def test_every_suite_with_claims_has_them_as_objects_naming_regimes():
         assert claim.comparison and claim.paper_regime and callable(claim.evaluate)
         assert claim.evaluate({}) is None  # no results: not decided
     regime = regime_of(_results(_pair("rbf", "softmax", [0.0] * 5)))
-    assert regime == "from scratch, conv28 width 16, fashion-mnist (300 images per class), 25 epochs, CPU"
+    assert regime == ("from scratch, conv28 width 16, fashion-mnist (300 images per class), 25 epochs, Adam 0.001 "
+                      "cosine, batch 64, CPU; rbf on the unit sphere, its bank refreshed every 2 epoch(s)")
