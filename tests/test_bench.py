@@ -333,6 +333,12 @@ def test_the_full_preset_runs_what_its_claims_need_with_5_seeds_and_bracketing_g
                                         "multisimilarity"}
     assert len(specs) == 8 * (3 + 5)
     assert {s.config["lr"] for s in specs} == {1e-3}  # one learning rate for every solver
+    # rbf trains the same stream of batches in epochs of 16 steps (its bank refreshes every 16), as long, and
+    # validates as often in steps as the others
+    soft, rbf = (next(s for s in specs if s.method == m) for m in ("softmax", "rbf"))
+    assert soft.config.get("epoch_steps") is None and rbf.config["epoch_steps"] == 16
+    assert 0 <= rbf.config["epochs"] * 16 - soft.config["epochs"] * 47 < 16
+    assert abs(rbf.config["eval_every"] * 16 - soft.config["eval_every"] * 47) <= 8
     for solver, grid in GRIDS.items():  # a 3-point grid around the middle value, so an optimum can be bracketed
         (values,) = grid.values()
         assert len(values) == 3 and values[0] < values[1] < values[2], solver

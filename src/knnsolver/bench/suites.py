@@ -112,6 +112,7 @@ class Preset:
     ablation_k: tuple[int, ...]
     ablation_sigma: tuple[float, ...]
     ablation_intervals: tuple[int, ...]
+    ablation_refresh_steps: tuple[int, ...]  # refreshes every this many steps, in epochs of that many (epoch_steps)
     cost_epochs: int
     target_epochs: int
     step_batch_sizes: tuple[int, ...]
@@ -123,6 +124,9 @@ class Preset:
     solvers: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     hardware: str = "cpu"  # "cpu" or "gpu": results of the two are never mixed in one table
     extend_grids: bool = True  # try LADDERS values beyond a grid edge that validation chooses
+    # The classification suite's rbf refreshes its bank every this many steps (None: every pass): trained from
+    # scratch at Adam 1e-3, centres refreshed every 47-step pass drifted 2-3 sigma from their queries.
+    rbf_refresh_steps: int | None = None
 
 
 # Unseen-class runs validate on classes held out whole from training (knnsolver.bench.data): classes 0-4 and 6
@@ -180,6 +184,8 @@ PRESETS: dict[str, Preset] = {
         ablation_k=(10, 50, 100, 200),
         ablation_sigma=(0.0, 0.05, 0.1, 0.2, 0.4),  # on the unit sphere (normalize=True); 0 = automatic
         ablation_intervals=(1, 5, 10),
+        ablation_refresh_steps=(16,),  # a third of a 47-step epoch: the base's centres drift 2-3 sigma
+        rbf_refresh_steps=16,
         cost_epochs=2,
         target_epochs=90,
         step_batch_sizes=(256, 1024, 4096),
@@ -189,7 +195,9 @@ PRESETS: dict[str, Preset] = {
         budgets={
             "classification": "100 epochs of 3,000 images (about 4,700 optimiser steps: at 50 epochs 17 of 40 "
                               "finals peaked in the last 20%, lifted and N-pairs still rising), validation every 5th "
-                              "epoch; "
+                              "epoch; rbf trains the same batches in 294 epochs of 16 steps, so its bank refreshes "
+                              "every 16 steps (refreshed every 47-step pass, its centres lay 2-3 sigma from their "
+                              "queries), validated every 15th; "
                               "8 solvers x (3 grid points + 4 more seeds) = 56 trainings of about 2-3 minutes with 1 "
                               "thread, plus a training per grid extension and 4 more finals per changed choice, run "
                               "by 2 workers side by side (benchmarks/run_suites.sh)",
@@ -210,7 +218,8 @@ PRESETS: dict[str, Preset] = {
                     "workers); time to target: 90 epochs on the unseen-class split x 2 solvers, evaluated every "
                     "epoch (about 19 optimiser steps: 1,200 images in batches of 64)",
             "ablation": "50 epochs of 3,000 images, validated every epoch (at 25, validation still rose), a "
-                        "5-point sigma grid then 10 RBF variants x 5 seeds, run by 2 workers",
+                        "5-point sigma grid then 11 RBF variants x 5 seeds (one refreshing every 16 steps, a "
+                        "third of an epoch), run by 2 workers",
         },
         solvers=_CLAIM_SOLVERS,
     ),
@@ -240,6 +249,7 @@ PRESETS: dict[str, Preset] = {
         ablation_k=(10, 50, 100, 200),
         ablation_sigma=(0.0, 0.05, 0.1, 0.2, 0.4),
         ablation_intervals=(1, 5, 10),
+        ablation_refresh_steps=(100,),
         cost_epochs=2,
         target_epochs=30,
         step_batch_sizes=(256, 1024, 4096),
@@ -270,6 +280,7 @@ PRESETS: dict[str, Preset] = {
         ablation_k=(10, 20),
         ablation_sigma=(0.0, 10.0),
         ablation_intervals=(1, 2),
+        ablation_refresh_steps=(10,),
         cost_epochs=1,
         target_epochs=2,
         step_batch_sizes=(16, 32),
@@ -398,9 +409,13 @@ def _select(solvers: tuple[str, ...], wanted: Sequence[str]) -> list[str]:
 
 
 def build_classification(preset: Preset, out: Path, solvers: tuple[str, ...], seeds: tuple[int, ...]) -> list[RunSpec]:
+    """Every solver on ``standard``; rbf in epochs of ``rbf_refresh_steps`` steps where that is set (the same batches
+    in the same order, since epochs cut one stream of passes: only its bank refreshes more often)."""
     specs = []
     for solver in solvers:
-        specs += tuned(solver, "", _solver_config(preset.standard, solver), GRIDS[solver], seeds)
+        extra = in_epochs_of(preset, preset.standard, preset.rbf_refresh_steps) \
+            if solver == "rbf" and preset.rbf_refresh_steps else {}
+        specs += tuned(solver, "", _solver_config(preset.standard, solver, extra), GRIDS[solver], seeds)
     return specs
 
 
@@ -488,13 +503,34 @@ def build_cost(preset: Preset, out: Path, solvers: tuple[str, ...], seeds: tuple
     return specs
 
 
+def steps_per_pass(preset: Preset, config: Mapping[str, Any]) -> int:
+    """Optimiser steps of one pass over the training rows of ``config`` (its per-class cap, else all)."""
+    cap = config.get("max_per_class")
+    return math.ceil((cap * preset.num_classes if cap else preset.train_rows) / config["batch_size"])
+
+
+def in_epochs_of(preset: Preset, config: Mapping[str, Any], steps: int) -> dict[str, int]:
+    """The settings that train ``config``'s budget in epochs of ``steps`` optimiser steps (``epoch_steps``: a bank
+    refreshes at every epoch start), validated about as often (in steps) as ``config`` is."""
+    per_pass = steps_per_pass(preset, config)
+    return {"epoch_steps": steps, "epochs": math.ceil(config["epochs"] * per_pass / steps),
+            "eval_every": max(1, round(config["eval_every"] * per_pass / steps))}
+
+
 def ablation_variants(preset: Preset) -> list[tuple[str, str, dict[str, Any]]]:
-    """``(axis, variant, rbf options)`` of every ablation run besides the sigma grid; the first is the base."""
+    """``(axis, variant, settings)`` of every ablation run besides the sigma grid; the first is the base.
+
+    A variant refreshing every ``n`` steps (``ablation_refresh_steps``) trains in epochs of ``n`` steps
+    (``epoch_steps``) for the base's number of steps, validated about as often as the base.
+    """
     base = dict(FIXED["rbf"])
     variants = [("base", f"k={base['k']},interval={base['update_interval']}", {})]
     variants += [("neighbours k", f"k={k}", {"k": k}) for k in preset.ablation_k if k != base["k"]]
     variants += [("update interval", f"interval={i}", {"update_interval": i})
                  for i in preset.ablation_intervals if i != base["update_interval"]]
+    config = dict(preset.standard, **preset.ablation)
+    variants += [("update interval", f"every {n} steps", in_epochs_of(preset, config, n))
+                 for n in preset.ablation_refresh_steps if n < steps_per_pass(preset, config)]
     variants += [
         ("update interval", f"online,interval={max(preset.ablation_intervals)}",
          {"online_update": True, "update_interval": max(preset.ablation_intervals)}),
