@@ -226,8 +226,8 @@ PRESETS: dict[str, Preset] = {
     "gpu": Preset(
         name="gpu",
         description=(
-            "Fashion-MNIST at full size (all 60,000 training images less 5% for validation: 57,000), conv28 width 32, 64-d, Adam at a "
-            "constant 1e-3, batch 128, network and solver maths compiled, on one GPU; otherwise as the full preset. "
+            "Fashion-MNIST at full size (all 60,000 training images less 5% for validation: 57,000), conv28 width "
+            "32, 64-d, Adam at a constant 1e-3, batch 128, network and solver maths compiled, on one GPU; otherwise as the full preset. "
             "Results are stored apart from the CPU ones and never mixed with them"
         ),
         seeds=(0, 1, 2, 3, 4),
