@@ -221,8 +221,9 @@ def _rbf_beats_pair_losses(results: Results) -> Verdict | None:
     level = family_level(2 * len(baselines))
     each = [(b, k, compare(rbf, final_results(results, b, main), k, names=("rbf", b), level=level)) for b in baselines
             for k in ("recall_at_1", "nmi")]
-    numbers = _family_note(level, len(each)) + "; ".join(f"{RETRIEVAL_NAMES[k]}: rbf {mean_pct(rbf, k)} vs {b} {mean_pct(final_results(results, b, main), k)}, "
-                        f"paired {t.text()} ({t.outcome()})" for b, k, t in each)
+    numbers = _family_note(level, len(each)) + "; ".join(
+        f"{RETRIEVAL_NAMES[k]}: rbf {mean_pct(rbf, k)} vs {b} {mean_pct(final_results(results, b, main), k)}, "
+        f"paired {t.text()} ({t.outcome()})" for b, k, t in each)
     return Verdict(combine([t.verdict for _, _, t in each]), numbers + ".")
 
 
