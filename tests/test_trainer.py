@@ -307,14 +307,33 @@ def test_epoch_steps_cut_the_stream_of_passes_into_equal_epochs(balanced):
 def test_epoch_steps_set_how_often_a_bank_refreshes_and_resume_exactly(tmp_path):
     from helpers import train_interrupted
 
-    kw = dict(solver="rbf", solver_options={"k": 10, "update_interval": 1}, epochs=4, epoch_steps=5, lr_schedule="constant")
+    # 1,294 training rows: 21 batches a pass, so epochs 3 and 4 (resumed) cross into the second pass
+    kw = dict(solver="rbf", solver_options={"k": 10, "update_interval": 1}, epochs=4, epoch_steps=8, lr_schedule="constant")
     full = train(_cfg(tmp_path, out=str(tmp_path / "full"), **kw))
     log = [json.loads(line) for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2, 3, 4] and all(r.get("bank_refreshed") for r in log)
-    assert all(round(r["samples_per_s"] * r["seconds"]) == 5 * 64 for r in log)  # 5 batches of 64 per epoch
+    # 8 batches per epoch; the third holds the pass's last batch, of 1,294 - 20 x 64 = 14 rows
+    assert [round(r["samples_per_s"] * r["seconds"]) for r in log] == [512, 512, 7 * 64 + 14, 512]
     train_interrupted(_cfg(tmp_path, out=str(tmp_path / "part"), **kw), stop_after=2)
     resumed = train(_cfg(tmp_path, out=str(tmp_path / "part"), **kw), resume=True)
     assert results(resumed) == results(full)
+
+
+def test_epoch_steps_are_each_process_s_steps_under_torchrun(monkeypatch):
+    """With 3 processes an epoch cuts 3 x epoch_steps batches of the stream and each process trains epoch_steps."""
+    from knnsolver import distributed
+    from knnsolver.training.trainer import _batches, _process_batches
+
+    run = _sampling_run(False, 4)
+    stream = [b for q in range(3) for b in _batches(_sampling_run(False, None), q)]
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    shares = []
+    for rank in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
+        shares.append([_process_batches(run, e) for e in range(2)])
+    assert all(len(share) == 4 for epochs in shares for share in epochs)
+    dealt = [shares[r][e][i] for e in range(2) for i in range(4) for r in range(3)]
+    assert dealt == stream[:24]  # every batch of the stream trained once, none dropped
 
 
 def test_epoch_steps_must_be_positive(tmp_path):

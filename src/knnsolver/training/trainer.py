@@ -313,13 +313,14 @@ def _batches(run: Run, epoch: int) -> list[list[int]]:
 
     Without ``epoch_steps`` an epoch is one pass (:func:`_pass`). With it, the
     passes form one stream (pass ``q`` is seeded by ``q``, as epoch ``q`` is
-    without it) cut into epochs of ``epoch_steps`` batches: epoch ``e`` is
-    batches ``e * epoch_steps`` up to ``(e + 1) * epoch_steps`` of the stream, a
-    pure function of ``e``, so a resumed run draws what the straight run did.
+    without it) cut into epochs of ``epoch_steps`` batches per process
+    (``epoch_steps * world_size`` in all, dealt out by :func:`_process_batches`):
+    epoch ``e`` is the ``e``-th such slice of the stream, a pure function of
+    ``e``, so a resumed run draws what the straight run did.
     """
-    steps = run.config.epoch_steps
-    if steps is None:
+    if run.config.epoch_steps is None:
         return _pass(run, epoch)
+    steps = run.config.epoch_steps * distributed.world_size()
     first = _pass(run, 0)
     per_pass = len(first)
     if per_pass == 0:
