@@ -146,6 +146,23 @@ def test_rbf_improves_with_embedding_size_while_triplet_does_not(rbf_gain, tripl
     assert verdict.status == status and "rbf's gain minus triplet's" in verdict.numbers
 
 
+def test_rbf_gaining_more_than_triplet_is_withheld_while_triplet_at_the_largest_size_still_rises():
+    rows = []
+    for method, gain in (("rbf", 0.05), ("triplet", 0.0)):
+        for s in SEEDS:
+            rows.append(_run(method, "dim=16", s, recall_at_1=0.7 + NOISE[s], nmi=0.7 + NOISE[s]))
+            g = gain + 0.002 * (s % 3)
+            rows.append(_run(method, "dim=128", s, recall_at_1=0.7 + NOISE[s] + g, nmi=0.7 + NOISE[s] + g))
+    assert _claim("RBF improves").evaluate(_results(rows)).status == HOLDS
+    for r in rows:
+        rising = (r["method"], r["condition"]) == ("triplet", "dim=128")
+        r.update(val_key="val_map_at_r", history=[{"val_map_at_r": 0.3 + (0.01 * e if rising else 0.0)} for e in range(10)])
+        r["summary"]["best_epoch"] = 10 if rising else 1
+        r["config"] = dict(r["config"], epochs=10)
+    verdict = _claim("RBF improves").evaluate(_results(rows))
+    assert verdict.status == OPEN and "triplet at dim=128 was still rising" in verdict.numbers
+
+
 def _steps(method: str, median: float, spread: float = 0.05) -> dict:
     times = [{"batch_size": b, "num_classes": c, "median_s": median * b / 256, "q1_s": median * b / 256 * (1 - spread),
               "q3_s": median * b / 256 * (1 + spread)} for b in (256, 1024) for c in (10, 100)]
@@ -205,4 +222,4 @@ def test_every_suite_with_claims_has_them_as_objects_naming_regimes():
         assert claim.evaluate({}) is None  # no results: not decided
     regime = regime_of(_results(_pair("rbf", "softmax", [0.0] * 5)))
     assert regime == ("from scratch, conv28 width 16, fashion-mnist (300 images per class), 25 epochs, Adam 0.001 "
-                      "cosine, batch 64, CPU; rbf on the unit sphere, its bank refreshed every 2 epoch(s)")
+                      "cosine, batch 64, CPU; rbf on the unit sphere, its bank refreshed every 10 epochs")

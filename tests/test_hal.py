@@ -51,6 +51,24 @@ def test_hal_reading_equals_pml_proxy_nca_with_scale_one_over_tau():
     assert hal_loss(x, y, anchors, 0.25).item() == pytest.approx(proxy_nca(x, y).item(), rel=1e-5)
 
 
+def test_hal_equals_proxy_nca_and_normalized_softmax_in_float64():
+    """METHODS.md's reading: HAL(tau) = ProxyNCA(softmax_scale = 1/tau) = NormSoftmax(temperature = tau/2), the
+    anchors as proxies or as (normalised) weight columns; why the benchmarks do not run the two as rivals."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 5, generator=g, dtype=torch.float64)
+    anchors = torch.randn(4, 5, generator=g, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 2])
+    tau = 0.3
+    proxy_nca = losses.ProxyNCALoss(4, 5, softmax_scale=1 / tau)
+    norm_softmax = losses.NormalizedSoftmaxLoss(4, 5, temperature=tau / 2)
+    with torch.no_grad():
+        proxy_nca.proxies.data = anchors.clone()
+        norm_softmax.W.data = anchors.T.clone()
+    hal = hal_loss(x, y, anchors, tau).item()
+    assert hal == pytest.approx(proxy_nca(x, y).item(), rel=1e-12)
+    assert hal == pytest.approx(norm_softmax(x, y).item(), rel=1e-12)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [

@@ -236,20 +236,23 @@ def _rbf_grows_with_size(results: Results) -> Verdict | None:
     parts, statuses = [], []
     for k in ("recall_at_1", "nmi"):
         runs = {(m, d): final_results(results, m, d) for m in ("rbf", "triplet") for d in (low, high)}
-        rbf_gain = compare(runs["rbf", high], runs["rbf", low], k, names=(f"rbf at {high}", f"rbf at {low}")).verdict
+        rbf_gain = compare(runs["rbf", high], runs["rbf", low], k, names=(f"rbf at {high}", f"rbf at {low}"))
         tri_gain = compare(runs["triplet", high], runs["triplet", low], k,
-                           names=(f"triplet at {high}", f"triplet at {low}")).verdict
+                           names=(f"triplet at {high}", f"triplet at {low}"))
         # The interaction, paired by seed: how much more rbf gains than triplet does.
         v = {m_d: by_seed(r, k) for m_d, r in runs.items()}
         seeds = sorted(set.intersection(*(set(x) for x in v.values())))
         more = paired_test([(v["rbf", high][s] - v["rbf", low][s]) - (v["triplet", high][s] - v["triplet", low][s])
                             for s in seeds])
-        statuses.append(HOLDS if rbf_gain == HOLDS and more.verdict == HOLDS and tri_gain != HOLDS
-                        else FAILS if FAILS in (rbf_gain, more.verdict) or tri_gain == HOLDS else OPEN)
+        if more.verdict == HOLDS and rising(runs["triplet", high]):  # triplet's gain may be understated
+            more = replace(more, verdict=OPEN, note=f"holds by the interval, but triplet at {high} was still rising "
+                                                    "at the end of its budget")
+        statuses.append(HOLDS if rbf_gain.verdict == HOLDS and more.verdict == HOLDS and tri_gain.verdict != HOLDS
+                        else FAILS if FAILS in (rbf_gain.verdict, more.verdict) or tri_gain.verdict == HOLDS else OPEN)
         parts.append(f"{RETRIEVAL_NAMES[k]} from {low} to {high}: rbf {mean_pct(runs['rbf', low], k)} -> "
-                     f"{mean_pct(runs['rbf', high], k)} (gain {rbf_gain}), triplet {mean_pct(runs['triplet', low], k)} "
-                     f"-> {mean_pct(runs['triplet', high], k)} (gain {tri_gain}); rbf's gain minus triplet's "
-                     f"{more.text()} ({more.verdict})")
+                     f"{mean_pct(runs['rbf', high], k)} (gain {rbf_gain.outcome()}), triplet "
+                     f"{mean_pct(runs['triplet', low], k)} -> {mean_pct(runs['triplet', high], k)} (gain "
+                     f"{tri_gain.outcome()}); rbf's gain minus triplet's {more.text()} ({more.outcome()})")
     return Verdict(combine(statuses), "; ".join(parts) + ".")
 
 
@@ -318,14 +321,13 @@ def steps_to_target(run: Mapping[str, Any], target: float) -> float:
 
 
 def target_level(results: Results) -> float | None:
-    """The time-to-target level: ``TARGET_FRACTION`` of the weaker method's converged plateau, taken as the
-    lowest best validation score among its seeds, so every run of either method can reach it (at 95% of the
-    weaker method's mean best, a seed of it that peaked lower never did, and its ratio was infinite)."""
+    """The time-to-target level: ``TARGET_FRACTION`` of the lowest best validation score of any run of either
+    method (at most the weaker method's plateau), so every run can reach it (at 95% of the weaker method's
+    mean best, a seed of it that peaked lower never did, and its ratio was infinite)."""
     finals = {m: usable(final_results(results, m, "target"))[0] for m in TARGET_SOLVERS}
     if not all(finals.values()):
         return None
-    weaker = min(finals.values(), key=lambda runs: statistics.fmean(r["best_val"] for r in runs))
-    return TARGET_FRACTION * min(r["best_val"] for r in weaker)
+    return TARGET_FRACTION * min(r["best_val"] for runs in finals.values() for r in runs)
 
 
 def _centralized_speedup(results: Results) -> Verdict | None:
@@ -389,8 +391,8 @@ CLAIMS: tuple[Claim, ...] = (
           "Ye et al. (Applied Intelligence 2023): cost relative to batch kNN losses, setting not stated in the "
           "abstract", _hal_cost, step_regime),
     Claim("cost", "The centralized ranking loss trains about 5x faster than triplet.",
-          "optimiser steps to reach 95% of the weaker method's plateau (its lowest best validation MAP@R over "
-          "seeds), triplet over centralized per seed; holds when the 95% t-interval of the mean log ratio lies "
+          "optimiser steps to reach 95% of the lowest best validation MAP@R of any run (at most the weaker "
+          "method's plateau), triplet over centralized per seed; holds when the 95% t-interval of the mean log ratio lies "
           "above log 4 (about 5x), does not hold when it lies below",
           "Zheng, Ji et al. (AAAI 2019): Cars196, CUB-200 and SOP with an ImageNet-pretrained network",
           _centralized_speedup),
@@ -399,6 +401,13 @@ CLAIMS: tuple[Claim, ...] = (
 
 def claims_of(suite: str) -> tuple[Claim, ...]:
     return tuple(c for c in CLAIMS if c.suite == suite)
+
+
+def _refresh_text(config: Mapping[str, Any]) -> str:
+    """How often an rbf run refreshes its bank: ``"1 epoch"``, ``"10 epochs"`` or ``"1 epoch of 16 steps"``."""
+    interval = config.get("solver_options", {}).get("update_interval", 10)  # the solver's default
+    steps = f" of {config['epoch_steps']} steps" if config.get("epoch_steps") else ""
+    return f"{interval} epoch{'s' if interval != 1 else ''}{steps}"
 
 
 def regime_of(results: Results) -> str:
@@ -414,9 +423,10 @@ def regime_of(results: Results) -> str:
     pretrained = "pretrained" if any(c.get("pretrained") for c in configs) else "from scratch"
     schedule = f"{first.get('optimizer', 'adam').capitalize()} {first.get('lr', 1e-3):g} {first.get('lr_schedule', 'cosine')}"
     rbf = [r["config"] for r in results.values() if r.get("method") == "rbf" and "dataset" in r.get("config", {})]
-    intervals = sorted({c.get("solver_options", {}).get("update_interval", 2) for c in rbf})
-    bank = (f"; rbf on the unit sphere, its bank refreshed every {'/'.join(map(str, intervals))} epoch(s)"
-            if rbf else "")
+    every = sorted({_refresh_text(c) for c in rbf})
+    space = sorted({"raw embeddings" if c.get("solver_options", {}).get("normalize") is False else "the unit sphere"
+                    for c in rbf})
+    bank = f"; rbf on {' / '.join(space)}, its bank refreshed every {' / '.join(every)}" if rbf else ""
     return (f"{pretrained}, {first['model']} width {first['width']}, {first['dataset']} ({sizes} images per class), "
             f"{'-'.join(map(str, (epochs[0], epochs[-1]))) if len(epochs) > 1 else epochs[0]} epochs, {schedule}, "
             f"batch {first['batch_size']}, {device}{bank}")

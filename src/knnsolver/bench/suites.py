@@ -139,7 +139,7 @@ _FULL_STANDARD = dict(
 )
 # What each suite's claims need: the classification claims compare RBF with softmax and HAL with the
 # pairwise batch kNN losses; ProxyNCA and NormSoftmax equal HAL under METHODS.md's reading (to 2e-15,
-# tests/test_pml_solvers.py), so they are left out rather than shown as rivals.
+# tests/test_hal.py), so they are left out rather than shown as rivals.
 _CLAIM_SOLVERS = {
     "classification": ("softmax", "rbf", "hal", "nca", "triplet", "lifted", "npairs", "multisimilarity"),
     "scarcity": ("softmax", "rbf"),
