@@ -333,12 +333,15 @@ def test_the_full_preset_runs_what_its_claims_need_with_5_seeds_and_bracketing_g
                                         "multisimilarity"}
     assert len(specs) == 8 * (3 + 5)
     assert {s.config["lr"] for s in specs} == {1e-3}  # one learning rate for every solver
-    # rbf trains the same stream of batches in epochs of 16 steps (its bank refreshes every 16), as long, and
-    # validates as often in steps as the others
+    # rbf trains the same epochs (its bank refreshed every pass); on the gpu preset, whose passes are 446 steps,
+    # it trains the same stream of batches in epochs of 100 steps, as long, validated as often in steps
     soft, rbf = (next(s for s in specs if s.method == m) for m in ("softmax", "rbf"))
-    assert soft.config.get("epoch_steps") is None and rbf.config["epoch_steps"] == 16
-    assert 0 <= rbf.config["epochs"] * 16 - soft.config["epochs"] * 47 < 16
-    assert abs(rbf.config["eval_every"] * 16 - soft.config["eval_every"] * 47) <= 8
+    assert soft.config.get("epoch_steps") is None and rbf.config.get("epoch_steps") is None
+    gpu = build_specs(get_suite("classification"), get_preset("gpu"), tmp_path)
+    soft, rbf = (next(s for s in gpu if s.method == m) for m in ("softmax", "rbf"))
+    assert soft.config.get("epoch_steps") is None and rbf.config["epoch_steps"] == 100
+    assert 0 <= rbf.config["epochs"] * 100 - soft.config["epochs"] * 446 < 100
+    assert abs(rbf.config["eval_every"] * 100 - soft.config["eval_every"] * 446) <= 50
     for solver, grid in GRIDS.items():  # a 3-point grid around the middle value, so an optimum can be bracketed
         (values,) = grid.values()
         assert len(values) == 3 and values[0] < values[1] < values[2], solver
