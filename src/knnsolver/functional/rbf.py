@@ -65,6 +65,12 @@ class _SquaredDistances(torch.autograd.Function):
         return -2.0 * torch.bmm(grad.unsqueeze(1), diff).squeeze(1), None, None
 
 
+def _gather(values: Tensor, index: Tensor) -> Tensor:
+    """``values[index]`` for a 1-D ``values`` and an index of any shape, through ``index_select`` (several times
+    faster than advanced indexing on the CPU; its backward is an ``index_add``)."""
+    return values.index_select(0, index.reshape(-1)).view(index.shape)
+
+
 def rbf_logits(
     embeddings: Tensor, centres: Tensor, neighbours: Tensor, log_weights: Tensor, sigma: float | Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -78,7 +84,7 @@ def rbf_logits(
     padding = index < 0
     index = index.clamp(min=0)
     sq = _SquaredDistances.apply(embeddings, centres.detach(), index)
-    logits = log_weights[index].to(sq.dtype) - sq / (2.0 * sigma**2)
+    logits = _gather(log_weights, index).to(sq.dtype) - sq / (2.0 * sigma**2)
     return logits.masked_fill(padding, _NEG_INF), sq.detach().masked_fill(padding, float("inf"))
 
 
@@ -133,7 +139,7 @@ def rbf_log_probs(
     no centre among a row's neighbours get ``-inf``.
     """
     logits, _ = rbf_logits(embeddings, centres, neighbours, log_weights, sigma)
-    labels = centre_labels[neighbours.long().clamp(min=0)].long()
+    labels = _gather(centre_labels, neighbours.long().clamp(min=0)).long()
     return _class_logsumexp(logits, labels, num_classes) - _logsumexp(logits, 1).unsqueeze(1)
 
 
@@ -213,24 +219,27 @@ def rbf_terms(
     """
     labels = labels.long()
     index = neighbours.long()
-    neighbour_labels = centre_labels[index.clamp(min=0)].long()
-    true_absent = ~((neighbour_labels == labels.unsqueeze(1)) & (index >= 0)).any(1)
+    is_true = (_gather(centre_labels, index.clamp(min=0)).long() == labels.unsqueeze(1)) & (index >= 0)
+    true_absent = ~is_true.any(1)
     if _avoid_host_sync(embeddings.device):
         # No host synchronisation on an accelerator: every row's nearest true-class centre is
         # found, and used where the class is absent (a padding slot elsewhere; the same loss).
         nearest = rbf_nearest_class_centres(
             embeddings, labels, centres, centre_labels, None if exclude is None else exclude.long(), sync_free=True
         )
-        index = torch.cat([index, torch.where(true_absent, nearest, torch.full_like(nearest, -1)).unsqueeze(1)], dim=1)
+        extra = torch.where(true_absent, nearest, torch.full_like(nearest, -1))
     elif bool(true_absent.any()):
         hard = true_absent.nonzero().squeeze(1)
         extra = torch.full_like(labels, -1)
         extra[hard] = rbf_nearest_class_centres(
             embeddings[hard], labels[hard], centres, centre_labels, None if exclude is None else exclude[hard].long()
         )
+    else:
+        extra = None
+    if extra is not None:  # the extra centre is of the row's class by construction, where there is one
         index = torch.cat([index, extra.unsqueeze(1)], dim=1)
+        is_true = torch.cat([is_true, (extra >= 0).unsqueeze(1)], dim=1)
     logits, sq = rbf_logits(embeddings, centres, index, log_weights, sigma)
-    is_true = (centre_labels[index.clamp(min=0)].long() == labels.unsqueeze(1)) & (index >= 0)
     scorable = is_true.any(1, keepdim=True)
     # Unscorable rows get finite dummy logits so no NaN reaches the gradient.
     true_logits = torch.where(scorable, logits.masked_fill(~is_true, _NEG_INF), torch.zeros_like(logits))
