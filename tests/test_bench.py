@@ -770,3 +770,25 @@ def test_grid_points_within_the_finals_seed_spread_of_the_choice_are_marked():
     text = grid_table({r["run_id"]: r for r in rows}, [("hal", "")], "accuracy")
     assert "| hal | tau=0.2 | 84.50 | within the finals' seed spread (0.74) of the chosen |" in text
     assert "| hal | tau=0.05 | 80.00 |  |" in text and "| hal | tau=0.1 | 85.00 | **chosen** |" in text
+
+
+def test_the_scarcity_table_shows_epochs_by_steps_and_the_rbf_centre_drift(tmp_path):
+    from knnsolver.bench.report import Plots, render_scarcity
+
+    def run(method, condition, seed, acc, config, drift=None):
+        history = [{"epoch": e + 1, "solver_median_own_centre_distance": (drift or 0) * 0.2 * (e + 1) / 4,
+                    "solver_sigma": 0.2} for e in range(4)] if drift else []
+        return {"run_id": f"{method}@{condition}__final__s{seed}", "role": "final", "kind": "train", "method": method,
+                "condition": condition, "seed": seed, "preset": "full", "params": {}, "config": config,
+                "summary": {"test_accuracy": acc}, "history": history}
+
+    small = {"epochs": 150, "batch_size": 64, "max_per_class": 100}
+    everything = {"epochs": 24, "epoch_steps": 100, "batch_size": 64, "max_per_class": None}
+    rows = []
+    for s in range(3):
+        rows += [run("softmax", "n=100", s, 0.80, small), run("rbf", "n=100", s, 0.81, small, drift=1.0),
+                 run("softmax", "n=all", s, 0.87, everything), run("rbf", "n=all", s, 0.85, everything, drift=2.0)]
+    body = render_scarcity({r["run_id"]: r for r in rows}, Plots(tmp_path / "plots", tmp_path / "B.md")).body
+    # 1,000 images in batches of 64: 16 steps a pass; the drift is the median of the second half (epochs 3-4)
+    assert "| 100 | 150 x 16 | 80.00 ± 0.00 | 81.00 ± 0.00 | 1.00 ± 0.00 | 0.9 |" in body
+    assert "| all | 24 x 100 | 87.00 ± 0.00 | 85.00 ± 0.00 | -2.00 ± 0.00 | 1.8 |" in body
