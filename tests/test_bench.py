@@ -365,6 +365,10 @@ def test_every_scarcity_size_gets_the_step_budget_and_a_bank_refresh_every_100_s
             assert c["solver_options"]["update_interval"] == 1
     everything = next(s for s in specs if s.condition == "n=all")
     assert (everything.config["epochs"], everything.config["epoch_steps"]) == (24, 100)
+    # every size tunes its own grid (sigma chosen at 100 per class did not suit all 57,000 images)
+    grids = {(s.method, s.condition) for s in build_specs(get_suite("scarcity"), full, tmp_path) if s.role == "grid"}
+    assert grids == {(m, c) for m in ("softmax", "rbf") for c in {s.condition for s in specs}}
+    assert all(s.tune_from == (s.method, s.condition) for s in specs)
 
 
 def test_gpu_results_go_to_their_own_folder(tmp_path, monkeypatch, capsys):
