@@ -82,7 +82,8 @@ SUITE_BUDGET_MINUTES = 120
 RETRIEVAL_KEYS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r",
                   "r_precision", "nmi")
 CONFIG_KEYS = ("dataset", "split", "model", "width", "embedding_dim", "batch_size", "samples_per_class", "epochs",
-               "epoch_steps", "eval_every", "max_per_class", "val_fraction", "augment", "optimizer", "lr", "lr_schedule", "weight_decay", "device")
+               "epoch_steps", "eval_every", "max_per_class", "val_fraction", "augment", "optimizer", "lr",
+               "lr_schedule", "weight_decay", "device")
 __all__ = ["FAILS", "HOLDS", "OPEN", "combine", "compare", "render", "write_report"]
 
 
@@ -241,6 +242,16 @@ class Section:
     body: str
 
 
+def _prediction_rule(solver: str) -> str:
+    """How ``solver`` predicts a class at test time, in words."""
+    if solver == "rbf":
+        return "Eq. 4 over its k nearest bank centres"
+    if solver == "softmax":
+        return "its linear head"
+    knn = getattr(SOLVERS.get(solver), "predicts_by_knn", False)
+    return "kNN vote of the 5 nearest training embeddings" if knn else "its own classifier"
+
+
 def render_classification(results: Mapping[str, dict], plots: Plots) -> Section:
     methods = _ordered_methods(results, "")
     parts = ["### Hyperparameter grids (validation accuracy, first seed)",
@@ -248,11 +259,8 @@ def render_classification(results: Mapping[str, dict], plots: Plots) -> Section:
     stats = {m: _stat(final_results(results, m, ""), "test_accuracy") for m in methods}
     rows = [[m, _chosen_text(results, m, ""), stats[m].pct(), stats[m].n] for m in methods]
     parts += ["### Test accuracy of the chosen setting (%)", table(["solver", "chosen", "test accuracy", "seeds"], rows)]
-    rules = {m: "kNN vote of the 5 nearest training embeddings" if getattr(SOLVERS.get(m), "predicts_by_knn", False)
-             else "its own classifier" for m in methods}
-    parts.append("Test accuracy is each solver's own prediction rule: " + "; ".join(
-        f"{m}: {'Eq. 4 over its k nearest bank centres' if m == 'rbf' else 'its linear head' if m == 'softmax' else rules[m]}"
-        for m in methods) + ".")
+    parts.append("Test accuracy is each solver's own prediction rule: "
+                 + "; ".join(f"{m}: {_prediction_rule(m)}" for m in methods) + ".")
     same = [b for b in HAL_EQUIVALENT if b in stats]
     if same:
         parts.append(f"{', '.join(same)}: HAL itself under METHODS.md's reading (equal to 2e-15), shown, not compared.")
@@ -281,10 +289,7 @@ def _paired_gain(results: Mapping[str, dict], method: str, base: str, condition:
 def _epochs_by_steps(result: Mapping[str, Any]) -> str:
     """``"epochs x optimiser steps per epoch"`` of a training result (one pass unless ``epoch_steps``)."""
     config, preset = result["config"], PRESETS.get(result.get("preset", ""))
-    steps = config.get("epoch_steps")
-    if steps is None and preset is not None:
-        cap = config.get("max_per_class")
-        steps = math.ceil((cap * preset.num_classes if cap else preset.train_rows) / config["batch_size"])
+    steps = config.get("epoch_steps") or (steps_per_pass(preset, config) if preset is not None else None)
     return f"{config['epochs']} x {steps}" if steps else f"{config['epochs']} x one pass"
 
 
@@ -307,17 +312,17 @@ def render_scarcity(results: Mapping[str, dict], plots: Plots) -> Section:
                          key=lambda g: methods.index(g[0]) if g[0] in methods else 0)
     parts = ["### Hyperparameter grids (validation accuracy, first seed)", grid_table(results, grid_groups, "accuracy")]
     gainers = [m for m in methods if m != "softmax"] if "softmax" in methods else []
-    stale = "rbf" in methods
+    has_rbf = "rbf" in methods
     header = ["training images per class", "epochs x steps", *[f"{m} test accuracy" for m in methods],
-              *[f"{m} - softmax" for m in gainers], *(["rbf centre drift (sigma)"] if stale else [])]
+              *[f"{m} - softmax" for m in gainers], *(["rbf centre drift (sigma)"] if has_rbf else [])]
     stats = {(m, c): _stat(final_results(results, m, c), "test_accuracy") for m in methods for c in sizes}
     gains = {(m, c): _paired_gain(results, m, "softmax", c) for m in gainers for c in sizes}
     budget = {r["condition"]: _epochs_by_steps(r) for r in results.values() if "config" in r}
     rows = [[c.split("=", 1)[1], budget.get(c, "-"), *[stats[m, c].pct() for m in methods],
-             *[gains[m, c].pct() for m in gainers], *([_drift(final_results(results, "rbf", c))] if stale else [])]
+             *[gains[m, c].pct() for m in gainers], *([_drift(final_results(results, "rbf", c))] if has_rbf else [])]
             for c in sizes]
     parts += ["### Test accuracy (%) and gain over softmax (percentage points, paired by seed)", table(header, rows)]
-    if stale:
+    if has_rbf:
         parts.append("Centre drift: how far a training query lies from its own stored RBF centre, in sigmas (the "
                      "median over each final's second half, then over seeds). The bank is refreshed every epoch; "
                      "drift grows with the optimiser steps between refreshes, and at 3 sigma or more the RBF values "
