@@ -784,7 +784,7 @@ def test_the_scarcity_table_shows_epochs_by_steps_and_the_rbf_centre_drift(tmp_p
                     "solver_sigma": 0.2} for e in range(4)] if drift else []
         return {"run_id": f"{method}@{condition}__final__s{seed}", "role": "final", "kind": "train", "method": method,
                 "condition": condition, "seed": seed, "preset": "full", "params": {}, "config": config,
-                "summary": {"test_accuracy": acc}, "history": history}
+                "best_val": acc, "summary": {"test_accuracy": acc}, "history": history}
 
     small = {"epochs": 150, "batch_size": 64, "max_per_class": 100}
     everything = {"epochs": 24, "epoch_steps": 100, "batch_size": 64, "max_per_class": None}
@@ -792,7 +792,14 @@ def test_the_scarcity_table_shows_epochs_by_steps_and_the_rbf_centre_drift(tmp_p
     for s in range(3):
         rows += [run("softmax", "n=100", s, 0.80, small), run("rbf", "n=100", s, 0.81, small, drift=1.0),
                  run("softmax", "n=all", s, 0.87, everything), run("rbf", "n=all", s, 0.85, everything, drift=2.0)]
+    for size in ("n=all", "n=10", "n=500", "n=100", "n=20"):  # grids listed by size, whatever the set order
+        rows.append({"run_id": f"softmax@{size}__ls__s0", "role": "grid", "kind": "train", "method": "softmax",
+                     "condition": size, "seed": 0, "preset": "full", "params": {"label_smoothing": 0.1},
+                     "grid_index": 0, "best_val": 0.8, "config": everything if size == "n=all" else small,
+                     "summary": {"test_accuracy": 0.8}})
     body = render_scarcity({r["run_id"]: r for r in rows}, Plots(tmp_path / "plots", tmp_path / "B.md")).body
+    grid_rows = [line.split(" | ")[0] for line in body.splitlines() if line.startswith("| softmax (n=")]
+    assert grid_rows == [f"| softmax (n={n})" for n in ("10", "20", "100", "500", "all")]
     # 1,000 images in batches of 64: 16 steps a pass; the drift is the median of the second half (epochs 3-4)
     assert "| 100 | 150 x 16 | 80.00 ± 0.00 | 81.00 ± 0.00 | 1.00 ± 0.00 | 0.9 |" in body
     assert "| all | 24 x 100 | 87.00 ± 0.00 | 85.00 ± 0.00 | -2.00 ± 0.00 | 1.8 |" in body

@@ -309,7 +309,7 @@ def render_scarcity(results: Mapping[str, dict], plots: Plots) -> Section:
     methods = [m for m in SCARCITY_SOLVERS if any(r["method"] == m for r in results.values())]
     sizes = sorted({r["condition"] for r in results.values()}, key=_size_key)
     grid_groups = sorted({(r["method"], r["condition"]) for r in results.values() if r["role"] == "grid"},
-                         key=lambda g: methods.index(g[0]) if g[0] in methods else 0)
+                         key=lambda g: (methods.index(g[0]) if g[0] in methods else 0, _size_key(g[1])))
     parts = ["### Hyperparameter grids (validation accuracy, first seed)", grid_table(results, grid_groups, "accuracy")]
     gainers = [m for m in methods if m != "softmax"] if "softmax" in methods else []
     has_rbf = "rbf" in methods
