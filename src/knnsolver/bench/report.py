@@ -634,7 +634,7 @@ of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
 - **One learning rate for all** (Adam at a constant 1e-3, fixed, not tuned); each solver's one key
   hyperparameter is chosen on the validation split from a 3-point grid around its expected optimum
   (first seed); when the choice is at an edge, the grid is extended outward one point at a time along
-  the parameter's ladder (up to two points beyond each edge, `knnsolver.bench.suites.LADDERS`) until
+  the parameter's ladder (two or more points beyond each edge, `knnsolver.bench.suites.LADDERS`) until
   the optimum is bracketed; a choice still at an edge is flagged, since the optimum may lie outside.
   Test data is used only for the final numbers.
 - **5 seeds** for every final; **paired comparisons** by seed: the mean difference gets a 95%
