@@ -1,5 +1,6 @@
 """The benchmark machinery on the tiny preset: per-run result files, resume, report rendering."""
 import json
+import math
 import shutil
 
 import pytest
@@ -803,3 +804,27 @@ def test_the_scarcity_table_shows_epochs_by_steps_and_the_rbf_centre_drift(tmp_p
     # 1,000 images in batches of 64: 16 steps a pass; the drift is the median of the second half (epochs 3-4)
     assert "| 100 | 150 x 16 | 80.00 ± 0.00 | 81.00 ± 0.00 | 1.00 ± 0.00 | 0.9 |" in body
     assert "| all | 24 x 100 | 87.00 ± 0.00 | 85.00 ± 0.00 | -2.00 ± 0.00 | 1.8 |" in body
+
+
+def test_report_prints_each_methods_late_drift_beside_the_convergence_check():
+    """The report's late-drift line: per method, validation's mean over the last 20% of epochs minus the 20%
+    before, in points, with the t-interval over that method's finals; grid runs and finals validated fewer
+    than 5 times are left out."""
+    from knnsolver.bench.report import _drift_text
+
+    def run(run_id, method, curve, role="final"):
+        history = [{"epoch": e + 1, "val_accuracy": v} for e, v in enumerate(curve)]
+        return run_id, {"run_id": run_id, "role": role, "kind": "train", "method": method, "val_key": "val_accuracy",
+                        "history": history, "config": {"epochs": len(curve)},
+                        "summary": {"best_epoch": max(range(len(curve)), key=curve.__getitem__) + 1}}
+
+    rising = [[0.80 + step * e for e in range(10)] for step in (0.01, 0.02, 0.03)]  # drifts 2, 4, 6 points
+    flat = [0.85] * 10
+    results = dict([run(f"npairs{i}", "npairs", c) for i, c in enumerate(rising)]
+                   + [run("hal0", "hal", flat), run("grid", "hal", rising[2], role="grid"),
+                      run("short", "hal", [0.5, 0.9, 0.9, 0.9])])
+    text = _drift_text(results)
+    half = 4.302653 * 2.0 / math.sqrt(3)  # t(0.975, 2) x sd 2 points / sqrt(3)
+    assert f"npairs +4.00 [{4 - half:+.2f}, {4 + half:+.2f}] (n=3)" in text
+    assert "hal +0.00 (n=1)" in text and text.startswith("- Late drift")
+    assert _drift_text({}) == ""

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from knnsolver.bench.stats import (
-    FAILS, HOLDS, OPEN, at_grid_edge, bootstrap_interval, convergence, paired_differences, paired_test, slope_test,
-    still_rising, usable,
+    FAILS, HOLDS, OPEN, at_grid_edge, bootstrap_interval, convergence, drift_by_method, late_drift, paired_differences,
+    paired_test, slope_test, still_rising, usable,
 )
 
 
@@ -112,3 +112,24 @@ def test_a_test_against_a_margin_says_so_beside_its_p_value_and_effect_size():
         against_margin.text())
     plain = paired_test([0.002, 0.004, 0.003, 0.0025, 0.0035])
     assert "(paired t-test: p=" in plain.text() and "margin" not in plain.text()
+
+
+def test_late_drift_is_the_mean_of_the_last_fifth_minus_the_fifth_before():
+    """Ten epochs: the last 20% is epochs 9-10, the 20% before is epochs 7-8; unevaluated (NaN) epochs are
+    skipped, and a window with no evaluation gives None. A noisy plateau whose best epoch is the last one
+    drifts by about 0, a rising curve by its rise."""
+    nan = math.nan
+    plateau = [0.70, 0.80, 0.85, 0.86, 0.85, 0.86, 0.87, 0.85, 0.85, 0.875]  # best at epoch 10: "late"
+    assert late_drift(plateau) == pytest.approx((0.85 + 0.875) / 2 - (0.87 + 0.85) / 2)
+    rising = [0.80 + 0.01 * e for e in range(10)]
+    assert late_drift(rising) == pytest.approx(0.02)  # (0.88 + 0.89) / 2 - (0.86 + 0.87) / 2
+    every_third = [nan, nan, 0.80, nan, nan, 0.82, nan, nan, 0.84, nan, nan, 0.86]  # windows: epochs 8-9, 10-12
+    assert late_drift(every_third) == pytest.approx(0.86 - 0.84)
+    assert late_drift([nan, 0.8, nan, nan, 0.9]) is None  # epoch 4, the 20% before the last, not evaluated
+    # by method: mean and the t-interval of the mean (t with n - 1 = 2 degrees of freedom: 4.303 at 95%)
+    up = [[0.80 + step * e for e in range(10)] for step in (0.01, 0.02, 0.03)]  # drifts 0.02, 0.04, 0.06
+    drift = drift_by_method([*up, plateau], ["npairs"] * 3 + ["hal"])
+    n, mean, low, high = drift["npairs"]
+    assert n == 3 and mean == pytest.approx(0.04) and high - mean == pytest.approx(4.3027 * 0.02 / math.sqrt(3), rel=1e-4)
+    assert low == pytest.approx(2 * mean - high)
+    assert drift["hal"][:2] == (1, pytest.approx(0.0025)) and math.isnan(drift["hal"][2])

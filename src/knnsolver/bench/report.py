@@ -73,6 +73,7 @@ from knnsolver.bench.stats import (  # noqa: E402
     Convergence,
     at_grid_edge,
     convergence,
+    drift_by_method,
     paired_differences,
     paired_test,
     usable,
@@ -554,18 +555,39 @@ RENDERERS: dict[str, Callable[[Mapping[str, dict], Plots], Section]] = {
 MIN_EVALS = 5  # a final validated fewer times is left out of the convergence check
 
 
-def _convergence(results: Mapping[str, dict]) -> tuple[Convergence | None, int]:
-    """The convergence check over the usable training finals validated at least :data:`MIN_EVALS` times, and
-    how many finals were validated fewer times (``None`` when no final is judged)."""
+def _judged_finals(results: Mapping[str, dict]) -> tuple[list[dict], int]:
+    """The usable training finals validated at least :data:`MIN_EVALS` times, and how many finals were
+    validated fewer times."""
     finals = usable(r for r in results.values()
                     if r.get("role") == "final" and "history" in r and r.get("kind") == "train")[0]
-    curves = {r["run_id"]: validation_curve(r) for r in finals}
-    judged = [r for r in finals if sum(not math.isnan(v) for v in curves[r["run_id"]]) >= MIN_EVALS]
+    judged = [r for r in finals if sum(not math.isnan(v) for v in validation_curve(r)) >= MIN_EVALS]
+    return judged, len(finals) - len(judged)
+
+
+def _convergence(results: Mapping[str, dict]) -> tuple[Convergence | None, int]:
+    """The convergence check over :func:`_judged_finals` (``None`` when no final is judged), and how many
+    finals were validated too few times to judge."""
+    judged, short = _judged_finals(results)
     if not judged:
-        return None, len(finals)
+        return None, short
     check = convergence([(r["summary"]["best_epoch"], r["config"]["epochs"]) for r in judged],
-                        [curves[r["run_id"]] for r in judged], [r["method"] for r in judged])
-    return check, len(finals) - len(judged)
+                        [validation_curve(r) for r in judged], [r["method"] for r in judged])
+    return check, short
+
+
+def _drift_text(results: Mapping[str, dict]) -> str:
+    """Each method's :func:`~knnsolver.bench.stats.late_drift` over :func:`_judged_finals`, in points, as one
+    line ("" when no final is judged): whether the late-peak count above is noise on a plateau or a run still
+    improving."""
+    judged, _ = _judged_finals(results)
+    drift = drift_by_method([validation_curve(r) for r in judged], [r["method"] for r in judged])
+    if not drift:
+        return ""
+    parts = [f"{m} {100 * mean:+.2f}" + (f" [{100 * low:+.2f}, {100 * high:+.2f}]" if n > 1 else "") + f" (n={n})"
+             for m, (n, mean, low, high) in drift.items()]
+    return ("- Late drift (validation points, mean over the last 20% of epochs minus the 20% before, per final; "
+            "mean and 95% t-interval by method; about 0 on a plateau, where a best epoch in the last 20% is "
+            "chance): " + "; ".join(parts) + ".")
 
 
 def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
@@ -590,6 +612,8 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
         few = (f" ({short} runs validated fewer than {MIN_EVALS} times are not judged: a late peak means nothing "
                "there)") if short else ""
         lines.append("- Convergence: " + check.text() + few + ".")
+        drift = _drift_text(results)
+        lines += [drift] if drift else []
     elif short:
         lines.append(f"- Convergence: not judged: all {short} finals validated fewer than {MIN_EVALS} times.")
     failed = usable([r for r in results.values() if "summary" in r])[1]

@@ -236,6 +236,30 @@ def convergence(runs: Iterable[tuple[int, int]], curves: Iterable[Sequence[float
     return Convergence(len(pairs), sum(is_late), plateau, tuple(sorted(rising.items(), key=lambda kv: (-kv[1], kv[0]))))
 
 
+def late_drift(curve: Sequence[float]) -> float | None:
+    """Mean validation score over the last ``LATE_FRACTION`` of epochs minus the mean over the ``LATE_FRACTION``
+    before them (NaN, unevaluated, epochs skipped); ``None`` when a window has no evaluation. Unlike the epoch
+    of the best score, which on a noisy plateau lands in the last 20% by chance alone, the mean of a window
+    averages the noise: near 0 on a plateau, above 0 while a run still improves."""
+    epochs = len(curve)
+    start, cut = int((1 - 2 * LATE_FRACTION) * epochs), int((1 - LATE_FRACTION) * epochs)
+    before = [v for v in curve[start:cut] if not math.isnan(v)]
+    after = [v for v in curve[cut:] if not math.isnan(v)]
+    return sum(after) / len(after) - sum(before) / len(before) if before and after else None
+
+
+def drift_by_method(curves: Iterable[Sequence[float]], methods: Iterable[str], level: float = LEVEL
+                    ) -> dict[str, tuple[int, float, float, float]]:
+    """Each method's ``(runs, mean, low, high)`` of :func:`late_drift` over its runs: the mean and its
+    t-interval at ``level`` (NaN bounds for a single run)."""
+    drifts: dict[str, list[float]] = {}
+    for curve, method in zip(curves, methods):
+        value = late_drift(curve)
+        if value is not None:
+            drifts.setdefault(method, []).append(value)
+    return {m: (len(v), *_t_interval(v, level)) for m, v in sorted(drifts.items())}
+
+
 def usable(runs: Iterable[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]], list[Mapping[str, Any]]]:
     """Split stored results into (usable, failed): a run whose summary says it diverged is failed."""
     good, failed = [], []
