@@ -220,9 +220,9 @@ PRESETS: dict[str, Preset] = {
             "unseen-classes": "150 epochs of 1,200 images of classes 0-3 (about 2,850 optimiser steps: at 30 "
                               "epochs 31 of 44 finals peaked in the last 20%, 22 still rising; at 90, 20 of 65, "
                               "N-pairs still rising; the 90-epoch runs were continued from their checkpoints), "
-                              "validation every 3rd epoch; the claims' rbf, triplet, lifted and npairs x (3 grid points + 4 more seeds) at "
-                              "64-d, plus rbf, triplet and the best other solver x 3 sizes x 5 seeds, run by 2 "
-                              "workers that share the runs",
+                              "validation every 3rd epoch; the claims' rbf, triplet, lifted and npairs x (3 grid "
+                              "points + 4 more seeds) at 64-d, plus rbf, triplet and the best other solver x 3 sizes "
+                              "x 5 seeds, run by 2 workers that share the runs",
             "cost": "loss steps on random embeddings at batch 256, 1,024, 4,096 and 10, 100, 1,000 classes (50 "
                     "repeats); 2 epochs per solver for the epoch time (timings alone on the machine, after the "
                     "workers); time to target: 90 epochs on the unseen-class split x 2 solvers, evaluated every "
