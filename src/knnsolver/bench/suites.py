@@ -47,7 +47,7 @@ GRIDS: dict[str, dict[str, tuple[Any, ...]]] = {
 }
 # Each key hyperparameter's ladder: its GRIDS points with values beyond each edge, in order (two, or more where
 # validation chose the ladder's end: softmax's 0.4 and HAL's 0.8 at 100 classification epochs, rbf's 1.6 at 10
-# images per class and 0.025 with all images in the scarcity suite).
+# images per class and 0.025 with all images in the scarcity suite, centralized's 16 in the cost suite's target runs).
 # A grid must bracket the optimum: when validation chooses a value at the edge of the points tried,
 # the runner (with the preset's ``extend_grids``) tries the next value outward, one more grid run on the
 # first seed, until the choice is interior or the ladder ends; the report still flags an edge choice.
@@ -56,7 +56,7 @@ LADDERS: dict[str, tuple[Any, ...]] = {
     "rbf": (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2),
     "hal": (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2),
     "crc": (0.00003, 0.0003, 0.003, 0.03, 0.3, 3.0, 30.0),
-    "centralized": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0),
+    "centralized": (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0),
     "triplet": (0.0125, 0.025, 0.05, 0.1, 0.2, 0.4, 0.8),
     "lifted": (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0),
     "npairs": (0.000002, 0.00002, 0.0002, 0.002, 0.02, 0.2, 2.0),
