@@ -810,7 +810,7 @@ def test_report_prints_each_methods_late_drift_beside_the_convergence_check():
     """The report's late-drift line: per method, validation's mean over the last 20% of epochs minus the 20%
     before, in points, with the t-interval over that method's finals; grid runs and finals validated fewer
     than 5 times are left out."""
-    from knnsolver.bench.report import _drift_text
+    from knnsolver.bench.report import _drift_text, _judged_finals
 
     def run(run_id, method, curve, role="final"):
         history = [{"epoch": e + 1, "val_accuracy": v} for e, v in enumerate(curve)]
@@ -823,8 +823,8 @@ def test_report_prints_each_methods_late_drift_beside_the_convergence_check():
     results = dict([run(f"npairs{i}", "npairs", c) for i, c in enumerate(rising)]
                    + [run("hal0", "hal", flat), run("grid", "hal", rising[2], role="grid"),
                       run("short", "hal", [0.5, 0.9, 0.9, 0.9])])
-    text = _drift_text(results)
+    text = _drift_text(_judged_finals(results)[0])
     half = 4.302653 * 2.0 / math.sqrt(3)  # t(0.975, 2) x sd 2 points / sqrt(3)
     assert f"npairs +4.00 [{4 - half:+.2f}, {4 + half:+.2f}] (n=3)" in text
     assert "hal +0.00 (n=1)" in text and text.startswith("- Late drift")
-    assert _drift_text({}) == ""
+    assert _drift_text(_judged_finals({})[0]) == ""

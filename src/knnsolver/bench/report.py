@@ -555,32 +555,29 @@ RENDERERS: dict[str, Callable[[Mapping[str, dict], Plots], Section]] = {
 MIN_EVALS = 5  # a final validated fewer times is left out of the convergence check
 
 
-def _judged_finals(results: Mapping[str, dict]) -> tuple[list[dict], int]:
-    """The usable training finals validated at least :data:`MIN_EVALS` times, and how many finals were
-    validated fewer times."""
+def _judged_finals(results: Mapping[str, dict]) -> tuple[list[tuple[dict, list[float]]], int]:
+    """The usable training finals validated at least :data:`MIN_EVALS` times, each with its validation curve,
+    and how many finals were validated fewer times."""
     finals = usable(r for r in results.values()
                     if r.get("role") == "final" and "history" in r and r.get("kind") == "train")[0]
-    judged = [r for r in finals if sum(not math.isnan(v) for v in validation_curve(r)) >= MIN_EVALS]
+    curves = [(r, validation_curve(r)) for r in finals]
+    judged = [(r, curve) for r, curve in curves if sum(not math.isnan(v) for v in curve) >= MIN_EVALS]
     return judged, len(finals) - len(judged)
 
 
-def _convergence(results: Mapping[str, dict]) -> tuple[Convergence | None, int]:
-    """The convergence check over :func:`_judged_finals` (``None`` when no final is judged), and how many
-    finals were validated too few times to judge."""
-    judged, short = _judged_finals(results)
+def _convergence(judged: Sequence[tuple[dict, list[float]]]) -> Convergence | None:
+    """The convergence check over :func:`_judged_finals` (``None`` when no final is judged)."""
     if not judged:
-        return None, short
-    check = convergence([(r["summary"]["best_epoch"], r["config"]["epochs"]) for r in judged],
-                        [validation_curve(r) for r in judged], [r["method"] for r in judged])
-    return check, short
+        return None
+    return convergence([(r["summary"]["best_epoch"], r["config"]["epochs"]) for r, _ in judged],
+                       [curve for _, curve in judged], [r["method"] for r, _ in judged])
 
 
-def _drift_text(results: Mapping[str, dict]) -> str:
+def _drift_text(judged: Sequence[tuple[dict, list[float]]]) -> str:
     """Each method's :func:`~knnsolver.bench.stats.late_drift` over :func:`_judged_finals`, in points, as one
     line ("" when no final is judged): whether the late-peak count above is noise on a plateau or a run still
     improving."""
-    judged, _ = _judged_finals(results)
-    drift = drift_by_method([validation_curve(r) for r in judged], [r["method"] for r in judged])
+    drift = drift_by_method([curve for _, curve in judged], [r["method"] for r, _ in judged])
     if not drift:
         return ""
     parts = [f"{m} {100 * mean:+.2f}" + (f" [{100 * low:+.2f}, {100 * high:+.2f}]" if n > 1 else "") + f" (n={n})"
@@ -607,12 +604,13 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
         varied = sorted(k for k in CONFIG_KEYS if k not in shared)
         text = ", ".join(f"{k}={v}" for k, v in shared.items())
         lines.append(f"- `{split}` split runs: {text}" + (f"; varied within the suite: {', '.join(varied)}" if varied else "") + ".")
-    check, short = _convergence(results)
+    judged, short = _judged_finals(results)
+    check = _convergence(judged)
     if check is not None:
         few = (f" ({short} runs validated fewer than {MIN_EVALS} times are not judged: a late peak means nothing "
                "there)") if short else ""
         lines.append("- Convergence: " + check.text() + few + ".")
-        drift = _drift_text(results)
+        drift = _drift_text(judged)
         lines += [drift] if drift else []
     elif short:
         lines.append(f"- Convergence: not judged: all {short} finals validated fewer than {MIN_EVALS} times.")
@@ -744,7 +742,7 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         head += ["### Setup", f"- Regime tested: {regime}.\n" + _setup(suite, results)]
         if claims:
             head += ["### Claims", "\n".join(_claim_line(c, v) for c, v in verdicts.items())]
-        check = _convergence(results)[0]
+        check = _convergence(_judged_finals(results)[0])
         note = " (stale results)" if stale else " (in progress)" if unfinished else ""
         if check is not None and not check.ok:
             note += " (convergence check fails: budgets short)"
