@@ -255,3 +255,39 @@ def test_floored_logsumexp_matches_torch_and_keeps_infinities_and_nan():
     torch.testing.assert_close(a.grad, b.grad, atol=1e-30, rtol=1e-12)
     assert _logsumexp(torch.full((1, 3), float("-inf")), 1).item() == float("-inf")
     assert torch.isnan(_logsumexp(torch.tensor([[0.0, float("nan")]]), 1)).all()
+
+
+def test_fused_nll_and_its_closed_form_gradient_equal_autograd_of_the_plain_formula():
+    """The one-function RBF loss (closed-form backward) against torch.logsumexp differentiated by autograd,
+    with a padding slot, a row with no true-class slot (nll +inf, left out with weight 0), and a learned sigma."""
+    from knnsolver.functional.rbf import _RBFNegLogLikelihood
+
+    x, centres, cl, nb, lw = random_problem(seed=11, b=5, n=30, c=3, k=6)
+    index = nb.long()
+    index[0, :2] = -1
+    labels = torch.cat([cl[index[:4, 2]], torch.tensor([7])])  # class 7 has no centre: row 4 has no true slot
+    valid = index >= 0
+    index = index.clamp(min=0)
+    is_true = (cl[index] == labels.unsqueeze(1)) & valid
+    weights = torch.tensor([0.3, -1.2, 0.8, 2.0, 0.0], dtype=torch.float64)
+
+    def plain(x, lw, sigma):
+        a = lw[index] - ((x.unsqueeze(1) - centres[index]) ** 2).sum(-1) / (2 * sigma**2)
+        nll = torch.logsumexp(a.masked_fill(~valid, float("-inf")), 1) - torch.logsumexp(a.masked_fill(~is_true, float("-inf")), 1)
+        return nll[:4]
+
+    def fused(x, lw, sigma):
+        return _RBFNegLogLikelihood.apply(x, centres, index, valid, is_true, lw, sigma)[0]
+
+    inputs = [x.clone().requires_grad_(True), lw.clone().requires_grad_(True), torch.tensor(0.7, dtype=torch.float64, requires_grad=True)]
+    got = fused(*inputs)
+    assert got[4] == float("inf") and torch.isfinite(got[:4]).all()
+    want = plain(*inputs)
+    torch.testing.assert_close(got[:4], want, rtol=1e-12, atol=1e-12)
+    kept = torch.where(torch.isfinite(got), got, torch.zeros_like(got))  # as RBFTerms.loss leaves row 4 out
+    grads = torch.autograd.grad((kept * weights).sum(), inputs)
+    want_grads = torch.autograd.grad((want * weights[:4]).sum(), inputs)
+    for g, w in zip(grads, want_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    assert (grads[0][4] == 0).all()  # the row left out gets no gradient

@@ -303,7 +303,7 @@ class RBFSolver(Solver):
         if self.neighbour_mode == "stored":
             if row_indices is None:
                 raise ConfigError("neighbour_mode='stored' needs each sample's row index; use neighbour_mode='fresh'")
-            return self.bank.neighbours[row_indices]
+            return self.bank.neighbours.index_select(0, row_indices)
         # fresh: the bank's index of its training centres, built once per change of the centres
         embeddings = self.transform(embeddings.detach())
         if row_indices is None:
@@ -316,7 +316,7 @@ class RBFSolver(Solver):
                 f"row indices must lie in [0, {self.num_train}) (the bank's training rows); "
                 f"got {int(row_indices.min())}..{int(row_indices.max())}"
             )
-        if not torch.equal(self.bank.training_labels[row_indices], labels):
+        if not torch.equal(self.bank.training_labels.index_select(0, row_indices), labels):
             raise ConfigError(
                 "row indices do not match the bank: the stored labels at these rows differ from the batch's; "
                 "the dataset must yield each sample's position in the training set as its row index"
