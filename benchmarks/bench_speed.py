@@ -13,6 +13,12 @@ Prints, all measured in this process:
    N, d and k as flagged; ratios against softmax; eager and compiled
    (``compile_loss``); on CUDA also the device kernels and host
    synchronisations per step (torch.profiler).
+4. Whole training steps (network forward and backward, solver, Adam) of softmax
+   and RBF taken in turn, step by step, on the same real batches, so a change
+   in the machine's speed during the run (on a shared host, 20-40% between
+   minutes) weighs on both alike; the RBF epoch ratio with its refresh (timed
+   in this process) amortised over ``--update-interval`` epochs. Sequential
+   whole runs (section 1) cannot separate a 10% difference from such drift.
 
 Usage: ``python benchmarks/bench_speed.py [--device cpu|cuda] [--per-class 1000] [--width 16]
 [--epochs 2] [--batch 128] [--k 200] [--threads 2] [--variants fp32,compile]``. Fashion-MNIST from
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -155,6 +162,48 @@ def step_time(name: str, options: dict, a: argparse.Namespace, repeats: int, com
     return statistics.median(times[3:]), launches(one, device)
 
 
+def interleaved_steps(a: argparse.Namespace, steps: int) -> dict[str, float]:
+    """Median seconds of one training step for softmax and for RBF (``--k``), alternating step by step on
+    the same shuffled batches of all Fashion-MNIST training rows (whatever ``--per-class``); the RBF bank holds the untrained network's embeddings of all
+    training rows. Each solver has its own copy of the same initial network and its own Adam."""
+    from knnsolver.data.datasets import load_fashion_mnist
+    from knnsolver.models.factory import build_model
+    from knnsolver.training.trainer import LossStep
+
+    device = torch.device(a.device)
+    source = load_fashion_mnist(a.data_dir)
+    rows = torch.as_tensor(source.train_rows)
+    images = source.pool.data[rows].float().mul_(source.pool.scale).to(device)
+    labels = torch.as_tensor(source.labels)[rows].to(device)
+    n = len(rows)
+    runs = {}
+    for name, options in (("softmax", {}), ("rbf", {"k": a.k})):
+        torch.manual_seed(0)
+        model = build_model("conv28", (1, 28, 28), embedding_dim=a.dim, width=a.width).to(device)
+        solver = SOLVERS.build(name, embedding_dim=a.dim, num_classes=10, num_train=n, **options).to(device)
+        if name == "rbf":
+            with torch.no_grad():
+                model.eval()
+                solver.refresh(torch.cat([model(images[i : i + 1024]) for i in range(0, n, 1024)]), labels)
+        model.train()
+        params = [p for p in [*model.parameters(), *solver.parameters()] if p.requires_grad]
+        runs[name] = (LossStep(model, solver), torch.optim.Adam(params, lr=1e-3))
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(steps + 10):
+        idx = order[(i * a.batch) % (n - a.batch) :][: a.batch]
+        for name, (step, optimizer) in runs.items():
+            _sync(device)
+            start = time.perf_counter()
+            loss, _ = step(images[idx], labels[idx], idx)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {"rows": n, **{name: statistics.median(t[10:]) for name, t in times.items()}}
+
+
 def launches(step, device: torch.device, steps: int = 5) -> str:
     """Device kernels (and memory copies/sets) and host synchronisations per call of ``step``, on CUDA."""
     if device.type != "cuda":
@@ -185,6 +234,7 @@ def main() -> None:
     p.add_argument("--update-interval", type=int, default=10)
     p.add_argument("--bank", type=int, default=54_000, help="bank rows for the solver-step timing")
     p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--steps", type=int, default=200, help="interleaved training steps per solver (section 4)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--skip-slow-data", action="store_true", help="skip the per-item DataLoader comparison")
     p.add_argument("--variants", default="fp32", help=f"comma-separated, of: {', '.join(VARIANTS)}")
@@ -229,6 +279,18 @@ def main() -> None:
         for name, options in (("hal", {}), ("rbf", {"k": a.k})):
             t, info = step_time(name, options, a, a.repeats, compiled)
             print(f"   {label:8s} {name:7s} {t * 1e3:8.3f} ms   ratio {t / base:5.2f}   {info}")
+
+
+    steps = interleaved_steps(a, a.steps)
+    per_epoch = math.ceil(steps["rows"] / a.batch) if soft is not None and rb["rows"] == steps["rows"] else 0
+    print(f"\n4. training steps taken in turn, conv28 width {a.width}, batch {a.batch}, {a.device}, median of {a.steps}:")
+    print(f"   softmax {steps['softmax'] * 1e3:8.2f} ms")
+    print(f"   rbf     {steps['rbf'] * 1e3:8.2f} ms   ratio {steps['rbf'] / steps['softmax']:5.3f}   "
+          f"(+{(steps['rbf'] - steps['softmax']) * 1e3:.2f} ms a step)")
+    if per_epoch:
+        steady = steps["rbf"] * per_epoch + refresh / n
+        print(f"   rbf training epoch with a refresh every {n} ({per_epoch} steps, refresh {refresh:.2f} s as in 1.): "
+              f"ratio {steady / (steps['softmax'] * per_epoch):.3f} to softmax's epoch")
 
 
 if __name__ == "__main__":
