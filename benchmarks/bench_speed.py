@@ -162,17 +162,18 @@ def step_time(name: str, options: dict, a: argparse.Namespace, repeats: int, com
     return statistics.median(times[3:]), launches(one, device)
 
 
-def interleaved_steps(a: argparse.Namespace, steps: int) -> dict[str, float]:
+def interleaved_steps(a: argparse.Namespace, steps: int, num_rows: int) -> dict[str, float]:
     """Median seconds of one training step for softmax and for RBF (``--k``), alternating step by step on
-    the same shuffled batches of all Fashion-MNIST training rows (whatever ``--per-class``); the RBF bank holds the untrained network's embeddings of all
-    training rows. Each solver has its own copy of the same initial network and its own Adam."""
+    the same shuffled batches of the first ``num_rows`` Fashion-MNIST training images (section 1's
+    training-set size); the RBF bank holds the untrained network's embeddings of them. Each solver has
+    its own copy of the same initial network and its own Adam."""
     from knnsolver.data.datasets import load_fashion_mnist
     from knnsolver.models.factory import build_model
     from knnsolver.training.trainer import LossStep
 
     device = torch.device(a.device)
     source = load_fashion_mnist(a.data_dir)
-    rows = torch.as_tensor(source.train_rows)
+    rows = torch.as_tensor(source.train_rows[:num_rows])
     images = source.pool.data[rows].float().mul_(source.pool.scale).to(device)
     labels = torch.as_tensor(source.labels)[rows].to(device)
     n = len(rows)
@@ -201,7 +202,7 @@ def interleaved_steps(a: argparse.Namespace, steps: int) -> dict[str, float]:
             optimizer.step()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return {"rows": n, **{name: statistics.median(t[10:]) for name, t in times.items()}}
+    return {name: statistics.median(t[10:]) for name, t in times.items()}
 
 
 def launches(step, device: torch.device, steps: int = 5) -> str:
@@ -281,16 +282,15 @@ def main() -> None:
             print(f"   {label:8s} {name:7s} {t * 1e3:8.3f} ms   ratio {t / base:5.2f}   {info}")
 
 
-    steps = interleaved_steps(a, a.steps)
-    per_epoch = math.ceil(steps["rows"] / a.batch) if soft is not None and rb["rows"] == steps["rows"] else 0
+    steps = interleaved_steps(a, a.steps, rb["rows"])
+    per_epoch = math.ceil(rb["rows"] / a.batch)
     print(f"\n4. training steps taken in turn, conv28 width {a.width}, batch {a.batch}, {a.device}, median of {a.steps}:")
     print(f"   softmax {steps['softmax'] * 1e3:8.2f} ms")
     print(f"   rbf     {steps['rbf'] * 1e3:8.2f} ms   ratio {steps['rbf'] / steps['softmax']:5.3f}   "
           f"(+{(steps['rbf'] - steps['softmax']) * 1e3:.2f} ms a step)")
-    if per_epoch:
-        steady = steps["rbf"] * per_epoch + refresh / n
-        print(f"   rbf training epoch with a refresh every {n} ({per_epoch} steps, refresh {refresh:.2f} s as in 1.): "
-              f"ratio {steady / (steps['softmax'] * per_epoch):.3f} to softmax's epoch")
+    steady = steps["rbf"] * per_epoch + refresh / n
+    print(f"   rbf training epoch with a refresh every {n} ({per_epoch} steps, refresh {refresh:.2f} s as in 1.): "
+          f"ratio {steady / (steps['softmax'] * per_epoch):.3f} to softmax's epoch")
 
 
 if __name__ == "__main__":
