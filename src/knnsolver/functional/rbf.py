@@ -201,9 +201,10 @@ class _RBFNegLogLikelihood(torch.autograd.Function):
     Returns ``(nll, sq)``: ``(B,)``, ``+inf`` for a row with no true slot, and the
     ``(B, K)`` squared distances (not differentiable). The maths autograd would
     differentiate through the gathers and log-sum-exps, as one node whose backward
-    is five operators and a matrix product (the step is bound by operator count, on
-    the CPU and on GPUs: benchmarks/README.md): with ``p`` the softmax of ``a`` over a row's valid
-    slots and ``q`` over its true slots, ``dnll/da = p - q``, then
+    forms ``p - q`` in five operators, then one batched matrix product for the
+    embeddings and one ``index_add`` for the weights (the step is bound by operator
+    count, on the CPU and on GPUs: benchmarks/README.md). With ``p`` the softmax of
+    ``a`` over a row's valid slots and ``q`` over its true slots, ``dnll/da = p - q``, then
     ``da/dx = (c - x) / sigma^2``, ``da/dtheta = 1`` and ``da/dsigma = ||x - c||^2 / sigma^3``.
     A row with no true slot has ``q = 0`` (its ``nll`` is left out of the loss,
     so its gradient is multiplied by 0 and stays finite).
