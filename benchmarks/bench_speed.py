@@ -19,6 +19,9 @@ Prints, all measured in this process:
    minutes) weighs on both alike; the RBF epoch ratio with its refresh (timed
    in this process) amortised over ``--update-interval`` epochs. Sequential
    whole runs (section 1) cannot separate a 10% difference from such drift.
+5. The evaluation embedding pass (eval mode, no gradient) of the training set
+   at 64 to 1,024 rows a batch, taken in turn; the automatic
+   ``eval_batch_size`` marked.
 
 Usage: ``python benchmarks/bench_speed.py [--device cpu|cuda] [--per-class 1000] [--width 16]
 [--epochs 2] [--batch 128] [--k 200] [--threads 2] [--variants fp32,compile]``. Fashion-MNIST from
@@ -205,6 +208,31 @@ def interleaved_steps(a: argparse.Namespace, steps: int, num_rows: int) -> dict[
     return {name: statistics.median(t[10:]) for name, t in times.items()}
 
 
+def embedding_pass(a: argparse.Namespace, num_rows: int, sizes: tuple[int, ...] = (64, 128, 256, 512, 1024),
+                   rows: int = 4096, repeats: int = 6) -> dict[int, float]:
+    """Seconds to embed ``num_rows`` rows in eval mode at each batch size: medians of ``repeats`` rounds over
+    ``rows`` Fashion-MNIST images, the sizes taken in turn within each round, scaled to ``num_rows``."""
+    from knnsolver.data.datasets import load_fashion_mnist
+    from knnsolver.models.factory import build_model
+
+    device = torch.device(a.device)
+    source = load_fashion_mnist(a.data_dir)
+    images = source.pool.data[torch.as_tensor(source.train_rows[:rows])].float().mul_(source.pool.scale).to(device)
+    model = build_model("conv28", (1, 28, 28), embedding_dim=a.dim, width=a.width).to(device).eval()
+    times: dict[int, list[float]] = {size: [] for size in sizes}
+    with torch.no_grad():
+        model(images[: max(sizes)])
+        for _ in range(repeats):
+            for size in sizes:
+                _sync(device)
+                start = time.perf_counter()
+                for i in range(0, rows, size):
+                    model(images[i : i + size])
+                _sync(device)
+                times[size].append((time.perf_counter() - start) * num_rows / rows)
+    return {size: statistics.median(t) for size, t in times.items()}
+
+
 def launches(step, device: torch.device, steps: int = 5) -> str:
     """Device kernels (and memory copies/sets) and host synchronisations per call of ``step``, on CUDA."""
     if device.type != "cuda":
@@ -291,6 +319,16 @@ def main() -> None:
     steady = steps["rbf"] * per_epoch + refresh / n
     print(f"   rbf training epoch with a refresh every {n} ({per_epoch} steps, refresh {refresh:.2f} s as in 1.): "
           f"ratio {steady / (steps['softmax'] * per_epoch):.3f} to softmax's epoch")
+
+    from knnsolver.training.config import auto_eval_batch_size
+
+    passes = embedding_pass(a, rb["rows"])
+    auto = auto_eval_batch_size(torch.device(a.device))
+    print(f"\n5. evaluation embedding pass of {rb['rows']:,} rows (eval mode, no gradient), conv28 width {a.width}, "
+          f"{a.device}, batch sizes in turn; ratio to the automatic {auto}:")
+    for size, seconds in passes.items():
+        mark = "   (automatic)" if size == auto else ""
+        print(f"   {size:5d} rows a batch {seconds:7.2f} s   ratio {seconds / passes[auto]:5.2f}{mark}")
 
 
 if __name__ == "__main__":

@@ -828,3 +828,18 @@ def test_report_prints_each_methods_late_drift_beside_the_convergence_check():
     assert f"npairs +4.00 [{4 - half:+.2f}, {4 + half:+.2f}] (n=3)" in text
     assert "hal +0.00 (n=1)" in text and text.startswith("- Late drift")
     assert _drift_text(_judged_finals({})[0]) == ""
+
+
+def test_results_stored_before_the_automatic_eval_batch_size_still_match_their_settings():
+    """eval_batch_size went from 512 to 0 (automatic): it sets how many rows are embedded at once, not what is
+    learnt, so a stored result keeps matching its spec; under bn_mode="matched" the bank's BatchNorm statistics
+    come from those batches, so there it still counts."""
+    from knnsolver.bench.suites import comparable
+    from knnsolver.training import TrainConfig
+
+    new = TrainConfig(dataset="digits", solver="rbf", out="a").to_dict()
+    old = {**new, "eval_batch_size": 512}
+    assert new["eval_batch_size"] == 0 and comparable(old) == comparable(new)
+    assert comparable({**old, "width": 99}) != comparable(new)
+    matched = {**new, "bn_mode": "matched"}
+    assert comparable({**matched, "eval_batch_size": 512}) != comparable(matched)

@@ -139,3 +139,38 @@ def test_class_lists_are_read_from_flags_and_files_and_checked():
     assert TrainConfig(dataset="digits", val_classes="2").validate().val_classes == 2
     with pytest.raises(ConfigError, match="val_classes must be a count >= 0"):
         TrainConfig(dataset="digits", val_classes=-1).validate()
+
+
+def test_eval_batch_size_zero_is_automatic_by_device():
+    """0 (the default) embeds 128 rows at a time on the CPU, where larger batches overflow the cache and embed
+    at about half the speed (benchmarks/README.md), and 512 on an accelerator; a set value is kept."""
+    import torch
+
+    from knnsolver.training.config import auto_eval_batch_size
+
+    assert TrainConfig().eval_batch_size == 0
+    assert TrainConfig(device="cpu").eval_rows == 128
+    assert TrainConfig(device="cpu", eval_batch_size=300).eval_rows == 300
+    assert auto_eval_batch_size(torch.device("cpu")) == 128
+    assert auto_eval_batch_size(torch.device("cuda", 0)) == 512
+    with pytest.raises(ConfigError, match=r"eval_batch_size must be >= 0 \(0 = automatic: 128 rows on the CPU, 512 on a GPU\), got -1"):
+        TrainConfig(eval_batch_size=-1).validate()
+
+
+@pytest.mark.parametrize("setting,expected", [(None, 128), (24, 24)])
+def test_training_embeds_in_batches_of_the_resolved_eval_batch_size(tmp_path, monkeypatch, setting, expected):
+    """Validation, test and bank-refresh embedding passes all use the resolved size (automatic: 128 on the CPU)."""
+    from knnsolver.training import train, trainer
+
+    sizes = []
+    embed = trainer.embed_dataset
+
+    def recording(model, dataset, batch_size, *args, **kwargs):
+        sizes.append(batch_size)
+        return embed(model, dataset, batch_size, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "embed_dataset", recording)
+    extra = {} if setting is None else {"eval_batch_size": setting}
+    train(TrainConfig(dataset="digits", solver="rbf", solver_options={"k": 10}, width=4, embedding_dim=8, epochs=2,
+                      max_per_class=30, plots=False, progress=False, device="cpu", out=str(tmp_path / "run"), **extra))
+    assert len(sizes) >= 4 and set(sizes) == {expected}

@@ -44,6 +44,12 @@ def test_split():
     return torch.stack([data.test[i][0] for i in range(len(data.test))]), data.test.labels, data
 
 
+def test_a_loaded_run_embeds_in_batches_of_its_eval_batch_size(runs, tmp_path):
+    """The run's automatic eval_batch_size (0) is 128 rows on the CPU; a set one is kept."""
+    assert knnsolver.load(runs["softmax"]).batch_size == 128
+    assert knnsolver.load(_train(tmp_path / "set", "softmax", eval_batch_size=40)).batch_size == 40
+
+
 def test_a_loaded_run_predicts_as_its_evaluation_did(runs, test_split):
     x, labels, _ = test_split
     for name in ("rbf", "hal", "softmax"):

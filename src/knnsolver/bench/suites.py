@@ -691,7 +691,10 @@ def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
     A training config is read back through :class:`TrainConfig`, so a result
     stored before a setting was added (it takes its default) or before a value's
     spelling changed (``plots: false`` -> ``"off"``) still matches the same
-    settings; a measurement config is compared as stored.
+    settings; a measurement config is compared as stored. ``eval_batch_size``
+    only sets how many rows are embedded at once, so it is left out, except
+    under ``bn_mode="matched"``, where the bank's BatchNorm statistics come from
+    those batches.
     """
     config = dict(config)
     if "dataset" in config:
@@ -699,7 +702,8 @@ def comparable(config: Mapping[str, Any]) -> dict[str, Any]:
             config = TrainConfig.from_dict(config).to_dict()
         except (ConfigError, TypeError, ValueError):
             pass  # a setting unknown today: compared as stored, so it differs
-    return {k: v for k, v in config.items() if k not in ("out", "data_dir")}
+    ignored = {"out", "data_dir"} | ({"eval_batch_size"} if config.get("bn_mode", "batch") != "matched" else set())
+    return {k: v for k, v in config.items() if k not in ignored}
 
 
 def resolve(spec: RunSpec, results: Mapping[str, dict]) -> tuple[RunSpec, dict | None]:

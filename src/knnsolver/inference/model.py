@@ -32,6 +32,7 @@ from knnsolver.inference.openset import (
 )
 from knnsolver.interfaces import Solver, check_k
 from knnsolver.search.exact import ExactSearch
+from knnsolver.training.config import auto_eval_batch_size
 
 MODEL_FILE = "model.pt"
 FORMAT, VERSION = "knnsolver-model", 1
@@ -83,7 +84,7 @@ class KnnModel:
         solver: the solver (eval mode), holding the reference set it predicts from.
         spec: what an input is and how an image file becomes one.
         classes: the name of every class id (training classes first, then added ones).
-        batch_size: inputs embedded at once.
+        batch_size: inputs embedded at once (the run's ``eval_batch_size``).
     """
 
     def __init__(self, backbone: nn.Module, solver: Solver, spec: InputSpec, classes: list[str], embeddings: Tensor,
@@ -92,8 +93,8 @@ class KnnModel:
         self.solver = solver.eval()
         self.spec = spec
         self.classes = list(classes)
-        self.batch_size = int(info["config"].get("eval_batch_size", 512))
         self._embeddings, self._labels, self._sources = embeddings, labels.long(), list(sources)
+        self.batch_size = int(info["config"].get("eval_batch_size", 512)) or auto_eval_batch_size(self.device)
         self._info = info
         self._search_set: ReferenceSet | None = None
 

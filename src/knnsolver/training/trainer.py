@@ -136,7 +136,7 @@ class Run:
         return self.config.torch_device
 
     def embed(self, dataset, rows: range | None = None, batchnorm_batch_stats: bool = False) -> tuple[Tensor, Tensor]:
-        return embed_dataset(self.model, dataset, self.config.eval_batch_size, self.device, rows, batchnorm_batch_stats,
+        return embed_dataset(self.model, dataset, self.config.eval_rows, self.device, rows, batchnorm_batch_stats,
                              self.config.num_workers)
 
     def embed_all(self, dataset, batchnorm_batch_stats: bool = False) -> tuple[Tensor, Tensor]:
