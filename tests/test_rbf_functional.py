@@ -210,6 +210,7 @@ def test_auto_sigma_is_median_distance_to_nearest_other_centre():
     dt.fill_diagonal_(float("inf"))
     assert rbf_auto_sigma(twins) == pytest.approx(float(np.sort(dt.min(1).values.numpy())[18]), rel=1e-5)
     assert rbf_auto_sigma(torch.ones(4, 2)) == 1.0
+    assert rbf_auto_sigma(torch.ones(1, 2)) == 1.0  # a single centre has no spacing
 
 
 def test_sync_free_hard_case_search_gives_the_same_centres():

@@ -27,7 +27,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
-from knnsolver.search.exact import blocked_knn
+from knnsolver.search.exact import ExactSearch
 
 __all__ = [
     "RBFTerms",
@@ -372,14 +372,17 @@ def rbf_auto_sigma(centres: Tensor, max_points: int = 2048) -> float:
 
     The typical spacing of the bank: a sample's nearest centre then has
     ``f ~ exp(-1/2)`` and farther ones fall off, whatever the embedding's overall
-    scale. Estimated on at most ``max_points`` evenly spaced rows (exact search
-    of each against all centres, blocked: never ``N x N``). Falls back to 1 when
-    the distances are all 0.
+    scale. Estimated on at most ``max_points`` evenly spaced rows: each row's
+    nearest other centre comes from the exact backend's graph (never ``N x N``
+    at once; on the CPU its numba kernel, about half the time of a blocked torch
+    search at 54,000 centres: benchmarks/README.md), and the distance is then
+    taken as a difference. Falls back to 1 when the distances are all 0 or there
+    is a single centre.
     """
     n = centres.shape[0]
+    if n < 2:
+        return 1.0
     rows = torch.linspace(0, n - 1, min(n, max_points), device=centres.device).round().long().unique()
-    dist, index = blocked_knn(centres[rows], centres, min(2, n))
-    own = index[:, 0].long() == rows  # the first hit is the row itself unless a duplicate ties with it
-    nearest = torch.where(own, dist[:, -1], dist[:, 0]).clamp(min=0).sqrt()
-    value = float(nearest.median())
+    nearest = ExactSearch().build(centres).graph(1, rows=rows)[:, 0].long().to(centres.device)
+    value = float((centres.index_select(0, rows).float() - centres.index_select(0, nearest).float()).norm(dim=1).median())
     return value if value > 0 else 1.0
