@@ -374,8 +374,8 @@ def rbf_auto_sigma(centres: Tensor, max_points: int = 2048) -> float:
     ``f ~ exp(-1/2)`` and farther ones fall off, whatever the embedding's overall
     scale. Estimated on at most ``max_points`` evenly spaced rows: each row's
     nearest other centre comes from the exact backend's graph (never ``N x N``
-    at once; on the CPU its numba kernel, about half the time of a blocked torch
-    search at 54,000 centres: benchmarks/README.md), and the distance is then
+    at once; on the CPU its numba kernel: 0.08 s at 54,000 centres, against 0.62 s
+    for a blocked torch search; benchmarks/README.md), and the distance is then
     taken as a difference. Falls back to 1 when the distances are all 0 or there
     is a single centre.
     """

@@ -131,7 +131,7 @@ class TrainConfig:
         eval_batch_size: rows per batch when embedding for evaluation and bank refreshes; 0 = automatic.
             Automatic (:func:`auto_eval_batch_size`) is 128 rows on the CPU, where a batch whose
             activations overflow the cache embeds at about half the speed (conv28 width 32:
-            12.6 s per 54,000 rows at 512 rows a batch, 6.6 s at 128; benchmarks/README.md),
+            12.2-13.2 s per 54,000 rows at 512 rows a batch, 5.5-5.8 s at 128; benchmarks/README.md),
             and 512 on a GPU, where fewer, larger batches save launches.
         num_workers: DataLoader worker processes for file-backed or augmented data; 0 = the main process.
         plots: curves (loss and metric curves), all (adds a t-SNE of at most 2,000 test embeddings) or off.
