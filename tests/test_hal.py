@@ -31,6 +31,29 @@ def test_hal_matches_direct_float64_computation():
     assert hal_loss(x, y, a, 0.3).item() == pytest.approx(loss, rel=1e-12)
 
 
+def test_hal_loss_gradient_equals_autograd_through_the_plain_formula():
+    """The one-node loss's closed-form gradient against autograd through normalize, the logits and
+    cross_entropy (float64), for the embeddings and the anchors; a row below normalize's 1e-12 floor
+    included (divided by the floor, not projected)."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    x, a = torch.randn(9, 6, generator=g, dtype=torch.float64), torch.randn(4, 6, generator=g, dtype=torch.float64)
+    x[4] *= 1e-14
+    y = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0, 0])
+    got_in = [x.clone().requires_grad_(True), a.clone().requires_grad_(True)]
+    want_in = [x.clone().requires_grad_(True), a.clone().requires_grad_(True)]
+    got = hal_loss(got_in[0], y, got_in[1], 0.3)
+    want = F.cross_entropy(hal_logits(want_in[0], want_in[1], 0.3), y)
+    assert got.item() == pytest.approx(want.item(), rel=1e-12)
+    (2.5 * got).backward()
+    (2.5 * want).backward()
+    for mine, theirs in zip(got_in, want_in):
+        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-10, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda e, an: hal_loss(e, y[:4], an, 0.3), (x[:4].clone().requires_grad_(True),
+                                                                          a.clone().requires_grad_(True)))
+
+
 def test_hal_logits_are_the_sphere_closed_form():
     g = torch.Generator().manual_seed(1)
     x, a = torch.randn(6, 4, generator=g, dtype=torch.float64), torch.randn(5, 4, generator=g, dtype=torch.float64)
