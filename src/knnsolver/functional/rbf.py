@@ -43,6 +43,14 @@ __all__ = [
 _NEG_INF = float("-inf")
 
 
+def _differences(x: Tensor, centres: Tensor, index: Tensor) -> tuple[Tensor, Tensor]:
+    """``(diff, sq)``: the ``(B, k, d)`` block ``c_{index[b, j]} - x_b`` (one gather, turned into differences
+    in place) and its squared norms ``(B, k)``."""
+    diff = centres.index_select(0, index.reshape(-1)).view(*index.shape, -1).to(x.dtype)
+    diff.sub_(x.unsqueeze(1))  # c - x, in place: the gathered copy is ours
+    return diff, torch.linalg.vector_norm(diff, dim=2).square_()
+
+
 class _SquaredDistances(torch.autograd.Function):
     """``||x_b - c_{index[b, j]}||^2`` for embeddings ``x (B, d)`` and constant centres ``c (N, d)``.
 
@@ -54,10 +62,9 @@ class _SquaredDistances(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, centres: Tensor, index: Tensor) -> Tensor:
-        diff = centres.index_select(0, index.reshape(-1)).view(*index.shape, -1).to(x.dtype)
-        diff.sub_(x.unsqueeze(1))  # c - x, in place: the gathered copy is ours
+        diff, sq = _differences(x, centres, index)
         ctx.save_for_backward(diff)
-        return torch.linalg.vector_norm(diff, dim=2).square()
+        return sq
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
@@ -213,9 +220,7 @@ class _RBFNegLogLikelihood(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, centres: Tensor, index: Tensor, valid: Tensor, is_true: Tensor,
                 log_weights: Tensor, sigma: Tensor) -> tuple[Tensor, Tensor]:
-        diff = centres.index_select(0, index.reshape(-1)).view(*index.shape, -1).to(x.dtype)
-        diff.sub_(x.unsqueeze(1))  # c - x, in place: the gathered copy is ours
-        sq = torch.linalg.vector_norm(diff, dim=2).square_()
+        diff, sq = _differences(x, centres, index)
         scale = (0.5 / sigma.square()).to(x.dtype)
         logits = _gather(log_weights, index).to(x.dtype).sub_(sq * scale).masked_fill_(~valid, _NEG_INF)
         e_all, s_all, lse_all = _shifted_exp(logits)
