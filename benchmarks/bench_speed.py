@@ -45,8 +45,12 @@ from pathlib import Path
 
 import torch
 
+from knnsolver.data.datasets import load_fashion_mnist
+from knnsolver.models.factory import build_model
 from knnsolver.registry import SOLVERS
 from knnsolver.training import TrainConfig, train
+from knnsolver.training.config import auto_eval_batch_size
+from knnsolver.training.trainer import LossStep
 
 
 def _sync(device: torch.device) -> None:
@@ -165,21 +169,22 @@ def step_time(name: str, options: dict, a: argparse.Namespace, repeats: int, com
     return statistics.median(times[3:]), launches(one, device)
 
 
+def _fashion_images(a: argparse.Namespace, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``num_rows`` Fashion-MNIST training images (in [0, 1]) and labels, on ``--device``."""
+    source = load_fashion_mnist(a.data_dir)
+    rows = torch.as_tensor(source.train_rows[:num_rows])
+    images = source.pool.data[rows].float().mul_(source.pool.scale)
+    return images.to(a.device), torch.as_tensor(source.labels)[rows].to(a.device)
+
+
 def interleaved_steps(a: argparse.Namespace, steps: int, num_rows: int) -> dict[str, float]:
     """Median seconds of one training step for softmax and for RBF (``--k``), alternating step by step on
     the same shuffled batches of the first ``num_rows`` Fashion-MNIST training images (section 1's
     training-set size); the RBF bank holds the untrained network's embeddings of them. Each solver has
     its own copy of the same initial network and its own Adam."""
-    from knnsolver.data.datasets import load_fashion_mnist
-    from knnsolver.models.factory import build_model
-    from knnsolver.training.trainer import LossStep
-
     device = torch.device(a.device)
-    source = load_fashion_mnist(a.data_dir)
-    rows = torch.as_tensor(source.train_rows[:num_rows])
-    images = source.pool.data[rows].float().mul_(source.pool.scale).to(device)
-    labels = torch.as_tensor(source.labels)[rows].to(device)
-    n = len(rows)
+    images, labels = _fashion_images(a, num_rows)
+    n = len(labels)
     runs = {}
     for name, options in (("softmax", {}), ("rbf", {"k": a.k})):
         torch.manual_seed(0)
@@ -212,12 +217,8 @@ def embedding_pass(a: argparse.Namespace, num_rows: int, sizes: tuple[int, ...] 
                    rows: int = 4096, repeats: int = 6) -> dict[int, float]:
     """Seconds to embed ``num_rows`` rows in eval mode at each batch size: medians of ``repeats`` rounds over
     ``rows`` Fashion-MNIST images, the sizes taken in turn within each round, scaled to ``num_rows``."""
-    from knnsolver.data.datasets import load_fashion_mnist
-    from knnsolver.models.factory import build_model
-
     device = torch.device(a.device)
-    source = load_fashion_mnist(a.data_dir)
-    images = source.pool.data[torch.as_tensor(source.train_rows[:rows])].float().mul_(source.pool.scale).to(device)
+    images = _fashion_images(a, rows)[0]
     model = build_model("conv28", (1, 28, 28), embedding_dim=a.dim, width=a.width).to(device).eval()
     times: dict[int, list[float]] = {size: [] for size in sizes}
     with torch.no_grad():
@@ -309,7 +310,6 @@ def main() -> None:
             t, info = step_time(name, options, a, a.repeats, compiled)
             print(f"   {label:8s} {name:7s} {t * 1e3:8.3f} ms   ratio {t / base:5.2f}   {info}")
 
-
     steps = interleaved_steps(a, a.steps, rb["rows"])
     per_epoch = math.ceil(rb["rows"] / a.batch)
     print(f"\n4. training steps taken in turn, conv28 width {a.width}, batch {a.batch}, {a.device}, median of {a.steps}:")
@@ -319,8 +319,6 @@ def main() -> None:
     steady = steps["rbf"] * per_epoch + refresh / n
     print(f"   rbf training epoch with a refresh every {n} ({per_epoch} steps, refresh {refresh:.2f} s as in 1.): "
           f"ratio {steady / (steps['softmax'] * per_epoch):.3f} to softmax's epoch")
-
-    from knnsolver.training.config import auto_eval_batch_size
 
     passes = embedding_pass(a, rb["rows"])
     auto = auto_eval_batch_size(torch.device(a.device))
