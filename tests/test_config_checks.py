@@ -174,3 +174,11 @@ def test_training_embeds_in_batches_of_the_resolved_eval_batch_size(tmp_path, mo
     train(TrainConfig(dataset="digits", solver="rbf", solver_options={"k": 10}, width=4, embedding_dim=8, epochs=2,
                       max_per_class=30, plots=False, progress=False, device="cpu", out=str(tmp_path / "run"), **extra))
     assert len(sizes) >= 4 and set(sizes) == {expected}
+
+
+def test_patience_is_a_count_of_validation_passes_from_zero():
+    assert TrainConfig().patience == 0
+    with pytest.raises(ConfigError, match=r"patience must be >= 0 \(0 = train every epoch\), got -1"):
+        TrainConfig(patience=-1).validate()
+    with pytest.raises(ConfigError, match="patience"):
+        TrainConfig(patience=1.5).validate()

@@ -193,7 +193,7 @@ def test_a_moved_run_folder_resumes_and_a_changed_setting_is_named(run_dir, tmp_
     assert code == 0, err
     before = _snapshot(moved)
     code, _, err = _run(capsys, "train", *BASE, "--epochs", "4", "--lr", "0.5", "--out", moved, "--resume")
-    _one_line_error(code, err, "settings other than epochs differ", "lr: saved 0.001, now 0.5")
+    _one_line_error(code, err, "settings other than epochs and patience differ", "lr: saved 0.001, now 0.5")
     assert _snapshot(moved) == before
 
 

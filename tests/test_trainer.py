@@ -69,7 +69,7 @@ def test_resume_without_checkpoint_and_with_changed_settings(tmp_path):
     with pytest.raises(ConfigError, match="cannot resume.*does not exist"):
         train(_cfg(tmp_path), resume=True)
     train(_cfg(tmp_path, epochs=1))
-    with pytest.raises(ConfigError, match="settings other than epochs differ"):
+    with pytest.raises(ConfigError, match="settings other than epochs and patience differ"):
         train(_cfg(tmp_path, epochs=2, lr=0.5), resume=True)
 
 
@@ -339,3 +339,62 @@ def test_epoch_steps_are_each_process_s_steps_under_torchrun(monkeypatch):
 def test_epoch_steps_must_be_positive(tmp_path):
     with pytest.raises(ConfigError, match="epoch_steps must be >= 1.*or null for one pass over the training set"):
         _cfg(tmp_path, epoch_steps=0).validate()
+
+
+def _scripted_validation(monkeypatch, scores):
+    """Make validation return ``scores`` in turn (test evaluation stays real), so the stopping rule is checked
+    against a curve known in advance."""
+    from knnsolver.training.trainer import Run
+
+    real, queue = Run.evaluate, list(scores)
+
+    def evaluate(self, dataset, prefix):
+        return {"val_accuracy": queue.pop(0)} if prefix == "val_" else real(self, dataset, prefix)
+
+    monkeypatch.setattr(Run, "evaluate", evaluate)
+    return queue
+
+
+def test_early_stopping_counts_validation_passes_without_a_new_best(tmp_path, monkeypatch):
+    # Validated every 2nd epoch: passes at epochs 2, 4, ..., best 0.7 at epoch 4 (pass 2); an equal score is not
+    # a rise, so passes 3-5 (epochs 6, 8, 10) make 3 without a new best and the run stops after epoch 10 of 20.
+    left = _scripted_validation(monkeypatch, [0.5, 0.7, 0.7, 0.6, 0.69, 0.9, 0.9])
+    summary = train(_cfg(tmp_path, epochs=20, eval_every=2, patience=3, lr_schedule="constant"))
+    assert left == [0.9, 0.9]
+    assert (summary["epochs_run"], summary["best_epoch"], summary["stopped_early"]) == (10, 4, True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == list(range(1, 11))
+    assert load_checkpoint(tmp_path / "run" / "best.pt")["epoch"] + 1 == 4
+
+
+def test_without_patience_every_epoch_runs(tmp_path, monkeypatch):
+    _scripted_validation(monkeypatch, [0.5, 0.4, 0.4, 0.4])
+    summary = train(_cfg(tmp_path, epochs=4, lr_schedule="constant"))
+    assert (summary["epochs_run"], summary["best_epoch"], summary["stopped_early"]) == (4, 1, False)
+
+
+def test_a_stopped_run_stays_stopped_on_resume_until_its_patience_is_raised(tmp_path, monkeypatch):
+    left = _scripted_validation(monkeypatch, [0.5, 0.4, 0.8, 0.7, 0.6])
+    cfg = dict(epochs=10, patience=1, lr_schedule="constant")
+    assert train(_cfg(tmp_path, **cfg))["epochs_run"] == 2
+    again = train(_cfg(tmp_path, **dict(cfg, epochs=12)), resume=True)
+    assert (again["epochs_run"], again["stopped_early"], len(left)) == (2, True, 3)
+    longer = train(_cfg(tmp_path, **dict(cfg, patience=2)), resume=True)  # epoch 3 rises, 4 and 5 do not
+    assert (longer["epochs_run"], longer["best_epoch"], longer["stopped_early"], left) == (5, 3, True, [])
+
+
+def test_patience_needs_a_validation_split(tmp_path):
+    with pytest.raises(ConfigError, match=r"patience=2 stops on validation, but this run has none "
+                                          r"\(val_fraction=0.0\); set val_fraction above 0, or patience to 0"):
+        train(_cfg(tmp_path, patience=2, val_fraction=0.0))
+
+
+@pytest.mark.parametrize("scores, expected", [
+    ([], 0), ([0.5], 0), ([0.5, 0.5], 1), ([0.5, 0.4, 0.6, 0.6, 0.3], 2), ([0.5, None, 0.4], 1),
+    ([float("nan"), 0.1], 0), ([0.1, float("nan")], 1),
+])
+def test_passes_without_improvement(scores, expected):
+    from knnsolver.training.trainer import passes_without_improvement
+
+    history = [{"epoch": i + 1} | ({} if s is None else {"val_accuracy": s}) for i, s in enumerate(scores)]
+    assert passes_without_improvement(history, "val_accuracy") == expected

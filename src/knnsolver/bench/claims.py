@@ -98,9 +98,10 @@ def validation_curve(run: Mapping[str, Any]) -> list[float]:
 
 def rising(runs: Sequence[dict]) -> bool:
     """Whether most of ``runs`` (usable, with a per-epoch history) ended their budget still improving on
-    validation (:func:`~knnsolver.bench.stats.still_rising`)."""
+    validation (:func:`~knnsolver.bench.stats.still_rising`, over the epochs each trained: a run stopped early
+    is judged on its own length)."""
     curves = [r for r in usable(runs)[0] if r.get("history") and "best_epoch" in r.get("summary", {})]
-    up = sum(still_rising(r["summary"]["best_epoch"], r["config"]["epochs"], validation_curve(r)) for r in curves)
+    up = sum(still_rising(r["summary"]["best_epoch"], len(r["history"]), validation_curve(r)) for r in curves)
     return 2 * up > len(curves)
 
 
@@ -419,6 +420,8 @@ def regime_of(results: Results) -> str:
     per_class = sorted({c.get("max_per_class") for c in configs}, key=lambda v: (v is None, v or 0))
     sizes = ", ".join("all" if v is None else str(v) for v in per_class)
     epochs = sorted({c["epochs"] for c in configs})
+    patience = sorted({c.get("patience", 0) for c in configs} - {0})
+    stopping = f" (stopped after {' / '.join(map(str, patience))} validation passes without a new best)" if patience else ""
     device = "GPU" if any(c.get("device", "").startswith("cuda") for c in configs) else "CPU"
     pretrained = "pretrained" if any(c.get("pretrained") for c in configs) else "from scratch"
     schedule = f"{first.get('optimizer', 'adam').capitalize()} {first.get('lr', 1e-3):g} {first.get('lr_schedule', 'cosine')}"
@@ -428,5 +431,6 @@ def regime_of(results: Results) -> str:
                     for c in rbf})
     bank = f"; rbf on {' / '.join(space)}, its bank refreshed every {' / '.join(every)}" if rbf else ""
     return (f"{pretrained}, {first['model']} width {first['width']}, {first['dataset']} ({sizes} images per class), "
-            f"{'-'.join(map(str, (epochs[0], epochs[-1]))) if len(epochs) > 1 else epochs[0]} epochs, {schedule}, "
+            f"{'up to ' if patience else ''}{'-'.join(map(str, (epochs[0], epochs[-1]))) if len(epochs) > 1 else epochs[0]} "
+            f"epochs{stopping}, {schedule}, "
             f"batch {first['batch_size']}, {device}{bank}")

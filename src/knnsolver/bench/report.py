@@ -566,10 +566,11 @@ def _judged_finals(results: Mapping[str, dict]) -> tuple[list[tuple[dict, list[f
 
 
 def _convergence(judged: Sequence[tuple[dict, list[float]]]) -> Convergence | None:
-    """The convergence check over :func:`_judged_finals` (``None`` when no final is judged)."""
+    """The convergence check over :func:`_judged_finals` (``None`` when no final is judged), each run over the
+    epochs it trained: one stopped early is judged on its own length."""
     if not judged:
         return None
-    return convergence([(r["summary"]["best_epoch"], r["config"]["epochs"]) for r, _ in judged],
+    return convergence([(r["summary"]["best_epoch"], len(curve)) for r, curve in judged],
                        [curve for _, curve in judged], [r["method"] for r, _ in judged])
 
 
@@ -609,7 +610,9 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
     if check is not None:
         few = (f" ({short} runs validated fewer than {MIN_EVALS} times are not judged: a late peak means nothing "
                "there)") if short else ""
-        lines.append("- Convergence: " + check.text() + few + ".")
+        stopped = sum(bool(r["summary"].get("stopped_early")) for r, _ in judged)
+        early = (f"; {stopped} of the {len(judged)} stopped early, validation no longer improving" if stopped else "")
+        lines.append("- Convergence: " + check.text() + early + few + ".")
         drift = _drift_text(judged)
         lines += [drift] if drift else []
     elif short:

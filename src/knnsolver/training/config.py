@@ -29,6 +29,7 @@ _RANGES = {
     **{name: _AT_LEAST_ONE for name in ("epochs", "batch_size", "embedding_dim", "width", "eval_every",
                                         "lr_step_epochs", "image_size", "resize_size")},
     "eval_batch_size": Interval(0, hint=" (0 = automatic: 128 rows on the CPU, 512 on a GPU)"),
+    "patience": Interval(0, hint=" (0 = train every epoch)"),
     "max_per_class": Interval(1, hint=" (or null for no cap)"),
     "precise_bn_rows": Interval(1, hint=" (turn re-estimation off with precise_bn=false)"),
     "num_workers": Interval(0, hint=" (0 = load in the main process)"),
@@ -128,6 +129,10 @@ class TrainConfig:
         precise_bn_rows: training rows used to re-estimate the BatchNorm statistics.
         bn_mode: how BatchNorm normalises while training (see Training controls above).
         eval_every: validate every this many epochs.
+        patience: stop early after this many validation passes in a row without a new best score; 0 = never.
+            The count is of passes (as PyTorch Lightning's ``EarlyStopping``), not epochs, so with
+            ``eval_every=5`` a patience of 6 waits 30 epochs. Any rise of the score counts (no minimum
+            delta): the same test that keeps a new best checkpoint. A resumed run may change it.
         eval_batch_size: rows per batch when embedding for evaluation and bank refreshes; 0 = automatic.
             Automatic (:func:`auto_eval_batch_size`) is 128 rows on the CPU, where a batch whose
             activations overflow the cache embeds at about half the speed (conv28 width 32:
@@ -185,6 +190,7 @@ class TrainConfig:
     precise_bn_rows: int = 10_000
     bn_mode: str = "batch"
     eval_every: int = 1
+    patience: int = 0
     eval_batch_size: int = 0
     num_workers: int = 0  # DataLoader worker processes for file-backed or augmented data
     # curves: loss.png and metrics.png (cheap); all: also a t-SNE of at most 2,000 test embeddings; off.

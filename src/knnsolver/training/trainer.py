@@ -414,8 +414,9 @@ def _select_key(config: TrainConfig) -> str:
     return "val_accuracy" if config.split == "standard" else "val_map_at_r"
 
 
-# Settings a resumed run may change: the epoch count, the progress bar, and where the folder lives (it may be moved).
-_RESUMABLE_CHANGES = ("epochs", "progress", "out")
+# Settings a resumed run may change: the epoch count, early stopping's patience, the progress bar, and where the
+# folder lives (it may be moved).
+_RESUMABLE_CHANGES = ("epochs", "patience", "progress", "out")
 
 
 def _open_run(config: TrainConfig, resume: bool, overwrite: bool, folder: RunFolder) -> dict[str, Any] | None:
@@ -445,7 +446,7 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, folder: RunFol
     differ = sorted(k for k in wanted if k not in _RESUMABLE_CHANGES and saved.get(k) != wanted[k])
     if differ:
         changes = "; ".join(f"{k}: saved {saved.get(k)!r}, now {wanted[k]!r}" for k in differ)
-        raise ConfigError(f"cannot resume {out}: settings other than epochs differ from the saved run's ({changes}); "
+        raise ConfigError(f"cannot resume {out}: settings other than epochs and patience differ from the saved run's ({changes}); "
                           "resume with the saved settings, or start a new run with another --out")
     return state
 
@@ -523,10 +524,15 @@ def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Modu
             rows = min(len(run.data.train_eval), config.precise_bn_rows)
             with progress.phase("batchnorm_warmup", f"BatchNorm warm-up on {rows:,} training rows"):
                 run.calibrate(force=True)
+    if config.patience and run.data.val is None:
+        raise ConfigError(f"patience={config.patience} stops on validation, but this run has none "
+                          f"(val_fraction={config.val_fraction}); set val_fraction above 0, or patience to 0")
     _on_main(lambda: write_json(config.to_dict(), folder.path / CONFIG))
     step = _loss_step(run)
 
     for epoch in range(start_epoch, config.epochs):
+        if _on_main(lambda: _stops_early(run, history)):  # checked first, so a resumed run that had stopped stays so
+            break
         # Rank 0 keeps the single-process seed; the others draw their own dropout and augmentation.
         torch.manual_seed(_epoch_seed(config.seed, epoch) + 7_919 * distributed.rank())
         row = _train_epoch(run, step, optimizer, scaler, epoch, run.context(epoch), history)
@@ -543,6 +549,29 @@ def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Modu
     if distributed.is_distributed():  # every process ends with the best weights, as rank 0 does in finish()
         run.load_weights(_on_main(lambda: load_checkpoint(folder.path / BEST)))
     return _on_main(lambda: finish(run, folder.path, fingerprint))
+
+
+def passes_without_improvement(history: list[dict[str, Any]], key: str) -> int:
+    """Validation passes in ``history`` since the last one that raised the best ``key`` score (the rise that
+    keeps a new best checkpoint; a NaN score never rises)."""
+    best, since = -math.inf, 0
+    for row in history:
+        score = row.get(key)
+        if score is None:
+            continue
+        best, since = (score, 0) if score > best else (best, since + 1)
+    return since
+
+
+def _stops_early(run: Run, history: list[dict[str, Any]]) -> bool:
+    """Whether ``patience`` validation passes in a row have not improved the best score; say so when it is."""
+    patience, key = run.config.patience, _select_key(run.config)
+    if not patience or passes_without_improvement(history, key) < patience:
+        return False
+    best = max((row for row in history if row.get(key) is not None), key=lambda row: row[key])
+    run.progress.say(f"early stop after epoch {history[-1]['epoch']}: {patience} validation passes without a new "
+                     f"best (best epoch {best['epoch']}); the rest of the {run.config.epochs} epochs is skipped")
+    return True
 
 
 def _warn_if_data_changed(recorded: dict[str, Any] | None, current: dict[str, Any], out: str, consequence: str) -> None:
@@ -781,7 +810,9 @@ def test_summary(run: Run, out: Path, history: list[dict[str, Any]]) -> dict[str
                                "embedding_space": run.solver.embedding_space, "bn_mode": run.bn_mode,
                                "precise_bn": run.config.precise_bn,
                                "diverged": any(row.get("diverged", False) for row in history),
-                               "epochs_run": len(history), "best_val_metric": key, "best_val_score": best_row.get(key),
+                               "epochs_run": len(history),
+                               "stopped_early": 0 < run.config.patience and len(history) < run.config.epochs,
+                               "best_val_metric": key, "best_val_score": best_row.get(key),
                                "model": run.model_name, "model_parameters": sum(p.numel() for p in run.model.parameters()),
                                "device": str(run.device), "threads": torch.get_num_threads(),
                                "evaluation_geometry": evaluation_geometry(run)}
