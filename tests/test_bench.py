@@ -843,3 +843,73 @@ def test_results_stored_before_the_automatic_eval_batch_size_still_match_their_s
     assert comparable({**old, "width": 99}) != comparable(new)
     matched = {**new, "bn_mode": "matched"}
     assert comparable({**matched, "eval_batch_size": 512}) != comparable(matched)
+
+
+def test_early_stopping_reaches_only_the_suites_whose_presets_set_it(tmp_path):
+    """The full preset stops classification runs after 6 validation passes without a new best, within 200
+    epochs, and unseen-class runs after 10 within 150; scarcity, cost and ablation train every epoch (their
+    stored results were made so, and a time-to-target curve needs every epoch)."""
+    from knnsolver.bench.suites import build_specs, get_preset, get_suite
+
+    preset = get_preset("full")
+
+    def settings(suite):
+        return {(s.config.get("patience", 0), s.config["epochs"]) for s in build_specs(get_suite(suite), preset, tmp_path)
+                if s.kind == "train" and s.config.get("solver") != "rbf"}
+
+    assert settings("classification") == {(6, 200)}
+    assert settings("unseen-classes") == {(10, 150)}
+    assert {p for p, _ in settings("scarcity") | settings("cost") | settings("ablation")} == {0}
+    rbf = {s.config["patience"] for s in build_specs(get_suite("classification"), preset, tmp_path) if s.method == "rbf"}
+    assert rbf == {6}
+
+
+def _stopped_run(run_id, curve, budget, role="final", method="hal"):
+    """A training result whose run trained ``len(curve)`` of ``budget`` epochs."""
+    history = [{"epoch": e + 1, "val_accuracy": v} for e, v in enumerate(curve)]
+    return run_id, {"run_id": run_id, "role": role, "kind": "train", "method": method, "val_key": "val_accuracy",
+                    "history": history, "config": {"epochs": budget},
+                    "summary": {"best_epoch": max(range(len(curve)), key=curve.__getitem__) + 1,
+                                "stopped_early": len(curve) < budget, "test_accuracy": 0.9}}
+
+
+def test_a_run_stopped_early_is_judged_on_the_epochs_it_trained():
+    """Judged against its 200-epoch budget, a run that trained 10 epochs and peaked in its 10th would count as
+    converged and not rising; over the 10 epochs it trained it peaked in its last 20% and was still rising."""
+    from knnsolver.bench.claims import rising
+    from knnsolver.bench.report import _convergence, _judged_finals
+
+    up = [0.80 + 0.01 * e for e in range(10)]
+    early = [0.80, 0.85, 0.9, 0.9, 0.89, 0.89, 0.88, 0.88, 0.88, 0.88]
+    results = dict([_stopped_run("up", up, 200), _stopped_run("early", early, 200)])
+    check = _convergence(_judged_finals(results)[0])
+    assert (check.runs, check.late, check.plateau) == (2, 1, 0)
+    assert rising([results["up"]]) and not rising([results["early"]])
+
+
+def test_the_regime_names_the_early_stopping():
+    from knnsolver.bench.claims import regime_of
+
+    config = dict(dataset="fashion-mnist", model="conv28", width=16, max_per_class=300, epochs=200, optimizer="adam",
+                  lr=1e-3, lr_schedule="constant", batch_size=64, device="auto", patience=6)
+    assert ("fashion-mnist (300 images per class), up to 200 epochs (stopped after 6 validation passes without a new "
+            "best), Adam 0.001 constant") in regime_of({"a": {"config": config, "method": "hal"}})
+    assert ", 200 epochs, Adam" in regime_of({"a": {"config": {**config, "patience": 0}, "method": "hal"}})
+
+
+def test_the_setup_counts_the_finals_stopped_early_and_shows_the_patience():
+    from knnsolver.bench.report import _setup
+    from knnsolver.bench.suites import get_suite
+
+    machine = {"platform": "p", "processor": "x", "cpu_count": 2, "torch_threads": 1, "python": "3", "torch": "t"}
+    config = dict(dataset="digits", split="standard", epochs=200, patience=6, eval_every=1)
+    curves = {"a": [0.5, 0.9] + [0.8] * 6, "b": [0.5 + 0.01 * e for e in range(10)], "c": [0.6] * 10}
+    results = {}
+    for run_id, curve in curves.items():
+        _, result = _stopped_run(run_id, curve, 200 if run_id != "c" else 10)
+        result.update(preset="tiny", config=dict(config, epochs=result["config"]["epochs"]), wall_seconds=1.0,
+                      date="2026-11-30T10:00:00+00:00", command="c", commit="h", machine=machine)
+        results[run_id] = result
+    text = _setup(get_suite("classification"), results)
+    assert "; 2 of the 3 stopped early, validation no longer improving." in text
+    assert "eval_every=1, patience=6," in text

@@ -83,7 +83,7 @@ SUITE_BUDGET_MINUTES = 120
 RETRIEVAL_KEYS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r",
                   "r_precision", "nmi")
 CONFIG_KEYS = ("dataset", "split", "model", "width", "embedding_dim", "batch_size", "samples_per_class", "epochs",
-               "epoch_steps", "eval_every", "max_per_class", "val_fraction", "augment", "optimizer", "lr",
+               "epoch_steps", "eval_every", "patience", "max_per_class", "val_fraction", "augment", "optimizer", "lr",
                "lr_schedule", "weight_decay", "device")
 __all__ = ["FAILS", "HOLDS", "OPEN", "combine", "compare", "render", "write_report"]
 
@@ -598,7 +598,8 @@ def _setup(suite: Suite, results: Mapping[str, dict]) -> str:
             lines.append(f"- Preset `{name}`: {preset.description}.")
             if suite.name in preset.budgets:
                 lines.append(f"- Budget: {preset.budgets[suite.name]}.")
-    configs = [r["config"] for r in results.values() if "dataset" in r.get("config", {})]
+    # Results stored before early stopping existed trained every epoch: patience 0.
+    configs = [{"patience": 0, **r["config"]} for r in results.values() if "dataset" in r.get("config", {})]
     for split in sorted({c["split"] for c in configs}):
         same = [c for c in configs if c["split"] == split]
         shared = {k: same[0].get(k) for k in CONFIG_KEYS if all(c.get(k) == same[0].get(k) for c in same)}
