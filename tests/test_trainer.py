@@ -398,3 +398,13 @@ def test_passes_without_improvement(scores, expected):
 
     history = [{"epoch": i + 1} | ({} if s is None else {"val_accuracy": s}) for i, s in enumerate(scores)]
     assert passes_without_improvement(history, "val_accuracy") == expected
+
+
+def test_a_run_stopped_early_is_finished_for_eval(tmp_path, monkeypatch):
+    from knnsolver.training.trainer import evaluate_saved
+
+    _scripted_validation(monkeypatch, [0.5, 0.4, 0.3])
+    summary = train(_cfg(tmp_path, epochs=9, patience=2, lr_schedule="constant"))
+    monkeypatch.undo()
+    assert summary["epochs_run"] == 3
+    assert evaluate_saved(tmp_path / "run")["test_accuracy"] == summary["test_accuracy"]

@@ -672,10 +672,14 @@ of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
   on the interval of the per-seed slope, and withheld when leaving one size out changes its verdict.
 - Results of an earlier budget of the same preset are left out of every table and verdict until they
   are run again.
+- **Early stopping** where a suite's budget says so: a run stops after a set number of validation
+  passes without a new best score (`TrainConfig.patience`), within the suite's epoch cap, the same rule
+  for every solver; the best validation epoch's checkpoint is tested either way.
 - **Convergence check**: budgets are long enough when at least 80% of the final runs have their best
-  validation epoch outside the last 20% of epochs; each suite prints whether it passes, and beside it
-  each method's late drift (validation's mean over the last 20% of epochs minus the 20% before), which
-  tells a noisy plateau, where a late best epoch is chance, from a run still improving.
+  validation epoch outside the last 20% of the epochs they trained (a run stopped early is judged on its
+  own length); each suite prints whether it passes, and beside it each method's late drift (validation's
+  mean over the last 20% of epochs minus the 20% before), which tells a noisy plateau, where a late best
+  epoch is chance, from a run still improving.
 - **Failed runs** (diverged) are listed and never averaged in.
 - CPU and GPU results are stored apart (`benchmarks/results`, `benchmarks/results-gpu`) and never
   mixed in one table. Each CPU suite is sized for under {SUITE_BUDGET_MINUTES} minutes on this 2-core

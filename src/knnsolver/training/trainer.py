@@ -563,11 +563,16 @@ def passes_without_improvement(history: list[dict[str, Any]], key: str) -> int:
     return since
 
 
+def stopped_on_patience(config: TrainConfig, history: list[dict[str, Any]]) -> bool:
+    """Whether ``config.patience`` validation passes in a row of ``history`` have not improved the best score."""
+    return 0 < config.patience <= passes_without_improvement(history, _select_key(config))
+
+
 def _stops_early(run: Run, history: list[dict[str, Any]]) -> bool:
-    """Whether ``patience`` validation passes in a row have not improved the best score; say so when it is."""
-    patience, key = run.config.patience, _select_key(run.config)
-    if not patience or passes_without_improvement(history, key) < patience:
+    """:func:`stopped_on_patience`, saying so when it is."""
+    if not stopped_on_patience(run.config, history):
         return False
+    key, patience = _select_key(run.config), run.config.patience
     best = max((row for row in history if row.get(key) is not None), key=lambda row: row[key])
     run.progress.say(f"early stop after epoch {history[-1]['epoch']}: {patience} validation passes without a new "
                      f"best (best epoch {best['epoch']}); the rest of the {run.config.epochs} epochs is skipped")
@@ -889,15 +894,16 @@ def load_saved(out: str | Path, device: str | None = None) -> tuple[Run, Path]:
 def evaluate_saved(out: str | Path, unfinished: bool = False) -> dict[str, Any]:
     """Evaluate a saved run's best checkpoint on its test split again; write nothing.
 
-    A run whose training has not finished (fewer epochs saved than configured,
-    or no ``summary.json``) is refused unless ``unfinished``, which scores its
+    A run whose training has not finished (fewer epochs saved than configured
+    and not stopped early, or no ``summary.json``) is refused unless ``unfinished``, which scores its
     best epoch so far. A warning says when the data changed since training (the
     run's recorded fingerprint differs), since the number then describes other data.
     """
     run, out = load_saved(out)
     state = load_checkpoint(out / CHECKPOINT)
     done = state.get("epoch", -1) + 1
-    finished = done >= run.config.epochs and (out / SUMMARY).is_file()
+    trained = done >= run.config.epochs or stopped_on_patience(run.config, state["history"])
+    finished = trained and (out / SUMMARY).is_file()
     if not finished and not unfinished:
         raise ConfigError(
             f"{out} holds an unfinished run ({done} of {run.config.epochs} epochs, "
