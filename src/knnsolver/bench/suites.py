@@ -214,8 +214,8 @@ PRESETS: dict[str, Preset] = {
             "classification": "up to 200 epochs of 3,000 images (about 9,400 optimiser steps), validation every "
                               "5th epoch, each run stopped early after 6 validation passes (30 epochs) without a new "
                               "best (at a fixed 50 epochs, then 100, 17 of 40 finals peaked in the last 20%, lifted "
-                              "and N-pairs still rising); rbf's bank refreshes every epoch (47 steps: refreshing every 16 gained "
-                              "+0.03 [-0.28, +0.34] points in the ablation); "
+                              "and N-pairs still rising); rbf's bank refreshes every epoch (47 steps: refreshing "
+                              "every 16 gained +0.03 [-0.28, +0.34] points in the ablation); "
                               "8 solvers x (3 grid points + 4 more seeds) = 56 trainings of about 1-5 minutes with 1 "
                               "thread, plus a training per grid extension and 4 more finals per changed choice, run "
                               "by 2 workers side by side (benchmarks/run_suites.sh)",
@@ -433,11 +433,13 @@ def _select(solvers: tuple[str, ...], wanted: Sequence[str]) -> list[str]:
 
 
 def build_classification(preset: Preset, out: Path, solvers: tuple[str, ...], seeds: tuple[int, ...]) -> list[RunSpec]:
-    """Every solver on ``standard`` with the preset's ``classification`` overrides; rbf in epochs of ``rbf_refresh_steps`` steps where that is set (the same batches
-    in the same order, since epochs cut one stream of passes: only its bank refreshes more often)."""
+    """Every solver on ``standard`` with the preset's ``classification`` overrides; rbf in epochs of
+    ``rbf_refresh_steps`` steps where that is set (the same batches in the same order, since epochs cut one
+    stream of passes: only its bank refreshes more often)."""
     specs, base = [], dict(preset.standard, **preset.classification)
     for solver in solvers:
-        extra = in_epochs_of(preset, base, preset.rbf_refresh_steps) if solver == "rbf" and preset.rbf_refresh_steps else {}
+        refresh = solver == "rbf" and preset.rbf_refresh_steps
+        extra = in_epochs_of(preset, base, preset.rbf_refresh_steps) if refresh else {}
         specs += tuned(solver, "", _solver_config(base, solver, extra), GRIDS[solver], seeds)
     return specs
 
