@@ -847,8 +847,8 @@ def test_results_stored_before_the_automatic_eval_batch_size_still_match_their_s
 
 def test_early_stopping_reaches_only_the_suites_whose_presets_set_it(tmp_path):
     """The full preset stops classification runs after 6 validation passes without a new best, within 200
-    epochs, and unseen-class runs after 10 within 150; scarcity, cost and ablation train every epoch (their
-    stored results were made so, and a time-to-target curve needs every epoch)."""
+    epochs, unseen-class runs after 10 within 150 and ablation runs after 10 within 50; scarcity and cost
+    train every epoch (scarcity's stored results were made so, and a time-to-target curve needs every epoch)."""
     from knnsolver.bench.suites import build_specs, get_preset, get_suite
 
     preset = get_preset("full")
@@ -859,7 +859,10 @@ def test_early_stopping_reaches_only_the_suites_whose_presets_set_it(tmp_path):
 
     assert settings("classification") == {(6, 200)}
     assert settings("unseen-classes") == {(10, 150)}
-    assert {p for p, _ in settings("scarcity") | settings("cost") | settings("ablation")} == {0}
+    assert {p for p, _ in settings("scarcity") | settings("cost")} == {0}
+    ablation = {(s.config["patience"], s.config["epochs"], s.config.get("epoch_steps"))
+                for s in build_specs(get_suite("ablation"), preset, tmp_path) if s.kind == "train"}
+    assert ablation == {(10, 50, None), (10, 147, 16)}  # the variant refreshing every 16 steps: 147 x 16 = 50 x 47
     rbf = {s.config["patience"] for s in build_specs(get_suite("classification"), preset, tmp_path) if s.method == "rbf"}
     assert rbf == {6}
 
