@@ -348,28 +348,42 @@ def test_the_full_preset_runs_what_its_claims_need_with_5_seeds_and_bracketing_g
         assert len(values) == 3 and values[0] < values[1] < values[2], solver
 
 
-def test_every_scarcity_size_gets_the_step_budget_and_a_bank_refresh_every_100_steps(tmp_path):
-    """All 57,000 images once took 2 epochs (1,782 steps, not 2,400) with 891 steps between RBF refreshes."""
+@pytest.mark.parametrize("name, sizes, epoch_steps", [
+    ("full", {"n=10", "n=20", "n=50", "n=100", "n=500"}, 100),
+    ("gpu", {"n=10", "n=20", "n=50", "n=100", "n=500", "n=1000", "n=all"}, 200),
+])
+def test_every_scarcity_size_gets_the_step_budget_and_a_bank_refresh_every_few_steps(tmp_path, name, sizes,
+                                                                                     epoch_steps):
+    """All 57,000 images once took 2 epochs (1,782 steps, not 2,400) with 891 steps between RBF refreshes; on
+    the CPU they are left out (their passes do not fit its budget). Early stopping waits a fifth of a run's
+    validation passes, rounded up, where the preset sets it."""
     import math
 
-    full = get_preset("full")
-    specs = [s for s in build_specs(get_suite("scarcity"), full, tmp_path) if s.role == "final" and s.seed == 0]
-    assert {s.condition for s in specs} == {"n=10", "n=20", "n=50", "n=100", "n=500", "n=all"}
+    preset = get_preset(name)
+    specs = [s for s in build_specs(get_suite("scarcity"), preset, tmp_path) if s.role == "final" and s.seed == 0]
+    assert {s.condition for s in specs} == sizes
     for spec in specs:
         c = spec.config
-        rows = full.train_rows if c["max_per_class"] is None else c["max_per_class"] * full.num_classes
+        rows = preset.train_rows if c["max_per_class"] is None else c["max_per_class"] * preset.num_classes
         per_pass = math.ceil(rows / c["batch_size"])
         per_epoch = c.get("epoch_steps") or per_pass
-        assert per_epoch <= 100 and per_epoch <= per_pass, spec.run_id
-        assert full.scarcity_steps <= c["epochs"] * per_epoch < full.scarcity_steps + per_epoch, spec.run_id
+        assert per_epoch <= epoch_steps and per_epoch <= per_pass, spec.run_id
+        assert preset.scarcity_steps <= c["epochs"] * per_epoch < preset.scarcity_steps + per_epoch, spec.run_id
+        passes = c["epochs"] // c["eval_every"]
+        assert c.get("patience", 0) == (math.ceil(passes / 5) if name == "full" else 0), spec.run_id
         if spec.solver == "rbf":
             assert c["solver_options"]["update_interval"] == 1
-    everything = next(s for s in specs if s.condition == "n=all")
-    assert (everything.config["epochs"], everything.config["epoch_steps"]) == (24, 100)
+    if name == "full":
+        small = next(s for s in specs if s.condition == "n=10")
+        assert (small.config["epochs"], small.config["eval_every"], small.config["patience"]) == (3000, 150, 4)
+    else:
+        everything = next(s for s in specs if s.condition == "n=all")
+        assert (everything.config["epochs"], everything.config["epoch_steps"]) == (15, 200)
     # every size tunes its own grid (sigma chosen at 100 per class did not suit all 57,000 images)
-    grids = {(s.method, s.condition) for s in build_specs(get_suite("scarcity"), full, tmp_path) if s.role == "grid"}
-    assert grids == {(m, c) for m in ("softmax", "rbf") for c in {s.condition for s in specs}}
-    assert all(s.tune_from == (s.method, s.condition) for s in specs)
+    grids = {(s.method, s.condition) for s in build_specs(get_suite("scarcity"), preset, tmp_path) if s.role == "grid"}
+    if preset.scarcity_reference == "each":
+        assert grids == {(m, c) for m in ("softmax", "rbf") for c in sizes}
+        assert all(s.tune_from == (s.method, s.condition) for s in specs)
 
 
 def test_gpu_results_go_to_their_own_folder(tmp_path, monkeypatch, capsys):
@@ -847,8 +861,8 @@ def test_results_stored_before_the_automatic_eval_batch_size_still_match_their_s
 
 def test_early_stopping_reaches_only_the_suites_whose_presets_set_it(tmp_path):
     """The full preset stops classification runs after 6 validation passes without a new best, within 200
-    epochs, unseen-class runs after 10 within 150 and ablation runs after 10 within 50; scarcity and cost
-    train every epoch (scarcity's stored results were made so, and a time-to-target curve needs every epoch)."""
+    epochs, unseen-class runs after 10 within 150, ablation runs after 10 within 50 and scarcity runs after a
+    fifth of their passes; cost trains every epoch (a time-to-target curve needs every epoch)."""
     from knnsolver.bench.suites import build_specs, get_preset, get_suite
 
     preset = get_preset("full")
@@ -859,7 +873,7 @@ def test_early_stopping_reaches_only_the_suites_whose_presets_set_it(tmp_path):
 
     assert settings("classification") == {(6, 200)}
     assert settings("unseen-classes") == {(10, 150)}
-    assert {p for p, _ in settings("scarcity") | settings("cost")} == {0}
+    assert {p for p, _ in settings("cost")} == {0} and {p for p, _ in settings("scarcity")} == {4, 5}
     ablation = {(s.config["patience"], s.config["epochs"], s.config.get("epoch_steps"))
                 for s in build_specs(get_suite("ablation"), preset, tmp_path) if s.kind == "train"}
     assert ablation == {(10, 50, None), (10, 147, 16)}  # the variant refreshing every 16 steps: 147 x 16 = 50 x 47

@@ -133,6 +133,9 @@ class Preset:
     rbf_refresh_steps: int | None = None
     classification: Mapping[str, Any] = field(default_factory=dict)  # overrides of ``standard`` for that suite
     unseen: Mapping[str, Any] = field(default_factory=dict)  # overrides of ``disjoint`` for the unseen-classes suite
+    # The scarcity runs' TrainConfig.patience as a share of each run's validation passes, rounded up (0: every
+    # run takes its whole budget).
+    scarcity_patience: float = 0.0
 
 
 # Unseen-class runs validate on classes held out whole from training (knnsolver.bench.data): classes 0-4 and 6
@@ -186,14 +189,21 @@ PRESETS: dict[str, Preset] = {
         # finals before the cap (1 of them late), at about half the compute.
         unseen=dict(patience=10),
         unseen_subset=True,
-        scarcity_sizes=(10, 20, 50, 100, 500, None),
+        # All 57,000 images are left to the gpu preset: at 2,400 steps (2.7 passes) both solvers still rose 1-3
+        # points over the second half, and an RBF run there took 6.6-7.1 minutes (most of it refreshing its
+        # 57,000-centre bank every 100 steps), so the passes it needs do not fit 120 minutes on 2 cores.
+        scarcity_sizes=(10, 20, 50, 100, 500),
         # With sigma chosen at 100 per class (0.8), rbf with all images reached 79-82% (neighbours' mean RBF
         # value 0.7-0.86: a near-uniform vote), below the earlier 84-85% at sigma 0.2: one size's sigma need not
         # suit another's bank density.
         scarcity_reference="each",
-        scarcity_steps=2400,
+        # At a fixed 2,400 steps 42 of 60 finals peaked in the last 20%, 31 still rising (at every size). Up to
+        # 6,000 steps, validated about 20 times, stopping after a fifth of the passes without a new best: a run
+        # stopped early has its best outside its last 20% by construction.
+        scarcity_steps=6000,
         scarcity_min_epochs=2,
-        scarcity_evals=10,
+        scarcity_evals=20,
+        scarcity_patience=0.2,
         scarcity_epoch_steps=100,
         train_rows=57_000,
         embedding_dims=(16, 32, 64, 128),
@@ -222,14 +232,13 @@ PRESETS: dict[str, Preset] = {
                               "8 solvers x (3 grid points + 4 more seeds) = 56 trainings of about 1-5 minutes with 1 "
                               "thread, plus a training per grid extension and 4 more finals per changed choice, run "
                               "by 2 workers side by side (benchmarks/run_suites.sh)",
-            "scarcity": "about 2,400 optimiser steps per run, as the ablation (epochs = 2,400 / batches "
-                        "per epoch, at least 2; an epoch is at most 100 steps, so RBF's bank refreshes at least "
-                        "every 100 steps at every size: all 57,000 images are 891 steps a pass, after which its "
-                        "centres lay 6 sigma from their queries), 10 validation passes, the best kept (early "
-                        "stopping); at 600 steps "
-                        "34 of 60 finals peaked in the last 20%, those of 500 per class still 1-4 points up over the "
-                        "second half; a grid at every size (sigma chosen at 100 per class did not suit all images); "
-                        "softmax and rbf x 6 sizes x 5 seeds",
+            "scarcity": "up to 6,000 optimiser steps per run (epochs = 6,000 / batches per epoch, at least 2), "
+                        "validated about 20 times, each run stopped early after a fifth of its validation passes "
+                        "without a new best (at a fixed 600 steps 34 of 60 finals peaked in the last 20%; at a "
+                        "fixed 2,400, 42 of 60, 31 of them still rising); 10, 20, 50, 100 and 500 images per class "
+                        "(all 57,000 images only in the gpu preset: at 2,400 steps, 2.7 passes, both solvers still "
+                        "rose, and an RBF run took 6.6-7.1 minutes there); a grid at every size (sigma chosen at 100 "
+                        "per class did not suit all images); softmax and rbf x 5 sizes x 5 seeds",
             "unseen-classes": "up to 150 epochs of 1,200 images of classes 0-3 (about 2,850 optimiser steps), "
                               "validation every 3rd epoch, each run stopped early after 10 validation passes (30 "
                               "epochs) without a new best (at a fixed 30 epochs 31 of 44 finals peaked in the last "
@@ -475,6 +484,8 @@ def build_scarcity(preset: Preset, out: Path, solvers: tuple[str, ...], seeds: t
             epochs, epoch_steps = scarcity_epochs(preset, per_class)
             extra: dict[str, Any] = dict(max_per_class=per_class, epochs=epochs,
                                          eval_every=max(1, epochs // preset.scarcity_evals))
+            if preset.scarcity_patience:
+                extra["patience"] = math.ceil(preset.scarcity_patience * (epochs // extra["eval_every"]))
             if epoch_steps is not None:
                 extra["epoch_steps"] = epoch_steps
             if solver == "rbf" and per_class is not None:  # k must stay below the bank size
