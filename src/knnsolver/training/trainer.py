@@ -501,6 +501,9 @@ def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Modu
     progress = Progress(enabled=distributed.is_main())
     run = build_run(config, model, progress)
     run.folder = folder.path
+    if config.patience and run.data.val is None:
+        raise ConfigError(f"patience={config.patience} stops on validation, but this run has none "
+                          f"(val_fraction={config.val_fraction}); set val_fraction above 0, or patience to 0")
     for line in describe_run(run):
         progress.say(line)
     fingerprint = _on_main(lambda: data_fingerprint(run.data))
@@ -524,9 +527,6 @@ def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Modu
             rows = min(len(run.data.train_eval), config.precise_bn_rows)
             with progress.phase("batchnorm_warmup", f"BatchNorm warm-up on {rows:,} training rows"):
                 run.calibrate(force=True)
-    if config.patience and run.data.val is None:
-        raise ConfigError(f"patience={config.patience} stops on validation, but this run has none "
-                          f"(val_fraction={config.val_fraction}); set val_fraction above 0, or patience to 0")
     _on_main(lambda: write_json(config.to_dict(), folder.path / CONFIG))
     step = _loss_step(run)
 
