@@ -370,7 +370,7 @@ def test_every_scarcity_size_gets_the_step_budget_and_a_bank_refresh_every_few_s
         assert per_epoch <= epoch_steps and per_epoch <= per_pass, spec.run_id
         assert preset.scarcity_steps <= c["epochs"] * per_epoch < preset.scarcity_steps + per_epoch, spec.run_id
         passes = c["epochs"] // c["eval_every"]
-        assert c.get("patience", 0) == (math.ceil(passes / 5) if name == "full" else 0), spec.run_id
+        assert c["patience"] == math.ceil(passes / 5), spec.run_id
         if spec.solver == "rbf":
             assert c["solver_options"]["update_interval"] == 1
     if name == "full":
