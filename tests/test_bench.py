@@ -930,3 +930,20 @@ def test_the_setup_counts_the_finals_stopped_early_and_shows_the_patience():
     text = _setup(get_suite("classification"), results)
     assert "; 2 of the 3 stopped early, validation no longer improving." in text
     assert "eval_every=1, patience=6," in text
+
+
+def test_results_of_a_condition_the_preset_no_longer_runs_are_left_out(finished, tmp_path):
+    """Scarcity's full preset dropped all 57,000 images: their stored results matched no planned run, so they
+    were neither redone nor left out, and filled the tables and the convergence check alone."""
+    out = tmp_path / "dropped"
+    shutil.copytree(finished, out)
+    folder = out / "classification"
+    before = write_report(out, tmp_path / "A.md", tmp_path / "plots").read_text()
+    extra = json.loads((folder / "softmax__final__s0.json").read_text())
+    extra.update(run_id="softmax@n=all__final__s0", condition="n=all", seed=7)
+    extra["summary"]["test_accuracy"] = 0.01
+    (folder / "softmax@n=all__final__s0.json").write_text(json.dumps(extra))
+    text = write_report(out, tmp_path / "A.md", tmp_path / "plots").read_text()
+    note = " (1 results of conditions the preset no longer runs (n=all) are left out of every table and verdict)"
+    assert "**In progress: 8 of 52 runs of the `tiny` preset are done under its current budgets" + note in text
+    assert text.split("\n", 3)[3] == before.split("\n", 3)[3].replace("current budgets;", "current budgets" + note + ";")

@@ -722,10 +722,18 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         earlier = {s.run_id for s in judged
                    if s.run_id in results and outdated(s, results[s.run_id], results, preset.name) is not None}
         earlier |= set(stale_extensions(judged, results, preset.name)) if judged else set()
-        results = {k: r for k, r in results.items() if k not in earlier}
+        # A condition the preset no longer runs (a training-set size, embedding size or variant): left out too.
+        conditions = {s.condition for s in judged}
+        dropped = {k for k, r in results.items()
+                   if judged and r.get("preset") == preset.name and r.get("condition", "") not in conditions}
+        gone = sorted({results[k].get("condition", "") for k in dropped})
+        left_out = " and ".join([f"{len(earlier)} results of earlier budgets"] * bool(earlier)
+                                + [f"{len(dropped)} results of conditions the preset no longer runs "
+                                   f"({', '.join(gone)})"] * bool(dropped))
+        results = {k: r for k, r in results.items() if k not in earlier | dropped}
         if not results:
             head.append(f"Not run yet under the current budgets: `knnsolver bench {suite.name} --preset {preset.name} "
-                        f"--out {results_dir}` ({len(earlier)} results of earlier budgets are left out).")
+                        f"--out {results_dir}` ({left_out} are left out).")
             summary += [[suite.name, c.text, "-", c.paper_regime, "not run"] for c in claims]
             sections.append("\n\n".join(head))
             continue
@@ -737,10 +745,12 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         unfinished = bool(missing or due)
         if unfinished:
             extend = f", and {due} grid(s) chose an edge and are still to be extended" if due else ""
-            left = f" ({len(earlier)} results of earlier budgets are left out of every table and verdict)" if earlier else ""
+            left = f" ({left_out} are left out of every table and verdict)" if earlier or dropped else ""
             head.append(f"**In progress: {len(planned) - missing} of {len(planned)} runs of the `{preset.name}` preset "
                         f"are done under its current budgets{extend}{left}; the verdicts below may change when the "
                         "suite completes.**")
+        elif dropped:
+            head.append(f"{left_out[0].upper()}{left_out[1:]} are left out of every table and verdict.")
         stale = sum(1 for r in results.values() if r.get("training", 1) < TRAINING_VERSION)
         if stale:
             head.append(f"**Stale: {stale} of {len(results)} results were produced before the training fixes of "
