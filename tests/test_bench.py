@@ -801,7 +801,7 @@ def test_the_scarcity_table_shows_epochs_by_steps_and_the_rbf_centre_drift(tmp_p
                 "condition": condition, "seed": seed, "preset": "full", "params": {}, "config": config,
                 "best_val": acc, "summary": {"test_accuracy": acc}, "history": history}
 
-    small = {"epochs": 150, "batch_size": 64, "max_per_class": 100}
+    small = {"epochs": 150, "batch_size": 64, "max_per_class": 100, "patience": 4}  # a cap: runs stop early
     everything = {"epochs": 24, "epoch_steps": 100, "batch_size": 64, "max_per_class": None}
     rows = []
     for s in range(3):
@@ -816,7 +816,7 @@ def test_the_scarcity_table_shows_epochs_by_steps_and_the_rbf_centre_drift(tmp_p
     grid_rows = [line.split(" | ")[0] for line in body.splitlines() if line.startswith("| softmax (n=")]
     assert grid_rows == [f"| softmax (n={n})" for n in ("10", "20", "100", "500", "all")]
     # 1,000 images in batches of 64: 16 steps a pass; the drift is the median of the second half (epochs 3-4)
-    assert "| 100 | 150 x 16 | 80.00 ± 0.00 | 81.00 ± 0.00 | 1.00 ± 0.00 | 0.9 |" in body
+    assert "| 100 | up to 150 x 16 | 80.00 ± 0.00 | 81.00 ± 0.00 | 1.00 ± 0.00 | 0.9 |" in body
     assert "| all | 24 x 100 | 87.00 ± 0.00 | 85.00 ± 0.00 | -2.00 ± 0.00 | 1.8 |" in body
 
 
@@ -947,3 +947,31 @@ def test_results_of_a_condition_the_preset_no_longer_runs_are_left_out(finished,
     note = " (1 results of conditions the preset no longer runs (n=all) are left out of every table and verdict)"
     assert "**In progress: 8 of 52 runs of the `tiny` preset are done under its current budgets" + note in text
     assert text.split("\n", 3)[3] == before.split("\n", 3)[3].replace("current budgets;", "current budgets" + note + ";")
+
+
+def test_a_run_continues_only_from_a_validated_last_epoch():
+    """A stored 100-epoch run validated every 3rd epoch also validated epoch 100 (the last is always
+    validated): continued to 150 it could keep that checkpoint, or count that pass towards early stopping,
+    where a straight 150-epoch run validates epochs 99 and 102 only."""
+    from knnsolver.bench.runner import continues
+    from knnsolver.training import TrainConfig
+
+    base = TrainConfig(dataset="digits", lr_schedule="constant", eval_every=3, out="a").to_dict()
+    assert continues({**base, "epochs": 90}, {**base, "epochs": 150})
+    assert not continues({**base, "epochs": 100}, {**base, "epochs": 150})
+    assert continues({**base, "epochs": 90, "patience": 5}, {**base, "epochs": 150, "patience": 5})
+    assert not continues({**base, "epochs": 90, "patience": 5}, {**base, "epochs": 150, "patience": 6})
+
+
+def test_rbf_in_epochs_of_fewer_steps_waits_at_least_as_many_steps_before_stopping(tmp_path):
+    """The gpu preset's rbf trains in epochs of 100 steps, validated every 4th (400 steps, against 446 for
+    the others): 6 of its passes would wait 2,400 steps where the others wait 2,676, and a run stopped at epoch
+    124 of 134 would count as late. Its patience is rescaled to 7 passes (2,800 steps)."""
+    from knnsolver.bench.suites import build_specs, get_preset, get_suite
+
+    specs = [s for s in build_specs(get_suite("classification"), get_preset("gpu"), tmp_path) if s.role == "final"]
+    soft = next(s.config for s in specs if s.method == "softmax")
+    rbf = next(s.config for s in specs if s.method == "rbf")
+    assert (rbf["epochs"], rbf["eval_every"], rbf["patience"]) == (134, 4, 7)
+    assert rbf["patience"] * rbf["eval_every"] * 100 >= soft["patience"] * soft["eval_every"] * 446
+    assert rbf["patience"] * rbf["eval_every"] >= 0.2 * rbf["epochs"]  # a run stopped early is never late

@@ -355,12 +355,13 @@ def _scripted_validation(monkeypatch, scores):
     return queue
 
 
-def test_early_stopping_counts_validation_passes_without_a_new_best(tmp_path, monkeypatch):
-    # Validated every 2nd epoch: passes at epochs 2, 4, ..., best 0.7 at epoch 4 (pass 2); an equal score is not
-    # a rise, so passes 3-5 (epochs 6, 8, 10) make 3 without a new best and the run stops after epoch 10 of 20.
-    left = _scripted_validation(monkeypatch, [0.5, 0.7, 0.7, 0.6, 0.69, 0.9, 0.9])
-    summary = train(_cfg(tmp_path, epochs=20, eval_every=2, patience=3, lr_schedule="constant"))
+def test_early_stopping_counts_validation_passes_without_a_new_best(tmp_path, monkeypatch, capsys):
+    # Validated every 2nd epoch: passes at epochs 2, 4, ..., best 0.7 at epoch 4 (pass 2; a NaN first score
+    # never rises, so the message must not name it); an equal score is not a rise, so passes 3-5 (epochs 6, 8, 10) make 3 without a new best and the run stops after epoch 10 of 20.
+    left = _scripted_validation(monkeypatch, [float("nan"), 0.7, 0.7, 0.6, 0.69, 0.9, 0.9])
+    summary = train(_cfg(tmp_path, epochs=20, eval_every=2, patience=3, lr_schedule="constant", progress=True))
     assert left == [0.9, 0.9]
+    assert "early stop after epoch 10: 3 validation passes without a new best (best epoch 4)" in capsys.readouterr().err
     assert (summary["epochs_run"], summary["best_epoch"], summary["stopped_early"]) == (10, 4, True)
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == list(range(1, 11))

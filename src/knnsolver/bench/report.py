@@ -288,10 +288,12 @@ def _paired_gain(results: Mapping[str, dict], method: str, base: str, condition:
 
 
 def _epochs_by_steps(result: Mapping[str, Any]) -> str:
-    """``"epochs x optimiser steps per epoch"`` of a training result (one pass unless ``epoch_steps``)."""
+    """``"epochs x optimiser steps per epoch"`` of a training result (one pass unless ``epoch_steps``), ``"up to
+    ..."`` where its runs stop early."""
     config, preset = result["config"], PRESETS.get(result.get("preset", ""))
     steps = config.get("epoch_steps") or (steps_per_pass(preset, config) if preset is not None else None)
-    return f"{config['epochs']} x {steps}" if steps else f"{config['epochs']} x one pass"
+    cap = "up to " if config.get("patience") else ""
+    return f"{cap}{config['epochs']} x {steps}" if steps else f"{cap}{config['epochs']} x one pass"
 
 
 def _drift(finals: Sequence[Mapping[str, Any]]) -> str:

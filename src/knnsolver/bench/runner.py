@@ -109,10 +109,15 @@ def best_val(history: Sequence[Mapping[str, Any]], key: str) -> float:
 
 def continues(shorter: Mapping[str, Any], longer: Mapping[str, Any]) -> bool:
     """Whether training config ``longer`` is ``shorter`` run for more epochs at a constant learning rate, so
-    resuming the shorter run gives exactly the longer one (every epoch's randomness is seeded by its number)."""
+    resuming the shorter run gives exactly the longer one (every epoch's randomness is seeded by its number).
+
+    The shorter run must end on a validation epoch: its last epoch was validated either way, so an extra
+    validation pass there could keep a checkpoint, or count towards early stopping, where the longer run
+    validates nothing.
+    """
     a, b = comparable(shorter), comparable(longer)
     return (a.get("lr_schedule") == b.get("lr_schedule") == "constant" and a.get("epochs", 0) < b.get("epochs", 0)
-            and {**a, "epochs": b["epochs"]} == b)
+            and a.get("epochs", 0) % a.get("eval_every", 1) == 0 and {**a, "epochs": b["epochs"]} == b)
 
 
 def _can_resume(run_dir: Path, cfg: TrainConfig) -> bool:

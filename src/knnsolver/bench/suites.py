@@ -271,7 +271,8 @@ PRESETS: dict[str, Preset] = {
                       device="cuda", compile=True),
         disjoint=dict(_FULL_STANDARD, split="disjoint", width=32, batch_size=128, samples_per_class=16,
                       max_per_class=None, epochs=30, device="cuda", compile=True, **_CLASS_DISJOINT),
-        # The full preset's early stopping: a fifth of the cap's validation passes without a new best.
+        # Early stopping after a fifth of the 30-epoch cap without a new best (rbf's epochs of 100 steps wait at
+        # least as many steps: in_epochs_of).
         classification=dict(patience=6),
         unseen=dict(patience=6),
         scarcity_patience=0.2,
@@ -558,10 +559,14 @@ def steps_per_pass(preset: Preset, config: Mapping[str, Any]) -> int:
 
 def in_epochs_of(preset: Preset, config: Mapping[str, Any], steps: int) -> dict[str, int]:
     """The settings that train ``config``'s budget in epochs of ``steps`` optimiser steps (``epoch_steps``: a bank
-    refreshes at every epoch start), validated about as often (in steps) as ``config`` is."""
+    refreshes at every epoch start), validated about as often (in steps) as ``config`` is, and stopping early
+    after at least as many steps without a new best (``patience`` in passes of the new interval, rounded up)."""
     per_pass = steps_per_pass(preset, config)
-    return {"epoch_steps": steps, "epochs": math.ceil(config["epochs"] * per_pass / steps),
-            "eval_every": max(1, round(config["eval_every"] * per_pass / steps))}
+    every = max(1, round(config["eval_every"] * per_pass / steps))
+    settings = {"epoch_steps": steps, "epochs": math.ceil(config["epochs"] * per_pass / steps), "eval_every": every}
+    if config.get("patience"):
+        settings["patience"] = math.ceil(config["patience"] * config["eval_every"] * per_pass / (every * steps))
+    return settings
 
 
 def ablation_variants(preset: Preset) -> list[tuple[str, str, dict[str, Any]]]:

@@ -573,9 +573,10 @@ def _stops_early(run: Run, history: list[dict[str, Any]]) -> bool:
     if not stopped_on_patience(run.config, history):
         return False
     key, patience = _select_key(run.config), run.config.patience
-    best = max((row for row in history if row.get(key) is not None), key=lambda row: row[key])
+    scored = [row for row in history if row.get(key) is not None and not math.isnan(row[key])]
+    best = f"best epoch {max(scored, key=lambda row: row[key])['epoch']}" if scored else "no finite score"
     run.progress.say(f"early stop after epoch {history[-1]['epoch']}: {patience} validation passes without a new "
-                     f"best (best epoch {best['epoch']}); the rest of the {run.config.epochs} epochs is skipped")
+                     f"best ({best}); the rest of the {run.config.epochs} epochs is skipped")
     return True
 
 
