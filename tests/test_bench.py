@@ -510,6 +510,17 @@ def test_every_grid_is_a_run_of_its_ladder():
         assert list(ladder) == sorted(ladder), solver
 
 
+def test_every_ladder_value_builds_its_solver():
+    """A grid extension must never reach a value its solver refuses (softmax's ladder ends at 0.9 < 1)."""
+    from knnsolver.bench.suites import GRIDS, LADDERS
+    from knnsolver.registry import SOLVERS
+
+    for solver, grid in GRIDS.items():
+        ((name, _),) = grid.items()
+        for value in LADDERS[solver]:
+            SOLVERS.get(solver)(8, 3, 30, **{name: value})
+
+
 def test_the_runner_extends_a_grid_before_its_finals_choose(tmp_path, monkeypatch):
     """Validation rising towards the upper edge makes the runner try 0.3 then 0.4 (the ladder's end) before
     the finals, which take the extended choice; a second call runs nothing; the report shows every point."""

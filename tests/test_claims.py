@@ -177,7 +177,7 @@ def test_hal_cost_is_judged_on_interquartile_ranges_at_every_setting(hal, status
     assert verdict.status == status and "4 settings" in verdict.numbers
     # its regime is the timed steps', not the suite's training runs'
     assert _claim("HAL costs").regime_tested(_results(rows)) == (
-        "loss steps alone on random 64-d embeddings, batch 256, 1024, 10, 100 classes, CPU (not the suites' batch of 64)")
+        "loss steps alone on random 64-d embeddings, batch 256, 1024 by 10, 100 classes, CPU (not the suites' batch of 64)")
 
 
 def _target_run(method: str, seed: int, curve: list[float]) -> dict:
@@ -212,6 +212,23 @@ def test_the_speedup_is_judged_on_the_interval_of_the_log_ratio_with_a_target_ev
     assert verdict.status == status, verdict.numbers
     assert "76.00% validation MAP@R" in verdict.numbers and "inf" not in verdict.numbers  # 0.95 x 0.8
     assert "geometric mean" in verdict.numbers
+
+
+def test_the_speedup_regime_is_the_target_runs_alone():
+    """The cost suite also trains every solver (rbf too) for 2 epochs to time them; the time-to-target claim's
+    regime names only its own runs: 90 epochs on the class-disjoint split, no rbf bank."""
+    timing = _run("rbf", "epoch", 0, test_accuracy=0.5)
+    timing["config"].update(epochs=2, split="standard")
+    rows = [timing]
+    for s in SEEDS:
+        for method in ("triplet", "centralized"):
+            run = _target_run(method, s, [0.1, 0.9])
+            run["config"].update(epochs=90, split="disjoint", optimizer="adam", lr=0.001, lr_schedule="constant")
+            rows.append(run)
+    assert _claim("The centralized").regime_tested(_results(rows)) == (
+        "from scratch, conv28 width 16, fashion-mnist (300 images per class; class-disjoint split: retrieval on "
+        "unseen classes), 90 epochs, Adam 0.001 constant, batch 64, CPU")
+    assert "2-90 epochs" in regime_of(_results(rows)) and "rbf" in regime_of(_results(rows))
 
 
 def test_every_suite_with_claims_has_them_as_objects_naming_regimes():

@@ -121,3 +121,23 @@ def test_rbf_classifier_checks_its_input():
         RBFClassifier(search="kd").fit(x, y)
     with pytest.raises(ConfigError, match="at least one feature"):
         RBFClassifier(k=5).fit(np.zeros((40, 0)), y)
+
+
+@pytest.mark.parametrize("smoothing", [-0.1, 1.0, 1.5])
+def test_softmax_label_smoothing_outside_zero_one_is_refused(smoothing):
+    from knnsolver.solvers.softmax import SoftmaxSolver
+
+    with pytest.raises(ConfigError, match=rf"label_smoothing must be in \[0, 1\), got {smoothing}; try label_smoothing=0.1"):
+        SoftmaxSolver(8, 3, label_smoothing=smoothing)
+
+
+def test_softmax_label_smoothing_matches_the_smoothed_targets():
+    """0.9 (the ladder's end) against cross-entropy written out with targets (1 - eps) onehot + eps / C."""
+    from knnsolver.solvers.softmax import SoftmaxSolver
+
+    torch.manual_seed(0)
+    solver = SoftmaxSolver(8, 3, label_smoothing=0.9).double()
+    x, y = torch.randn(16, 8, dtype=torch.float64), torch.arange(16) % 3
+    log_p = torch.log_softmax(solver.classifier(x), dim=1)
+    target = 0.1 * torch.nn.functional.one_hot(y, 3).double() + 0.9 / 3
+    assert solver(x, y).item() == pytest.approx(-(target * log_p).sum(1).mean().item(), rel=1e-12)
