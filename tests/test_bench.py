@@ -518,7 +518,7 @@ def test_every_ladder_value_builds_its_solver():
     for solver, grid in GRIDS.items():
         ((name, _),) = grid.items()
         for value in LADDERS[solver]:
-            SOLVERS.get(solver)(8, 3, 30, **{name: value})
+            SOLVERS.get(solver)(8, 3, 300, **{name: value})
 
 
 def test_the_runner_extends_a_grid_before_its_finals_choose(tmp_path, monkeypatch):
