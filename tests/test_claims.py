@@ -177,7 +177,7 @@ def test_hal_cost_is_judged_on_interquartile_ranges_at_every_setting(hal, status
     assert verdict.status == status and "4 settings" in verdict.numbers
     # its regime is the timed steps', not the suite's training runs'
     assert _claim("HAL costs").regime_tested(_results(rows)) == (
-        "loss steps alone on random 64-d embeddings, batch 256, 1024 by 10, 100 classes, CPU (not the suites' batch of 64)")
+        "loss steps alone on random 64-d embeddings, batch 256/1024 by 10/100 classes, CPU (not the suites' batch of 64)")
 
 
 def _target_run(method: str, seed: int, curve: list[float]) -> dict:
@@ -228,7 +228,8 @@ def test_the_speedup_regime_is_the_target_runs_alone():
     assert _claim("The centralized").regime_tested(_results(rows)) == (
         "from scratch, conv28 width 16, fashion-mnist (300 images per class; class-disjoint split: retrieval on "
         "unseen classes), 90 epochs, Adam 0.001 constant, batch 64, CPU")
-    assert "2-90 epochs" in regime_of(_results(rows)) and "rbf" in regime_of(_results(rows))
+    suite = regime_of(_results(rows))  # the whole suite's: both splits named
+    assert "2-90 epochs" in suite and "rbf" in suite and "(300 images per class; standard and class-disjoint splits)" in suite
 
 
 def test_every_suite_with_claims_has_them_as_objects_naming_regimes():

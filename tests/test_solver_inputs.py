@@ -131,6 +131,15 @@ def test_softmax_label_smoothing_outside_zero_one_is_refused(smoothing):
         SoftmaxSolver(8, 3, label_smoothing=smoothing)
 
 
+@pytest.mark.parametrize(("smoothing", "message"), [("0.5", "label_smoothing must be a number"),
+                                                     (None, "label_smoothing must be a number, got None")])
+def test_softmax_label_smoothing_of_the_wrong_type_is_refused(smoothing, message):
+    from knnsolver.solvers.softmax import SoftmaxSolver
+
+    with pytest.raises(ConfigError, match=message):
+        SoftmaxSolver(8, 3, label_smoothing=smoothing)
+
+
 def test_softmax_label_smoothing_matches_the_smoothed_targets():
     """0.9 (the ladder's end) against cross-entropy written out with targets (1 - eps) onehot + eps / C."""
     from knnsolver.solvers.softmax import SoftmaxSolver

@@ -61,8 +61,9 @@ class Claim:
             beside the regime the results record.
         evaluate: the verdict from the suite's results, or ``None`` while they
             hold too little to decide.
-        regime: the regime tested, where it is not the suite's training runs'
-            (:func:`regime_of`): a claim decided by timed loss steps.
+        regime: the regime tested, where it is not that of all the suite's training
+            runs (:func:`regime_of`): a claim decided by timed loss steps, or by a
+            subset of the suite's runs (the time-to-target claim).
     """
 
     suite: str
@@ -300,12 +301,13 @@ def step_regime(results: Results) -> str:
     keys = {k for times in steps.values() for k in times}
     batches, classes = sorted({b for b, _ in keys}), sorted({c for _, c in keys})
     dims = sorted({r["config"].get("embedding_dim") for r in results.values() if r["kind"] == "step_cost"} - {None})
-    return (f"loss steps alone on random {'/'.join(map(str, dims))}-d embeddings, batch {', '.join(map(str, batches))} "
-            f"by {', '.join(map(str, classes))} classes, CPU (not the suites' batch of 64)")
+    return (f"loss steps alone on random {'/'.join(map(str, dims))}-d embeddings, batch {'/'.join(map(str, batches))} "
+            f"by {'/'.join(map(str, classes))} classes, CPU (not the suites' batch of 64)")
 
 
 def target_regime(results: Results) -> str:
-    """The regime of the time-to-target runs alone (the cost suite's epoch timings train 2 epochs, and rbf)."""
+    """The regime of the time-to-target runs alone, without the cost suite's epoch-timing runs (every solver,
+    rbf included, for the preset's ``cost_epochs``)."""
     return regime_of({k: r for k, r in results.items() if r.get("condition") == "target"})
 
 
@@ -424,7 +426,9 @@ def regime_of(results: Results) -> str:
     first = configs[0]
     per_class = sorted({c.get("max_per_class") for c in configs}, key=lambda v: (v is None, v or 0))
     sizes = ", ".join("all" if v is None else str(v) for v in per_class)
-    split = "; class-disjoint split: retrieval on unseen classes" if first.get("split") == "disjoint" else ""
+    disjoint = sorted({c.get("split") == "disjoint" for c in configs})
+    split = {(True,): "; class-disjoint split: retrieval on unseen classes",
+             (False, True): "; standard and class-disjoint splits"}.get(tuple(disjoint), "")
     epochs = sorted({c["epochs"] for c in configs})
     patience = sorted({c.get("patience", 0) for c in configs} - {0})
     stopping = f" (stopped after {' / '.join(map(str, patience))} validation passes without a new best)" if patience else ""

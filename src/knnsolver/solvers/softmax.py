@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from knnsolver.constraints import check_type
 from knnsolver.errors import ConfigError
 from knnsolver.interfaces import Solver
 
@@ -23,9 +24,10 @@ class SoftmaxSolver(Solver):
 
     def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0, *, label_smoothing: float = 0.0) -> None:
         super().__init__(embedding_dim, num_classes, num_train)
-        if not 0.0 <= float(label_smoothing) < 1.0:
+        smoothing = check_type("label_smoothing", label_smoothing, float)
+        if not 0.0 <= smoothing < 1.0:
             raise ConfigError(f"softmax label_smoothing must be in [0, 1), got {label_smoothing}; try label_smoothing=0.1")
-        self.label_smoothing = float(label_smoothing)
+        self.label_smoothing = float(smoothing)
         self.classifier = nn.Linear(embedding_dim, num_classes)
         self._step = softmax_loss
 
