@@ -357,7 +357,8 @@ def _scripted_validation(monkeypatch, scores):
 
 def test_early_stopping_counts_validation_passes_without_a_new_best(tmp_path, monkeypatch, capsys):
     # Validated every 2nd epoch: passes at epochs 2, 4, ..., best 0.7 at epoch 4 (pass 2; a NaN first score
-    # never rises, so the message must not name it); an equal score is not a rise, so passes 3-5 (epochs 6, 8, 10) make 3 without a new best and the run stops after epoch 10 of 20.
+    # never rises, so the message must not name it); an equal score is not a rise, so passes 3-5 (epochs 6,
+    # 8, 10) make 3 without a new best and the run stops after epoch 10 of 20.
     left = _scripted_validation(monkeypatch, [float("nan"), 0.7, 0.7, 0.6, 0.69, 0.9, 0.9])
     summary = train(_cfg(tmp_path, epochs=20, eval_every=2, patience=3, lr_schedule="constant", progress=True))
     assert left == [0.9, 0.9]

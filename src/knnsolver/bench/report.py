@@ -729,9 +729,12 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         dropped = {k for k, r in results.items()
                    if judged and r.get("preset") == preset.name and r.get("condition", "") not in conditions}
         gone = sorted({results[k].get("condition", "") for k in dropped})
-        left_out = " and ".join([f"{len(earlier)} results of earlier budgets"] * bool(earlier)
-                                + [f"{len(dropped)} results of conditions the preset no longer runs "
-                                   f"({', '.join(gone)})"] * bool(dropped))
+        left_parts = []
+        if earlier:
+            left_parts.append(f"{len(earlier)} results of earlier budgets")
+        if dropped:
+            left_parts.append(f"{len(dropped)} results of conditions the preset no longer runs ({', '.join(gone)})")
+        left_out = " and ".join(left_parts)
         results = {k: r for k, r in results.items() if k not in earlier | dropped}
         if not results:
             head.append(f"Not run yet under the current budgets: `knnsolver bench {suite.name} --preset {preset.name} "
