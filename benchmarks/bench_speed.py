@@ -19,12 +19,15 @@ Prints, all measured in this process:
    minutes) weighs on both alike; the RBF epoch ratio with its refresh (timed
    in this process) amortised over ``--update-interval`` epochs. Sequential
    whole runs (section 1) cannot separate a 10% difference from such drift.
+   ``--rounds R`` repeats it on fresh networks and batch orders and prints the
+   spread of the epoch ratio across rounds.
 5. The evaluation embedding pass (eval mode, no gradient) of the training set
    at 64 to 1,024 rows a batch, taken in turn; the automatic
    ``eval_batch_size`` marked.
 
 Usage: ``python benchmarks/bench_speed.py [--device cpu|cuda] [--per-class 1000] [--width 16]
-[--epochs 2] [--batch 128] [--k 200] [--threads 2] [--variants fp32,compile]``. Fashion-MNIST from
+[--epochs 2] [--batch 128] [--k 200] [--threads 2] [--variants fp32,compile] [--sections 1,2,3,4,5]
+[--rounds 1]``. Fashion-MNIST from
 ``make data`` (or ``--data-dir``). ``--per-class 0`` uses all 54,000 training rows.
 """
 from __future__ import annotations
@@ -45,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from knnsolver.data import build_data
 from knnsolver.data.datasets import load_fashion_mnist
 from knnsolver.models.factory import build_model
 from knnsolver.registry import SOLVERS
@@ -177,17 +181,22 @@ def _fashion_images(a: argparse.Namespace, num_rows: int) -> tuple[torch.Tensor,
     return images.to(a.device), torch.as_tensor(source.labels)[rows].to(a.device)
 
 
-def interleaved_steps(a: argparse.Namespace, steps: int, num_rows: int) -> dict[str, float]:
+def _train_rows(a: argparse.Namespace) -> int:
+    """Training rows of section 1's runs (validation held out): 54,000 with ``--per-class 0``."""
+    return len(build_data("fashion-mnist", data_dir=a.data_dir, max_per_class=a.per_class or None, seed=0).train)
+
+
+def interleaved_steps(a: argparse.Namespace, steps: int, num_rows: int, seed: int = 0) -> dict[str, float]:
     """Median seconds of one training step for softmax and for RBF (``--k``), alternating step by step on
     the same shuffled batches of the first ``num_rows`` Fashion-MNIST training images (section 1's
     training-set size); the RBF bank holds the untrained network's embeddings of them. Each solver has
-    its own copy of the same initial network and its own Adam."""
+    its own copy of the same initial network and its own Adam; ``seed`` sets the network and the batch order."""
     device = torch.device(a.device)
     images, labels = _fashion_images(a, num_rows)
     n = len(labels)
     runs = {}
     for name, options in (("softmax", {}), ("rbf", {"k": a.k})):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         model = build_model("conv28", (1, 28, 28), embedding_dim=a.dim, width=a.width).to(device)
         solver = SOLVERS.build(name, embedding_dim=a.dim, num_classes=10, num_train=n, **options).to(device)
         if name == "rbf":
@@ -197,7 +206,7 @@ def interleaved_steps(a: argparse.Namespace, steps: int, num_rows: int) -> dict[
         model.train()
         params = [p for p in [*model.parameters(), *solver.parameters()] if p.requires_grad]
         runs[name] = (LossStep(model, solver), torch.optim.Adam(params, lr=1e-3))
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(steps + 10):
         idx = order[(i * a.batch) % (n - a.batch) :][: a.batch]
@@ -268,6 +277,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--skip-slow-data", action="store_true", help="skip the per-item DataLoader comparison")
     p.add_argument("--variants", default="fp32", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    p.add_argument("--sections", default="1,2,3,4,5", help="comma-separated sections to run (docstring)")
+    p.add_argument("--rounds", type=int, default=1, help="section 4 rounds, each on fresh networks and batch order")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -280,8 +291,11 @@ def main() -> None:
 
     rbf = {"k": a.k, "update_interval": a.update_interval}
     n = a.update_interval
+    sections = {int(x) for x in a.sections.split(",")}
+    rows = _train_rows(a)
+    refresh = None
     soft = None
-    for variant in a.variants.split(","):
+    for variant in a.variants.split(",") if 1 in sections else ():
         times = {name: epoch_times(a, name, options, variant=variant)
                  for name, options in (("softmax", {}), ("hal", {}), ("rbf", rbf))}
         soft, rb = times["softmax"], times["rbf"]
@@ -291,42 +305,51 @@ def main() -> None:
         for name, t in times.items():
             print(f"   {name:8s} {t['loop']:9.2f}s {t['loop'] / soft['loop']:6.2f} {t['epoch']:11.2f}s "
                   f"{t['epoch'] / soft['epoch']:6.2f} {t['rows'] / t['loop']:9.0f}")
-        refresh = refresh_time(a, rb["rows"])
+        refresh = refresh_time(a, rows)
         embed = rb["fill"] - rb["refresh"]
         for label, cost in (("validation's embeddings reused", refresh), ("embedding pass included", refresh + embed)):
             steady = rb["loop"] + cost / n
             print(f"   rbf training epoch with a refresh every {n} ({label}: {cost:.2f} s each): {steady:.2f} s, "
                   f"ratio {steady / soft['loop']:.2f} to softmax's batch loop")
-    if not a.skip_slow_data and soft is not None:
+    if 2 in sections and not a.skip_slow_data:
+        soft = soft or epoch_times(a, "softmax", {})
         old = epoch_times(a, "softmax", {}, slow_data=True)
         print(f"\n2. softmax batch loop, batches gathered on the device {soft['loop']:.2f} s vs per-item DataLoader "
               f"{old['loop']:.2f} s: {old['loop'] / soft['loop']:.2f}x")
-    print(f"\n3. solver step alone (forward + backward), B={a.batch}, N={a.bank}, d={a.dim}, median of {a.repeats}:")
-    for compiled in (False, True):
-        base, info = step_time("softmax", {}, a, a.repeats, compiled)
-        label = "compiled" if compiled else "eager"
-        print(f"   {label:8s} softmax {base * 1e3:8.3f} ms              {info}")
-        for name, options in (("hal", {}), ("rbf", {"k": a.k})):
-            t, info = step_time(name, options, a, a.repeats, compiled)
-            print(f"   {label:8s} {name:7s} {t * 1e3:8.3f} ms   ratio {t / base:5.2f}   {info}")
+    if 3 in sections:
+        print(f"\n3. solver step alone (forward + backward), B={a.batch}, N={a.bank}, d={a.dim}, median of {a.repeats}:")
+        for compiled in (False, True):
+            base, info = step_time("softmax", {}, a, a.repeats, compiled)
+            label = "compiled" if compiled else "eager"
+            print(f"   {label:8s} softmax {base * 1e3:8.3f} ms              {info}")
+            for name, options in (("hal", {}), ("rbf", {"k": a.k})):
+                t, info = step_time(name, options, a, a.repeats, compiled)
+                print(f"   {label:8s} {name:7s} {t * 1e3:8.3f} ms   ratio {t / base:5.2f}   {info}")
 
-    steps = interleaved_steps(a, a.steps, rb["rows"])
-    per_epoch = math.ceil(rb["rows"] / a.batch)
-    print(f"\n4. training steps taken in turn, conv28 width {a.width}, batch {a.batch}, {a.device}, median of {a.steps}:")
-    print(f"   softmax {steps['softmax'] * 1e3:8.2f} ms")
-    print(f"   rbf     {steps['rbf'] * 1e3:8.2f} ms   ratio {steps['rbf'] / steps['softmax']:5.3f}   "
-          f"(+{(steps['rbf'] - steps['softmax']) * 1e3:.2f} ms a step)")
-    steady = steps["rbf"] * per_epoch + refresh / n
-    print(f"   rbf training epoch with a refresh every {n} ({per_epoch} steps, refresh {refresh:.2f} s as in 1.): "
-          f"ratio {steady / (steps['softmax'] * per_epoch):.3f} to softmax's epoch")
+    if 4 in sections:
+        refresh = refresh if refresh is not None else refresh_time(a, rows)
+        per_epoch = math.ceil(rows / a.batch)
+        print(f"\n4. training steps taken in turn, conv28 width {a.width}, batch {a.batch}, {a.device}, median of "
+              f"{a.steps} per round; rbf epoch with a refresh every {n} ({per_epoch} steps, refresh {refresh:.2f} s):")
+        ratios = []
+        for r in range(a.rounds):
+            steps = interleaved_steps(a, a.steps, rows, seed=r)
+            ratios.append((steps["rbf"] * per_epoch + refresh / n) / (steps["softmax"] * per_epoch))
+            print(f"   round {r + 1}: softmax {steps['softmax'] * 1e3:7.2f} ms, rbf {steps['rbf'] * 1e3:7.2f} ms "
+                  f"(ratio {steps['rbf'] / steps['softmax']:5.3f}, +{(steps['rbf'] - steps['softmax']) * 1e3:.2f} ms a step); "
+                  f"rbf epoch ratio {ratios[-1]:.3f}")
+        if len(ratios) > 1:
+            print(f"   rbf epoch ratio over {len(ratios)} rounds: median {statistics.median(ratios):.3f}, "
+                  f"range {min(ratios):.3f}-{max(ratios):.3f}")
 
-    passes = embedding_pass(a, rb["rows"])
-    auto = auto_eval_batch_size(torch.device(a.device))
-    print(f"\n5. evaluation embedding pass of {rb['rows']:,} rows (eval mode, no gradient), conv28 width {a.width}, "
-          f"{a.device}, batch sizes in turn; ratio to the automatic {auto}:")
-    for size, seconds in passes.items():
-        mark = "   (automatic)" if size == auto else ""
-        print(f"   {size:5d} rows a batch {seconds:7.2f} s   ratio {seconds / passes[auto]:5.2f}{mark}")
+    if 5 in sections:
+        passes = embedding_pass(a, rows)
+        auto = auto_eval_batch_size(torch.device(a.device))
+        print(f"\n5. evaluation embedding pass of {rows:,} rows (eval mode, no gradient), conv28 width {a.width}, "
+              f"{a.device}, batch sizes in turn; ratio to the automatic {auto}:")
+        for size, seconds in passes.items():
+            mark = "   (automatic)" if size == auto else ""
+            print(f"   {size:5d} rows a batch {seconds:7.2f} s   ratio {seconds / passes[auto]:5.2f}{mark}")
 
 
 if __name__ == "__main__":
