@@ -229,6 +229,59 @@ def test_exact_cpu_breaks_ties_by_index():
     assert graph[3, :2].tolist() == [7, 11] and graph[7, :2].tolist() == [3, 11] and graph[11, :2].tolist() == [3, 7]
 
 
+def integer_points(n: int = 300, seed: int = 0) -> np.ndarray:
+    """Small integer coordinates: every float32 distance is exact, and many are equal (ties, duplicates)."""
+    return np.random.default_rng(seed).integers(-3, 4, size=(n, 4)).astype(np.float32)
+
+
+def brute_force_int(queries: np.ndarray, points: np.ndarray, k: int, own: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The k smallest (distance, index) pairs of each query, in int64 (exact), its own row left out when ``own``."""
+    q, p = queries.astype(np.int64), points.astype(np.int64)
+    sq = ((q[:, None, :] - p[None, :, :]) ** 2).sum(-1)
+    if own:
+        np.fill_diagonal(sq, 10**6)
+    order = np.argsort(sq * len(p) + np.arange(len(p)), axis=1)[:, :k]  # by distance, then index
+    return np.take_along_axis(sq, order, axis=1).astype(np.float32), order.astype(np.int32)
+
+
+@pytest.mark.parametrize("clusters", [0, 2, 7])
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_cpu_graph_is_brute_force_with_ties_by_index_in_any_order(clusters, k):
+    """Ties at a pool's threshold once went to whichever candidate came first; in index order that was the
+    lower index, but the locality order (``clusters``) brings candidates in another order. Keys are now
+    compared, so the graph is the k smallest (distance, index) pairs whatever the order and tiling."""
+    x = integer_points()
+    want_d, want_i = brute_force_int(x, x, k, own=True)
+    for tile in (32, 2048):
+        got_d, got_i = cpu_exact.knn_graph(x, k, tile=tile, clusters=clusters)
+        np.testing.assert_array_equal(got_i, want_i)
+        np.testing.assert_array_equal(got_d, want_d)
+
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_cpu_query_search_is_brute_force_with_ties_by_index(k):
+    x, q = integer_points(), integer_points(50, seed=1)
+    got_d, got_i = cpu_exact.knn(q, x, k, tile=32)
+    want_d, want_i = brute_force_int(q, x, k, own=False)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_d, want_d)
+
+
+def test_cpu_graph_orders_by_cluster_from_four_row_tiles(monkeypatch):
+    """The automatic locality order: N / 500 clusters from 4 row tiles and 1,000 points on, none below."""
+    calls = []
+    original = cpu_exact.locality_order
+    monkeypatch.setattr(cpu_exact, "locality_order", lambda x, c: calls.append((len(x), c)) or original(x, c))
+    x = POINTS.numpy()
+    reference = cpu_exact.knn_graph(x, K, tile=64, clusters=0)
+    ordered = cpu_exact.knn_graph(x, K, tile=64)  # 1,200 points in tiles of 64: 19 row tiles, 2 clusters
+    cpu_exact.knn_graph(x, K, tile=512)  # 3 row tiles: index order
+    cpu_exact.knn_graph(x[:900], K, tile=64)  # under 1,000 points: fewer than 2 clusters of 500
+    assert calls == [(1200, 2)]
+    np.testing.assert_array_equal(ordered[0], reference[0])
+    np.testing.assert_array_equal(ordered[1], reference[1])
+
+
 @pytest.mark.parametrize("k", [1, K, 150])
 def test_cpu_kernel_matches_the_torch_path(k):
     """The CPU kernel and the torch path (CUDA's) agree up to the order of float32 ties."""
