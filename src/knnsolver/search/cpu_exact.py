@@ -6,15 +6,15 @@ pairs (so memory is O(tile^2), never O(Q N)), and numba kernels merge each
 tile into a pool of candidates per query. A candidate is a single uint64, the
 distance's float32 bits above the point's index, so keys order by distance
 then index (non-negative floats order like their bits). A pool holds ``2 k``
-keys; a candidate enters when its key is below the pool's threshold key, and a
-full pool is cut to its ``k`` smallest keys by quickselect, the ``k``-th
+keys; a candidate enters when its distance is at most the pool's threshold, and
+a full pool is cut to its ``k`` smallest keys by quickselect, the ``k``-th
 becoming the threshold (faiss's reservoir, cheaper than a heap at k = 200).
-Comparing keys, not distances, breaks a distance tie by index whatever the
-order in which candidates arrive, so the result is the ``k`` smallest
-``(distance, index)`` pairs, nearest first, whatever the tiling, the thread
-count or the order of the tiles. A scan first counts, vectorised, the entries
-of a short segment at or below the threshold distance and looks at them one by
-one only when there are any.
+A candidate at exactly the threshold's distance enters too, and the cuts
+compare keys, so a distance tie goes to the lower index whatever the order in
+which candidates arrive: the result is the ``k`` smallest ``(distance, index)``
+pairs, nearest first, whatever the tiling, the thread count or the order of
+the tiles. A scan first counts, vectorised, the entries of a short segment at
+or below the threshold and looks at them one by one only when there are any.
 
 The all-points graph computes each unordered pair once: a tile of rows ``I``
 against columns ``J > I`` feeds the pools of ``I`` row-wise and the pools of
@@ -110,18 +110,10 @@ def _select(keys, m, k):
 
 
 @njit(inline="always", **_JIT)
-def _admits(pool, k, th, key):
-    """Whether ``key`` may enter a pool: always before its first cut (threshold still infinite), then only
-    below the ``k``-th smallest key kept at the last cut (``pool[k - 1]``; later keys are appended after
-    it). Keys, not distances, are compared, so a distance tie is broken by index whatever the order in
-    which candidates arrive: the result is the ``k`` smallest keys of all candidates."""
-    return th == np.inf or key < pool[k - 1]
-
-
-@njit(inline="always", **_JIT)
 def _add(pool, count, k, th, key):
     """Append ``key`` to a query's pool of ``count`` keys, first shrinking a full pool to
-    its ``k`` smallest; returns the new count and threshold."""
+    its ``k`` smallest (then ``key`` enters only below the ``k``-th of them); returns the new count
+    and threshold."""
     if count == pool.shape[0]:
         _select(pool, count, k)
         count = k
@@ -148,9 +140,7 @@ def _scan_row(ip, q, pn, ids, skip, k, pool, count, th):
             for b in range(n):
                 d = (q + p[b]) - np.float32(2.0) * seg[b]
                 if d <= th and b0 + b != skip:
-                    key = _key(d, ids[b0 + b])
-                    if _admits(pool, k, th, key):
-                        count, th = _add(pool, count, k, th, key)
+                    count, th = _add(pool, count, k, th, _key(d, ids[b0 + b]))
     return count, th
 
 
@@ -184,10 +174,7 @@ def _merge_columns(ip, qn, pn, ids, j0, n_chunks, k, pools, counts, thresholds):
                     for b in range(g1 - g0):
                         d = (q + p[b]) - np.float32(2.0) * seg[b]
                         if d <= th[b]:
-                            key = _key(d, ids[a])
-                            pool = pools[j0 + g0 + b]
-                            if _admits(pool, k, th[b], key):
-                                cnt[b], th[b] = _add(pool, cnt[b], k, th[b], key)
+                            cnt[b], th[b] = _add(pools[j0 + g0 + b], cnt[b], k, th[b], _key(d, ids[a]))
 
 
 @njit(parallel=True, **_JIT)
