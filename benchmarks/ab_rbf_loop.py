@@ -11,11 +11,11 @@ filled the caches; this measures what a change saves where users train.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import time
 
 import torch
+from ab_rbf_step import load_other
 
 from knnsolver.data.datasets import load_fashion_mnist
 from knnsolver.models import build_model
@@ -34,9 +34,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    spec = importlib.util.spec_from_file_location("rbf_old", a.old)
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
+    old = load_other(a.old)
     source = load_fashion_mnist(a.data_dir)
     rows = torch.as_tensor(source.train_rows[: a.rows])
     images = source.pool.data[rows].float().mul_(source.pool.scale)

@@ -10,10 +10,19 @@ import argparse
 import importlib.util
 import statistics
 import time
+from types import ModuleType
 
 import torch
 
 from knnsolver.functional import rbf as new
+
+
+def load_other(path: str) -> ModuleType:
+    """The other ``rbf.py`` at ``path``, imported as module ``rbf_old``."""
+    spec = importlib.util.spec_from_file_location("rbf_old", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def main() -> None:
@@ -22,9 +31,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    spec = importlib.util.spec_from_file_location("rbf_old", a.old)
-    old = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(old)
+    old = load_other(a.old)
     gen = torch.Generator().manual_seed(0)
     n, d, b, k, c = 54_000, 64, 128, 200, 10
     centres = torch.nn.functional.normalize(torch.randn(n, d, generator=gen), dim=1)
