@@ -267,6 +267,20 @@ def test_cpu_query_search_is_brute_force_with_ties_by_index(k):
     np.testing.assert_array_equal(got_d, want_d)
 
 
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e20])
+def test_cpu_graph_keeps_index_order_for_points_kmeans_cannot_take(bad):
+    """A NaN, infinite or overflowing point (its squared norm is inf) made faiss k-means raise or abort the
+    process; the graph now keeps index order for such points, and such a point, as before, has no
+    neighbours (-1 at distance inf) and is nobody's neighbour."""
+    x = integer_points()
+    x[5] = bad
+    want_d, want_i = cpu_exact.knn_graph(x, 5, tile=32, clusters=0)
+    got_d, got_i = cpu_exact.knn_graph(x, 5, tile=32, clusters=7)
+    np.testing.assert_array_equal(got_i, want_i)
+    np.testing.assert_array_equal(got_d, want_d)
+    assert (got_i[5] == -1).all() and np.isinf(got_d[5]).all() and not (got_i == 5).any()
+
+
 def test_cpu_graph_orders_by_cluster_from_four_row_tiles(monkeypatch):
     """The automatic locality order: N / 500 clusters from 4 row tiles and 1,000 points on, none below."""
     calls = []

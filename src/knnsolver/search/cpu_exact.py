@@ -25,17 +25,25 @@ equals the same row searched on its own (:func:`knn` with ``own``). torch runs
 the products with ``torch.get_num_threads()`` threads, and the kernels run
 with as many numba threads.
 
-**Locality order.** A pool admits a candidate only below its threshold, so the
+**Locality order.** A pool admits a candidate only at or below its threshold, so the
 sooner a point meets its near neighbours the fewer candidates it handles (at
 k = 200 that handling, not the products, was most of the graph's time). From
 :data:`_ORDER_MIN_TILES` row tiles on, the graph therefore first sorts the
 points by their faiss k-means cluster (about :data:`_ORDER_CLUSTER_SIZE` points
-each), then runs the diagonal tiles (each block against itself) before the
-others. Keys carry the points' original indices, so the result is the same,
-bit for bit, as in index order. On 54,000 Fashion-MNIST embeddings at k = 200
-the graph took 2.6 s instead of 3.5 s; on points with no clusters (uniform on
-a sphere) it is level, 3.6 s against 3.7 s, and at k = 10 level too
-(benchmarks/README.md).
+each; not when a point is NaN, infinite or overflowing, which k-means cannot take), then runs the
+diagonal tiles (each block against itself) before the others. Keys carry the
+points' original indices, so the result is the same as in index order (bit for
+bit, as long as BLAS gives a pair the same product wherever it falls in a tile,
+which the tiling already assumes). On the untrained conv28 embeddings of the
+54,000 Fashion-MNIST training rows at k = 200 the graph took 2.6 s instead of
+3.5 s; on points with no clusters (uniform on a sphere) it is level, 3.6 s
+against 3.7 s, and at k = 10 level too (benchmarks/README.md). Admitting
+distance ties costs where many points share a distance: 20,000 points with 81
+distinct values took 0.68 s instead of 0.38 s at k = 200.
+
+A pool's threshold starts at the largest float32, so a distance that is
+infinite or NaN (an overflowing or non-finite point) never enters, and a row
+with fewer than ``k`` finite distances is padded with ``-1`` at distance inf.
 """
 from __future__ import annotations
 
@@ -156,8 +164,9 @@ def _merge_rows(ip, qn, pn, i0, j0, ids, own, k, pools, counts, thresholds):
 
 @njit(parallel=True, **_JIT)
 def _merge_columns(ip, qn, pn, ids, j0, n_chunks, k, pools, counts, thresholds):
-    """Merge the tile ``ip`` (points ``i0 + a``, keyed as ``ids[a]``, by points ``j0 + b``, disjoint) into
-    the pools of the columns: each thread owns a chunk of columns, taken in cache-sized groups."""
+    """Merge the tile ``ip`` (its rows are points keyed as ``ids[a]``; its columns points ``j0 + b``, disjoint
+    from the rows) into the pools of the columns: each thread owns a chunk of columns, taken in cache-sized
+    groups."""
     nj = ip.shape[1]
     chunk = (nj + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
@@ -220,7 +229,7 @@ def tile_for(block_elements: int) -> int:
 
 def _pools(n: int, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Empty pools of ``2 k`` keys (16 k bytes) for ``n`` queries, their counts and thresholds."""
-    return np.empty((n, 2 * k), np.uint64), np.zeros(n, np.int64), np.full(n, np.inf, np.float32)
+    return np.empty((n, 2 * k), np.uint64), np.zeros(n, np.int64), np.full(n, np.finfo(np.float32).max, np.float32)
 
 
 def _results(pools: np.ndarray, counts: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -265,12 +274,19 @@ def knn(
         return _results(pools, counts, k)
 
 
+def _orderable(norms: np.ndarray) -> bool:
+    """Whether faiss k-means can take the points: every squared norm finite, and small enough that sums of two
+    of them stay finite (a NaN, an infinite or an overflowing point aborted the process inside faiss)."""
+    return bool(np.isfinite(norms).all()) and float(norms.max(initial=0.0)) <= float(np.finfo(np.float32).max) / 4
+
+
 def locality_order(points: np.ndarray, clusters: int) -> np.ndarray:
-    """A permutation of the points that groups them by their faiss k-means cluster (``clusters`` centroids,
-    10 iterations, seed 0), points of a cluster in index order."""
+    """A permutation of the (finite) points that groups them by their faiss k-means cluster (``clusters``
+    centroids, at most one per 40 points, as faiss asks; 10 iterations, seed 0), points of a cluster in
+    index order."""
     from knnsolver.search.faiss_backend import faiss, torch_threads  # faiss_backend imports this module's users
 
-    kmeans = faiss.Kmeans(points.shape[1], clusters, niter=10, seed=0, verbose=False)
+    kmeans = faiss.Kmeans(points.shape[1], max(1, min(clusters, len(points) // 40)), niter=10, seed=0, verbose=False)
     with torch_threads():
         kmeans.train(points)
         assignment = kmeans.index.search(points, 1)[1][:, 0]
@@ -284,14 +300,15 @@ def knn_graph(
     computed once (module docstring). Returns ``(sq_distances, int32 indices)``, ``(N, k)``.
 
     ``clusters``: k-means clusters of the locality order (module docstring); ``None`` chooses
-    (``N / 500`` from 4 row tiles on, else none), ``0`` keeps index order. The result is the same.
+    ``N // 500`` from 4 row tiles and 1,000 points on, else none; ``0`` or ``1`` keeps index order, as do
+    non-finite points. The result is the same.
     """
     n = points.shape[0]
     norms = squared_norms(points) if norms is None else norms
     side = min(tile, n)
     if clusters is None:
         clusters = n // _ORDER_CLUSTER_SIZE if n >= _ORDER_MIN_TILES * side else 0
-    order = locality_order(points, clusters) if clusters >= 2 else None
+    order = locality_order(points, clusters) if clusters >= 2 and _orderable(norms) else None
     if order is not None:
         points, norms = np.ascontiguousarray(points[order]), np.ascontiguousarray(norms[order])
     ids = np.arange(n, dtype=np.int64) if order is None else order.astype(np.int64)
