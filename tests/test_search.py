@@ -16,7 +16,7 @@ from knnsolver.search import cpu_exact
 from knnsolver.search.auto import AutoSearch
 from knnsolver.search.exact import ExactSearch, blocked_knn
 from knnsolver.search.faiss_backend import FaissFlatSearch, FaissHNSWSearch, FaissIVFSearch
-from knnsolver.search.fanng import EVALS_PER_NEIGHBOUR, FANNGSearch
+from knnsolver.search.fanng import EVALS_PER_NEIGHBOUR, FANNGIndex, FANNGSearch
 
 K = 8
 
@@ -426,8 +426,24 @@ def test_auto_switches_at_the_threshold():
     assert recall(auto.knn_graph(POINTS, K), EXACT_GRAPH) >= 0.9
     with pytest.raises(ConfigError):
         AutoSearch(threshold=0)
+    with pytest.raises(ConfigError, match="large_k"):
+        AutoSearch(large_k=0)
     with pytest.raises(ConfigError):
         AutoSearch(approximate="auto")
+
+
+def test_auto_keeps_large_k_exact_up_to_its_own_threshold():
+    """At large k the exact CPU graph beat HNSW up to 100,000 points (auto.py's measurements), so from
+    ``large_k`` neighbours on the CPU threshold is ``large_k_threshold``; an unknown k takes the small one."""
+    auto = AutoSearch(threshold=1000, large_k=50, large_k_threshold=3000, approximate="fanng")
+    assert isinstance(auto.backend_for(2000, k=49), FANNGSearch)
+    assert isinstance(auto.backend_for(2000, k=50), ExactSearch)
+    assert isinstance(auto.backend_for(3000, k=200), FANNGSearch)
+    assert isinstance(auto.backend_for(2000), FANNGSearch)
+    assert isinstance(auto.backend_for(2000, device="cuda", k=10), ExactSearch), "CUDA keeps cuda_threshold"
+    index = AutoSearch(threshold=1000, large_k=K, large_k_threshold=10**6, approximate="fanng").build(POINTS)
+    assert torch.equal(index.graph(K), EXACT_GRAPH)
+    assert isinstance(index.index_for(k=K - 1), FANNGIndex)
 
 
 def test_exact_accepts_float64_and_finds_the_queries_themselves():

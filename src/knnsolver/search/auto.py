@@ -39,12 +39,16 @@ machine, quiet, with ``--sizes 50000 100000 200000`` and the same flags::
     100,000        4.54        2.78 (0.979)          5.58        6.32 (0.985)
     200,000       21.5         7.51 (0.951)         19.9        15.0 (0.946)
 
-At k = 10, HNSW is still faster at 100,000 points (k = 10 at 50,000 was not
-re-run; it was level there before); at k = 100, the exact graph is now faster
-up to 100,000 (at 200,000 HNSW's recall falls below 0.95). The threshold
-stays 50,000: an index is built before ``k`` is known, and at k = 10 the
-crossover is still between 50,000 and 100,000. A threshold that follows ``k``
-would keep the RBF solver's k = 100-200 exact up to about 100,000 points.
+and ``--k 200`` at 100,000 and 150,000 points: exact 8.86 and 15.2 s, HNSW
+10.1 and 18.0 s (recall 0.986, 0.967); ``--k 10`` at 50,000: exact 1.22 s,
+HNSW 0.94 s (0.983).
+
+At k = 10, HNSW is faster from 50,000 points; at k = 100 and 200 the exact
+graph is faster up to 100,000 and 150,000 points (at 200,000, k = 100, HNSW's
+recall falls below 0.95). So the CPU threshold follows ``k``: 50,000 points
+below ``large_k`` = 100 neighbours, 100,000 from there on (the largest size
+measured faster for both). An :class:`AutoIndex` chooses at each graph or
+search, where ``k`` is known, and builds each backend's index once.
 
 The default approximate backend is faiss HNSW: about as fast as FANNG on the
 clustered banks (where FANNG's recall is higher and HNSW's falls as clusters
@@ -79,6 +83,10 @@ class AutoSearch(NeighbourSearch):
 
     Args:
         threshold: number of points from which the approximate backend is used on the CPU.
+        large_k: from this many neighbours on, ``large_k_threshold`` replaces ``threshold`` on the CPU.
+        large_k_threshold: number of points from which the approximate backend is used on the CPU
+            for ``k >= large_k``. The exact graph gains most at large k (module docstring: at k = 100
+            and 200 it beat HNSW up to 100,000 and 150,000 points).
         cuda_threshold: number of points from which the approximate backend is used on CUDA.
             Higher than ``threshold``: exact search is far cheaper on a GPU.
         approximate: the approximate backend (not ``auto`` or ``exact``), built with its defaults.
@@ -86,13 +94,17 @@ class AutoSearch(NeighbourSearch):
 
     name = "auto"
 
-    def __init__(self, threshold: int = 50_000, cuda_threshold: int = 200_000,
-                 approximate: Annotated[str, SEARCHES] = "faiss-hnsw") -> None:
-        if threshold < 1 or cuda_threshold < 1:
-            raise ConfigError(f"threshold and cuda_threshold must be >= 1, got {threshold} and {cuda_threshold}")
+    def __init__(self, threshold: int = 50_000, large_k: int = 100, large_k_threshold: int = 100_000,
+                 cuda_threshold: int = 200_000, approximate: Annotated[str, SEARCHES] = "faiss-hnsw") -> None:
+        if min(threshold, large_k, large_k_threshold, cuda_threshold) < 1:
+            raise ConfigError(
+                f"threshold, large_k, large_k_threshold and cuda_threshold must be >= 1, got {threshold}, "
+                f"{large_k}, {large_k_threshold} and {cuda_threshold}"
+            )
         if approximate in ("auto", "exact"):
             raise ConfigError(f"approximate must name an approximate backend, got {approximate!r}")
         self.threshold = int(threshold)
+        self.large_k, self.large_k_threshold = int(large_k), int(large_k_threshold)
         self.cuda_threshold = int(cuda_threshold)
         self.approximate = approximate
         self._exact = ExactSearch()
@@ -104,11 +116,14 @@ class AutoSearch(NeighbourSearch):
         return self._approx
 
     def backend_for(
-        self, n_points: int, n_queries: int | None = None, device: torch.device | str = "cpu"
+        self, n_points: int, n_queries: int | None = None, device: torch.device | str = "cpu", k: int | None = None
     ) -> NeighbourSearch:
         """The backend used for ``n_points`` points on ``device`` (and ``n_queries``
-        queries; None: the graph)."""
-        limit = self.cuda_threshold if torch.device(device).type == "cuda" else self.threshold
+        queries; None: the graph), for ``k`` neighbours (None: unknown, the small-k threshold)."""
+        if torch.device(device).type == "cuda":
+            limit = self.cuda_threshold
+        else:
+            limit = self.large_k_threshold if k is not None and k >= self.large_k else self.threshold
         queries = n_points if n_queries is None else n_queries
         if n_points >= limit and queries * n_points >= limit**2:
             return self._approximate()
@@ -127,15 +142,15 @@ class AutoIndex(NeighbourIndex):
         self._auto = auto
         self._built: dict[str, NeighbourIndex] = {}
 
-    def index_for(self, n_queries: int | None = None) -> NeighbourIndex:
-        """The index answering ``n_queries`` queries (None: the graph); set its knobs here."""
-        backend = self._auto.backend_for(self.ntotal, n_queries, self.device)
+    def index_for(self, n_queries: int | None = None, k: int | None = None) -> NeighbourIndex:
+        """The index answering ``n_queries`` queries (None: the graph) for ``k`` neighbours; set its knobs here."""
+        backend = self._auto.backend_for(self.ntotal, n_queries, self.device, k)
         if backend.name not in self._built:
             self._built[backend.name] = backend.build(self.points)
         return self._built[backend.name]
 
     def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        return self.index_for(queries.shape[0]).search(queries, k)
+        return self.index_for(queries.shape[0], k).search(queries, k)
 
     def graph(self, k: int, rows: range | Tensor | None = None) -> Tensor:
-        return self.index_for().graph(k, rows)
+        return self.index_for(k=k).graph(k, rows)
