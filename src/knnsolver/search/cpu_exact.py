@@ -276,7 +276,7 @@ def knn(
 
 def _orderable(norms: np.ndarray) -> bool:
     """Whether faiss k-means can take the points: every squared norm finite, and small enough that sums of two
-    of them stay finite (a NaN, an infinite or an overflowing point aborted the process inside faiss)."""
+    of them stay finite (faiss raised on a NaN or infinite point and aborted the process on an overflowing one)."""
     return bool(np.isfinite(norms).all()) and float(norms.max(initial=0.0)) <= float(np.finfo(np.float32).max) / 4
 
 
