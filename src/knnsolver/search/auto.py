@@ -83,19 +83,20 @@ class AutoSearch(NeighbourSearch):
 
     Args:
         threshold: number of points from which the approximate backend is used on the CPU.
+        cuda_threshold: number of points from which the approximate backend is used on CUDA.
+            Higher than ``threshold``: exact search is far cheaper on a GPU.
+        approximate: the approximate backend (not ``auto`` or ``exact``), built with its defaults.
         large_k: from this many neighbours on, ``large_k_threshold`` replaces ``threshold`` on the CPU.
         large_k_threshold: number of points from which the approximate backend is used on the CPU
             for ``k >= large_k``. The exact graph gains most at large k (module docstring: at k = 100
             and 200 it beat HNSW up to 100,000 and 150,000 points).
-        cuda_threshold: number of points from which the approximate backend is used on CUDA.
-            Higher than ``threshold``: exact search is far cheaper on a GPU.
-        approximate: the approximate backend (not ``auto`` or ``exact``), built with its defaults.
     """
 
     name = "auto"
 
-    def __init__(self, threshold: int = 50_000, large_k: int = 100, large_k_threshold: int = 100_000,
-                 cuda_threshold: int = 200_000, approximate: Annotated[str, SEARCHES] = "faiss-hnsw") -> None:
+    def __init__(self, threshold: int = 50_000, cuda_threshold: int = 200_000,
+                 approximate: Annotated[str, SEARCHES] = "faiss-hnsw", large_k: int = 100,
+                 large_k_threshold: int = 100_000) -> None:
         if min(threshold, large_k, large_k_threshold, cuda_threshold) < 1:
             raise ConfigError(
                 f"threshold, large_k, large_k_threshold and cuda_threshold must be >= 1, got {threshold}, "
