@@ -16,8 +16,8 @@ import time
 
 import torch
 from ab_rbf_step import load_other
+from bench_speed import embed_rows, fashion_images
 
-from knnsolver.data.datasets import load_fashion_mnist
 from knnsolver.models import build_model
 from knnsolver.registry import SOLVERS
 from knnsolver.training.trainer import LossStep
@@ -35,10 +35,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     old = load_other(a.old)
-    source = load_fashion_mnist(a.data_dir)
-    rows = torch.as_tensor(source.train_rows[: a.rows])
-    images = source.pool.data[rows].float().mul_(source.pool.scale)
-    labels = torch.as_tensor(source.labels)[rows]
+    images, labels = fashion_images(a.data_dir, a.rows)
     n = len(labels)
     runs = {}
     for name in ("softmax", "old", "new"):
@@ -48,9 +45,7 @@ def main() -> None:
         solver = SOLVERS.build("softmax" if name == "softmax" else "rbf", embedding_dim=64, num_classes=10,
                                num_train=n, **options)
         if name != "softmax":
-            with torch.no_grad():
-                model.eval()
-                solver.refresh(torch.cat([model(images[i : i + 1024]) for i in range(0, n, 1024)]), labels)
+            solver.refresh(embed_rows(model, images), labels)
         if name == "old":
             solver._step = old.rbf_step
         model.train()

@@ -175,12 +175,20 @@ def step_time(name: str, options: dict, a: argparse.Namespace, repeats: int, com
     return statistics.median(times[3:]), launches(one, device)
 
 
-def _fashion_images(a: argparse.Namespace, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``num_rows`` Fashion-MNIST training images (in [0, 1]) and labels, on ``--device``."""
-    source = load_fashion_mnist(a.data_dir)
+def fashion_images(data_dir: str, num_rows: int, device: torch.device | str = "cpu"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``num_rows`` Fashion-MNIST training images (in [0, 1]) and labels, on ``device``."""
+    source = load_fashion_mnist(data_dir)
     rows = torch.as_tensor(source.train_rows[:num_rows])
     images = source.pool.data[rows].float().mul_(source.pool.scale)
-    return images.to(a.device), torch.as_tensor(source.labels)[rows].to(a.device)
+    return images.to(device), torch.as_tensor(source.labels)[rows].to(device)
+
+
+@torch.no_grad()
+def embed_rows(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The network's embeddings of ``images`` in eval mode (left in eval mode), 1,024 at a time: a bank fill."""
+    model.eval()
+    return torch.cat([model(images[i : i + 1024]) for i in range(0, len(images), 1024)])
 
 
 def _train_rows(a: argparse.Namespace) -> int:
@@ -196,7 +204,7 @@ def interleaved_steps(a: argparse.Namespace, steps: int, num_rows: int, seed: in
     ``refresh``: seconds of a bank refresh on the RBF network's embeddings after its steps, what a refresh
     in training works on (the random embeddings of :func:`refresh_time` have no clusters)."""
     device = torch.device(a.device)
-    images, labels = _fashion_images(a, num_rows)
+    images, labels = fashion_images(a.data_dir, num_rows, device)
     n = len(labels)
     runs = {}
     for name, options in (("softmax", {}), ("rbf", {"k": a.k})):
@@ -204,9 +212,7 @@ def interleaved_steps(a: argparse.Namespace, steps: int, num_rows: int, seed: in
         model = build_model("conv28", (1, 28, 28), embedding_dim=a.dim, width=a.width).to(device)
         solver = SOLVERS.build(name, embedding_dim=a.dim, num_classes=10, num_train=n, **options).to(device)
         if name == "rbf":
-            with torch.no_grad():
-                model.eval()
-                solver.refresh(torch.cat([model(images[i : i + 1024]) for i in range(0, n, 1024)]), labels)
+            solver.refresh(embed_rows(model, images), labels)
         model.train()
         params = [p for p in [*model.parameters(), *solver.parameters()] if p.requires_grad]
         runs[name] = (LossStep(model, solver), torch.optim.Adam(params, lr=1e-3))
@@ -225,9 +231,7 @@ def interleaved_steps(a: argparse.Namespace, steps: int, num_rows: int, seed: in
             times[name].append(time.perf_counter() - start)
     out = {name: statistics.median(t[10:]) for name, t in times.items()}
     model, solver = runs["rbf"][0].model, runs["rbf"][0].solver
-    with torch.no_grad():
-        model.eval()
-        embeddings = torch.cat([model(images[i : i + 1024]) for i in range(0, n, 1024)])
+    embeddings = embed_rows(model, images)
     _sync(device)
     start = time.perf_counter()
     solver.refresh(embeddings, labels)
@@ -241,7 +245,7 @@ def embedding_pass(a: argparse.Namespace, num_rows: int, sizes: tuple[int, ...] 
     """Seconds to embed ``num_rows`` rows in eval mode at each batch size: medians of ``repeats`` rounds over
     ``rows`` Fashion-MNIST images, the sizes taken in turn within each round, scaled to ``num_rows``."""
     device = torch.device(a.device)
-    images = _fashion_images(a, rows)[0]
+    images = fashion_images(a.data_dir, rows, device)[0]
     model = build_model("conv28", (1, 28, 28), embedding_dim=a.dim, width=a.width).to(device).eval()
     times: dict[int, list[float]] = {size: [] for size in sizes}
     with torch.no_grad():
@@ -306,7 +310,7 @@ def main() -> None:
     rbf = {"k": a.k, "update_interval": a.update_interval}
     n = a.update_interval
     sections = {int(x) for x in a.sections.split(",")}
-    rows = _train_rows(a)
+    rows = _train_rows(a) if sections & {1, 4, 5} else 0  # section 3 alone needs no data
     refresh = None
     soft = None
     for variant in a.variants.split(",") if 1 in sections else ():
