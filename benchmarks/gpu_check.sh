@@ -6,11 +6,12 @@
 #   -> .data/fashion-mnist/  the Fashion-MNIST .gz files
 # Run there, from the repository root, carrying .whl and .data:
 #   bash benchmarks/gpu_check.sh
-# Dry run on the CPU: DEVICE=cpu PER_CLASS=50 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
+# Dry run on the CPU: DEVICE=cpu PER_CLASS=50 ROWS=1280 PYTHON=.venv/bin/python bash benchmarks/gpu_check.sh
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
 DEVICE=${DEVICE:-cuda}
 PER_CLASS=${PER_CLASS:-0}          # 0: all 54,000 training rows
+ROWS=${ROWS:-0}                    # bench_cuda_graph's rows (0: all)
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
 if ! "$PYTHON" -c "import pytorch_metric_learning, faiss" 2>/dev/null; then
@@ -24,7 +25,7 @@ DATA=${DATA:-$PWD/.data/fashion-mnist}
 "$PYTHON" benchmarks/bench_speed.py --device "$DEVICE" --data-dir "$DATA" --per-class "$PER_CLASS" --width 32 \
   --batch 128 --epochs 3 --k 200 --update-interval 2 --repeats 50 --variants "${VARIANTS:-fp32,compile}" \
   --skip-slow-data 2>&1 | tee "$OUT/speed.txt"
-"$PYTHON" benchmarks/bench_cuda_graph.py --data-dir "$DATA" 2>&1 | tee "$OUT/cuda_graph.txt"
+"$PYTHON" benchmarks/bench_cuda_graph.py --device "$DEVICE" --rows "$ROWS" --data-dir "$DATA" 2>&1 | tee "$OUT/cuda_graph.txt"
 "$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --data-dir "$DATA" --solver softmax --per-class 300 \
   2>&1 | grep -v USDT | tee "$OUT/profile_softmax.txt"
 "$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --data-dir "$DATA" --solver rbf --per-class 300 --compile \
