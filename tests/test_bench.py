@@ -986,3 +986,35 @@ def test_rbf_in_epochs_of_fewer_steps_waits_at_least_as_many_steps_before_stoppi
     assert (rbf["epochs"], rbf["eval_every"], rbf["patience"]) == (134, 4, 7)
     assert rbf["patience"] * rbf["eval_every"] * 100 >= soft["patience"] * soft["eval_every"] * 446
     assert rbf["patience"] * rbf["eval_every"] >= 0.2 * rbf["epochs"]  # a run stopped early is never late
+
+
+def test_tables_leave_diverged_runs_out_as_the_verdicts_do(tmp_path):
+    """The scarcity gain column, the grids' seed spread and the ablation's seeds column once counted a
+    diverged final that every verdict leaves out. Checked on the stored results, one final marked diverged."""
+    import statistics
+    from pathlib import Path
+
+    from knnsolver.bench.report import Plots, render_ablation, render_scarcity
+    from knnsolver.bench.runner import load_results
+
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    plots = Plots(tmp_path, tmp_path / "report.md")
+    scarcity = load_results(root / "scarcity")
+    bad = scarcity["rbf@n=100__final__s0"]
+    bad["summary"] = dict(bad["summary"], diverged=True, test_accuracy=0.0)
+    bad["best_val"] = 0.0
+    spread = statistics.stdev(scarcity[f"rbf@n=100__final__s{s}"]["best_val"] for s in range(1, 5))
+    acc = {(m, s): scarcity[f"{m}@n=100__final__s{s}"]["summary"]["test_accuracy"] for m in ("rbf", "softmax")
+           for s in range(1, 5)}
+    gains = [acc["rbf", s] - acc["softmax", s] for s in range(1, 5)]
+    body = render_scarcity(scarcity, plots).body
+    row = next(line for line in body.splitlines() if line.startswith("| 100 |"))
+    assert f"{100 * statistics.fmean(gains):.2f} ± {100 * statistics.stdev(gains):.2f}" in row
+    assert f"| rbf (n=100) | sigma=0.4 | 83.50 | within the finals' seed spread ({100 * spread:.2f})" in body
+    ablation = load_results(root / "ablation")
+    bad = ablation["rbf@every-16-steps__final__s0"]
+    bad["summary"] = dict(bad["summary"], diverged=True)
+    bad["best_val"] = 0.0
+    rest = [ablation[f"rbf@every-16-steps__final__s{s}"]["best_val"] for s in range(1, 5)]
+    row = next(line for line in render_ablation(ablation, plots).body.splitlines() if "| every 16 steps |" in line)
+    assert f"| every 16 steps | 4 | {100 * statistics.fmean(rest):.2f} ± {100 * statistics.stdev(rest):.2f} |" in row

@@ -210,7 +210,7 @@ def grid_table(results: Mapping[str, dict], groups: Sequence[tuple[str, str]], s
                 and at_grid_edge([r["params"][k] for r in grid], v)]
         # The grid runs on one seed: a point closer to the chosen one than the finals' seed-to-seed spread of the
         # same score could have been chosen under another seed.
-        spread = Stat(tuple(r["best_val"] for r in final_results(results, method, condition))).std
+        spread = Stat(tuple(r["best_val"] for r in usable(final_results(results, method, condition))[0])).std
         # in value order, so points added beyond an edge (runner: grid extensions) sit where they belong
         numeric = all(isinstance(v, (int, float)) for r in grid for v in r["params"].values())
         for r in sorted(grid, key=lambda r: tuple(r["params"].values())) if numeric else grid:
@@ -281,9 +281,10 @@ def _size_key(condition: str) -> float:
 
 
 def _paired_gain(results: Mapping[str, dict], method: str, base: str, condition: str) -> Stat:
-    """Per-seed test-accuracy gain of ``method`` over ``base`` (same seed, same training subset)."""
-    a = {r["seed"]: r["summary"]["test_accuracy"] for r in final_results(results, method, condition)}
-    b = {r["seed"]: r["summary"]["test_accuracy"] for r in final_results(results, base, condition)}
+    """Per-seed test-accuracy gain of ``method`` over ``base`` (same seed, same training subset; diverged runs
+    left out, as in the verdicts)."""
+    a = by_seed(final_results(results, method, condition), "test_accuracy")
+    b = by_seed(final_results(results, base, condition), "test_accuracy")
     return Stat(tuple(a[s] - b[s] for s in sorted(set(a) & set(b))))
 
 
@@ -322,7 +323,7 @@ def render_scarcity(results: Mapping[str, dict], plots: Plots) -> Section:
     gains = {(m, c): _paired_gain(results, m, "softmax", c) for m in gainers for c in sizes}
     budget = {r["condition"]: _epochs_by_steps(r) for r in results.values() if "config" in r}
     rows = [[c.split("=", 1)[1], budget.get(c, "-"), *[stats[m, c].pct() for m in methods],
-             *[gains[m, c].pct() for m in gainers], *([_drift(final_results(results, "rbf", c))] if has_rbf else [])]
+             *[gains[m, c].pct() for m in gainers], *([_drift(usable(final_results(results, "rbf", c))[0])] if has_rbf else [])]
             for c in sizes]
     parts += ["### Test accuracy (%) and gain over softmax (percentage points, paired by seed)", table(header, rows)]
     if has_rbf:
@@ -507,7 +508,7 @@ def render_ablation(results: Mapping[str, dict], plots: Plots) -> Section:
     base = by_seed(base_runs, "test_accuracy")
     rows = []
     for axis, name, _ in variants:
-        finals = final_results(results, "rbf", name)
+        finals = usable(final_results(results, "rbf", name))[0]  # diverged runs are listed apart, never counted
         if not finals:
             continue
         s = _stat(finals, "test_accuracy")
