@@ -1018,3 +1018,42 @@ def test_tables_leave_diverged_runs_out_as_the_verdicts_do(tmp_path):
     rest = [ablation[f"rbf@every-16-steps__final__s{s}"]["best_val"] for s in range(1, 5)]
     row = next(line for line in render_ablation(ablation, plots).body.splitlines() if "| every 16 steps |" in line)
     assert f"| every 16 steps | 4 | {100 * statistics.fmean(rest):.2f} ± {100 * statistics.stdev(rest):.2f} |" in row
+
+
+def test_a_timing_is_run_again_once_the_code_it_times_changes(tmp_path, monkeypatch):
+    """The cost suite's loss-step timings were once kept after HAL's loss was rewritten (15% faster): each timing
+    now stores a fingerprint of the packages it times, and a stored one whose fingerprint differs, or that has
+    none, is outdated and timed again."""
+    preset = get_preset("tiny")
+    suite = get_suite("cost")
+    cost = runner.run_suite(suite, preset, tmp_path, ["softmax"], [0])
+    timings = {k: r for k, r in cost.items() if r["kind"] in runner.TIMED_KINDS}
+    assert {r["kind"] for r in timings.values()} == {"step_cost", "epoch_cost"}
+    assert all(r["code"] == runner.timed_code(r["kind"]) for r in timings.values())
+    specs = {s.run_id: s for s in build_specs(suite, preset, tmp_path, ["softmax"], [0])}
+    step_id = next(k for k, r in timings.items() if r["kind"] == "step_cost")
+    stored = dict(timings[step_id])
+    assert runner.outdated(specs[step_id], stored, cost, preset.name) is None
+    assert "changed since it was measured" in runner.outdated(specs[step_id], dict(stored, code="0" * 16), cost,
+                                                              preset.name)
+    del stored["code"]
+    assert "before timings recorded their code" in runner.outdated(specs[step_id], stored, cost, preset.name)
+    path = tmp_path / "cost" / f"{step_id}.json"
+    path.write_text(json.dumps(dict(timings[step_id], code="0" * 16)))
+    timed = []
+    real = runner.step_cost
+    monkeypatch.setattr(runner, "step_cost", lambda spec: timed.append(spec.run_id) or real(spec))
+    again = runner.run_suite(suite, preset, tmp_path, ["softmax"], [0])
+    assert timed == [step_id] and again[step_id]["code"] == runner.timed_code("step_cost")
+
+
+def test_the_source_fingerprint_follows_the_timed_packages_only(tmp_path):
+    for name in ("functional/loss.py", "solvers/solver.py", "cli/main.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x = 1\n")
+    before = runner.source_fingerprint(tmp_path, ("functional", "solvers"))
+    (tmp_path / "cli/main.py").write_text("x = 2\n")
+    assert runner.source_fingerprint(tmp_path, ("functional", "solvers")) == before
+    (tmp_path / "solvers/solver.py").write_text("x = 2\n")
+    assert runner.source_fingerprint(tmp_path, ("functional", "solvers")) != before
+    assert len(before) == 16

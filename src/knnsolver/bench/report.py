@@ -671,16 +671,19 @@ of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
   too narrow at 5 seeds to decide anything). A claim **holds** when the whole interval lies beyond its
   threshold, **does not hold** when it lies on the other side, and is **inconclusive** otherwise; a
   claim decided by several comparisons together widens each interval (Bonferroni). A verdict against
-  a side still improving at the end of its budget is withheld (inconclusive). A trend claim is judged
+  a side still improving at the end of its budget (most of its runs peaked in their last 20% of epochs,
+  by 0.3 points or more over their best before) is withheld (inconclusive). A trend claim is judged
   on the interval of the per-seed slope, and withheld when leaving one size out changes its verdict.
-- Results of an earlier budget of the same preset are left out of every table and verdict until they
-  are run again.
+- Results of an earlier budget of the same preset, and timings measured on code that has changed
+  since (each records a fingerprint of the packages it times), are left out of every table and
+  verdict until they are run again.
 - **Early stopping** where a suite's budget says so: a run stops after a set number of validation
   passes without a new best score (`TrainConfig.patience`), within the suite's epoch cap, the same rule
   for every solver; the best validation epoch's checkpoint is tested either way.
 - **Convergence check**: budgets are long enough when at least 80% of the final runs have their best
   validation epoch outside the last 20% of the epochs they trained (a run stopped early is judged on its
-  own length); each suite prints whether it passes, and beside it each method's late drift (validation's
+  own length; where the patience is a fifth of the epoch cap or more, such a run passes by construction,
+  so only runs that reached the cap can fail it); each suite prints whether it passes, and beside it each method's late drift (validation's
   mean over the last 20% of epochs minus the 20% before), which tells a noisy plateau, where a late best
   epoch is chance, from a run still improving.
 - **Failed runs** (diverged) are listed and never averaged in.
@@ -732,7 +735,7 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         gone = sorted({results[k].get("condition", "") for k in dropped})
         left_parts = []
         if earlier:
-            left_parts.append(f"{len(earlier)} results of earlier budgets")
+            left_parts.append(f"{len(earlier)} results of earlier budgets or of code changed since")
         if dropped:
             left_parts.append(f"{len(dropped)} results of conditions the preset no longer runs ({', '.join(gone)})")
         left_out = " and ".join(left_parts)

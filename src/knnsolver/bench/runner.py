@@ -9,6 +9,8 @@ from its last finished epoch.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import datetime
 import json
 import os
@@ -272,6 +274,31 @@ def execute(spec: RunSpec, folder: Path) -> dict[str, Any]:
 
 # Kinds that time something: never run by a worker, while another process shares the machine.
 TIMED_KINDS = ("step_cost", "epoch_cost")
+# The packages whose code each timed kind measures: a stored timing is redone once any of them changes.
+TIMED_CODE = {"step_cost": ("functional", "solvers", "bank", "search"),
+              "epoch_cost": ("functional", "solvers", "bank", "search", "training", "models", "data")}
+
+
+def source_fingerprint(root: Path, packages: Sequence[str]) -> str:
+    """16 hex digits of a sha256 over the ``.py`` files (paths and contents) under ``root/package`` for each of
+    ``packages``."""
+    digest = hashlib.sha256()
+    for package in packages:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
+
+
+@functools.cache
+def timed_code(kind: str) -> str:
+    """The :func:`source_fingerprint` of the packages a ``kind`` timing measures (:data:`TIMED_CODE`).
+
+    Stored with each timing, so a timing measured on older code (a solver's loss rewritten since) is judged
+    outdated and left out until it is run again, as a training result of an earlier budget is.
+    """
+    return source_fingerprint(Path(__file__).resolve().parents[1], TIMED_CODE[kind])
+
+
 # How long a worker waits before looking again for a run whose inputs another worker is still making.
 WAIT_S = 10.0
 
@@ -284,8 +311,13 @@ def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dic
     epochs); a final whose grid now chooses other settings is run again, and so
     is a run of the same ``preset`` whose settings changed otherwise (a budget
     that also changes the evaluation interval). A result of another preset is
-    left to :func:`_check_same`, which refuses to mix the two.
+    left to :func:`_check_same`, which refuses to mix the two. A timing
+    (:data:`TIMED_KINDS`) is run again once the code it times has changed
+    (:func:`timed_code`).
     """
+    if spec.kind in TIMED_KINDS and stored.get("kind") == spec.kind and stored.get("code") != timed_code(spec.kind):
+        return ("the code it times changed since it was measured: run again" if "code" in stored else
+                "it was measured before timings recorded their code: run again")
     if spec.kind != "train" or stored.get("kind") != "train":
         return None
     try:
@@ -496,6 +528,8 @@ def _run_one(spec: RunSpec, label: str, *, suite: Suite, preset: Preset, folder:
                        if k in same_as})
         result["same_run_as"] = same_as["run_id"]
     else:
+        if spec.kind in TIMED_KINDS:
+            result["code"] = timed_code(spec.kind)
         result.update(execute(spec, folder))
         result["wall_seconds"] = earlier + time.perf_counter() - start
         result["started"] = started  # this call's part of the wall time ran from here to ``date``
