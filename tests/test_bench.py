@@ -682,11 +682,11 @@ def test_a_changed_setting_of_the_same_preset_runs_again_and_the_report_says_so(
     monkeypatch.setitem(suites.PRESETS, "tiny", dataclasses.replace(tiny, standard=dict(tiny.standard, eval_every=2)))
     text = write_report(out, tmp_path / "B.md", tmp_path / "plots").read_text()
     assert "Not run yet under the current budgets: `knnsolver bench classification" in text
-    assert "(10 results of earlier budgets are left out)" in text and "**RBF beats softmax.**" not in text
+    assert "(10 results of earlier budgets or of code changed since are left out)" in text and "**RBF beats softmax.**" not in text
     started = _count_training(monkeypatch)
     assert _bench(out, solvers="softmax") == 0
     text = write_report(out, tmp_path / "B.md", tmp_path / "plots").read_text()
-    assert "(5 results of earlier budgets are left out of every table and verdict)" in text
+    assert "(5 results of earlier budgets or of code changed since are left out of every table and verdict)" in text
     assert "**RBF beats softmax.** NOT DECIDED" in text and "| rbf |" not in text
     assert _bench(out) == 0
     assert len(started) == len(list((finished / "classification").glob("*.json"))) - 2  # finals s0 copy their grid

@@ -30,6 +30,7 @@ from knnsolver.bench.claims import (  # noqa: E402
     Claim,
     Verdict,
     by_seed,
+    centre_drift,
     claims_of,
     combine,
     compare,
@@ -298,15 +299,9 @@ def _epochs_by_steps(result: Mapping[str, Any]) -> str:
 
 
 def _drift(finals: Sequence[Mapping[str, Any]]) -> str:
-    """Median over ``finals`` of each run's median own-centre distance over sigma in its second half."""
-    per_run = []
-    for r in finals:
-        rows = [h for h in r.get("history", []) if h.get("solver_median_own_centre_distance") is not None]
-        tail = [h["solver_median_own_centre_distance"] / h["solver_sigma"] for h in rows[len(rows) // 2:]
-                if h.get("solver_sigma")]
-        if tail:
-            per_run.append(statistics.median(tail))
-    return f"{statistics.median(per_run):.1f}" if per_run else "-"
+    """:func:`~knnsolver.bench.claims.centre_drift` to one decimal, ``-`` when there is none."""
+    drift = centre_drift(finals)
+    return "-" if drift is None else f"{drift:.1f}"
 
 
 def render_scarcity(results: Mapping[str, dict], plots: Plots) -> Section:
