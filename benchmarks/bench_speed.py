@@ -6,7 +6,8 @@ Prints, all measured in this process:
    HAL and RBF on the same network and data, plus the RBF bank refresh timed
    alone, amortised over ``--update-interval`` epochs; ratios against softmax.
    Once per ``--variants`` entry: ``fp32`` (eager), ``compile`` (network and
-   solver maths through ``torch.compile``), ``bf16`` (autocast), ``bf16+compile``.
+   solver maths through ``torch.compile``), ``bf16`` (autocast), ``bf16+compile``, ``compile-ro`` (the
+   network compiled in mode ``reduce-overhead``: CUDA graphs on a GPU).
 2. The same softmax epoch with in-memory batches gathered on the device
    against the per-item DataLoader path (the old loop).
 3. The solver step alone (forward + backward on fixed random embeddings): B,
@@ -65,7 +66,8 @@ def _sync(device: torch.device) -> None:
 
 
 VARIANTS = {"fp32": {}, "compile": {"compile": True}, "bf16": {"precision": "bf16"},
-            "bf16+compile": {"precision": "bf16", "compile": True}}
+            "bf16+compile": {"precision": "bf16", "compile": True},
+            "compile-ro": {"compile": True, "compile_mode": "reduce-overhead"}}
 
 
 def epoch_times(a: argparse.Namespace, solver: str, options: dict, slow_data: bool = False,

@@ -23,7 +23,7 @@ DATA=${DATA:-$PWD/.data/fashion-mnist}
 [ -d "$DATA" ] || DATA=/usr/share/datasets/fashion-mnist
 "$PYTHON" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 "$PYTHON" benchmarks/bench_speed.py --device "$DEVICE" --data-dir "$DATA" --per-class "$PER_CLASS" --width 32 \
-  --batch 128 --epochs 3 --k 200 --update-interval 2 --repeats 50 --variants "${VARIANTS:-fp32,compile}" \
+  --batch 128 --epochs 3 --k 200 --update-interval 2 --repeats 50 --variants "${VARIANTS:-fp32,compile,compile-ro}" \
   --skip-slow-data 2>&1 | tee "$OUT/speed.txt"
 "$PYTHON" benchmarks/bench_cuda_graph.py --device "$DEVICE" --rows "$ROWS" --data-dir "$DATA" 2>&1 | tee "$OUT/cuda_graph.txt"
 "$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --data-dir "$DATA" --solver softmax --per-class 300 \

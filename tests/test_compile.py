@@ -97,3 +97,27 @@ def test_train_with_compile(tmp_path, monkeypatch) -> None:
     summary = train(TrainConfig(dataset="digits", solver="hal", epochs=1, out=str(tmp_path), plots=False,
                                 progress=False, compile=True, max_per_class=20))
     assert len(seen) == 1 and summary["test_accuracy"] > 0.2
+
+
+@pytest.mark.parametrize("mode, expected", [("default", {}), ("reduce-overhead", {"mode": "reduce-overhead"})])
+def test_compile_mode_reaches_torch_compile_for_the_network(monkeypatch, mode, expected) -> None:
+    """``reduce-overhead``: the network's forward and backward as CUDA graphs on a GPU (PyTorch's cudagraph trees)."""
+    from types import SimpleNamespace
+
+    from knnsolver.training import trainer
+
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    run = SimpleNamespace(model=torch.nn.Linear(4, D), solver=SOLVERS.build("softmax", embedding_dim=D, num_classes=C),
+                          device=torch.device("cpu"), config=TrainConfig(compile=True, compile_mode=mode).validate())
+    trainer._loss_step(run)
+    assert seen == [expected]
+
+
+def test_compile_mode_is_checked() -> None:
+    from knnsolver.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="compile_mode='reduce-overhead' .* compile is off; add --compile"):
+        TrainConfig(compile_mode="reduce-overhead").validate()
+    with pytest.raises(ConfigError, match="compile_mode"):
+        TrainConfig(compile=True, compile_mode="fast").validate()

@@ -20,8 +20,9 @@ LR_SCHEDULES = ("constant", "cosine", "step")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 BN_MODES = ("batch", "frozen", "matched")
 PLOTS = ("curves", "all", "off")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 _CHOICES = {"optimizer": OPTIMIZERS, "split": SPLITS, "lr_schedule": LR_SCHEDULES, "precision": tuple(PRECISIONS),
-            "bn_mode": BN_MODES, "plots": PLOTS}
+            "bn_mode": BN_MODES, "plots": PLOTS, "compile_mode": COMPILE_MODES}
 _AT_LEAST_ONE = Interval(1)
 # Valid ranges of the numeric settings (the seed's bound keeps every per-epoch seed within 64 bits).
 _RANGES = {
@@ -74,7 +75,11 @@ class TrainConfig:
       autocast (fp16 with a gradient scaler) while every solver's maths stays
       in fp32 (the embeddings are cast up before the solver).
     * ``compile``: run the network through ``torch.compile``, and on a GPU the solver's loss maths too
-      (softmax, HAL, RBF: :meth:`~knnsolver.interfaces.Solver.compile_loss`).
+      (softmax, HAL, RBF: :meth:`~knnsolver.interfaces.Solver.compile_loss`). ``compile_mode`` is
+      ``torch.compile``'s mode for the network: ``reduce-overhead`` replays its forward and backward
+      as CUDA graphs on a GPU (PyTorch's cudagraph trees; the same as ``default`` on the CPU), against
+      a loop bound by per-step launches there (benchmarks/README.md, "On a GPU"); not yet measured in
+      the trainer on a GPU (``benchmarks/bench_cuda_graph.py`` measures it on a bare loop).
     * ``bn_mode``: how BatchNorm normalises during training. ``batch`` (default):
       batch statistics (PyTorch's train mode); ``frozen``: the running statistics,
       re-estimated at every epoch start, so training-mode queries and an
@@ -144,6 +149,7 @@ class TrainConfig:
         device: ``auto`` (a CUDA GPU when one is visible, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32``, or run the network under ``bf16`` or ``fp16`` autocast (the solver stays fp32).
         compile: run the network (and on a GPU the solver's loss) through ``torch.compile``.
+        compile_mode: ``torch.compile``'s mode for the network with ``compile``: default, reduce-overhead (CUDA graphs on a GPU) or max-autotune.
         solver_options: the solver's own options, by name (flags of their own on the command line).
     """
 
@@ -200,6 +206,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"
     compile: bool = False
+    compile_mode: str = "default"
     solver_options: dict[str, Any] = field(default_factory=dict)
 
     def check_types(self) -> "TrainConfig":
@@ -233,6 +240,9 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
         for name, choices in _CHOICES.items():
             check_choice(name, getattr(self, name), choices)
+        if self.compile_mode != "default" and not self.compile:
+            raise ConfigError(f"compile_mode={self.compile_mode!r} sets how the network is compiled, but compile is "
+                              "off; add --compile (or leave compile_mode at 'default')")
         if isinstance(self.augment, list):
             parse_options(self.augment)
         DATASETS.get(self.dataset)

@@ -393,7 +393,8 @@ _NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
 
 def _loss_step(run: Run) -> nn.Module:
     """The training step: network and solver wrapped for data parallelism when distributed,
-    the network compiled with ``config.compile`` (and on accelerators the solver's loss maths), autocast with ``config.precision``."""
+    the network compiled with ``config.compile`` in ``config.compile_mode`` (and on accelerators the solver's loss
+    maths), autocast with ``config.precision``."""
     model, solver = run.model, run.solver
     if distributed.is_distributed():
         ids = [torch.cuda.current_device()] if run.device.type == "cuda" else None
@@ -402,7 +403,7 @@ def _loss_step(run: Run) -> nn.Module:
             # The solvers keep their buffers (the RBF bank) equal on every process themselves.
             solver = DistributedDataParallel(solver, device_ids=ids, **_NO_BUFFER_SYNC)
     if run.config.compile:
-        model = torch.compile(model)
+        model = torch.compile(model, **({} if run.config.compile_mode == "default" else {"mode": run.config.compile_mode}))
         if run.device.type != "cpu":  # on the CPU the compiled loss maths measured slower (benchmarks/README.md)
             run.solver.compile_loss()
     return LossStep(model, solver, PRECISIONS[run.config.precision])
