@@ -114,10 +114,10 @@ def test_compile_mode_reaches_torch_compile_for_the_network(monkeypatch, mode, e
     assert seen == [expected]
 
 
-def test_compile_mode_is_checked() -> None:
+def test_compile_mode_is_checked_and_turns_compile_on() -> None:
     from knnsolver.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="compile_mode='reduce-overhead' .* compile is off; add --compile"):
-        TrainConfig(compile_mode="reduce-overhead").validate()
+    assert TrainConfig(compile_mode="reduce-overhead").validate().compile
+    assert not TrainConfig().validate().compile
     with pytest.raises(ConfigError, match="compile_mode"):
         TrainConfig(compile=True, compile_mode="fast").validate()

@@ -682,6 +682,12 @@ of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
   mean over the last 20% of epochs minus the 20% before), which tells a noisy plateau, where a late best
   epoch is chance, from a run still improving.
 - **Failed runs** (diverged) are listed and never averaged in.
+- **Retrieval metrics** (unseen classes): the test set is searched against itself, each query's own
+  row left out, in the solver's embedding space; Recall@K is the field's (Song et al. 2016: a query
+  counts when any of its K nearest references shares its label), MAP@R and R-precision are Musgrave
+  et al.'s (2020), and queries whose class has no other test image are left out of their averages;
+  NMI clusters the test embeddings by k-means (scikit-learn, as many clusters as test classes, 10
+  restarts, the run's seed).
 - CPU and GPU results are stored apart (`benchmarks/results`, `benchmarks/results-gpu`) and never
   mixed in one table. Each CPU suite is sized for under {SUITE_BUDGET_MINUTES} minutes on this 2-core
   machine as 2 workers side by side (`benchmarks/run_suites.sh`); each result records its wall time.

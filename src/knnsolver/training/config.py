@@ -149,7 +149,7 @@ class TrainConfig:
         device: ``auto`` (a CUDA GPU when one is visible, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``fp32``, or run the network under ``bf16`` or ``fp16`` autocast (the solver stays fp32).
         compile: run the network (and on a GPU the solver's loss) through ``torch.compile``.
-        compile_mode: ``torch.compile``'s mode for the network with ``compile``: default, reduce-overhead (CUDA graphs on a GPU) or max-autotune.
+        compile_mode: ``torch.compile``'s mode for the network: default, reduce-overhead (CUDA graphs on a GPU) or max-autotune; any but default turns ``compile`` on.
         solver_options: the solver's own options, by name (flags of their own on the command line).
     """
 
@@ -240,9 +240,8 @@ class TrainConfig:
             raise ConfigError(f"warmup_epochs must be in [0, epochs={self.epochs}), got {self.warmup_epochs}")
         for name, choices in _CHOICES.items():
             check_choice(name, getattr(self, name), choices)
-        if self.compile_mode != "default" and not self.compile:
-            raise ConfigError(f"compile_mode={self.compile_mode!r} sets how the network is compiled, but compile is "
-                              "off; add --compile (or leave compile_mode at 'default')")
+        if self.compile_mode != "default":
+            self.compile = True  # a mode asks for compilation (as Hugging Face's torch_compile_mode does)
         if isinstance(self.augment, list):
             parse_options(self.augment)
         DATASETS.get(self.dataset)
