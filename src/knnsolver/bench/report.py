@@ -677,10 +677,10 @@ of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
   for every solver; the best validation epoch's checkpoint is tested either way.
 - **Convergence check**: budgets are long enough when at least 80% of the final runs have their best
   validation epoch outside the last 20% of the epochs they trained (a run stopped early is judged on its
-  own length; where the patience is a fifth of the epoch cap or more, such a run passes by construction,
-  so only runs that reached the cap can fail it); each suite prints whether it passes, and beside it each method's late drift (validation's
-  mean over the last 20% of epochs minus the 20% before), which tells a noisy plateau, where a late best
-  epoch is chance, from a run still improving.
+  own length; where the patience is a fifth of the epoch cap or more, such a run passes by
+  construction, so only runs that reached the cap can fail it); each suite prints whether it passes,
+  and beside it each method's late drift (validation's mean over the last 20% of epochs minus the 20%
+  before), which tells a noisy plateau, where a late best epoch is chance, from a run still improving.
 - **Failed runs** (diverged) are listed and never averaged in.
 - **Retrieval metrics** (unseen classes): the test set is searched against itself, each query's own
   row left out, in the solver's embedding space; Recall@K is the field's (Song et al. 2016: a query

@@ -9,9 +9,9 @@ from its last finished epoch.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import hashlib
-import datetime
 import json
 import os
 import platform
