@@ -27,13 +27,14 @@ DATA=${DATA:-$PWD/.data/fashion-mnist}
   --batch 128 --epochs 3 --k 200 --update-interval 2 --repeats 50 --variants "${VARIANTS:-fp32,compile}" \
   --skip-slow-data 2>&1 | tee "$OUT/speed.txt"
 "$PYTHON" benchmarks/bench_cuda_graph.py --device "$DEVICE" --rows "$ROWS" --data-dir "$DATA" 2>&1 | tee "$OUT/cuda_graph.txt"
-# The trainer with the network in CUDA graphs (--compile-mode reduce-overhead): epochs only, after the figures above.
-"$PYTHON" benchmarks/bench_speed.py --device "$DEVICE" --data-dir "$DATA" --per-class "$PER_CLASS" --width 32 \
-  --batch 128 --epochs 3 --k 200 --update-interval 2 --variants compile-ro --sections 1 --skip-slow-data 2>&1 \
-  | tee "$OUT/speed_reduce_overhead.txt"
 "$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --data-dir "$DATA" --solver softmax --per-class 300 \
   2>&1 | grep -v USDT | tee "$OUT/profile_softmax.txt"
 "$PYTHON" benchmarks/profile_train.py --device "$DEVICE" --data-dir "$DATA" --solver rbf --per-class 300 --compile \
   2>&1 | grep -v USDT | tee "$OUT/profile_rbf.txt"
 "$PYTHON" benchmarks/bench_exact_search.py --device "$DEVICE" --sizes 54000 --ks 10 200 --dims 64 2>&1 \
   | tee "$OUT/search.txt"
+# Last: the trainer with the network in CUDA graphs (--compile-mode reduce-overhead), epochs only; never run on a
+# GPU yet, so a failure is reported and the figures above stand.
+"$PYTHON" benchmarks/bench_speed.py --device "$DEVICE" --data-dir "$DATA" --per-class "$PER_CLASS" --width 32 \
+  --batch 128 --epochs 3 --k 200 --update-interval 2 --variants compile-ro --sections 1 --skip-slow-data 2>&1 \
+  | tee "$OUT/speed_reduce_overhead.txt" || echo "gpu_check: the reduce-overhead epochs failed (above)"

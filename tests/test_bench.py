@@ -1040,20 +1040,36 @@ def test_a_timing_is_run_again_once_the_code_it_times_changes(tmp_path, monkeypa
     assert "before timings recorded their code" in runner.outdated(specs[step_id], stored, cost, preset.name)
     path = tmp_path / "cost" / f"{step_id}.json"
     path.write_text(json.dumps(dict(timings[step_id], code="0" * 16)))
+    epoch_id = next(k for k, r in timings.items() if r["kind"] == "epoch_cost")
+    (tmp_path / "cost" / f"{epoch_id}.json").write_text(json.dumps(dict(timings[epoch_id], code="0" * 16)))
     timed = []
     real = runner.step_cost
     monkeypatch.setattr(runner, "step_cost", lambda spec: timed.append(spec.run_id) or real(spec))
+    started = _count_training(monkeypatch)
     again = runner.run_suite(suite, preset, tmp_path, ["softmax"], [0])
     assert timed == [step_id] and again[step_id]["code"] == runner.timed_code("step_cost")
+    # the epoch timing is trained afresh, not resumed from its finished checkpoint (which would time nothing)
+    assert started == [(epoch_id, False)] and again[epoch_id]["code"] == runner.timed_code("epoch_cost")
+    # a timing of another preset is refused, as any other result is, not replaced for its missing fingerprint
+    other = dict(again[step_id], preset="full", config=dict(again[step_id]["config"], repeats=999))
+    del other["code"]
+    path.write_text(json.dumps(other))
+    with pytest.raises(ConfigError, match="other settings"):
+        runner.run_suite(suite, preset, tmp_path, ["softmax"], [0])
 
 
-def test_the_source_fingerprint_follows_the_timed_packages_only(tmp_path):
-    for name in ("functional/loss.py", "solvers/solver.py", "cli/main.py"):
+def test_the_source_fingerprint_follows_the_timed_code_only(tmp_path):
+    """Packages and single modules count; other packages, docstrings and comments do not."""
+    for name in ("functional/loss.py", "solvers/solver.py", "cli/main.py", "interfaces.py"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("x = 1\n")
-    before = runner.source_fingerprint(tmp_path, ("functional", "solvers"))
-    (tmp_path / "cli/main.py").write_text("x = 2\n")
-    assert runner.source_fingerprint(tmp_path, ("functional", "solvers")) == before
-    (tmp_path / "solvers/solver.py").write_text("x = 2\n")
-    assert runner.source_fingerprint(tmp_path, ("functional", "solvers")) != before
+        (tmp_path / name).write_text('"""A module."""\n\n\ndef f(x):\n    """Twice x."""\n    return 2 * x\n')
+    names = ("functional", "solvers", "interfaces.py")
+    before = runner.source_fingerprint(tmp_path, names)
     assert len(before) == 16
+    (tmp_path / "cli/main.py").write_text("x = 2\n")
+    assert runner.source_fingerprint(tmp_path, names) == before
+    (tmp_path / "solvers/solver.py").write_text(
+        '"""Another text."""\n\n\ndef f(x):  # a comment\n    """Two times x."""\n    return 2 * x\n')
+    assert runner.source_fingerprint(tmp_path, names) == before
+    (tmp_path / "interfaces.py").write_text('"""A module."""\n\n\ndef f(x):\n    return 3 * x\n')
+    assert runner.source_fingerprint(tmp_path, names) != before

@@ -243,7 +243,7 @@ def test_hal_cost_names_losses_not_measured_and_judges_the_papers_class_count_al
     verdict = _claim("HAL costs").evaluate(_results(rows))
     assert verdict.status == FAILS
     assert "at 10 classes, the paper's datasets' count, alone: holds" in verdict.numbers
-    assert ("measured at: B=256, C=10; B=1024, C=10 (triplet and lifted not measurable there);" in verdict.numbers)
+    assert ("measured at: B=256, C=10; B=1024, C=10 (triplet and lifted not measured there);" in verdict.numbers)
 
 
 def _target_run(method: str, seed: int, curve: list[float]) -> dict:

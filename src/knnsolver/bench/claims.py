@@ -318,11 +318,12 @@ def _hal_cost(results: Results) -> Verdict | None:
     settings = sorted({(b, c) for b, c, _ in statuses}, key=lambda k: (k[1], k[0]))
 
     def held(b: int, c: int) -> str | None:
-        """``B=.., C=..`` where HAL is under the limit against every loss measured there (naming those that were not)."""
+        """``B=.., C=..`` where HAL is under the limit against every loss measured there (naming those that were
+        not: too large for their miner or table, or past the step limit)."""
         if not all(s == HOLDS for (bb, cc, _), s in statuses.items() if (bb, cc) == (b, c)):
             return None
         absent = [m for m in PAIRWISE_KNN_LOSSES if (b, c, m) not in statuses]
-        return f"B={b}, C={c}" + (f" ({' and '.join(absent)} not measurable there)" if absent else "")
+        return f"B={b}, C={c}" + (f" ({' and '.join(absent)} not measured there)" if absent else "")
 
     under = [h for b, c in settings if (h := held(b, c)) is not None]
     paper = [s for (_, c, _), s in statuses.items() if c == HAL_PAPER_CLASSES]

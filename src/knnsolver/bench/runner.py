@@ -8,6 +8,7 @@ from its last finished epoch.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import datetime
 import functools
@@ -134,7 +135,7 @@ def _can_resume(run_dir: Path, cfg: TrainConfig) -> bool:
 def _train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     """Train (resuming a killed run of the same configuration, else from scratch) and collect the result."""
     cfg = spec.train_config(str(run_dir))
-    resume = _can_resume(run_dir, cfg)
+    resume = spec.kind not in TIMED_KINDS and _can_resume(run_dir, cfg)  # a timing is always measured afresh
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # The run's progress lines and warnings go to a log beside its folder, not between the suite's lines.
     # Named by appending: with_suffix would cut "sigma=0.1__s0" at its dot, so grid runs would share one log.
@@ -274,18 +275,33 @@ def execute(spec: RunSpec, folder: Path) -> dict[str, Any]:
 
 # Kinds that time something: never run by a worker, while another process shares the machine.
 TIMED_KINDS = ("step_cost", "epoch_cost")
-# The packages whose code each timed kind measures: a stored timing is redone once any of them changes.
-TIMED_CODE = {"step_cost": ("functional", "solvers", "bank", "search"),
-              "epoch_cost": ("functional", "solvers", "bank", "search", "training", "models", "data")}
+# The packages and modules whose code each timed kind runs: a stored timing is redone once any of them changes.
+_TIMED_COMMON = ("functional", "solvers", "bank", "search", "interfaces.py", "distributed.py", "bench/runner.py")
+TIMED_CODE = {"step_cost": _TIMED_COMMON,
+              "epoch_cost": (*_TIMED_COMMON, "training", "models", "data", "evaluation")}
 
 
-def source_fingerprint(root: Path, packages: Sequence[str]) -> str:
-    """16 hex digits of a sha256 over the ``.py`` files (paths and contents) under ``root/package`` for each of
-    ``packages``."""
+def _code_of(path: Path) -> str:
+    """The code of a Python file without its docstrings and comments (``ast.unparse`` of its tree), so an edit
+    to the documentation alone leaves a fingerprint as it was."""
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.unparse(tree)
+
+
+def source_fingerprint(root: Path, names: Sequence[str]) -> str:
+    """16 hex digits of a sha256 over the code (:func:`_code_of`) and paths of the ``.py`` files ``names`` name
+    under ``root``: a module, or every module of a package."""
     digest = hashlib.sha256()
-    for package in packages:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for name in names:
+        path = root / name
+        for file in [path] if path.suffix == ".py" else sorted(path.rglob("*.py")):
+            digest.update(file.relative_to(root).as_posix().encode() + b"\0" + _code_of(file).encode() + b"\0")
     return digest.hexdigest()[:16]
 
 
@@ -312,10 +328,11 @@ def outdated(spec: RunSpec, stored: Mapping[str, Any], results: Mapping[str, dic
     is a run of the same ``preset`` whose settings changed otherwise (a budget
     that also changes the evaluation interval). A result of another preset is
     left to :func:`_check_same`, which refuses to mix the two. A timing
-    (:data:`TIMED_KINDS`) is run again once the code it times has changed
-    (:func:`timed_code`).
+    (:data:`TIMED_KINDS`) of the same ``preset`` is run again once the code it
+    times has changed (:func:`timed_code`).
     """
-    if spec.kind in TIMED_KINDS and stored.get("kind") == spec.kind and stored.get("code") != timed_code(spec.kind):
+    if (spec.kind in TIMED_KINDS and stored.get("kind") == spec.kind and preset is not None
+            and stored.get("preset") == preset and stored.get("code") != timed_code(spec.kind)):
         return ("the code it times changed since it was measured: run again" if "code" in stored else
                 "it was measured before timings recorded their code: run again")
     if spec.kind != "train" or stored.get("kind") != "train":
