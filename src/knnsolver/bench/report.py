@@ -670,8 +670,8 @@ of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
   by 0.3 points or more over their best before) is withheld (inconclusive). A trend claim is judged
   on the interval of the per-seed slope, and withheld when leaving one size out changes its verdict.
 - Results of an earlier budget of the same preset, and timings measured on code that has changed
-  since (each records a fingerprint of the packages it times), are left out of every table and
-  verdict until they are run again.
+  since (each records a fingerprint of the code it runs, docstrings and comments aside), are left
+  out of every table and verdict until they are run again.
 - **Early stopping** where a suite's budget says so: a run stops after a set number of validation
   passes without a new best score (`TrainConfig.patience`), within the suite's epoch cap, the same rule
   for every solver; the best validation epoch's checkpoint is tested either way.
