@@ -318,7 +318,7 @@ def render_scarcity(results: Mapping[str, dict], plots: Plots) -> Section:
     gains = {(m, c): _paired_gain(results, m, "softmax", c) for m in gainers for c in sizes}
     budget = {r["condition"]: _epochs_by_steps(r) for r in results.values() if "config" in r}
     rows = [[c.split("=", 1)[1], budget.get(c, "-"), *[stats[m, c].pct() for m in methods],
-             *[gains[m, c].pct() for m in gainers], *([_drift(usable(final_results(results, "rbf", c))[0])] if has_rbf else [])]
+             *[gains[m, c].pct() for m in gainers], *([_drift(final_results(results, "rbf", c))] if has_rbf else [])]
             for c in sizes]
     parts += ["### Test accuracy (%) and gain over softmax (percentage points, paired by seed)", table(header, rows)]
     if has_rbf:
