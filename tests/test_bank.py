@@ -126,6 +126,39 @@ def test_errors_name_the_problem():
         bank.append(emb[:2], labels[:3])
 
 
+@pytest.mark.parametrize("mode", ["stored", "fresh"])
+def test_a_refresh_builds_one_index_the_automatic_sigma_included(monkeypatch, mode):
+    """The automatic sigma built a second, exact index of the centres at every refresh, whatever the bank's
+    backend; it now asks the bank's own index. Every index any backend builds is counted."""
+    from knnsolver.solvers.rbf import RBFSolver
+
+    built = []
+    plain = ExactSearch.build
+    monkeypatch.setattr(ExactSearch, "build", lambda self, points: built.append(len(points)) or plain(self, points))
+    emb, labels = table()
+    solver = RBFSolver(6, 5, 60, k=5, neighbour_mode=mode, search="exact")
+    for scale in (1.0, 2.0):
+        solver.refresh(emb * scale, labels)
+        solver(emb[:20] * scale, labels[:20], torch.arange(20))
+    assert built == [60, 60]
+    centres = solver.bank.training_centres.double()  # on the unit sphere (normalize=True)
+    nearest = torch.cdist(centres, centres).fill_diagonal_(float("inf")).min(1).values
+    torch.testing.assert_close(solver.sigma.double(), nearest.median(), rtol=1e-5, atol=0)
+
+
+def test_rbf_classifier_builds_one_index_for_its_sigma_and_predictions(monkeypatch):
+    from knnsolver.classifiers import RBFClassifier
+
+    built = []
+    plain = ExactSearch.build
+    monkeypatch.setattr(ExactSearch, "build", lambda self, points: built.append(len(points)) or plain(self, points))
+    emb, labels = table()
+    model = RBFClassifier(k=5).fit(emb, labels.numpy())
+    model.predict(emb[:7])
+    model.predict(emb[7:9])
+    assert built == [60]
+
+
 def test_fresh_neighbours_build_one_index_per_refresh():
     """Issue 12: the identity-keyed caches rebuilt the index on every batch in neighbour_mode='fresh'."""
     from knnsolver.solvers.rbf import RBFSolver

@@ -43,13 +43,13 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
     ``P(c|x) = sum_{i in c ∩ N(x)} f(x, c_i) / sum_{j in N(x)} f(x, c_j)`` with
     ``f = exp(-||x - c||^2 / (2 sigma^2))`` over the ``k`` nearest training
     points ``N(x)``. ``sigma=0`` sets it at ``fit`` to the median distance from a
-    training point to its k-th nearest other one (as the RBF solver does).
+    training point to its nearest other one (as the RBF solver does).
     Accepts numpy arrays or torch tensors; labels may be any sortable values.
 
     Attributes after ``fit``: ``classes_`` (sorted labels), ``sigma_`` (the width
     used), ``n_features_in_``, ``reference_`` (the training points as a
     :class:`~knnsolver.bank.reference.ReferenceSet`: its search index is built
-    once, at the first prediction).
+    once, at ``fit`` when sigma is automatic, else at the first prediction).
     """
 
     def __init__(self, k: int = 20, sigma: float = 0.0, search: str = "exact") -> None:
@@ -75,7 +75,7 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
         self.reference_ = ReferenceSet(points.shape[1], SEARCHES.build(self.search))
         self.reference_.set(points, torch.from_numpy(codes.astype(np.int64)))
         self.n_features_in_ = points.shape[1]
-        self.sigma_ = sigma or rbf_auto_sigma(points)
+        self.sigma_ = sigma or rbf_auto_sigma(points, index=self.reference_.index())
         return self
 
     @torch.no_grad()

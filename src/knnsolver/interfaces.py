@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from knnsolver.errors import ConfigError, NonFiniteInputError
+from knnsolver.hostsync import avoid_host_sync
 
 
 @dataclass
@@ -133,15 +134,15 @@ class Solver(nn.Module):
         return True
 
     def check_batch(self, embeddings: Tensor, labels: Tensor, what: str = "the loss") -> Tensor:
-        """Check a training batch (shape, dtype, non-empty; the label range when on the CPU, where
-        reading it costs no device synchronisation); return the labels as int64.
+        """Check a training batch (shape, dtype, non-empty; the label range where reading it costs no
+        device synchronisation, :func:`~knnsolver.hostsync.avoid_host_sync`); return the labels as int64.
 
         Non-finite embeddings are not refused here: the loss propagates them, and
         the trainer's guard stops the run naming the epoch, step and likely cause.
         """
         check_embeddings(embeddings, self.embedding_dim, f"{type(self).__name__} {what}", values=False)
         return check_labels(labels, embeddings.shape[0], f"{type(self).__name__} {what}", self.num_classes,
-                            values=embeddings.device.type == "cpu")
+                            values=not avoid_host_sync(embeddings.device))
 
     def check_reference(self, embeddings: Tensor, labels: Tensor, what: str = "fit_reference",
                         num_classes: int | None = -1) -> Tensor:

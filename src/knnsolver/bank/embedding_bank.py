@@ -28,9 +28,10 @@ class EmbeddingBank(ReferenceSet):
     injected :class:`~knnsolver.interfaces.NeighbourSearch`) and its collectives:
     :meth:`refresh` takes the full ``(T, d)`` table (under ``torch.distributed``
     the trainer embeds one shard of rows per process and all-gathers them,
-    ``Run.embed_all``), and the neighbour graph is sharded the same way (each
-    process asks the index for the graph of its rows, then the shards are
-    all-gathered), so every process holds the same bank.
+    ``Run.embed_all``, the pass evaluation shares), the neighbour graph is sharded
+    the same way (each process asks the index for the graph of its rows, then the
+    shards are all-gathered), and :meth:`write_batch` gathers every process's
+    online update, so every process holds the same bank.
     """
 
     neighbours: Tensor
@@ -93,6 +94,15 @@ class EmbeddingBank(ReferenceSet):
         if not distributed.is_distributed():
             return index.graph(self.k).to(torch.int32)
         return distributed.all_gather_rows(index.graph(self.k, rows=distributed.shard(self.num_rows)).to(torch.int32))
+
+    @torch.no_grad()
+    def write_batch(self, rows: Tensor, embeddings: Tensor) -> None:
+        """Overwrite the training ``rows`` of this step's batch with its ``embeddings`` (online update).
+
+        Under ``torch.distributed`` a collective: every process's rows and embeddings are
+        all-gathered and every process writes them all, so the banks stay equal.
+        """
+        self.write(distributed.all_gather_rows(rows), distributed.all_gather_rows(embeddings))
 
     def search_training(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """Each query's ``k`` nearest training centres (added centres left out)."""

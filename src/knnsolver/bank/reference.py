@@ -85,13 +85,17 @@ class ReferenceSet(nn.Module):
 
     @torch.no_grad()
     def write(self, rows: Tensor, embeddings: Tensor) -> None:
-        """Overwrite ``rows`` in place; a row given more than once takes its last embedding
-        (indexed assignment with repeats has no defined order, and every process must agree)."""
+        """Overwrite ``rows`` in place; a row given more than once takes its last embedding.
+
+        Indexed writes with repeats have no defined order (and every process must
+        agree), so each repeat writes that same last embedding. Fixed shapes, no
+        ``unique``: nothing here waits on the host when called at every step on a GPU.
+        """
         rows = rows.long()
-        unique, inverse = torch.unique(rows, return_inverse=True)
         position = torch.arange(len(rows), device=rows.device)
-        last = torch.full_like(unique, -1).scatter_reduce(0, inverse, position, "amax")
-        self.embeddings[unique] = embeddings.detach()[last].to(self.embeddings.dtype)
+        last = torch.full((len(self),), -1, dtype=torch.long, device=rows.device).scatter_reduce_(0, rows, position, "amax")
+        source = embeddings.detach().index_select(0, last.index_select(0, rows))
+        self.embeddings.index_copy_(0, rows, source.to(self.embeddings.dtype))
         self._changed()
 
     def index(self, rows: int | None = None) -> NeighbourIndex:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from knnsolver.errors import ConfigError
+from knnsolver.hostsync import avoid_host_sync
 
 __all__ = ["RANKING_FORMS", "normalize_scale", "centre_sq_distances", "centralized_ranking_loss", "gram_schmidt"]
 
@@ -42,29 +43,30 @@ def centralized_ranking_loss(x: Tensor, labels: Tensor, centres: Tensor, margin:
     d = centre_sq_distances(x, centres)
     gap = margin + d.gather(1, labels[:, None]) - d
     terms = F.relu(gap) if form == "hinge" else F.softplus(gap)
-    return terms.masked_fill(F.one_hot(labels, centres.shape[0]).bool(), 0.0).sum(1).mean()
+    own = labels.unsqueeze(1) == torch.arange(centres.shape[0], device=labels.device)  # not one_hot: no host read
+    return terms.masked_fill(own, 0.0).sum(1).mean()
 
 
 def gram_schmidt(vectors: Tensor) -> Tensor:
-    """Orthonormalise the rows of ``vectors`` (``(n, d)``, ``n <= d``) in order, by Gram-Schmidt.
+    """Orthonormalise the rows of ``vectors`` (``(n, d)``, ``n <= d``) in order: Gram-Schmidt's result.
 
     ``q_i = normalise(v_i - sum_{j<i} (q_j . v_i) q_j)``, so ``Q Q^T = I`` and ``q_i``
-    spans the same space as ``v_1..v_i``. Each projection is applied twice
-    ("twice is enough", classical Gram-Schmidt with reorthogonalisation), which keeps
-    the rows orthogonal to working precision.
+    spans the same space as ``v_1..v_i``. Computed as a Householder QR of ``V^T``
+    with each column's sign set so ``q_i . v_i > 0`` (the same rows as Gram-Schmidt,
+    orthogonal to working precision, in a few kernels instead of a loop over the
+    rows). A row linearly dependent on the rows before it is refused where the host
+    may read the result (:func:`~knnsolver.hostsync.avoid_host_sync`); on an
+    accelerator it is left unchecked, and its ``q_i`` is then some unit vector
+    orthogonal to the others.
     """
     n, d = vectors.shape
     if n > d:
         raise ValueError(f"cannot orthonormalise {n} vectors in {d} dimensions: need n <= d")
-    rows: list[Tensor] = []
-    for i in range(n):
-        v = vectors[i]
-        if rows:
-            q = torch.stack(rows)
-            for _ in range(2):
-                v = v - q.T @ (q @ v)
-        norm = v.norm()
-        if norm <= torch.finfo(v.dtype).eps * d * vectors[i].norm():
-            raise ValueError(f"row {i} is linearly dependent on the rows before it; cannot orthonormalise")
-        rows.append(v / norm)
-    return torch.stack(rows)
+    q, r = torch.linalg.qr(vectors.T)
+    diag = r.diagonal()
+    if not avoid_host_sync(vectors.device):
+        small = diag.abs() <= torch.finfo(vectors.dtype).eps * d * vectors.norm(dim=1)
+        if bool(small.any()):
+            raise ValueError(f"row {int(small.int().argmax())} is linearly dependent on the rows before it; "
+                             "cannot orthonormalise")
+    return (q * torch.where(diag < 0, -1.0, 1.0).to(q.dtype)).T

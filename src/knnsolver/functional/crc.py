@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from knnsolver.errors import ConfigError
+from knnsolver.hostsync import avoid_host_sync
 
 __all__ = ["SOLVE_METHODS", "crc_code", "crc_residuals", "crc_logits", "crc_loss"]
 
@@ -72,7 +73,8 @@ def crc_code(
         chol = torch.linalg.cholesky_ex(atoms @ atoms.T + lam * torch.eye(n, dtype=atoms.dtype, device=atoms.device)).L
         alpha = torch.cholesky_solve(atoms @ queries.T, chol).T  # (B, N)
         if exclude is not None:
-            h = torch.cholesky_solve(F.one_hot(exclude, n).T.to(atoms.dtype), chol).T  # (B, N): H[:, e_b]
+            picks = (torch.arange(n, device=exclude.device).unsqueeze(1) == exclude).to(atoms.dtype)  # (N, B)
+            h = torch.cholesky_solve(picks, chol).T  # (B, N): H[:, e_b] (not one_hot: it reads labels on the host)
             rows = torch.arange(len(exclude), device=exclude.device)
             alpha = alpha - h * (alpha[rows, exclude] / h[rows, exclude])[:, None]
     if exclude is not None:
@@ -99,7 +101,8 @@ def class_layout(labels: Tensor, num_classes: int | None = None) -> tuple[Tensor
         width = int(counts.max())
     else:
         present = torch.arange(num_classes, device=labels.device)
-        counts = torch.bincount(labels, minlength=num_classes)
+        counts = torch.zeros(num_classes, dtype=torch.long, device=labels.device).index_add_(
+            0, labels, torch.ones_like(labels))  # not bincount: on a GPU it reads the labels' range on the host
         slot, width = labels[order], n
     rank = torch.arange(n, device=labels.device) - (torch.cumsum(counts, 0) - counts)[slot]
     index = torch.full((len(present), width), n, dtype=torch.long, device=labels.device)
@@ -121,8 +124,7 @@ def crc_residuals(queries: Tensor, atoms: Tensor, atom_labels: Tensor, alpha: Te
     """
     b, p = queries.shape
     if layout is None:
-        fixed = atom_labels.device.type != "cpu" or torch.compiler.is_compiling()
-        layout = class_layout(atom_labels, num_classes if fixed else None)
+        layout = class_layout(atom_labels, num_classes if avoid_host_sync(atom_labels.device) else None)
     present, index = layout
     m = index.shape[1]
     a = F.pad(alpha, (0, 1))[:, index]  # (B, C', m), zeros at the padding

@@ -27,6 +27,8 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from knnsolver.hostsync import avoid_host_sync
+from knnsolver.interfaces import NeighbourIndex
 from knnsolver.search.exact import ExactSearch
 
 __all__ = [
@@ -180,12 +182,6 @@ def rbf_nearest_class_centres(
     return torch.where(found, candidates.index_select(0, best), torch.full_like(best, -1))
 
 
-def _avoid_host_sync(device: torch.device) -> bool:
-    """Whether to trade arithmetic for no host synchronisation: on accelerators (on the CPU a read is
-    free) and inside ``torch.compile`` (a read would break the graph)."""
-    return device.type != "cpu" or torch.compiler.is_compiling()
-
-
 def _shifted_exp(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """``(e, s, lse)`` of each row: ``e = exp(logits - peak)`` (terms below :data:`_EXP_FLOOR` exactly 0),
     ``s = sum(e)`` and ``lse = log(s) + peak``, the row's log-sum-exp; a row of ``-inf`` gives ``-inf``
@@ -292,7 +288,7 @@ def rbf_terms(
     index = index.clamp(min=0)
     is_true = (_gather(centre_labels, index).long() == labels.unsqueeze(1)) & valid
     true_absent = ~is_true.any(1)
-    if _avoid_host_sync(embeddings.device):
+    if avoid_host_sync(embeddings.device):
         # No host synchronisation on an accelerator: every row's nearest true-class centre is
         # found, and used where the class is absent (a padding slot elsewhere; the same loss).
         nearest = rbf_nearest_class_centres(
@@ -372,22 +368,27 @@ def rbf_step(
 
 
 @torch.no_grad()
-def rbf_auto_sigma(centres: Tensor, max_points: int = 2048) -> float:
+def rbf_auto_sigma(centres: Tensor, max_points: int = 2048, index: NeighbourIndex | None = None) -> float:
     """``sigma`` = (lower) median distance from a centre to its nearest other centre.
 
     The typical spacing of the bank: a sample's nearest centre then has
     ``f ~ exp(-1/2)`` and farther ones fall off, whatever the embedding's overall
     scale. Estimated on at most ``max_points`` evenly spaced rows: each row's
-    nearest other centre comes from the exact backend's graph (never ``N x N``
-    at once; on the CPU its numba kernel: 0.08 s at 54,000 centres, against 0.62 s
-    for a blocked torch search; benchmarks/README.md), and the distance is then
-    taken as a difference. Falls back to 1 when the distances are all 0 or there
-    is a single centre.
+    nearest other centre comes from the graph rows of ``index``, an index already
+    built on ``centres`` (the bank's own, so a refresh builds one index; an
+    approximate one may then give a slightly larger sigma), or else of the exact
+    backend's, built here (never ``N x N`` at once; on the CPU its numba kernel:
+    0.08 s at 54,000 centres, against 0.62 s for a blocked torch search;
+    benchmarks/README.md). The distance is then taken as a difference. Falls back
+    to 1 when the distances are all 0 or there is a single centre.
     """
     n = centres.shape[0]
     if n < 2:
         return 1.0
+    if index is not None and index.ntotal != n:
+        raise ValueError(f"the index holds {index.ntotal} points but there are {n} centres; build it on the centres")
     rows = torch.linspace(0, n - 1, min(n, max_points), device=centres.device).round().long().unique()
-    nearest = ExactSearch().build(centres).graph(1, rows=rows)[:, 0].long().to(centres.device)
+    index = ExactSearch().build(centres) if index is None else index
+    nearest = index.graph(1, rows=rows)[:, 0].long().to(centres.device)
     value = float((centres.index_select(0, rows).float() - centres.index_select(0, nearest).float()).norm(dim=1).median())
     return value if value > 0 else 1.0

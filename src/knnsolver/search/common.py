@@ -39,14 +39,17 @@ def check_dims(queries: Tensor, points: Tensor) -> None:
 def drop_own_rows(found: Tensor, own: Tensor) -> Tensor:
     """From ``(Q, k+1)`` neighbours of queries that are bank rows ``own`` keep ``k`` others.
 
-    Each query's own row is removed wherever it appears; a query whose own row
+    Each query's own row is removed where it first appears; a query whose own row
     was not found (exact duplicates, or an approximate search) loses its farthest
     entry instead. With ``own = arange(N)`` this turns an all-points search into
-    the kNN graph.
+    the kNN graph. Fixed shapes throughout (a gather, no boolean selection), so
+    a training step on a GPU does not wait on the host here.
     """
-    keep = found != own.to(found.dtype).unsqueeze(1)
-    keep[:, -1] &= ~keep.all(1)
-    return found[keep].view(found.shape[0], found.shape[1] - 1)
+    k = found.shape[1] - 1
+    hit = found == own.to(found.dtype).unsqueeze(1)
+    dropped = torch.where(hit.any(1), hit.to(torch.int8).argmax(1), k)  # the first hit, else the last column
+    slots = torch.arange(k, device=found.device)
+    return found.gather(1, slots + (slots >= dropped.unsqueeze(1)))
 
 
 def graph_rows(

@@ -35,6 +35,11 @@ class PMLSolver(Solver):
     out of every pair (``0 * sum(x)`` is added: zero for finite input, NaN
     otherwise), so the trainer's guard sees it.
 
+    Unlike the library's own solvers, these steps read the device on the host:
+    pml's losses and miners select their pairs and triplets with ``nonzero`` and
+    boolean masks (a number of tuples known only from the data), so on a GPU each
+    step waits for the device there (``tests/test_host_sync.py`` checks the others).
+
     Options:
         knn_k: neighbours that vote in kNN prediction.
     """

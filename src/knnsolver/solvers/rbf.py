@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from knnsolver import distributed
 from knnsolver.bank import BANK_DTYPES, EmbeddingBank
 from knnsolver.errors import ConfigError, TrainingWarning
+from knnsolver.hostsync import avoid_host_sync
 from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs, rbf_step
 from knnsolver.interfaces import EpochContext, NeighbourSearch, Solver, check_k
 from knnsolver.registry import SEARCHES
@@ -218,7 +219,9 @@ class RBFSolver(Solver):
     def _update_sigma(self) -> None:
         """Re-estimate an automatic sigma from the bank (a learned one only at the first fill)."""
         if self.auto_sigma or torch.isnan(self.log_sigma):
-            self.log_sigma.fill_(math.log(rbf_auto_sigma(self.bank.training_centres)))
+            # the bank's index of its training centres: the one a refresh builds (graph, fresh searches)
+            sigma = rbf_auto_sigma(self.bank.training_centres, index=self.bank.index(self.num_train))
+            self.log_sigma.fill_(math.log(sigma))
             self._sigma_known = True
 
 
@@ -329,7 +332,7 @@ class RBFSolver(Solver):
         labels = self.check_batch(embeddings, labels)
         if row_indices is not None:
             row_indices = row_indices.long()
-            if row_indices.device.type == "cpu" or not self._rows_checked:
+            if not avoid_host_sync(row_indices.device) or not self._rows_checked:
                 self._check_rows(labels, row_indices)
                 self._rows_checked = True
         neighbours = self._neighbours(embeddings, row_indices)
@@ -343,9 +346,7 @@ class RBFSolver(Solver):
                 self._own.append(own)
                 self._own_rows += own.shape[0]
             if self.online_update and self.training and row_indices is not None:
-                # Every process writes every process's batch, so the banks stay equal.
-                written = self.transform(embeddings.detach())
-                self.bank.write(distributed.all_gather_rows(row_indices), distributed.all_gather_rows(written))
+                self.bank.write_batch(row_indices, self.transform(embeddings.detach()))
         return loss
 
     @torch.no_grad()

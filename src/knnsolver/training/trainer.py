@@ -72,6 +72,7 @@ from knnsolver.data import DataBundle, build_data, data_fingerprint
 from knnsolver.data.batches import iterate_batches
 from knnsolver.data.sampler import ClassBalancedBatchSampler
 from knnsolver.errors import ConfigError, DataError, DivergenceError, TrainingWarning
+from knnsolver.hostsync import avoid_host_sync
 from knnsolver.evaluation import embed_dataset, retrieval_summary, solver_accuracy
 from knnsolver.interfaces import EpochContext, Solver
 from knnsolver.models import build_model
@@ -281,9 +282,9 @@ def describe_run(run: Run) -> list[str]:
 
 
 def _fused(device: torch.device) -> bool:
-    """Whether the optimiser runs fused (one kernel per step): on accelerators; the CPU keeps the
-    default implementation, so CPU results stay as they were."""
-    return device.type != "cpu"
+    """Whether the optimiser runs fused (one kernel per step, its step counts on the device, no host read):
+    on the accelerator paths; the CPU keeps the default implementation, so CPU results stay as they were."""
+    return avoid_host_sync(device)
 
 
 def _optimizer(config: TrainConfig, params: list[dict[str, Any]], device: torch.device) -> torch.optim.Optimizer:
@@ -785,8 +786,8 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
 
 
 def _read_every(device: torch.device) -> int:
-    """Steps between host reads of the loss and the non-finite flags: every step on the CPU, where a read is free."""
-    return 1 if device.type == "cpu" else _GPU_READ_EVERY
+    """Steps between host reads of the loss and the non-finite flags: every step where a read is free (the CPU)."""
+    return _GPU_READ_EVERY if avoid_host_sync(device) else 1
 
 
 def _divergence_message(run: Run, epoch: int, step: int, lr: float, flags: list[float], history: list[dict[str, Any]]) -> str:
