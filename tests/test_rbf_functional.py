@@ -225,6 +225,26 @@ def test_sync_free_hard_case_search_gives_the_same_centres():
     assert torch.equal(got, want) and (want[labels == 6] == -1).all()
 
 
+def test_sync_free_hard_case_search_in_blocks_keeps_the_first_of_tied_centres(monkeypatch):
+    """The GPU path takes the bank in blocks of bounded memory (all of it at once held B x N distances)."""
+    import knnsolver.functional.rbf as rbf
+
+    g = torch.Generator().manual_seed(6)
+    centres, cl = torch.randn(40, 3, generator=g), torch.randint(0, 4, (40,), generator=g)
+    centres[33], cl[33] = centres[2], cl[2]  # a tie across blocks: row 2 wins
+    centres[3], cl[3] = centres[2], cl[2]  # and within a block: row 2 wins
+    queries, labels = torch.cat([centres[2:3] + 0.01, torch.randn(9, 3, generator=g)]), torch.cat([cl[2:3], cl[:9]])
+    exclude = torch.randint(0, 40, (10,), generator=g)
+    exclude[0] = 7 if cl[7] != cl[2] else 8
+    want = rbf_nearest_class_centres(queries, labels, centres, cl, exclude)
+    monkeypatch.setattr(rbf, "_BLOCK_ELEMENTS", 10 * 7)  # blocks of 7 centres: 6 blocks, the last short
+    got = rbf_nearest_class_centres(queries, labels, centres, cl, exclude, sync_free=True)
+    assert torch.equal(got, want) and got[0] == 2
+    brute = torch.cdist(queries.double(), centres.double()).masked_fill(cl != labels[:, None], float("inf"))
+    brute[torch.arange(10), exclude] = float("inf")
+    assert torch.equal(got, brute.argmin(1))
+
+
 def test_accelerator_path_of_the_loss_equals_the_cpu_path():
     """The sync-free hard-case rule (used on GPUs) gives the same loss and gradients, tested on the CPU."""
     g = torch.Generator().manual_seed(5)

@@ -163,23 +163,47 @@ def rbf_nearest_class_centres(
     distances, never ``N x N``). ``exclude`` (``(Q,)`` row indices) removes each
     query's own centre. ``sync_free`` compares against every centre instead of
     selecting the candidates first (a selection needs the host to learn their
-    number): more arithmetic, no host synchronisation, the same answer.
+    number): more arithmetic, no host synchronisation, the same answer; the
+    centres are then taken in blocks of at most :data:`_BLOCK_ELEMENTS` distances
+    (one block up to 262,144 centres for 128 queries), so a GPU step's memory
+    stays bounded whatever the bank's size.
     """
     if sync_free:
-        candidates = torch.arange(centres.shape[0], device=centres.device)
-    else:
-        candidates = torch.isin(centre_labels, labels).nonzero().squeeze(1)
-        if candidates.numel() == 0:
-            return torch.full_like(labels, -1, dtype=torch.long)
+        block = max(1, _BLOCK_ELEMENTS // max(1, queries.shape[0]))
+        best = torch.full_like(labels, -1, dtype=torch.long)
+        best_dist = torch.full(labels.shape, float("inf"), device=queries.device)
+        for start in range(0, centres.shape[0], block):
+            rows = torch.arange(start, min(start + block, centres.shape[0]), device=centres.device)
+            points, point_labels = centres[start : start + block], centre_labels[start : start + block]
+            dist, at = _class_distances(queries, labels, points, point_labels, rows, exclude).min(1)
+            closer = dist < best_dist  # strictly: ties keep the earlier row, as one argmin over all rows does
+            best_dist, best = torch.where(closer, dist, best_dist), torch.where(closer, at + start, best)
+        return torch.where(torch.isfinite(best_dist), best, torch.full_like(best, -1))
+    candidates = torch.isin(centre_labels, labels).nonzero().squeeze(1)
+    if candidates.numel() == 0:
+        return torch.full_like(labels, -1, dtype=torch.long)
     # index_select, not advanced indexing: several times faster on the CPU for these row gathers
-    points = centres.float() if sync_free else centres.index_select(0, candidates).float()
-    dist = (points * points).sum(1) - 2.0 * (queries.detach().float() @ points.T)
-    dist.masked_fill_(centre_labels.index_select(0, candidates).unsqueeze(0) != labels.unsqueeze(1), float("inf"))
-    if exclude is not None:
-        dist.masked_fill_(candidates.unsqueeze(0) == exclude.unsqueeze(1), float("inf"))
+    points, point_labels = centres.index_select(0, candidates), centre_labels.index_select(0, candidates)
+    dist = _class_distances(queries, labels, points, point_labels, candidates, exclude)
     best = dist.argmin(1)
     found = torch.isfinite(dist.gather(1, best.unsqueeze(1)).squeeze(1))
     return torch.where(found, candidates.index_select(0, best), torch.full_like(best, -1))
+
+
+# Distances one sync-free hard-case block holds (float32: 128 MiB).
+_BLOCK_ELEMENTS = 1 << 25
+
+
+def _class_distances(queries: Tensor, labels: Tensor, points: Tensor, point_labels: Tensor, rows: Tensor,
+                     exclude: Tensor | None) -> Tensor:
+    """``(Q, P)`` squared distances (up to each query's constant ``|x|^2``) from the queries to the centres
+    ``points``, the bank's ``rows``; ``inf`` at centres of another class and at each query's ``exclude`` row."""
+    points = points.float()
+    dist = (points * points).sum(1) - 2.0 * (queries.detach().float() @ points.T)
+    dist.masked_fill_(point_labels.unsqueeze(0) != labels.unsqueeze(1), float("inf"))
+    if exclude is not None:
+        dist.masked_fill_(rows.unsqueeze(0) == exclude.unsqueeze(1), float("inf"))
+    return dist
 
 
 def _shifted_exp(logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
