@@ -35,3 +35,16 @@ def test_uint8_pool_is_scaled_like_get_and_transforms_use_a_dataloader():
     (xt, _, _), = iterate_batches(flipped, [list(range(10))], torch.device("cpu"))
     assert torch.equal(xt, x.flip(-1))
     assert sequential_plan(range(5), 2) == [[0, 1], [2, 3], [4]]
+
+
+def test_the_run_says_how_batches_are_loaded_and_how_to_decode_in_workers(tmp_path):
+    from knnsolver.training import TrainConfig
+    from knnsolver.training.trainer import build_run, describe_run
+
+    def device_line(**options) -> str:
+        config = TrainConfig(dataset="digits", device="cpu", progress=False, out=str(tmp_path / "run"), **options)
+        return next(line for line in describe_run(build_run(config)) if line.startswith("device:"))
+
+    assert device_line().endswith("batches gathered on the device")
+    assert device_line(augment="crop").endswith("loading in the main process (--num-workers N decodes in N worker processes)")
+    assert device_line(augment="crop", num_workers=2).endswith("2 loader workers")

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from knnsolver.data.datasets import RowDataset, TensorPool
 
-__all__ = ["DeviceRows", "iterate_batches", "sequential_plan"]
+__all__ = ["DeviceRows", "gathers_on_device", "iterate_batches", "sequential_plan"]
 
 Batch = tuple[Tensor, Tensor, Tensor]
 
@@ -46,9 +46,14 @@ class DeviceRows:
         return x, self.labels[index], index
 
 
+def gathers_on_device(dataset: Dataset) -> bool:
+    """Whether batches of ``dataset`` are gathered on the device (in memory, no per-item transform), not loaded."""
+    return isinstance(dataset, RowDataset) and isinstance(dataset.pool, TensorPool) and dataset.transform is None
+
+
 def device_rows(dataset: Dataset, device: torch.device) -> DeviceRows | None:
     """The dataset's device copy (made once and kept on the dataset), or ``None`` where it needs a DataLoader."""
-    if not (isinstance(dataset, RowDataset) and isinstance(dataset.pool, TensorPool) and dataset.transform is None):
+    if not gathers_on_device(dataset):
         return None
     cached = getattr(dataset, "_device_rows", None)
     if cached is None or cached.device != device:

@@ -144,6 +144,10 @@ class TrainConfig:
             12.2-13.2 s per 54,000 rows at 512 rows a batch, 5.5-5.8 s at 128; benchmarks/README.md),
             and 512 on a GPU, where fewer, larger batches save launches.
         num_workers: DataLoader worker processes for file-backed or augmented data; 0 = the main process.
+            Asked for, never chosen automatically: augmentation draws from each worker's own random
+            stream, so an augmented run's result depends on the number of workers (it is reproducible
+            for a given number); without augmentation it does not. In-memory data without augmentation
+            is gathered on the training device and needs none.
         plots: curves (loss and metric curves), all (adds a t-SNE of at most 2,000 test embeddings) or off.
         progress: show progress bars.
         device: ``auto`` (a CUDA GPU when one is visible, else the CPU), ``cpu``, ``cuda`` or ``cuda:N``.

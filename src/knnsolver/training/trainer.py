@@ -69,7 +69,7 @@ from tqdm.auto import tqdm
 
 from knnsolver import distributed
 from knnsolver.data import DataBundle, build_data, data_fingerprint
-from knnsolver.data.batches import iterate_batches
+from knnsolver.data.batches import gathers_on_device, iterate_batches
 from knnsolver.data.sampler import ClassBalancedBatchSampler
 from knnsolver.errors import ConfigError, DataError, DivergenceError, TrainingWarning
 from knnsolver.hostsync import avoid_host_sync
@@ -268,7 +268,12 @@ def describe_run(run: Run) -> list[str]:
     env_threads = os.environ.get("OMP_NUM_THREADS")
     threads = f"{torch.get_num_threads()} torch threads" + (
         f" (OMP_NUM_THREADS={env_threads})" if env_threads else " (set OMP_NUM_THREADS to change; see README)")
-    loading = f"{cfg.num_workers} loader workers" if cfg.num_workers else "loading in the main process"
+    if cfg.num_workers:
+        loading = f"{cfg.num_workers} loader workers"
+    elif gathers_on_device(data.train):
+        loading = "batches gathered on the device"
+    else:  # file-backed or augmented: decoded per item; workers are asked for, not chosen (TrainConfig.num_workers)
+        loading = "loading in the main process (--num-workers N decodes in N worker processes)"
     lines = [
         f"data: {cfg.dataset}, {cfg.split} split: {len(data.train):,} train / {val:,} val / {len(data.test):,} test rows, "
         f"{classes}",
