@@ -1,9 +1,11 @@
 """``Solver.compile_loss``: the compiled training maths equals the eager maths and captures as one graph.
 
-``fullgraph=True`` fails on any graph break, so these tests also prove the
-compiled step has no host synchronisation and no Python branching on tensor
-values (the RBF hard case included). The fast tests trace with the
-``aot_eager`` backend (no code generation); the slow one runs inductor.
+``fullgraph=True`` fails on any graph break, so these tests also show that the
+compiled loss maths (each solver's ``_step``; CRC is not compiled) has no host
+synchronisation and no Python branching on tensor values (the RBF hard case
+included). What runs around it in ``forward`` (neighbour lookup, online
+updates) is checked by ``tests/test_host_sync.py``. The fast tests trace with
+the ``aot_eager`` backend (no code generation); the slow one runs inductor.
 """
 from __future__ import annotations
 

@@ -100,7 +100,9 @@ class EmbeddingBank(ReferenceSet):
         """Overwrite the training ``rows`` of this step's batch with its ``embeddings`` (online update).
 
         Under ``torch.distributed`` a collective: every process's rows and embeddings are
-        all-gathered and every process writes them all, so the banks stay equal.
+        all-gathered and every process writes them all, so the banks stay equal. The
+        gather reads the processes' row counts on the host (batches may differ in size),
+        one read per step; a single process reads nothing.
         """
         self.write(distributed.all_gather_rows(rows), distributed.all_gather_rows(embeddings))
 
