@@ -85,3 +85,20 @@ def test_embed_writes_embeddings_matching_the_best_network(tmp_path, capsys):
     assert np.array_equal(labels, expected_labels.numpy())
     code, _, err = _run(capsys, "embed", str(out_dir), "--part", "holdout", "--out", str(tmp_path / "x.npy"))
     assert code == 2 and "unknown part 'holdout'" in err
+
+
+def test_output_piped_into_a_reader_that_stops_ends_quietly(monkeypatch, capsys):
+    """Helper review: `knnsolver predict ... | head -2` ended with 'error: Broken pipe' and exit code 2."""
+    import signal
+    import sys
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    assert main(["solvers"]) == 128 + signal.SIGPIPE
+    assert capsys.readouterr().err == ""

@@ -347,6 +347,21 @@ def test_export_reproduces_the_embeddings_and_writes_the_reference_set(runs, tes
                                                            "net_reference_labels.npy"]
 
 
+def test_export_makes_its_folder_and_files_a_server_can_read(runs, tmp_path):
+    """Helper review: the network file kept mkstemp's 0600 (the others were 0644), and a missing folder was refused
+    although every other writer creates it."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        knnsolver.load(runs["rbf"]).export(tmp_path / "serve" / "v1" / "net.pt")
+    finally:
+        os.umask(old)
+    files = sorted((tmp_path / "serve" / "v1").iterdir())
+    assert [p.name for p in files] == ["net.pt", "net_classes.json", "net_reference.npy", "net_reference_labels.npy"]
+    assert {p.name: p.stat().st_mode & 0o777 for p in files} == {p.name: 0o644 for p in files}
+
+
 def test_onnx_export_works_or_names_what_to_install(runs, test_split, tmp_path):
     model = knnsolver.load(runs["hal"])
     try:

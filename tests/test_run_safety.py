@@ -197,6 +197,17 @@ def test_a_moved_run_folder_resumes_and_a_changed_setting_is_named(run_dir, tmp_
     assert _snapshot(moved) == before
 
 
+def test_resuming_with_fewer_epochs_than_trained_is_refused_and_changes_nothing(run_dir, capsys):
+    """Helper review: --epochs below the trained count was accepted and rewrote config.json under 2 logged epochs."""
+    before = _snapshot(run_dir)
+    code, _, err = _run(capsys, "train", *BASE, "--epochs", "1", "--out", run_dir, "--resume")
+    _one_line_error(code, err, "with epochs=1: it has already trained 2 epochs", "resume with --epochs 2 or more")
+    assert _snapshot(run_dir) == before
+    code, out, err = _run(capsys, "train", *BASE, "--epochs", "3", "--out", run_dir, "--resume")
+    assert code == 0, err
+    assert f"resuming {run_dir}: 2 of 3 epochs trained" in out + err
+
+
 def test_leftover_temporary_files_are_removed_at_start(run_dir, capsys):
     stale = run_dir / ".checkpoint.pt.abc123.tmp"
     stale.write_bytes(b"half a checkpoint")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import warnings
 from dataclasses import fields
@@ -146,12 +148,11 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def _writable_target(path: str) -> Path:
-    """``path`` as a file to write, refused with one line when its folder is missing or it is a folder."""
+    """``path`` as a file to write (missing folders are created when it is written), refused with one line
+    when it is a folder."""
     target = Path(path)
     if target.is_dir():
         raise StorageError(f"--out {target} is a folder; give a file name")
-    if not target.parent.is_dir():
-        raise StorageError(f"cannot write {target}: folder {target.parent} does not exist; create it first")
     return target
 
 
@@ -421,6 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KnnSolverError, FloatingPointError) as exc:
         print(f"knnsolver: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of the output went away (`| head`): stop quietly, as a SIGPIPE would
+        try:  # Python flushes stdout at exit, which would fail again
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+        return 128 + signal.SIGPIPE
     except OSError as exc:  # the environment: a missing, unreadable or unwritable file, a full disk
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"knnsolver: error: {exc.strerror or exc}{where}", file=sys.stderr)

@@ -95,14 +95,12 @@ def export(model: KnnModel, path: str | Path, format: str = "torchscript", atol:
     SHA-256 of the three others (``files``), so a reader can tell a complete
     export from one torn by a crash between two files.
     """
-    from knnsolver.training.checkpoint import write_json, write_npy
+    from knnsolver.training.checkpoint import new_file_mode, write_json, write_npy
 
     check_choice("export format", format, FORMATS)
     path = Path(path)
     if path.is_dir():
         raise StorageError(f"--out {path} is a folder; give a file name for the exported network")
-    if not path.parent.is_dir():
-        raise StorageError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
     transform = copy.deepcopy(model.solver).cpu().requires_grad_(False).transform
     embedder = Embedder(copy.deepcopy(model.backbone).cpu().eval().requires_grad_(False), transform)
     generator = torch.Generator().manual_seed(0)
@@ -111,7 +109,9 @@ def export(model: KnnModel, path: str | Path, format: str = "torchscript", atol:
     with torch.no_grad():
         expected = embedder(check)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)  # as every other file the library writes
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would keep the file from a server running as another user
         os.close(fd)
     except OSError as err:
         raise StorageError(f"cannot write {path}: {err.strerror or err}; choose a writable folder") from None

@@ -23,10 +23,12 @@ from knnsolver.errors import DataError, StorageError
 TMP_SUFFIX = ".tmp"
 
 
-def _umask() -> int:
+def new_file_mode() -> int:
+    """The permissions a new file gets under the process's umask (``0o666 & ~umask``, 0644 by default);
+    ``tempfile.mkstemp`` makes 0600 files, which the atomic writes widen to this."""
     mask = os.umask(0)
     os.umask(mask)
-    return mask
+    return 0o666 & ~mask
 
 
 def _atomic_write(path: Path, write) -> None:
@@ -36,7 +38,7 @@ def _atomic_write(path: Path, write) -> None:
     except OSError as err:
         raise StorageError(f"cannot write {path}: {err.strerror or err}; choose a writable folder") from None
     try:
-        os.fchmod(fd, 0o666 & ~_umask())
+        os.fchmod(fd, new_file_mode())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()

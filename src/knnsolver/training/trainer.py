@@ -455,6 +455,10 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, folder: RunFol
         changes = "; ".join(f"{k}: saved {saved.get(k)!r}, now {wanted[k]!r}" for k in differ)
         raise ConfigError(f"cannot resume {out}: settings other than epochs and patience differ from the saved run's ({changes}); "
                           "resume with the saved settings, or start a new run with another --out")
+    trained = int(state["epoch"]) + 1
+    if config.epochs < trained:
+        raise ConfigError(f"cannot resume {out} with epochs={config.epochs}: it has already trained {trained} epochs; "
+                          f"resume with --epochs {trained} or more, or start a new run with another --out")
     return state
 
 
@@ -525,6 +529,7 @@ def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Modu
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         history, best_score, start_epoch = state["history"], state["best_score"], state["epoch"] + 1
+        progress.say(f"resuming {config.out}: {start_epoch} of {config.epochs} epochs trained")
         if distributed.is_main():
             _warn_if_data_changed(state.get("data"), fingerprint, config.out, "resuming trains on the current data")
     else:
