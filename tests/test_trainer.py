@@ -410,3 +410,13 @@ def test_a_run_stopped_early_is_finished_for_eval(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert summary["epochs_run"] == 3
     assert evaluate_saved(tmp_path / "run")["test_accuracy"] == summary["test_accuracy"]
+
+
+def test_an_epoch_line_shows_each_validation_score_once():
+    """Helper review: on a disjoint split the selecting score is MAP@R, which the line also shows: it came twice."""
+    from knnsolver.training.trainer import epoch_line
+
+    row = {"epoch": 3, "loss": 0.25, "val_map_at_r": 0.866, "val_accuracy": 0.9, "seconds": 1.0, "samples_per_s": 100.0}
+    disjoint = epoch_line(row, TrainConfig(split="disjoint", epochs=3))
+    assert disjoint.count("val_map_at_r 0.8660") == 1 and "val_accuracy" not in disjoint
+    assert epoch_line(row, TrainConfig(epochs=3)).startswith("epoch 3/3: loss 0.2500, val_accuracy 0.9000, val_map_at_r 0.8660,")

@@ -203,11 +203,31 @@ def test_divergence_error_names_the_saved_epoch(tmp_path, monkeypatch):
 def test_a_rising_loss_is_flagged_diverged(tmp_path, monkeypatch):
     from knnsolver.training import trainer
 
-    monkeypatch.setattr(trainer, "DIVERGENCE_FACTOR", 0.05)  # any later epoch over 5% of the first counts
+    monkeypatch.setattr(trainer, "DIVERGENCE_FACTOR", 0.05)  # any epoch over 5% of the first step's loss counts
     with pytest.warns(TrainingWarning, match="marked diverged"):
         summary = train(_cfg(tmp_path, epochs=2))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
-    assert summary["diverged"] is True and "diverged" not in log[0] and log[1]["diverged"] is True
+    assert summary["diverged"] is True and log[0]["diverged"] is True and log[1]["diverged"] is True
+    assert log[0]["first_step_loss"] > log[0]["loss"] and "first_step_loss" not in log[1]
+
+
+def test_a_loss_exploding_in_the_first_epoch_is_flagged_diverged(tmp_path, monkeypatch):
+    """Helper review: --lr 1e6 gave an epoch-1 loss of 4e19 and chance accuracy, not flagged: only later epochs
+    were compared, with the first. The yardstick is now the run's first step."""
+    from knnsolver.solvers.softmax import SoftmaxSolver
+
+    calls = {"n": 0}
+    original = SoftmaxSolver.forward
+
+    def forward(self, embeddings, labels, rows=None):
+        calls["n"] += 1
+        loss = original(self, embeddings, labels, rows)
+        return loss if calls["n"] == 1 or not self.training else loss * 1e6  # blows up after the first step
+
+    monkeypatch.setattr(SoftmaxSolver, "forward", forward)
+    with pytest.warns(TrainingWarning, match=r"epoch 1: training loss .* over 10x the first step's"):
+        summary = train(_cfg(tmp_path, epochs=1))
+    assert summary["diverged"] is True
 
 
 # 5. One evaluation geometry per solver ----------------------------------------------------------------------------

@@ -87,7 +87,7 @@ from knnsolver.training.runfolder import RunFolder
 from knnsolver.training.schedule import lr_factor
 
 CHECKPOINT, BEST, CONFIG, LOG, SUMMARY = "checkpoint.pt", "best.pt", "config.json", "log.jsonl", "summary.json"
-# A run whose epoch loss exceeds this multiple of its first epoch's is flagged as diverged.
+# A run whose epoch loss exceeds this multiple of its first step's is flagged as diverged.
 DIVERGENCE_FACTOR = 10.0
 # On a GPU the step's non-finite flags and loss are read back every this many steps, not every step.
 _GPU_READ_EVERY = 32
@@ -686,7 +686,7 @@ _SHOWN_VAL = ("val_map_at_r",)
 def epoch_line(row: dict[str, Any], config: TrainConfig, best: bool = False) -> str:
     """One epoch in one line: loss, validation score(s), time, and the RBF solver's sigma and mean RBF value."""
     parts = [f"loss {row['loss']:.4f}"]
-    for key in (_select_key(config), *_SHOWN_VAL):
+    for key in dict.fromkeys((_select_key(config), *_SHOWN_VAL)):  # once each (disjoint splits select by MAP@R)
         if row.get(key) is not None:
             parts.append(f"{key} {row[key]:.4f}")
     seconds = row["seconds"] + row.get("seconds_refresh", 0.0) + row.get("seconds_val", 0.0)
@@ -755,6 +755,8 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
         flags = torch.stack([~torch.isfinite(loss.detach()), ~embeddings_finite, grads_bad])
         status = distributed.all_reduce_sum(torch.cat([torch.stack([loss.detach().double() * rows, rows]), flags.double()]))
         window += status
+        if i == 0:
+            first_step = status[:2].clone()  # the run's first loss, before any update: the divergence yardstick
         if read_every > 1:
             bad = status[2:].any()
             first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, i), first_bad)
@@ -779,17 +781,22 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
     seen = int(total[1])
     row = {"epoch": epoch + 1, "loss": float(total[0]) / max(1, seen), "seconds": elapsed, "samples_per_s": seen / elapsed,
            "lr": lr}
+    if not history and batches:
+        row["first_step_loss"] = float(first_step[0] / first_step[1])
     run.progress.add("train", elapsed)
     if refresh_seconds is not None:
         row.update(bank_refreshed=True, seconds_refresh=refresh_seconds)
     row.update({f"solver_{k}": float(v) for k, v in run.solver.on_epoch_end(ctx).items()})
-    first = history[0]["loss"] if history else 0.0
-    if first > 0 and row["loss"] > DIVERGENCE_FACTOR * first:
+    first = (history or [row])[0]
+    # the first step's loss (logged from now on); runs logged before compare with their first epoch's
+    reference, what = ((first["first_step_loss"], "the first step's") if "first_step_loss" in first
+                       else (first["loss"], "the first epoch's") if history else (0.0, ""))
+    if reference > 0 and row["loss"] > DIVERGENCE_FACTOR * reference:
         row["diverged"] = True
         if distributed.is_main():
             warnings.warn(
-                f"epoch {epoch + 1}: training loss {row['loss']:.4g} is over {DIVERGENCE_FACTOR:g}x the first epoch's "
-                f"({first:.4g}); the run is marked diverged in log.jsonl and summary.json; try a lower --lr or "
+                f"epoch {epoch + 1}: training loss {row['loss']:.4g} is over {DIVERGENCE_FACTOR:g}x {what} "
+                f"({reference:.4g}); the run is marked diverged in log.jsonl and summary.json; try a lower --lr or "
                 "--clip-grad-norm", TrainingWarning, stacklevel=2,
             )
     return row
@@ -816,8 +823,8 @@ def test_summary(run: Run, out: Path, history: list[dict[str, Any]]) -> dict[str
     """Load the best checkpoint of the run in ``out`` and evaluate it on test; write nothing.
 
     The summary records the evaluation geometry (``embedding_space``), the
-    BatchNorm mode, and ``diverged`` (some epoch's loss rose over
-    :data:`DIVERGENCE_FACTOR` times the first epoch's).
+    BatchNorm mode, and ``diverged`` (some epoch's mean loss, the first
+    included, rose over :data:`DIVERGENCE_FACTOR` times the run's first step's).
     """
     best = load_checkpoint(out / BEST)
     run.load_weights(best)
