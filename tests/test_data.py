@@ -152,6 +152,8 @@ def test_class_disjoint_validation_holds_out_whole_training_classes(sk_digits):
         build_data("digits", split="disjoint", val_classes=1)
     with pytest.raises(ConfigError, match="leave at least 2 to train on, got 4"):
         build_data("digits", split="disjoint", val_classes=4)
+    with pytest.raises(ConfigError, match="leave at least 2 to train on, got 9"):  # was "got 5": the slice's length
+        build_data("digits", split="disjoint", val_classes=9)
     chosen = build_data("digits", split="disjoint", train_classes=[0, 1, 2, 3, 4, 6], val_classes=[6, 4])
     assert chosen.train_class_ids == [0, 1, 2, 3] and chosen.val_class_names == ["4", "6"]
     assert chosen.test_class_ids == [5, 7, 8, 9]

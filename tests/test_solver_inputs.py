@@ -62,6 +62,17 @@ def test_bad_training_batches_are_one_clear_error(name, options):
             solver(*args)
 
 
+@pytest.mark.parametrize("name, options", [("rbf", {"k": 5}), ("crc", {"dictionary": "bank"})])
+def test_row_indices_of_the_wrong_length_or_dtype_are_named(name, options):
+    """Helper review: 2 row indices for 4 rows made RBF say the stored labels differ (and CRC fail inside torch)."""
+    solver = _solver(name, options)
+    x, y = _data(1)
+    with pytest.raises(ConfigError, match=r"one training-set row index per embedding row, shape \(4,\), got \(2,\)"):
+        solver(x[:4], y[:4], torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="integer row indices, got dtype torch.float32"):
+        solver(x[:4], y[:4], torch.arange(4.0))
+
+
 @pytest.mark.parametrize("name, options", SOLVER_CASES, ids=_ids(SOLVER_CASES))
 def test_bad_reference_and_query_embeddings_are_refused(name, options):
     solver = _solver(name, options)

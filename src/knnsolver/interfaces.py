@@ -256,6 +256,19 @@ def check_embeddings(embeddings: Any, dim: int | None, what: str, *, values: boo
                                   "and its inputs for inf/NaN, or lower the learning rate")
 
 
+def check_row_indices(row_indices: Tensor | None, n: int, what: str) -> Tensor | None:
+    """``row_indices`` as int64 after checking they are an ``(n,)`` integer tensor, one training-set row per
+    embedding (``None`` passes); their range is the caller's to check, where a read costs nothing."""
+    if row_indices is None:
+        return None
+    if not isinstance(row_indices, Tensor) or row_indices.shape != (n,):
+        shape = tuple(row_indices.shape) if isinstance(row_indices, Tensor) else type(row_indices).__name__
+        raise ConfigError(f"{what} takes one training-set row index per embedding row, shape ({n},), got {shape}")
+    if row_indices.is_floating_point() or row_indices.is_complex() or row_indices.dtype == torch.bool:
+        raise ConfigError(f"{what} takes integer row indices, got dtype {row_indices.dtype}")
+    return row_indices.long()
+
+
 def check_labels(labels: Any, n: int, what: str, num_classes: int | None = None, values: bool = True) -> Tensor:
     """``labels`` as int64 after checking they are an ``(n,)`` integer tensor and, with ``values``,
     lie in ``[0, num_classes)`` (``num_classes`` None: only >= 0). Float labels are refused, not truncated."""

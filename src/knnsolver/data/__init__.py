@@ -196,17 +196,19 @@ def build_data(
     val_ids: list[int] = []
     if val_classes:
         if isinstance(val_classes, (int, np.integer)):
-            val_ids = list(train_ids[-int(val_classes):])
+            asked = int(val_classes)  # the count given, not the slice (a slice stops at the list's length)
+            val_ids = list(train_ids[-asked:])
         else:
             val_ids = sorted({int(c) for c in val_classes})
             stray = [c for c in val_ids if c not in train_ids]
             if stray:
                 raise ConfigError(f"val_classes {stray} are not training classes (the training classes are "
                                   f"{', '.join(map(str, train_ids))}); hold out classes that train_classes names")
-        if not 2 <= len(val_ids) <= len(train_ids) - 2:
+            asked = len(val_ids)
+        if not 2 <= asked <= len(train_ids) - 2:
             raise ConfigError(
                 f"val_classes must hold out at least 2 of the {len(train_ids)} training classes (retrieval within "
-                f"one class is always right) and leave at least 2 to train on, got {len(val_ids)}")
+                f"one class is always right) and leave at least 2 to train on, got {asked}")
         train_ids = [c for c in train_ids if c not in val_ids]
         in_val = np.isin(labels[pool_train], val_ids)
         pool_train, val_rows = pool_train[~in_val], pool_train[in_val]

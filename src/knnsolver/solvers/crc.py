@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from knnsolver.bank.reference import ReferenceSet
 from knnsolver.errors import ConfigError
 from knnsolver.functional.crc import SOLVE_METHODS, class_layout, crc_logits
-from knnsolver.interfaces import EpochContext, Solver
+from knnsolver.interfaces import EpochContext, Solver, check_row_indices
 
 CRC_DICTIONARIES = ("batch", "bank")
 
@@ -133,7 +133,7 @@ class CRCSolver(Solver):
             logits = self._logits(x, x, labels, torch.arange(x.shape[0], device=x.device))
         else:
             self._require_atoms("with dictionary='bank'")
-            exclude = None if row_indices is None else row_indices.long()
+            exclude = check_row_indices(row_indices, labels.shape[0], "CRCSolver")
             logits = self._logits(x, self.atoms, self.atom_labels, exclude, self.class_table())
         return F.cross_entropy(logits, labels)
 

@@ -21,7 +21,7 @@ from knnsolver.bank import BANK_DTYPES, EmbeddingBank
 from knnsolver.errors import ConfigError, TrainingWarning
 from knnsolver.hostsync import avoid_host_sync
 from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs, rbf_step
-from knnsolver.interfaces import EpochContext, NeighbourSearch, Solver, check_k
+from knnsolver.interfaces import EpochContext, NeighbourSearch, Solver, check_k, check_row_indices
 from knnsolver.registry import SEARCHES
 from knnsolver.search.common import drop_own_rows
 
@@ -330,8 +330,8 @@ class RBFSolver(Solver):
         if not self.bank.filled:
             raise RuntimeError("the RBF bank is empty: on_epoch_start (or refresh) must fill it before training")
         labels = self.check_batch(embeddings, labels)
+        row_indices = check_row_indices(row_indices, labels.shape[0], "RBFSolver")
         if row_indices is not None:
-            row_indices = row_indices.long()
             if not avoid_host_sync(row_indices.device) or not self._rows_checked:
                 self._check_rows(labels, row_indices)
                 self._rows_checked = True
