@@ -707,7 +707,9 @@ def test_unseen_class_runs_validate_on_held_out_classes_with_fixed_rbf_weights(t
     from knnsolver.registry import SOLVERS
 
     rbf = SOLVERS.get("rbf")
-    assert rbf.protocol_defaults("disjoint") == {"learn_weights": False} and rbf.protocol_defaults("standard") == {}
+    assert rbf.protocol_defaults("disjoint", pretrained=True) == {"learn_weights": False}
+    assert rbf.protocol_defaults("standard", pretrained=True) == {}
+    assert rbf.protocol_defaults("standard") == {"update_interval": 1}  # from random weights: refresh every epoch
 
 
 def test_grid_points_made_under_other_settings_are_set_aside_before_finals_choose(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -355,8 +356,10 @@ def test_a_stale_bank_is_reported():
     solver = RBFSolver(D, C, N, k=10, normalize=False)
     trainer = Trainer(emb, labels)
     solver.on_epoch_start(trainer.ctx(0))
-    solver(emb[:20] + 0.01, labels[:20], torch.arange(20))  # near their stored centres
-    solver.on_epoch_end(trainer.ctx(0))
+    solver(emb[:20] + 10 * solver.sigma.item(), labels[:20], torch.arange(20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first epoch's bank is the untrained network's: far by construction
+        solver.on_epoch_end(trainer.ctx(0))
     solver.on_epoch_start(trainer.ctx(1))  # no refresh (interval 10): the network "moved" far from the bank
     solver(emb[:20] + 10 * solver.sigma.item(), labels[:20], torch.arange(20))
     with pytest.warns(TrainingWarning, match=r"RBF centres are stale: .* 24\.\d sigma"):

@@ -118,8 +118,11 @@ def test_eval_writes_nothing_into_the_run_folder(run_dir, tmp_path, capsys):
     assert code == 0, err
     assert _snapshot(run_dir) == before and {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == mtimes
     assert json.loads((tmp_path / "again.json").read_text()) == json.loads(out)
-    code, _, err = _run(capsys, "eval", run_dir, "--out", tmp_path / "missing" / "x.json")
-    _one_line_error(code, err, "folder", "does not exist")
+    code, out, err = _run(capsys, "eval", run_dir, "--out", tmp_path / "missing" / "x.json")  # made, as train's --out
+    assert code == 0 and json.loads((tmp_path / "missing" / "x.json").read_text()) == json.loads(out), err
+    (tmp_path / "file").write_text("")
+    code, _, err = _run(capsys, "eval", run_dir, "--out", tmp_path / "file" / "x.json")
+    _one_line_error(code, err, "cannot create folder", "choose a writable --out")
 
 
 def test_eval_works_on_a_read_only_run_folder(run_dir, capsys, monkeypatch):
@@ -296,9 +299,10 @@ def test_unusable_out_paths_are_one_line(tmp_path, capsys, monkeypatch):
     _one_line_error(code, err, "cannot create the run folder", "Read-only file system")
 
 
-def test_embed_into_a_missing_folder_is_one_line(run_dir, tmp_path, capsys):
+def test_embed_into_a_missing_folder_makes_it(run_dir, tmp_path, capsys):
     code, _, err = _run(capsys, "embed", run_dir, "--out", tmp_path / "missing" / "e.npy")
-    _one_line_error(code, err, "missing does not exist")
+    assert code == 0, err
+    assert np.load(tmp_path / "missing" / "e.npy").shape[0] == np.load(tmp_path / "missing" / "e_labels.npy").shape[0]
 
 
 def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path, capsys):

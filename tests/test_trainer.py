@@ -264,7 +264,7 @@ def test_saved_runs_keep_the_solver_options_they_were_trained_with(tmp_path):
     train(_cfg(tmp_path, solver="rbf", solver_options={"k": 20}, epochs=1))
     best = load_checkpoint(tmp_path / "run" / "best.pt")
     assert best["solver_options"]["normalize"] is True and best["solver_options"]["k"] == 20
-    assert best["solver_options"]["learn_weights"] is True and best["solver_options"]["update_interval"] == 10
+    assert best["solver_options"]["learn_weights"] is True and best["solver_options"]["update_interval"] == 1  # from random weights
     run, _ = load_saved(tmp_path / "run")
     assert run.solver.normalize and run.solver.k == 20
     # A run folder from before the options were recorded: the RBF bank key was 'centres' and the
@@ -420,3 +420,18 @@ def test_an_epoch_line_shows_each_validation_score_once():
     disjoint = epoch_line(row, TrainConfig(split="disjoint", epochs=3))
     assert disjoint.count("val_map_at_r 0.8660") == 1 and "val_accuracy" not in disjoint
     assert epoch_line(row, TrainConfig(epochs=3)).startswith("epoch 3/3: loss 0.2500, val_accuracy 0.9000, val_map_at_r 0.8660,")
+
+
+def test_rbf_from_random_weights_refreshes_every_epoch_unless_told(tmp_path):
+    """Helper review: the README's first command warned that its own default (the paper's interval of 10, meant for
+    fine-tuning a pretrained network) left the RBF centres stale. From random weights the trainer refreshes every
+    epoch; a set interval is kept, and the solver's own default stays the paper's."""
+    from knnsolver.solvers.rbf import RBFSolver
+    from knnsolver.training.trainer import build_run
+
+    def interval(**options) -> int:
+        config = TrainConfig(dataset="digits", solver="rbf", progress=False, out=str(tmp_path / "run"), **options)
+        return build_run(config).solver.update_interval
+
+    assert interval() == 1 and interval(solver_options={"update_interval": 10}) == 10
+    assert RBFSolver(8, 3, 30, k=5).update_interval == 10

@@ -110,8 +110,9 @@ class Solver(nn.Module):
         return sizes + (f", num_train={self.num_train}" if self.num_train else "")
 
     @classmethod
-    def protocol_defaults(cls, split: str) -> dict[str, object]:
-        """Option values the trainer uses on ``split`` unless the user set them (the papers' protocols)."""
+    def protocol_defaults(cls, split: str, pretrained: bool = False) -> dict[str, object]:
+        """Option values the trainer uses on ``split`` unless the user set them (the papers' protocols);
+        ``pretrained``: the network starts from trained weights (``--pretrained``), not random ones."""
         return {}
 
     def transform(self, embeddings: Tensor) -> Tensor:

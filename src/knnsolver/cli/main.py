@@ -148,11 +148,16 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def _writable_target(path: str) -> Path:
-    """``path`` as a file to write (missing folders are created when it is written), refused with one line
-    when it is a folder."""
+    """``path`` as a file to write, its folder created now (as ``train --out`` creates its run folder), so a
+    path that cannot be written fails in one line before any work; refused when it is a folder."""
     target = Path(path)
     if target.is_dir():
         raise StorageError(f"--out {target} is a folder; give a file name")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StorageError(f"cannot write {target}: cannot create folder {target.parent} ({err.strerror or err}); "
+                           "choose a writable --out") from None
     return target
 
 

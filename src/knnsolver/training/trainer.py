@@ -209,9 +209,10 @@ class Run:
 def build_run(config: TrainConfig, model: nn.Module | None = None, progress: Progress | None = None) -> Run:
     """Build data, backbone and solver for ``config`` (``model`` overrides the named backbone).
 
-    The solver gets its paper's protocol values for the split
-    (:meth:`Solver.protocol_defaults`, e.g. fixed RBF weights on the disjoint
-    split) wherever ``solver_options`` does not set them. ``progress`` prints
+    The solver gets its paper's protocol values for the split and the network's
+    start (:meth:`Solver.protocol_defaults`, e.g. fixed RBF weights on the disjoint
+    split, a bank refresh every epoch from random weights) wherever
+    ``solver_options`` does not set them. ``progress`` prints
     the loading phase and keeps its time (default: silent).
     """
     config.validate()
@@ -241,7 +242,7 @@ def build_run(config: TrainConfig, model: nn.Module | None = None, progress: Pro
     else:
         model_name, model_reason = type(model).__name__, "given"
     cls = SOLVERS.get(config.solver)
-    options = {**cls.protocol_defaults(config.split), **config.solver_options}
+    options = {**cls.protocol_defaults(config.split, pretrained=config.pretrained is not None), **config.solver_options}
     solver = SOLVERS.build(
         config.solver, embedding_dim=config.embedding_dim, num_classes=data.num_classes, num_train=len(data.train),
         **options,
