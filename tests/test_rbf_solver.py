@@ -226,6 +226,21 @@ def test_add_centres_with_an_unseen_class_is_predicted():
     assert solver.predict(queries).argmax(1).tolist() == [C] * 5 + labels[:5].tolist()
 
 
+def test_adding_a_class_too_small_for_the_prediction_neighbourhood_warns():
+    """Helper review: 10 added images of a new class among predict_k=200 neighbours were almost never predicted, and
+    nothing said why. predict_k=40 over 5 classes: a class needs 8 centres."""
+    from knnsolver.errors import TrainingWarning
+
+    solver, emb, labels = filled(k=40)
+    with pytest.warns(TrainingWarning, match=r"class\(es\) 4 \(3 centres\) hold fewer centres than predict_k / classes "
+                                             r"= 40/5.*solver.predict_k"):
+        solver.add_centres(torch.full((3, D), 30.0), torch.full((3,), C))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        solver.add_centres(torch.full((5, D), 30.0), torch.full((5,), C))  # 8 now
+        solver.add_centres(emb[:2], labels[:2])  # training classes hold 20 each
+
+
 def test_state_dict_round_trip_reproduces_predictions():
     solver, emb, labels = filled(k=6, bank_dtype="float16", learn_sigma=True)
     rows = torch.arange(12)

@@ -373,6 +373,16 @@ class RBFSolver(Solver):
         labels = self.check_reference(embeddings, labels, "add_centres", num_classes=None)
         self.bank.append(self.transform(embeddings), labels)
         self.num_classes = max(self.num_classes, int(self.bank.labels.max()) + 1)
+        counts = torch.bincount(self.bank.labels, minlength=self.num_classes)
+        few = [c for c in labels.unique().tolist() if int(counts[c]) * self.num_classes < self.predict_k]
+        if few:
+            warnings.warn(
+                f"class(es) {', '.join(f'{c} ({int(counts[c])} centres)' for c in few)} hold fewer centres than "
+                f"predict_k / classes = {self.predict_k}/{self.num_classes}: a prediction sums Eq. 4 over the "
+                f"{self.predict_k} nearest centres, where such a class is outweighed unless its own centres are much "
+                "the nearest; add more examples, or predict over fewer neighbours (solver.predict_k, e.g. 5)",
+                TrainingWarning, stacklevel=2,
+            )
 
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> Tensor:
