@@ -48,7 +48,7 @@ def test_config_file_and_flag_precedence(tmp_path, capsys):
      (["train", "--dataset", "nope", "--out", "x"], "unknown dataset 'nope'"),
      (["train", "--epochs", "0", "--out", "x"], "epochs must be >= 1"),
      (["train", "--config", "/no/such.json"], "config file /no/such.json does not exist"),
-     (["eval", "/no/such/run"], "/no/such/run is not a finished knnsolver run"),
+     (["eval", "/no/such/run"], "/no/such/run does not exist or is not a folder; give a run folder"),
      (["frobnicate"], "unknown command 'frobnicate'")],
 )
 def test_errors_are_one_line(capsys, argv, message):

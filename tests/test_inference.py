@@ -97,6 +97,23 @@ def test_search_finds_a_training_image_itself(runs, test_split):
         model.search(x, k=10_000)
 
 
+def test_adding_the_same_files_again_warns(runs, test_split, tmp_path, monkeypatch):
+    """Helper review: add-classes run twice on one folder added every image twice, silently."""
+    from PIL import Image
+
+    x, _, _ = test_split
+    files = []
+    for i in range(3):
+        files.append(tmp_path / f"new{i}.png")
+        Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8)).save(files[-1])
+    model = knnsolver.load(runs["rbf"]).add(files, "new")
+    size = model.reference_size
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match=r"2 of the 2 files added are already in the reference set \(e.g. new0.png\)"):
+        model.add(["new0.png", "new1.png"], "new")  # the same files by other paths
+    assert model.reference_size == size + 2
+
+
 def test_added_classes_by_id_or_name_are_predicted(runs, test_split):
     x, _, _ = test_split
     model = knnsolver.load(runs["hal"])

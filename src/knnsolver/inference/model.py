@@ -12,6 +12,7 @@ one file, ``model.pt``, and loads without the data.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -259,6 +260,12 @@ class KnnModel:
                               "train with a solver that predicts by kNN (rbf, hal, triplet, ...) to add classes")
         items = collect(inputs, self.spec)
         ids, classes = self._label_ids(labels, len(items), create=True)
+        known = {str(Path(p).resolve()) for p in self._sources if p is not None}
+        again = {p for p in items.paths if p is not None and str(Path(p).resolve()) in known}
+        if again:
+            warnings.warn(f"{len(again)} of the {len(items)} files added are already in the reference set "
+                          f"(e.g. {min(again)}); they are added again, counting twice in votes and sums",
+                          UserWarning, stacklevel=2)
         emb = self._embed(items)
         ids = ids.to(self.device)
         embeddings, all_labels = torch.cat([self._embeddings, emb]), torch.cat([self._labels, ids])

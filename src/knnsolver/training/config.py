@@ -117,7 +117,7 @@ class TrainConfig:
         val_fraction: share of the training rows held out to choose the best epoch; 0 = none.
         val_classes: split disjoint: training classes held out whole as the validation set (class-disjoint, as the test classes are): a count (the last ones) or class ids such as 4,6; 0 = use val_fraction.
         train_classes: split disjoint: the class ids that train (and validate), e.g. 0,1,2; none = the first half of the classes (or the dataset's own).
-        max_per_class: keep at most this many training rows per class; none = all.
+        max_per_class: keep at most this many training rows per class; none = all (validation and test keep all of theirs).
         augment: training augmentation: true (the dataset's own set), false, or names such as flip,crop:2,scale:0.5.
         image_size: side of the square images fed to the network; none = the dataset's default (an image folder's shared native size).
         resize_size: shorter side before the centre crop; none = image_size * 8 / 7 (benchmarks) or no crop (image folders).

@@ -894,6 +894,8 @@ def load_saved(out: str | Path, device: str | None = None) -> tuple[Run, Path]:
     embedding (``normalize=False``).
     """
     out = Path(out)
+    if not out.is_dir():  # worded as predict, search and export word it
+        raise ConfigError(f"{out} does not exist or is not a folder; give a run folder written by knnsolver train")
     for name in (CONFIG, BEST, CHECKPOINT):
         if not (out / name).is_file():
             raise ConfigError(f"{out} is not a finished knnsolver run: {name} is missing")
