@@ -146,6 +146,23 @@ def test_a_refresh_builds_one_index_the_automatic_sigma_included(monkeypatch, mo
     torch.testing.assert_close(solver.sigma.double(), nearest.median(), rtol=1e-5, atol=0)
 
 
+def test_with_auto_search_the_sigma_uses_the_backend_the_bank_chose():
+    """Review: asking the bank's auto index for a k=1 graph made it pick (and build) its approximate backend at
+    every refresh, where the k=10 lists had stayed exact. The sigma now reads the lists."""
+    from knnsolver.search.auto import AutoSearch
+    from knnsolver.solvers.rbf import RBFSolver
+
+    emb, labels = table(n=300)
+    solver = RBFSolver(6, 5, 300, k=10)
+    solver.bank.search = AutoSearch(threshold=100, large_k=5, large_k_threshold=1000)  # k >= 5 stays exact
+    solver.refresh(emb, labels)
+    solver(emb[:20], labels[:20], torch.arange(20))
+    assert list(solver.bank.index(300)._built) == ["exact"]
+    centres = solver.bank.training_centres.double()
+    nearest = torch.cdist(centres, centres).fill_diagonal_(float("inf")).min(1).values
+    torch.testing.assert_close(solver.sigma.double(), nearest.median(), rtol=1e-5, atol=0)
+
+
 def test_rbf_classifier_builds_one_index_for_its_sigma_and_predictions(monkeypatch):
     from knnsolver.classifiers import RBFClassifier
 

@@ -102,3 +102,15 @@ def test_output_piped_into_a_reader_that_stops_ends_quietly(monkeypatch, capsys)
     monkeypatch.setattr(sys, "stdout", ClosedPipe())
     assert main(["solvers"]) == 128 + signal.SIGPIPE
     assert capsys.readouterr().err == ""
+
+
+def test_a_broken_pipe_other_than_the_output_is_an_error(monkeypatch, capsys):
+    """Review: every BrokenPipeError ended silently with status 141, a pipe the command wrote to included."""
+    import knnsolver.cli.main as cli
+
+    def write_to_a_closed_pipe(argv):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setitem(cli.COMMANDS, "solvers", write_to_a_closed_pipe)
+    assert main(["solvers"]) == 2
+    assert capsys.readouterr().err == "knnsolver: error: Broken pipe\n"

@@ -10,7 +10,6 @@ solver's step or the trainer's loop reads the device.
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -22,25 +21,45 @@ from knnsolver.hostsync import accelerator_paths, avoid_host_sync
 from knnsolver.interfaces import EpochContext
 from knnsolver.registry import SOLVERS
 
-# Operators whose output (or size) the host must know before it can go on.
+# Operators whose output (or size) the host must know before it can go on (``_linalg_check_errors``: the
+# raising linalg functions, which read the factorisation's status).
 _READS = {"aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-          "aten::unique_dim", "aten::unique_consecutive", "aten::bincount", "aten::equal"}
+          "aten::unique_dim", "aten::unique_consecutive", "aten::bincount", "aten::equal", "aten::_linalg_check_errors"}
+# Tensor methods that copy to the host without an operator on a CPU tensor.
+_COPIES = ("tolist", "numpy", "cpu")
 
 
 class HostReads(TorchDispatchMode):
-    """Records the operators dispatched inside it that read device values on the host."""
+    """Records what reads device values on the host inside it: operators as they are dispatched, and the
+    tensor methods that copy to the host."""
 
     def __init__(self) -> None:
         super().__init__()
         self.seen: list[str] = []
+        self._plain = {name: getattr(torch.Tensor, name) for name in _COPIES}
+
+    def __enter__(self):
+        for name, method in self._plain.items():
+            def watched(tensor, *args, _name=name, _method=method, **kwargs):
+                self.seen.append(f"Tensor.{_name}")
+                return _method(tensor, *args, **kwargs)
+            setattr(torch.Tensor, name, watched)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, method in self._plain.items():
+            setattr(torch.Tensor, name, method)
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = func._schema.name
+        masks = name in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_") and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
         if name in _READS:
             self.seen.append(name)
-        elif name == "aten::index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
-            self.seen.append("aten::index with a boolean mask")
+        elif masks:
+            self.seen.append(f"{name} with a boolean mask")
         elif name == "aten::repeat_interleave" and len(args) == 1 and kwargs.get("output_size") is None:
             self.seen.append(name)
         return func(*args, **kwargs)
@@ -48,9 +67,12 @@ class HostReads(TorchDispatchMode):
 
 def test_the_detector_sees_each_kind_of_host_read():
     t = torch.randn(6)
+    u = t.clone()
     reads = [lambda: t.sum().item(), lambda: bool(t.sum() > 0), lambda: t[t > 0], lambda: torch.unique(t),
              lambda: torch.bincount(torch.tensor([1, 2])), lambda: (t > 0).nonzero(),
-             lambda: F.one_hot(torch.tensor([0, 2]), 3), lambda: torch.repeat_interleave(torch.tensor([1, 2]))]
+             lambda: F.one_hot(torch.tensor([0, 2]), 3), lambda: torch.repeat_interleave(torch.tensor([1, 2])),
+             lambda: u.__setitem__(u > 0, 0.0), lambda: t.tolist(), lambda: t.numpy(), lambda: t.cpu(),
+             lambda: torch.linalg.cholesky(torch.eye(2))]
     for read in reads:
         with HostReads() as reads_seen:
             read()
@@ -96,9 +118,6 @@ def test_a_training_step_reads_nothing_on_the_host(name, options):
     torch.manual_seed(0)
     solver = SOLVERS.build(name, embedding_dim=D, num_classes=C, num_train=N, **options)
     labels, emb = torch.arange(N) % C, torch.randn(N, D)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # a random bank is "stale"
-        solver.on_epoch_start(EpochContext(epoch=0, embed_train=lambda: (emb, labels), num_train=N))
     solver.train()
     g = torch.Generator().manual_seed(1)
 
@@ -108,6 +127,7 @@ def test_a_training_step_reads_nothing_on_the_host(name, options):
         solver(x, labels[rows], rows).backward()
 
     with accelerator_paths():
+        solver.on_epoch_start(EpochContext(epoch=0, embed_train=lambda: (emb, labels), num_train=N))  # GPU-path index
         step()  # the first step after a refresh checks the batch's row indices once
         with HostReads() as reads:
             for _ in range(3):
@@ -150,6 +170,9 @@ def test_gram_schmidt_equals_the_classical_loop_and_checks_dependence_where_the_
     v[3] = v[0] + v[1]
     with pytest.raises(ValueError, match="row 3 is linearly dependent"):
         gram_schmidt(v)
+    half = gram_schmidt(v[:3].half())  # computed in float32, returned in the input's dtype (QR takes no halves)
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.float(), torch.stack(rows[:3]).float(), rtol=0, atol=2e-3)
     with accelerator_paths(), HostReads() as reads:
         q = gram_schmidt(v)
     assert reads.seen == [] and torch.isfinite(q).all()

@@ -435,3 +435,22 @@ def test_rbf_from_random_weights_refreshes_every_epoch_unless_told(tmp_path):
 
     assert interval() == 1 and interval(solver_options={"update_interval": 10}) == 10
     assert RBFSolver(8, 3, 30, k=5).update_interval == 10
+
+
+def test_a_resumed_run_keeps_the_solver_options_it_was_built_with(tmp_path):
+    """Review: a run started before the from-scratch refresh default (recorded update_interval 10, its checkpoint
+    without solver options) was resumed with a refresh every epoch; it keeps its own schedule now."""
+    kw = dict(dataset="digits", solver="rbf", width=8, embedding_dim=8, plots=False, progress=False, max_per_class=20,
+              solver_options={"k": 10}, out=str(tmp_path / "run"))
+    train(TrainConfig(**kw, epochs=2))
+    for name in ("checkpoint.pt", "best.pt"):  # as the code before wrote them
+        state = load_checkpoint(tmp_path / "run" / name)
+        if name == "checkpoint.pt":
+            state.pop("solver_options", None)
+        else:
+            state["solver_options"]["update_interval"] = 10
+        save_checkpoint(state, tmp_path / "run" / name)
+    train(TrainConfig(**kw, epochs=4), resume=True)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [bool(row.get("bank_refreshed")) for row in log[2:]] == [True, False]  # interval 10 over 4 epochs: 2
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["solver_options"]["update_interval"] == 10

@@ -230,6 +230,27 @@ def test_a_loss_exploding_in_the_first_epoch_is_flagged_diverged(tmp_path, monke
     assert summary["diverged"] is True
 
 
+def test_a_first_step_without_loss_falls_back_to_the_first_epochs(tmp_path, monkeypatch):
+    """Review: a first step of loss 0 (a miner finding no tuple) turned the check off for the whole run."""
+    from knnsolver.solvers.softmax import SoftmaxSolver
+
+    calls = {"n": 0}
+    original = SoftmaxSolver.forward
+
+    def forward(self, embeddings, labels, rows=None):
+        loss = original(self, embeddings, labels, rows)
+        if not self.training:
+            return loss
+        calls["n"] += 1  # about 20 steps an epoch: epoch 2 explodes
+        return loss * 0.0 if calls["n"] == 1 else loss * (1.0 if calls["n"] < 25 else 1e6)
+
+    monkeypatch.setattr(SoftmaxSolver, "forward", forward)
+    with pytest.warns(TrainingWarning, match=r"over 10x the first epoch's"):
+        summary = train(_cfg(tmp_path, epochs=2))
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["first_step_loss"] == 0.0 and summary["diverged"] is True
+
+
 # 5. One evaluation geometry per solver ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name,space,options", [

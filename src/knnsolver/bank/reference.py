@@ -91,10 +91,11 @@ class ReferenceSet(nn.Module):
         agree), so each repeat writes that same last embedding. Fixed shapes, no
         ``unique``: nothing here waits on the host when called at every step on a GPU.
         """
-        rows = rows.long()
-        position = torch.arange(len(rows), device=rows.device)
-        last = torch.full((len(self),), -1, dtype=torch.long, device=rows.device).scatter_reduce_(0, rows, position, "amax")
-        source = embeddings.detach().index_select(0, last.index_select(0, rows))
+        dev = self.embeddings.device
+        rows = rows.to(dev).long()
+        position = torch.arange(len(rows), device=dev)
+        last = torch.full((len(self),), -1, dtype=torch.long, device=dev).scatter_reduce_(0, rows, position, "amax")
+        source = embeddings.detach().to(dev).index_select(0, last.index_select(0, rows))
         self.embeddings.index_copy_(0, rows, source.to(self.embeddings.dtype))
         self._changed()
 

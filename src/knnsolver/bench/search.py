@@ -391,7 +391,8 @@ def run_training(args: argparse.Namespace, out: Path) -> None:
             continue
         config = TrainConfig(dataset="fashion-mnist", solver="rbf", epochs=args.train_epochs, seed=args.seed,
                              max_per_class=args.train_max_per_class, out=str(Path(args.train_dir) / tag),
-                             solver_options={"search": backend}, progress=False, plots=False)
+                             solver_options={"search": backend, "update_interval": 10},  # as its stored runs
+                             progress=False, plots=False)
         summary, seconds = _timed(lambda: train(config, overwrite=True))
         record = {"backend": backend, "epochs": args.train_epochs, "max_per_class": args.train_max_per_class,
                   "test_accuracy": summary.get("test_accuracy"), "train_s": seconds, **_machine()}

@@ -427,12 +427,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KnnSolverError, FloatingPointError) as exc:
         print(f"knnsolver: error: {exc}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # the reader of the output went away (`| head`): stop quietly, as a SIGPIPE would
-        try:  # Python flushes stdout at exit, which would fail again
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError, AttributeError):
-            pass
-        return 128 + signal.SIGPIPE
+    except BrokenPipeError as exc:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader of the output went away (`| head`): stop quietly, as a SIGPIPE would
+            try:  # Python flushes stdout at exit, which would fail again
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
+            return 128 + signal.SIGPIPE
+        print(f"knnsolver: error: {exc.strerror or exc}", file=sys.stderr)  # another pipe than the output
+        return 2
     except OSError as exc:  # the environment: a missing, unreadable or unwritable file, a full disk
         where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
         print(f"knnsolver: error: {exc.strerror or exc}{where}", file=sys.stderr)

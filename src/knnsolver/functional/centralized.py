@@ -62,11 +62,12 @@ def gram_schmidt(vectors: Tensor) -> Tensor:
     n, d = vectors.shape
     if n > d:
         raise ValueError(f"cannot orthonormalise {n} vectors in {d} dimensions: need n <= d")
-    q, r = torch.linalg.qr(vectors.T)
+    work = vectors if vectors.dtype in (torch.float32, torch.float64) else vectors.float()  # QR takes no halves
+    q, r = torch.linalg.qr(work.T)
     diag = r.diagonal()
     if not avoid_host_sync(vectors.device):
-        small = diag.abs() <= torch.finfo(vectors.dtype).eps * d * vectors.norm(dim=1)
+        small = diag.abs() <= torch.finfo(vectors.dtype).eps * d * work.norm(dim=1)
         if bool(small.any()):
             raise ValueError(f"row {int(small.int().argmax())} is linearly dependent on the rows before it; "
                              "cannot orthonormalise")
-    return (q * torch.where(diag < 0, -1.0, 1.0).to(q.dtype)).T
+    return (q * torch.where(diag < 0, -1.0, 1.0).to(q.dtype)).T.to(vectors.dtype)

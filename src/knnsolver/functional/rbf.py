@@ -22,13 +22,12 @@ mean (the solver counts them); a NaN anywhere else propagates into the loss.
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import Tensor
 
 from knnsolver.hostsync import avoid_host_sync
-from knnsolver.interfaces import NeighbourIndex
 from knnsolver.search.exact import ExactSearch
 
 __all__ = [
@@ -392,27 +391,27 @@ def rbf_step(
 
 
 @torch.no_grad()
-def rbf_auto_sigma(centres: Tensor, max_points: int = 2048, index: NeighbourIndex | None = None) -> float:
+def rbf_auto_sigma(centres: Tensor, max_points: int = 2048,
+                   nearest: Callable[[Tensor], Tensor] | None = None) -> float:
     """``sigma`` = (lower) median distance from a centre to its nearest other centre.
 
     The typical spacing of the bank: a sample's nearest centre then has
     ``f ~ exp(-1/2)`` and farther ones fall off, whatever the embedding's overall
-    scale. Estimated on at most ``max_points`` evenly spaced rows: each row's
-    nearest other centre comes from the graph rows of ``index``, an index already
-    built on ``centres`` (the bank's own, so a refresh builds one index; an
-    approximate one may then give a slightly larger sigma), or else of the exact
-    backend's, built here (never ``N x N`` at once; on the CPU its numba kernel:
-    0.08 s at 54,000 centres, against 0.62 s for a blocked torch search;
-    benchmarks/README.md). The distance is then taken as a difference. Falls back
-    to 1 when the distances are all 0 or there is a single centre.
+    scale. Estimated on at most ``max_points`` evenly spaced rows. ``nearest``
+    maps those rows to each one's nearest other centre from what the caller
+    already has (the RBF solver: its bank's neighbour lists, or a search of the
+    bank's index, so a refresh builds no second index and an approximate bank
+    gives its own, slightly larger, sigma); without it the exact backend's graph
+    rows are taken (never ``N x N`` at once; on the CPU its numba kernel: 0.08 s
+    at 54,000 centres, against 0.62 s for a blocked torch search;
+    benchmarks/README.md). The distance is then taken as a difference. Falls
+    back to 1 when the distances are all 0 or there is a single centre.
     """
     n = centres.shape[0]
     if n < 2:
         return 1.0
-    if index is not None and index.ntotal != n:
-        raise ValueError(f"the index holds {index.ntotal} points but there are {n} centres; build it on the centres")
     rows = torch.linspace(0, n - 1, min(n, max_points), device=centres.device).round().long().unique()
-    index = ExactSearch().build(centres) if index is None else index
-    nearest = index.graph(1, rows=rows)[:, 0].long().to(centres.device)
-    value = float((centres.index_select(0, rows).float() - centres.index_select(0, nearest).float()).norm(dim=1).median())
+    found = ExactSearch().build(centres).graph(1, rows=rows)[:, 0] if nearest is None else nearest(rows)
+    other = found.long().to(centres.device)
+    value = float((centres.index_select(0, rows).float() - centres.index_select(0, other).float()).norm(dim=1).median())
     return value if value > 0 else 1.0

@@ -111,8 +111,13 @@ def export(model: KnnModel, path: str | Path, format: str = "torchscript", atol:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)  # as every other file the library writes
         fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would keep the file from a server running as another user
-        os.close(fd)
+        try:
+            os.fchmod(fd, new_file_mode())  # mkstemp's 0600 would keep the file from a server running as another user
+        except OSError:
+            os.unlink(name)
+            raise
+        finally:
+            os.close(fd)
     except OSError as err:
         raise StorageError(f"cannot write {path}: {err.strerror or err}; choose a writable folder") from None
     tmp = Path(name)

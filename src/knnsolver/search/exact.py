@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from knnsolver.hostsync import avoid_host_sync
 from knnsolver.interfaces import NeighbourIndex, NeighbourSearch, check_k
 from knnsolver.search import cpu_exact
 from knnsolver.search.common import check_dims, row_indices
@@ -65,7 +66,7 @@ class ExactIndex(NeighbourIndex):
     def __init__(self, points: Tensor, block_elements: int) -> None:
         super().__init__(points.detach().to(torch.float32, copy=True).contiguous(), points.device)
         self.block_elements = int(block_elements)
-        self._on_cpu = self.device.type == "cpu"
+        self._on_cpu = not avoid_host_sync(self.device)  # numba and faiss on the CPU; torch, on the device, elsewhere
         if self._on_cpu:
             self._norms = cpu_exact.squared_norms(self.points.numpy())
 

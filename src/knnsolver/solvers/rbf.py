@@ -226,14 +226,25 @@ class RBFSolver(Solver):
         self._sigma_known = self._rows_checked = False  # a loaded state is read afresh
 
     @torch.no_grad()
-    def _update_sigma(self) -> None:
-        """Re-estimate an automatic sigma from the bank (a learned one only at the first fill)."""
+    def _update_sigma(self, graph_current: bool = False) -> None:
+        """Re-estimate an automatic sigma from the bank (a learned one only at the first fill); ``graph_current``:
+        the bank's neighbour lists were just recomputed from its centres (a refresh)."""
         if self.auto_sigma or torch.isnan(self.log_sigma):
-            # the bank's index of its training centres: the one a refresh builds (graph, fresh searches)
-            sigma = rbf_auto_sigma(self.bank.training_centres, index=self.bank.index(self.num_train))
-            self.log_sigma.fill_(math.log(sigma))
+            def nearest(rows: Tensor) -> Tensor:
+                return self._nearest_other(rows, graph_current)
+            self.log_sigma.fill_(math.log(rbf_auto_sigma(self.bank.training_centres, nearest=nearest)))
             self._sigma_known = True
 
+
+    def _nearest_other(self, rows: Tensor, graph_current: bool) -> Tensor:
+        """Each training row's nearest other training centre, from what the bank holds: the first column of its
+        neighbour lists when current (a refresh in ``stored`` mode), else a search of its index (``search="auto"``
+        picks the backend by the number of queries, so at over about a million centres this search of 2,048 rows
+        may build the approximate one beside the exact one a training step's few queries use)."""
+        if graph_current and self.bank.k:
+            return self.bank.neighbours.index_select(0, rows.to(self.bank.neighbours.device))[:, 0]
+        centres = self.bank.training_centres.index_select(0, rows)
+        return drop_own_rows(self.bank.search_training(centres, 2)[1].long(), rows.to(centres.device))[:, 0]
 
     @torch.no_grad()
     def refresh(self, embeddings: Tensor, labels: Tensor) -> None:
@@ -244,7 +255,7 @@ class RBFSolver(Solver):
         """
         labels = self.check_reference(embeddings, labels, "refresh")
         self.bank.refresh(self.transform(embeddings), labels)
-        self._update_sigma()
+        self._update_sigma(graph_current=True)
         self._rows_checked = False
         counts = torch.bincount(self.bank.training_labels)
         alone = int((counts[self.bank.training_labels] < 2).sum())

@@ -206,13 +206,16 @@ class Run:
         self.bn_current, self.train_embeddings = False, None
 
 
-def build_run(config: TrainConfig, model: nn.Module | None = None, progress: Progress | None = None) -> Run:
+def build_run(config: TrainConfig, model: nn.Module | None = None, progress: Progress | None = None,
+              solver_options: dict[str, Any] | None = None) -> Run:
     """Build data, backbone and solver for ``config`` (``model`` overrides the named backbone).
 
     The solver gets its paper's protocol values for the split and the network's
     start (:meth:`Solver.protocol_defaults`, e.g. fixed RBF weights on the disjoint
     split, a bank refresh every epoch from random weights) wherever
-    ``solver_options`` does not set them. ``progress`` prints
+    ``config.solver_options`` does not set them (a network given as ``model``
+    counts as starting from random weights); ``solver_options``, where given
+    (a resumed run's recorded ones), replace all of that. ``progress`` prints
     the loading phase and keeps its time (default: silent).
     """
     config.validate()
@@ -242,7 +245,8 @@ def build_run(config: TrainConfig, model: nn.Module | None = None, progress: Pro
     else:
         model_name, model_reason = type(model).__name__, "given"
     cls = SOLVERS.get(config.solver)
-    options = {**cls.protocol_defaults(config.split, pretrained=config.pretrained is not None), **config.solver_options}
+    options = (dict(solver_options) if solver_options is not None else
+               {**cls.protocol_defaults(config.split, pretrained=bool(config.pretrained)), **config.solver_options})
     solver = SOLVERS.build(
         config.solver, embedding_dim=config.embedding_dim, num_classes=data.num_classes, num_train=len(data.train),
         **options,
@@ -456,6 +460,8 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, folder: RunFol
         changes = "; ".join(f"{k}: saved {saved.get(k)!r}, now {wanted[k]!r}" for k in differ)
         raise ConfigError(f"cannot resume {out}: settings other than epochs and patience differ from the saved run's ({changes}); "
                           "resume with the saved settings, or start a new run with another --out")
+    if "solver_options" not in state and (out / BEST).is_file():  # checkpoints before they were kept there
+        state["solver_options"] = load_checkpoint(out / BEST).get("solver_options")
     trained = int(state["epoch"]) + 1
     if config.epochs < trained:
         raise ConfigError(f"cannot resume {out} with epochs={config.epochs}: it has already trained {trained} epochs; "
@@ -511,7 +517,8 @@ def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Modu
     if not distributed.is_main():
         config = replace(config, progress=False)
     progress = Progress(enabled=distributed.is_main())
-    run = build_run(config, model, progress)
+    # a resumed run keeps the solver options it was built with (a default changed since does not reach it)
+    run = build_run(config, model, progress, solver_options=None if state is None else state.get("solver_options"))
     run.folder = folder.path
     if config.patience and run.data.val is None:
         raise ConfigError(f"patience={config.patience} stops on validation, but this run has none "
@@ -674,6 +681,7 @@ def _end_epoch(run: Run, optimizer: torch.optim.Optimizer, scaler: torch.amp.Gra
     save_checkpoint(
         {"config": config.to_dict(), "model": run.model.state_dict(), "solver": run.solver.state_dict(),
          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
+         "solver_options": run.solver_options,
          "best_score": best_score, "bn_current": run.bn_current, "data": fingerprint},
         out / CHECKPOINT,
     )
@@ -789,8 +797,9 @@ def _train_epoch(run: Run, step: nn.Module, optimizer: torch.optim.Optimizer, sc
         row.update(bank_refreshed=True, seconds_refresh=refresh_seconds)
     row.update({f"solver_{k}": float(v) for k, v in run.solver.on_epoch_end(ctx).items()})
     first = (history or [row])[0]
-    # the first step's loss (logged from now on); runs logged before compare with their first epoch's
-    reference, what = ((first["first_step_loss"], "the first step's") if "first_step_loss" in first
+    # the first step's loss (logged from now on); runs logged before, and a first step with no loss (a miner that
+    # found no tuple), compare with their first epoch's
+    reference, what = ((first["first_step_loss"], "the first step's") if first.get("first_step_loss", 0.0) > 0
                        else (first["loss"], "the first epoch's") if history else (0.0, ""))
     if reference > 0 and row["loss"] > DIVERGENCE_FACTOR * reference:
         row["diverged"] = True
