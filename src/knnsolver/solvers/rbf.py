@@ -235,7 +235,6 @@ class RBFSolver(Solver):
             self.log_sigma.fill_(math.log(rbf_auto_sigma(self.bank.training_centres, nearest=nearest)))
             self._sigma_known = True
 
-
     def _nearest_other(self, rows: Tensor, graph_current: bool) -> Tensor:
         """Each training row's nearest other training centre, from what the bank holds: the first column of its
         neighbour lists when current (a refresh in ``stored`` mode), else a search of its index (``search="auto"``
