@@ -454,3 +454,9 @@ def test_a_resumed_run_keeps_the_solver_options_it_was_built_with(tmp_path):
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert [bool(row.get("bank_refreshed")) for row in log[2:]] == [True, False]  # interval 10 over 4 epochs: 2
     assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["solver_options"]["update_interval"] == 10
+    for name in ("checkpoint.pt", "best.pt"):  # from before options were recorded at all: as load_saved reads it
+        state = load_checkpoint(tmp_path / "run" / name)
+        state.pop("solver_options")
+        save_checkpoint(state, tmp_path / "run" / name)
+    train(TrainConfig(**kw, epochs=5), resume=True)
+    assert load_checkpoint(tmp_path / "run" / "checkpoint.pt")["solver_options"]["normalize"] is False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import signal
 import sys
 import warnings
@@ -400,6 +401,17 @@ def _one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"knnsolver: warning: {message}\n"
 
 
+def _output_closed() -> bool:
+    """Whether standard output is a pipe whose reader has gone: the descriptor polls as in error. (Flushing
+    cannot tell: after a failed write Python drops the buffer, so a second flush succeeds.)"""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.formatwarning = _one_line_warning
@@ -428,9 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"knnsolver: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError as exc:
-        try:
-            sys.stdout.flush()
-        except BrokenPipeError:  # the reader of the output went away (`| head`): stop quietly, as a SIGPIPE would
+        if _output_closed():  # the reader of the output went away (`| head`): stop quietly, as a SIGPIPE would
             try:  # Python flushes stdout at exit, which would fail again
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             except (OSError, ValueError, AttributeError):

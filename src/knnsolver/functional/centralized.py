@@ -66,7 +66,7 @@ def gram_schmidt(vectors: Tensor) -> Tensor:
     q, r = torch.linalg.qr(work.T)
     diag = r.diagonal()
     if not avoid_host_sync(vectors.device):
-        small = diag.abs() <= torch.finfo(vectors.dtype).eps * d * work.norm(dim=1)
+        small = diag.abs() <= torch.finfo(work.dtype).eps * d * work.norm(dim=1)  # the precision it is computed in
         if bool(small.any()):
             raise ValueError(f"row {int(small.int().argmax())} is linearly dependent on the rows before it; "
                              "cannot orthonormalise")

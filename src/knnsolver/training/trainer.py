@@ -216,9 +216,9 @@ def build_run(config: TrainConfig, model: nn.Module | None = None, progress: Pro
     The solver gets its paper's protocol values for the split and the network's
     start (:meth:`Solver.protocol_defaults`, e.g. fixed RBF weights on the disjoint
     split, a bank refresh every epoch from random weights) wherever
-    ``config.solver_options`` does not set them (a network given as ``model``
-    counts as starting from random weights); ``solver_options``, where given
-    (a resumed run's recorded ones), replace all of that. ``progress`` prints
+    ``config.solver_options`` does not set them (the network counts as pretrained
+    with ``config.pretrained``, a network given as ``model`` included);
+    ``solver_options``, where given (a resumed run's recorded ones), replace all of that. ``progress`` prints
     the loading phase and keeps its time (default: silent).
     """
     config.validate()
@@ -463,8 +463,11 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, folder: RunFol
         changes = "; ".join(f"{k}: saved {saved.get(k)!r}, now {wanted[k]!r}" for k in differ)
         raise ConfigError(f"cannot resume {out}: settings other than epochs and patience differ from the saved run's ({changes}); "
                           "resume with the saved settings, or start a new run with another --out")
-    if "solver_options" not in state and (out / BEST).is_file():  # checkpoints before they were kept there
-        state["solver_options"] = load_checkpoint(out / BEST).get("solver_options")
+    if "solver_options" not in state:  # checkpoints before they were kept there: best.pt's, else as load_saved
+        recorded = load_checkpoint(out / BEST).get("solver_options") if (out / BEST).is_file() else None
+        state["solver_options"] = recorded if recorded is not None else {
+            **SOLVERS.get(config.solver).protocol_defaults(config.split, pretrained=bool(config.pretrained)),
+            **_unrecorded_options(config), **config.solver_options}
     trained = int(state["epoch"]) + 1
     if config.epochs < trained:
         raise ConfigError(f"cannot resume {out} with epochs={config.epochs}: it has already trained {trained} epochs; "
@@ -919,11 +922,13 @@ def load_saved(out: str | Path, device: str | None = None) -> tuple[Run, Path]:
     if device is not None:
         config.device = device
     saved = load_checkpoint(out / BEST).get("solver_options")
-    if saved is not None:
-        config.solver_options = dict(saved)
-    elif config.solver == "rbf":
-        config.solver_options = {"normalize": False, **config.solver_options}
+    config.solver_options = dict(saved) if saved is not None else {**_unrecorded_options(config), **config.solver_options}
     return build_run(config), out
+
+
+def _unrecorded_options(config: TrainConfig) -> dict[str, Any]:
+    """Solver options of a run saved before they were recorded: the RBF solver's former free-scale embedding."""
+    return {"normalize": False} if config.solver == "rbf" else {}
 
 
 def evaluate_saved(out: str | Path, unfinished: bool = False) -> dict[str, Any]:
