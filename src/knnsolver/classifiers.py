@@ -12,7 +12,6 @@ from knnsolver.bank.reference import ReferenceSet
 from knnsolver.constraints import check_choice, check_type
 from knnsolver.errors import ConfigError, NonFiniteInputError
 from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs
-from knnsolver.search.common import drop_own_rows
 from knnsolver.interfaces import check_k
 from knnsolver.registry import SEARCHES
 
@@ -76,13 +75,8 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
         self.reference_ = ReferenceSet(points.shape[1], SEARCHES.build(self.search))
         self.reference_.set(points, torch.from_numpy(codes.astype(np.int64)))
         self.n_features_in_ = points.shape[1]
-        self.sigma_ = sigma or rbf_auto_sigma(points, nearest=self._nearest_other)
+        self.sigma_ = sigma or rbf_auto_sigma(points, nearest=self.reference_.nearest_other)
         return self
-
-    def _nearest_other(self, rows: Tensor) -> Tensor:
-        """Each of the training ``rows``' nearest other training point, by the reference set's own index."""
-        found = self.reference_.search_knn(self.reference_.embeddings.index_select(0, rows), 2)[1]
-        return drop_own_rows(found.long(), rows)[:, 0]
 
     @torch.no_grad()
     def _log_proba(self, X: Any) -> Tensor:

@@ -257,29 +257,30 @@ def check_embeddings(embeddings: Any, dim: int | None, what: str, *, values: boo
                                   "and its inputs for inf/NaN, or lower the learning rate")
 
 
+def _check_per_row_integers(values: Any, n: int, what: str, name: str, one: str, kind: str, hint: str = "") -> None:
+    """Refuse, in one line, ``values`` that are not an ``(n,)`` integer tensor, one ``one`` per embedding row."""
+    if not isinstance(values, Tensor):
+        raise ConfigError(f"{what} takes {name} as a torch tensor, got {type(values).__name__}")
+    if values.shape != (n,):
+        raise ConfigError(f"{what} takes one {one} per embedding row, shape ({n},), got {tuple(values.shape)}")
+    if values.is_floating_point() or values.is_complex() or values.dtype == torch.bool:
+        raise ConfigError(f"{what} takes integer {kind}, got dtype {values.dtype}{hint}")
+
+
 def check_row_indices(row_indices: Tensor | None, n: int, what: str) -> Tensor | None:
     """``row_indices`` as int64 after checking they are an ``(n,)`` integer tensor, one training-set row per
     embedding (``None`` passes); their range is the caller's to check, where a read costs nothing."""
     if row_indices is None:
         return None
-    if not isinstance(row_indices, Tensor) or row_indices.shape != (n,):
-        shape = tuple(row_indices.shape) if isinstance(row_indices, Tensor) else type(row_indices).__name__
-        raise ConfigError(f"{what} takes one training-set row index per embedding row, shape ({n},), got {shape}")
-    if row_indices.is_floating_point() or row_indices.is_complex() or row_indices.dtype == torch.bool:
-        raise ConfigError(f"{what} takes integer row indices, got dtype {row_indices.dtype}")
+    _check_per_row_integers(row_indices, n, what, "row indices", "training-set row index", "row indices")
     return row_indices.long()
 
 
 def check_labels(labels: Any, n: int, what: str, num_classes: int | None = None, values: bool = True) -> Tensor:
     """``labels`` as int64 after checking they are an ``(n,)`` integer tensor and, with ``values``,
     lie in ``[0, num_classes)`` (``num_classes`` None: only >= 0). Float labels are refused, not truncated."""
-    if not isinstance(labels, Tensor):
-        raise ConfigError(f"{what} takes labels as a torch tensor, got {type(labels).__name__}")
-    if labels.shape != (n,):
-        raise ConfigError(f"{what} takes one label per embedding row, shape ({n},), got {tuple(labels.shape)}")
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise ConfigError(f"{what} takes integer class labels, got dtype {labels.dtype}; convert them with .long() "
-                          "only if they are whole numbers")
+    _check_per_row_integers(labels, n, what, "labels", "label", "class labels",
+                            "; convert them with .long() only if they are whole numbers")
     if values and n:
         low, high = int(labels.min()), int(labels.max())
         if low < 0 or (num_classes is not None and high >= num_classes):

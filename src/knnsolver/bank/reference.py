@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from knnsolver.errors import ConfigError
 from knnsolver.interfaces import NeighbourIndex, NeighbourSearch
+from knnsolver.search.common import drop_own_rows
 from knnsolver.search.exact import ExactSearch
 
 BANK_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -113,6 +114,12 @@ class ReferenceSet(nn.Module):
     def search_knn(self, queries: Tensor, k: int, rows: int | None = None) -> tuple[Tensor, Tensor]:
         """Squared distances and int32 indices of each query's ``k`` nearest among the first ``rows`` embeddings."""
         return self.index(rows).search(queries.detach(), k)
+
+    def nearest_other(self, own: Tensor, rows: int | None = None) -> Tensor:
+        """Each of the embeddings ``own``'s nearest other one among the first ``rows`` (all by default): a
+        2-neighbour search of the set's own index, the row itself dropped."""
+        found = self.search_knn(self.embeddings.index_select(0, own), 2, rows)[1]
+        return drop_own_rows(found.long(), own.to(found.device))[:, 0]
 
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()

@@ -8,6 +8,7 @@ true-class centre among its neighbours gets the nearest true-class centre added)
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Annotated, Literal
@@ -19,8 +20,8 @@ from torch import Tensor, nn
 from knnsolver import distributed
 from knnsolver.bank import BANK_DTYPES, EmbeddingBank
 from knnsolver.errors import ConfigError, TrainingWarning
-from knnsolver.hostsync import avoid_host_sync
 from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs, rbf_step
+from knnsolver.hostsync import avoid_host_sync
 from knnsolver.interfaces import EpochContext, NeighbourSearch, Solver, check_k, check_row_indices
 from knnsolver.registry import SEARCHES
 from knnsolver.search.common import drop_own_rows
@@ -230,8 +231,7 @@ class RBFSolver(Solver):
         """Re-estimate an automatic sigma from the bank (a learned one only at the first fill); ``graph_current``:
         the bank's neighbour lists were just recomputed from its centres (a refresh)."""
         if self.auto_sigma or torch.isnan(self.log_sigma):
-            def nearest(rows: Tensor) -> Tensor:
-                return self._nearest_other(rows, graph_current)
+            nearest = functools.partial(self._nearest_other, graph_current=graph_current)
             self.log_sigma.fill_(math.log(rbf_auto_sigma(self.bank.training_centres, nearest=nearest)))
             self._sigma_known = True
 
@@ -242,8 +242,7 @@ class RBFSolver(Solver):
         may build the approximate one beside the exact one a training step's few queries use)."""
         if graph_current and self.bank.k:
             return self.bank.neighbours.index_select(0, rows.to(self.bank.neighbours.device))[:, 0]
-        centres = self.bank.training_centres.index_select(0, rows)
-        return drop_own_rows(self.bank.search_training(centres, 2)[1].long(), rows.to(centres.device))[:, 0]
+        return self.bank.nearest_other(rows, self.num_train)
 
     @torch.no_grad()
     def refresh(self, embeddings: Tensor, labels: Tensor) -> None:

@@ -248,8 +248,7 @@ def build_run(config: TrainConfig, model: nn.Module | None = None, progress: Pro
     else:
         model_name, model_reason = type(model).__name__, "given"
     cls = SOLVERS.get(config.solver)
-    options = (dict(solver_options) if solver_options is not None else
-               {**cls.protocol_defaults(config.split, pretrained=bool(config.pretrained)), **config.solver_options})
+    options = dict(solver_options) if solver_options is not None else _configured_options(config)
     solver = SOLVERS.build(
         config.solver, embedding_dim=config.embedding_dim, num_classes=data.num_classes, num_train=len(data.train),
         **options,
@@ -260,6 +259,13 @@ def build_run(config: TrainConfig, model: nn.Module | None = None, progress: Pro
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on GPUs
     return Run(config, data, model.to(device), solver.to(device), solver_options={**effective, **options},
                model_name=model_name, model_reason=model_reason, progress=progress)
+
+
+def _configured_options(config: TrainConfig, under: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options a solver is built with from ``config``: its protocol values for the split and the network's
+    start (:meth:`Solver.protocol_defaults`), then ``under``, then ``config.solver_options``."""
+    protocol = SOLVERS.get(config.solver).protocol_defaults(config.split, pretrained=bool(config.pretrained))
+    return {**protocol, **(under or {}), **config.solver_options}
 
 
 def describe_run(run: Run) -> list[str]:
@@ -465,9 +471,8 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, folder: RunFol
                           "resume with the saved settings, or start a new run with another --out")
     if "solver_options" not in state:  # checkpoints before they were kept there: best.pt's, else as load_saved
         recorded = load_checkpoint(out / BEST).get("solver_options") if (out / BEST).is_file() else None
-        state["solver_options"] = recorded if recorded is not None else {
-            **SOLVERS.get(config.solver).protocol_defaults(config.split, pretrained=bool(config.pretrained)),
-            **_unrecorded_options(config), **config.solver_options}
+        state["solver_options"] = (recorded if recorded is not None
+                                   else _configured_options(config, under=_unrecorded_options(config)))
     trained = int(state["epoch"]) + 1
     if config.epochs < trained:
         raise ConfigError(f"cannot resume {out} with epochs={config.epochs}: it has already trained {trained} epochs; "
