@@ -20,7 +20,7 @@ from bench_speed import embed_rows, fashion_images
 
 from knnsolver.models import build_model
 from knnsolver.registry import SOLVERS
-from knnsolver.training.trainer import LossStep
+from knnsolver.training.loop import LossStep
 
 
 def main() -> None:

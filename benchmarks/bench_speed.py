@@ -57,7 +57,7 @@ from knnsolver.models.factory import build_model
 from knnsolver.registry import SOLVERS
 from knnsolver.training import TrainConfig, train
 from knnsolver.training.config import auto_eval_batch_size
-from knnsolver.training.trainer import LossStep
+from knnsolver.training.loop import LossStep
 
 
 def _sync(device: torch.device) -> None:
@@ -81,11 +81,11 @@ def epoch_times(a: argparse.Namespace, solver: str, options: dict, slow_data: bo
     """
     from knnsolver.data import batches
     from knnsolver.solvers.rbf import RBFSolver
-    from knnsolver.training import trainer
+    from knnsolver.training import loop
 
     marks: dict[str, list[float]] = {"fill": [], "refresh": [], "epoch": []}
-    on_epoch_start, refresh, train_epoch = RBFSolver.on_epoch_start, RBFSolver.refresh, trainer._train_epoch
-    end_epoch = trainer._end_epoch
+    on_epoch_start, refresh, train_epoch = RBFSolver.on_epoch_start, RBFSolver.refresh, loop.train_epoch
+    end_epoch = loop.end_epoch
 
     def timed(store, fn):
         def wrapper(*args, **kwargs):
@@ -107,7 +107,7 @@ def epoch_times(a: argparse.Namespace, solver: str, options: dict, slow_data: bo
 
     device_rows = batches.device_rows
     RBFSolver.on_epoch_start, RBFSolver.refresh = timed("fill", on_epoch_start), timed("refresh", refresh)
-    trainer._train_epoch, trainer._end_epoch = whole_epoch, end
+    loop.train_epoch, loop.end_epoch = whole_epoch, end
     if slow_data:
         batches.device_rows = lambda dataset, device: None
     try:
@@ -120,7 +120,7 @@ def epoch_times(a: argparse.Namespace, solver: str, options: dict, slow_data: bo
             log = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
     finally:
         RBFSolver.on_epoch_start, RBFSolver.refresh = on_epoch_start, refresh
-        trainer._train_epoch, trainer._end_epoch = train_epoch, end_epoch
+        loop.train_epoch, loop.end_epoch = train_epoch, end_epoch
         batches.device_rows = device_rows
     later = slice(1, None) if len(log) > 1 else slice(None)
     return {"rows": int(log[0]["seconds"] * log[0]["samples_per_s"] + 0.5),

@@ -34,7 +34,7 @@ import torch
 
 from knnsolver.training import TrainConfig, train
 from knnsolver.training.checkpoint import load_checkpoint, write_json
-from knnsolver.training.trainer import build_run
+from knnsolver.training.run import build_run
 
 BASE = dict(dataset="fashion-mnist", model="conv28", width=16, embedding_dim=64, batch_size=64, optimizer="adam",
             lr=1e-3, val_fraction=0.05, plots=False, progress=False)

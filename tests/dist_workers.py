@@ -80,17 +80,17 @@ def bank_graph(points: torch.Tensor, k: int) -> torch.Tensor:
 
 def one_step(make: Callable[[], tuple[torch.nn.Module, torch.nn.Module]], x: torch.Tensor, y: torch.Tensor,
              rows: torch.Tensor, fill: Callable[[torch.nn.Module, torch.nn.Module], None]) -> dict[str, Any]:
-    """One SGD step of ``_loss_step`` on this rank's half of the batch; return the states after it."""
+    """One SGD step of ``loss_step`` on this rank's half of the batch; return the states after it."""
     from types import SimpleNamespace
 
-    from knnsolver.training.trainer import _loss_step
+    from knnsolver.training.loop import loss_step
 
     def work():
         model, solver = make()
         fill(model, solver)
         run = SimpleNamespace(model=model, solver=solver, device=torch.device("cpu"),
                               config=SimpleNamespace(compile=False, precision="fp32"))
-        step = _loss_step(run)
+        step = loss_step(run)
         part = torch.arange(len(y)).chunk(distributed.world_size())[distributed.rank()]
         opt = torch.optim.SGD([*model.parameters(), *solver.parameters()], lr=0.5)
         loss, _ = step(x[part], y[part], rows[part])

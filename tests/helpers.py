@@ -50,9 +50,9 @@ def train_interrupted(config, stop_after: int) -> None:
     """
     import pytest
 
-    from knnsolver.training import trainer
+    from knnsolver.training import loop, trainer
 
-    original = trainer._end_epoch
+    original = loop.end_epoch
 
     def end_epoch(run, optimizer, scaler, epoch, *args):
         result = original(run, optimizer, scaler, epoch, *args)
@@ -61,7 +61,7 @@ def train_interrupted(config, stop_after: int) -> None:
         return result
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer, "_end_epoch", end_epoch)
+        patch.setattr(loop, "end_epoch", end_epoch)
         with pytest.raises(KeyboardInterrupt):
             trainer.train(config)
 

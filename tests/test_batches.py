@@ -39,7 +39,7 @@ def test_uint8_pool_is_scaled_like_get_and_transforms_use_a_dataloader():
 
 def test_the_run_says_how_batches_are_loaded_and_how_to_decode_in_workers(tmp_path):
     from knnsolver.training import TrainConfig
-    from knnsolver.training.trainer import build_run, describe_run
+    from knnsolver.training.run import build_run, describe_run
 
     def device_line(**options) -> str:
         config = TrainConfig(dataset="digits", device="cpu", progress=False, out=str(tmp_path / "run"), **options)

@@ -81,14 +81,14 @@ def test_compile_flag_compiles_the_solver_maths_on_accelerators_only(tmp_path, m
     """``--compile`` compiles the network; the solver's maths only off the CPU (measured slower there)."""
     from types import SimpleNamespace
 
-    from knnsolver.training import trainer
+    from knnsolver.training import loop
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(fn) or fn)
     solver = SOLVERS.build("hal", embedding_dim=D, num_classes=C)
     run = SimpleNamespace(model=torch.nn.Linear(4, D), solver=solver, device=torch.device(device),
                           config=TrainConfig(compile=True))
-    trainer._loss_step(run)
+    loop.loss_step(run)
     assert len(seen) == compiled and seen[0] is run.model
     assert compiled == 1 or getattr(seen[1], "__name__", "") == "hal_loss"
 
@@ -106,13 +106,13 @@ def test_compile_mode_reaches_torch_compile_for_the_network(monkeypatch, mode, e
     """``reduce-overhead``: the network's forward and backward as CUDA graphs on a GPU (PyTorch's cudagraph trees)."""
     from types import SimpleNamespace
 
-    from knnsolver.training import trainer
+    from knnsolver.training import loop
 
     seen = []
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
     run = SimpleNamespace(model=torch.nn.Linear(4, D), solver=SOLVERS.build("softmax", embedding_dim=D, num_classes=C),
                           device=torch.device("cpu"), config=TrainConfig(compile=True, compile_mode=mode).validate())
-    trainer._loss_step(run)
+    loop.loss_step(run)
     assert seen == [expected]
 
 

@@ -160,16 +160,16 @@ def test_eval_batch_size_zero_is_automatic_by_device():
 @pytest.mark.parametrize("setting,expected", [(None, 128), (24, 24)])
 def test_training_embeds_in_batches_of_the_resolved_eval_batch_size(tmp_path, monkeypatch, setting, expected):
     """Validation, test and bank-refresh embedding passes all use the resolved size (automatic: 128 on the CPU)."""
-    from knnsolver.training import train, trainer
+    from knnsolver.training import run, train
 
     sizes = []
-    embed = trainer.embed_dataset
+    embed = run.embed_dataset
 
     def recording(model, dataset, batch_size, *args, **kwargs):
         sizes.append(batch_size)
         return embed(model, dataset, batch_size, *args, **kwargs)
 
-    monkeypatch.setattr(trainer, "embed_dataset", recording)
+    monkeypatch.setattr(run, "embed_dataset", recording)
     extra = {} if setting is None else {"eval_batch_size": setting}
     train(TrainConfig(dataset="digits", solver="rbf", solver_options={"k": 10}, width=4, embedding_dim=8, epochs=2,
                       max_per_class=30, plots=False, progress=False, device="cpu", out=str(tmp_path / "run"), **extra))

@@ -16,7 +16,7 @@ from knnsolver.search.exact import ExactSearch
 from knnsolver.solvers.hal import HALSolver
 from knnsolver.solvers.rbf import RBFSolver
 from knnsolver.training.checkpoint import load_checkpoint
-from knnsolver.training.trainer import LossStep
+from knnsolver.training.loop import LossStep
 from helpers import results
 
 

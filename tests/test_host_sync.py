@@ -143,24 +143,24 @@ def test_a_training_step_reads_nothing_on_the_host(name, options):
 def test_the_trainer_reads_the_device_once_per_window_of_steps(tmp_path, monkeypatch):
     """An epoch of about 90 steps on the accelerator paths: the loss and the non-finite flags are read every
     32 steps, not at each (each read costs a few scalar reads: the check and the progress line)."""
-    from knnsolver.training import TrainConfig, train, trainer
+    from knnsolver.training import TrainConfig, batch_plan, loop, train
 
     counts: list[tuple[int, int]] = []
-    plain = trainer._train_epoch
+    plain = loop.train_epoch
 
     def watched(run, step, optimizer, scaler, epoch, ctx, history):
         with HostReads() as reads:
             row = plain(run, step, optimizer, scaler, epoch, ctx, history)
-        counts.append((len(trainer._process_batches(run, epoch)), len(reads.seen)))
+        counts.append((len(batch_plan.process_batches(run, epoch)), len(reads.seen)))
         return row
 
-    monkeypatch.setattr(trainer, "_train_epoch", watched)
+    monkeypatch.setattr(loop, "train_epoch", watched)
     config = TrainConfig(dataset="digits", solver="softmax", epochs=1, batch_size=16, device="cpu",
                          out=str(tmp_path / "run"), progress=False, seed=0)
     with accelerator_paths():
         train(config)
     (steps, seen), = counts
-    windows = math.ceil(steps / trainer._GPU_READ_EVERY)
+    windows = math.ceil(steps / loop._GPU_READ_EVERY)
     assert steps >= 64 and windows <= 3 and seen <= 4 * windows + 4
 
 

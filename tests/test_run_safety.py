@@ -14,7 +14,7 @@ import pytest
 
 from knnsolver.cli.main import main
 from knnsolver.errors import TrainingWarning
-from knnsolver.training import trainer
+from knnsolver.training import loop
 from helpers import one_line_error as _one_line_error, results, run_cli as _run
 
 BASE = ["--dataset", "digits", "--solver", "softmax", "--width", "8", "--embedding-dim", "8", "--plots", "false",
@@ -67,7 +67,7 @@ def test_a_failed_overwrite_leaves_the_old_run_intact(run_dir, capsys, monkeypat
         calls["n"] += 1
         raise DataError("cannot read image x.png: broken")
 
-    monkeypatch.setattr(trainer, "_train_epoch", failing_epoch)
+    monkeypatch.setattr(loop, "train_epoch", failing_epoch)
     code, _, err = _run(capsys, "train", *BASE, "--epochs", "3", "--lr", "0.01", "--out", run_dir, "--overwrite")
     _one_line_error(code, err, "cannot read image x.png")
     assert calls["n"] == 1 and _snapshot(run_dir) == before
@@ -75,7 +75,7 @@ def test_a_failed_overwrite_leaves_the_old_run_intact(run_dir, capsys, monkeypat
     def interrupted_epoch(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(trainer, "_train_epoch", interrupted_epoch)
+    monkeypatch.setattr(loop, "train_epoch", interrupted_epoch)
     code, _, err = _run(capsys, "train", *BASE, "--epochs", "3", "--lr", "0.01", "--out", run_dir, "--overwrite")
     assert code == 130 and "earlier run in" in err and "unchanged" in err and "--resume" not in err
     assert _snapshot(run_dir) == before
@@ -86,14 +86,14 @@ def test_a_failed_overwrite_leaves_the_old_run_intact(run_dir, capsys, monkeypat
 
 
 def test_an_overwrite_takes_over_at_its_first_checkpoint_and_resumes(run_dir, capsys, monkeypatch):
-    train_epoch = trainer._train_epoch
+    train_epoch = loop.train_epoch
 
     def stop_in_second_epoch(run, step, optimizer, scaler, epoch, *args):
         if epoch == 1:
             raise KeyboardInterrupt
         return train_epoch(run, step, optimizer, scaler, epoch, *args)
 
-    monkeypatch.setattr(trainer, "_train_epoch", stop_in_second_epoch)
+    monkeypatch.setattr(loop, "train_epoch", stop_in_second_epoch)
     code, _, err = _run(capsys, "train", *BASE, "--epochs", "3", "--lr", "0.01", "--out", run_dir, "--overwrite")
     assert code == 130 and "continue with --resume" in err
     assert json.loads((run_dir / "config.json").read_text())["lr"] == 0.01
@@ -106,7 +106,7 @@ def test_an_overwrite_takes_over_at_its_first_checkpoint_and_resumes(run_dir, ca
 
 
 def test_interrupt_before_the_first_checkpoint_does_not_advise_resume(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(trainer, "_train_epoch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(loop, "train_epoch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     code, _, err = _run(capsys, "train", *BASE, "--epochs", "2", "--out", tmp_path / "r")
     assert code == 130 and "no epoch had finished" in err and "continue with --resume" not in err
 

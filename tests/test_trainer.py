@@ -111,7 +111,7 @@ def test_optimizers_and_disjoint_split(tmp_path):
 
 
 def test_samples_per_class_rule():
-    from knnsolver.training.trainer import samples_per_class
+    from knnsolver.training.batch_plan import samples_per_class
 
     assert samples_per_class(64, 10) == 8  # 8 classes x 8
     assert samples_per_class(64, 5) == 16  # 4 classes x 16
@@ -130,7 +130,7 @@ def test_calibrate_batchnorm_matches_data_statistics():
     from torch import nn
     from torch.utils.data import TensorDataset
 
-    from knnsolver.training.trainer import calibrate_batchnorm
+    from knnsolver.training.batchnorm import calibrate_batchnorm
 
     torch.manual_seed(0)
     x = torch.randn(300, 3) * 5 + 2
@@ -157,7 +157,7 @@ def test_batched_reads_stop_at_the_first_bad_step_with_finite_weights(tmp_path, 
     device), so no weight ever becomes NaN."""
     from knnsolver.errors import DivergenceError
     from knnsolver.solvers.softmax import SoftmaxSolver
-    from knnsolver.training import trainer
+    from knnsolver.training import loop
 
     calls = {"n": 0}
     original = SoftmaxSolver.forward
@@ -168,16 +168,16 @@ def test_batched_reads_stop_at_the_first_bad_step_with_finite_weights(tmp_path, 
         return loss * float("nan") if calls["n"] in (6, 7) else loss
 
     monkeypatch.setattr(SoftmaxSolver, "forward", forward)
-    monkeypatch.setattr(trainer, "_read_every", lambda device: 4)
-    monkeypatch.setattr(trainer, "_fused", lambda device: fused)
+    monkeypatch.setattr(loop, "_read_every", lambda device: 4)
+    monkeypatch.setattr(loop, "_fused", lambda device: fused)
     seen = {}
-    step = trainer._train_epoch
+    step = loop.train_epoch
 
     def spy(run, *args):
         seen["run"] = run
         return step(run, *args)
 
-    monkeypatch.setattr(trainer, "_train_epoch", spy)
+    monkeypatch.setattr(loop, "train_epoch", spy)
     with pytest.raises(DivergenceError, match=r"non-finite loss, gradients at epoch 1, step 6:"):
         train(_cfg(tmp_path, epochs=1))
     params = [*seen["run"].model.parameters(), *seen["run"].solver.parameters()]
@@ -225,20 +225,20 @@ def test_compiled_network_trains_like_the_eager_one(tmp_path):
 def test_a_refresh_reuses_the_training_embeddings_of_the_evaluation_before_it(tmp_path, monkeypatch):
     """The RBF bank refresh after a validation takes its training embeddings instead of a second pass,
     and the run ends exactly as one that embeds again."""
-    from knnsolver.training import trainer
+    from knnsolver.training.run import Run
 
     cfg = dict(solver="rbf", solver_options={"k": 20, "update_interval": 1}, epochs=3)
     calls = {"n": 0}
-    embed_all = trainer.Run.embed_all
+    embed_all = Run.embed_all
 
     def counting(self, dataset):
         calls["n"] += 1
         return embed_all(self, dataset)
 
-    monkeypatch.setattr(trainer.Run, "embed_all", counting)
+    monkeypatch.setattr(Run, "embed_all", counting)
     reused = train(_cfg(tmp_path, out=str(tmp_path / "a"), **cfg))
     assert calls["n"] == 1  # only the first fill embeds for the bank; epochs 2 and 3 reuse validation's pass
-    monkeypatch.setattr(trainer.Run, "bank_embeddings", lambda self: (self.calibrate(), embed_all(self, self.data.train_eval))[1])
+    monkeypatch.setattr(Run, "bank_embeddings", lambda self: (self.calibrate(), embed_all(self, self.data.train_eval))[1])
     again = train(_cfg(tmp_path, out=str(tmp_path / "b"), **cfg))
     assert results(reused) == results(again)
 
@@ -259,7 +259,7 @@ def test_resume_on_a_refresh_epoch_with_dropout_and_reused_embeddings(tmp_path):
 
 
 def test_saved_runs_keep_the_solver_options_they_were_trained_with(tmp_path):
-    from knnsolver.training.trainer import load_saved
+    from knnsolver.training.saved import load_saved
 
     train(_cfg(tmp_path, solver="rbf", solver_options={"k": 20}, epochs=1))
     best = load_checkpoint(tmp_path / "run" / "best.pt")
@@ -289,19 +289,19 @@ def _sampling_run(balanced: bool, epoch_steps: int | None):
 
 @pytest.mark.parametrize("balanced", [False, True])
 def test_epoch_steps_cut_the_stream_of_passes_into_equal_epochs(balanced):
-    from knnsolver.training.trainer import _batches
+    from knnsolver.training.batch_plan import epoch_batches
 
-    passes = [_batches(_sampling_run(balanced, None), q) for q in range(4)]
+    passes = [epoch_batches(_sampling_run(balanced, None), q) for q in range(4)]
     per_pass = len(passes[0])
     assert per_pass > 7 and all(len(p) == per_pass for p in passes)
     stream = [b for p in passes for b in p]
     run = _sampling_run(balanced, 7)
-    epochs = [_batches(run, e) for e in range(4 * per_pass // 7)]
+    epochs = [epoch_batches(run, e) for e in range(4 * per_pass // 7)]
     assert all(len(e) == 7 for e in epochs)
     assert [b for e in epochs for b in e] == stream[: 7 * len(epochs)]  # each row once per pass, in order
     # an epoch of exactly one pass is the epoch without epoch_steps
     whole = _sampling_run(balanced, per_pass)
-    assert [_batches(whole, q) for q in range(4)] == passes
+    assert [epoch_batches(whole, q) for q in range(4)] == passes
 
 
 def test_epoch_steps_set_how_often_a_bank_refreshes_and_resume_exactly(tmp_path):
@@ -322,15 +322,15 @@ def test_epoch_steps_set_how_often_a_bank_refreshes_and_resume_exactly(tmp_path)
 def test_epoch_steps_are_each_process_s_steps_under_torchrun(monkeypatch):
     """With 3 processes an epoch cuts 3 x epoch_steps batches of the stream and each process trains epoch_steps."""
     from knnsolver import distributed
-    from knnsolver.training.trainer import _batches, _process_batches
+    from knnsolver.training.batch_plan import epoch_batches, process_batches
 
     run = _sampling_run(False, 4)
-    stream = [b for q in range(3) for b in _batches(_sampling_run(False, None), q)]
+    stream = [b for q in range(3) for b in epoch_batches(_sampling_run(False, None), q)]
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     shares = []
     for rank in range(3):
         monkeypatch.setattr(distributed, "rank", lambda rank=rank: rank)
-        shares.append([_process_batches(run, e) for e in range(2)])
+        shares.append([process_batches(run, e) for e in range(2)])
     assert all(len(share) == 4 for epochs in shares for share in epochs)
     dealt = [shares[r][e][i] for e in range(2) for i in range(4) for r in range(3)]
     assert dealt == stream[:24]  # every batch of the stream trained once, none dropped
@@ -344,7 +344,7 @@ def test_epoch_steps_must_be_positive(tmp_path):
 def _scripted_validation(monkeypatch, scores):
     """Make validation return ``scores`` in turn (test evaluation stays real), so the stopping rule is checked
     against a curve known in advance."""
-    from knnsolver.training.trainer import Run
+    from knnsolver.training.run import Run
 
     real, queue = Run.evaluate, list(scores)
 
@@ -396,14 +396,14 @@ def test_patience_needs_a_validation_split(tmp_path):
     ([float("nan"), 0.1], 0), ([0.1, float("nan")], 1),
 ])
 def test_passes_without_improvement(scores, expected):
-    from knnsolver.training.trainer import passes_without_improvement
+    from knnsolver.training.run import passes_without_improvement
 
     history = [{"epoch": i + 1} | ({} if s is None else {"val_accuracy": s}) for i, s in enumerate(scores)]
     assert passes_without_improvement(history, "val_accuracy") == expected
 
 
 def test_a_run_stopped_early_is_finished_for_eval(tmp_path, monkeypatch):
-    from knnsolver.training.trainer import evaluate_saved
+    from knnsolver.training.saved import evaluate_saved
 
     _scripted_validation(monkeypatch, [0.5, 0.4, 0.3])
     summary = train(_cfg(tmp_path, epochs=9, patience=2, lr_schedule="constant"))
@@ -414,7 +414,7 @@ def test_a_run_stopped_early_is_finished_for_eval(tmp_path, monkeypatch):
 
 def test_an_epoch_line_shows_each_validation_score_once():
     """Helper review: on a disjoint split the selecting score is MAP@R, which the line also shows: it came twice."""
-    from knnsolver.training.trainer import epoch_line
+    from knnsolver.training.loop import epoch_line
 
     row = {"epoch": 3, "loss": 0.25, "val_map_at_r": 0.866, "val_accuracy": 0.9, "seconds": 1.0, "samples_per_s": 100.0}
     disjoint = epoch_line(row, TrainConfig(split="disjoint", epochs=3))
@@ -427,7 +427,7 @@ def test_rbf_from_random_weights_refreshes_every_epoch_unless_told(tmp_path):
     fine-tuning a pretrained network) left the RBF centres stale. From random weights the trainer refreshes every
     epoch; a set interval is kept, and the solver's own default stays the paper's."""
     from knnsolver.solvers.rbf import RBFSolver
-    from knnsolver.training.trainer import build_run
+    from knnsolver.training.run import build_run
 
     def interval(**options) -> int:
         config = TrainConfig(dataset="digits", solver="rbf", progress=False, out=str(tmp_path / "run"), **options)

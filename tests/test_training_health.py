@@ -29,7 +29,7 @@ from knnsolver.training import TrainConfig, train
 from knnsolver.training.batchnorm import batchnorm_layers, calibrate_batchnorm, freeze_batchnorm
 from knnsolver.training.checkpoint import load_checkpoint
 from knnsolver.training.schedule import lr_factor
-from knnsolver.training.trainer import build_run
+from knnsolver.training.run import build_run
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
@@ -202,9 +202,9 @@ def test_divergence_error_names_the_saved_epoch(tmp_path, monkeypatch):
 
 
 def test_a_rising_loss_is_flagged_diverged(tmp_path, monkeypatch):
-    from knnsolver.training import trainer
+    from knnsolver.training import loop
 
-    monkeypatch.setattr(trainer, "DIVERGENCE_FACTOR", 0.05)  # any later epoch over 5% of the first counts
+    monkeypatch.setattr(loop, "DIVERGENCE_FACTOR", 0.05)  # any later epoch over 5% of the first counts
     with pytest.warns(TrainingWarning, match="marked diverged"):
         summary = train(_cfg(tmp_path, epochs=2))
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]

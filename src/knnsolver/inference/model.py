@@ -320,7 +320,7 @@ class KnnModel:
         """
         from knnsolver.training.checkpoint import save_checkpoint
         from knnsolver.training.runfolder import LOCK, RunFolder
-        from knnsolver.training.trainer import BEST
+        from knnsolver.training.run import BEST
 
         folder = Path(path)
         if folder.exists() and not folder.is_dir():
@@ -356,7 +356,7 @@ class KnnModel:
         from knnsolver.registry import SOLVERS
         from knnsolver.training.checkpoint import load_checkpoint
         from knnsolver.training.config import TrainConfig
-        from knnsolver.training.trainer import BEST
+        from knnsolver.training.run import BEST
 
         state = load_checkpoint(folder / MODEL_FILE)
         if state.get("format") != FORMAT or state.get("version") != VERSION:
@@ -391,7 +391,8 @@ class KnnModel:
     @classmethod
     def _from_run(cls, folder: Path, device: str) -> KnnModel:
         from knnsolver.training.checkpoint import load_checkpoint
-        from knnsolver.training.trainer import BEST, SUMMARY, load_saved
+        from knnsolver.training.run import BEST, SUMMARY
+        from knnsolver.training.saved import load_saved
 
         run, out = load_saved(folder, device)
         if not (out / SUMMARY).is_file():
