@@ -45,6 +45,11 @@ Distributed data parallel (launched with ``torchrun``; see :mod:`knnsolver.distr
 * every process must be given the same settings (checked at the start). An
   error in rank 0's own work is handed to every process; an error on another
   process ends the run through the launcher (torchrun stops the group).
+
+This module opens, resumes and drives a run; its parts live beside it: :mod:`~knnsolver.training.run` (what a
+run is built of, its files, the validation key), :mod:`~knnsolver.training.batch_plan` (each epoch's batches),
+:mod:`~knnsolver.training.loop` (the steps of an epoch and its end), :mod:`~knnsolver.training.parallel` (the
+processes' orchestration) and :mod:`~knnsolver.training.saved` (the test evaluation and the saved-run API).
 """
 from __future__ import annotations
 
