@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
 
 from knnsolver.classifiers import RBFClassifier
 from knnsolver.errors import ConfigError
@@ -289,7 +290,7 @@ def test_errors_by_type_and_message():
         solver(emb[:3], labels[:3], torch.tensor([78, 79, 80]))
     with pytest.raises(ConfigError, match="row indices do not match the bank"):
         solver(emb[:3], labels[:3], torch.tensor([1, 2, 3]))  # labels are rows 0..2's
-    with pytest.raises(ConfigError, match="neighbour_mode='stored' needs each sample's row index"):
+    with pytest.raises(ConfigError, match="neighbour_mode='stored' needs each sample's training-set row as row_indices"):
         solver(emb[:3], labels[:3])
     with pytest.raises(ConfigError, match="num_train=80 rows but got 10 embeddings"):
         solver.fit_reference(emb[:10], labels[:10])
@@ -320,7 +321,7 @@ def test_rbf_classifier_errors():
         RBFClassifier(k=21).fit(emb, labels)
     with pytest.raises(ConfigError, match=r"fit expects X of shape \(n, d\) and y of shape \(n,\)"):
         RBFClassifier(k=2).fit(emb, labels[:5])
-    with pytest.raises(RuntimeError, match="not fitted yet"):
+    with pytest.raises(NotFittedError, match="not fitted yet"):
         RBFClassifier().predict(emb)
     with pytest.raises(ConfigError, match=r"X must have shape \(n, 6\)"):
         RBFClassifier(k=2).fit(emb, labels).predict(emb[:, :3])

@@ -6,6 +6,8 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted
 from torch import Tensor
 
 from knnsolver.bank.reference import ReferenceSet
@@ -19,7 +21,10 @@ __all__ = ["RBFClassifier"]
 
 
 def _as_tensor(x: Any, what: str) -> Tensor:
-    """``x`` as a float32 CPU tensor; non-numeric input and values that are not finite in float32 are refused."""
+    """``x`` as a float32 CPU tensor; non-numeric or complex input and values that are not finite in float32 are
+    refused."""
+    if (x.is_complex() if isinstance(x, Tensor) else np.iscomplexobj(x)):
+        raise ConfigError(f"{what} takes real-valued X, got complex numbers; pass the real part (or the magnitudes)")
     try:
         if isinstance(x, Tensor):
             points = x.detach().float().cpu()
@@ -70,6 +75,7 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
             raise ConfigError(f"fit expects X of shape (n, d) and y of shape (n,), got {tuple(points.shape)} and {labels.shape}")
         if labels.dtype.kind == "f" and not np.isfinite(labels).all():
             raise ConfigError("RBFClassifier.fit got NaN or infinite labels in y")
+        check_classification_targets(labels)  # continuous y is refused, not made one class per value
         check_k(k, points.shape[0], excluding_self=False)
         self.classes_, codes = np.unique(labels, return_inverse=True)
         self.reference_ = ReferenceSet(points.shape[1], SEARCHES.build(self.search))
@@ -80,8 +86,7 @@ class RBFClassifier(ClassifierMixin, BaseEstimator):
 
     @torch.no_grad()
     def _log_proba(self, X: Any) -> Tensor:
-        if not hasattr(self, "classes_"):
-            raise RuntimeError("this RBFClassifier is not fitted yet: call fit(X, y) first")
+        check_is_fitted(self, "classes_", msg="this %(name)s is not fitted yet: call fit(X, y) first")
         queries = _as_tensor(X, "RBFClassifier.predict")
         if queries.dim() != 2 or queries.shape[1] != self.n_features_in_:
             raise ConfigError(f"X must have shape (n, {self.n_features_in_}), got {tuple(queries.shape)}")

@@ -33,5 +33,6 @@ class RunFolderBusyError(KnnSolverError):
     """The run folder is held by another training (its lock is taken)."""
 
 
-class NonFiniteInputError(DataError, FloatingPointError):
-    """Embeddings or data holding NaN or infinite values where finite numbers are needed."""
+class NonFiniteInputError(DataError, FloatingPointError, ValueError):
+    """Embeddings or data holding NaN or infinite values where finite numbers are needed (a ``ValueError`` too,
+    as scikit-learn and numpy raise for such input)."""

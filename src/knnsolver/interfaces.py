@@ -276,6 +276,18 @@ def check_row_indices(row_indices: Tensor | None, n: int, what: str) -> Tensor |
     return row_indices.long()
 
 
+def check_rows_in_bank(row_indices: Tensor, labels: Tensor, bank_labels: Tensor, what: str) -> None:
+    """Refuse row indices outside the bank's ``len(bank_labels)`` rows, or whose stored labels differ from the
+    batch's ``labels`` (a host read: call it where reading costs nothing, or once per bank)."""
+    n = bank_labels.shape[0]
+    if row_indices.numel() and (int(row_indices.min()) < 0 or int(row_indices.max()) >= n):
+        raise ConfigError(f"{what} row indices must lie in [0, {n}) (the bank's training rows); "
+                          f"got {int(row_indices.min())}..{int(row_indices.max())}")
+    if not torch.equal(bank_labels.index_select(0, row_indices.to(bank_labels.device)), labels.to(bank_labels.device)):
+        raise ConfigError(f"{what} row indices do not match the bank: the stored labels at these rows differ from the "
+                          "batch's; the dataset must yield each sample's position in the training set as its row index")
+
+
 def check_labels(labels: Any, n: int, what: str, num_classes: int | None = None, values: bool = True) -> Tensor:
     """``labels`` as int64 after checking they are an ``(n,)`` integer tensor and, with ``values``,
     lie in ``[0, num_classes)`` (``num_classes`` None: only >= 0). Float labels are refused, not truncated."""
@@ -295,7 +307,7 @@ def check_k(k: int, n: int, *, excluding_self: bool) -> None:
     if k < 1:
         raise ConfigError(f"number of neighbours k must be >= 1, got {k}")
     if k > available:
-        raise ConfigError(
-            f"k={k} neighbours requested but only {available} "
-            f"{'other ' if excluding_self else ''}points are in the bank; use k <= {available}"
-        )
+        other = "other " if excluding_self else ""
+        advice = (f"use k <= {available}" if available >= 1 else
+                  f"the bank needs at least {2 if excluding_self else 1} points (training rows) for any neighbour")
+        raise ConfigError(f"k={k} neighbours requested but only {max(available, 0)} {other}points are in the bank; {advice}")

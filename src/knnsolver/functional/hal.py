@@ -76,5 +76,9 @@ class _HALLoss(torch.autograd.Function):
 
 def hal_loss(embeddings: Tensor, labels: Tensor, anchors: Tensor, tau: float) -> Tensor:
     """Mean over the batch of ``-log softmax(hal_logits)[y]`` (the NCA form over anchors), as one autograd
-    node with its gradient in closed form (:class:`_HALLoss`)."""
-    return _HALLoss.apply(embeddings, labels.long(), anchors, 2.0 / tau)
+    node with its gradient in closed form (:class:`_HALLoss`).
+
+    Computed in the anchors' precision with autocast off (the node's backward runs outside autocast, so
+    its saved tensors must share one dtype); the embeddings' gradient comes back in their own dtype."""
+    with torch.autocast(embeddings.device.type, enabled=False):
+        return _HALLoss.apply(embeddings.to(anchors.dtype), labels.long(), anchors, 2.0 / tau)

@@ -35,7 +35,8 @@ class CentralizedSolver(Solver):
     * Decorrelation: the centres are orthonormalised by Gram-Schmidt (in class order)
       at construction and then every ``decorrelate_every`` training steps (forward
       calls in training mode; 0 = only at construction), in place, before the step's
-      loss is computed.
+      loss is computed. The loss reads a copy of the centres, so gradients accumulated
+      over several forwards before one backward stay those of the centres each forward used.
     * ``d < C``: exact orthogonality is impossible, so construction raises
       :class:`ConfigError` unless ``allow_correlated=True``; then only the first ``d``
       centres are orthonormalised and the other ``C - d`` stay as they are (learnt,
@@ -129,22 +130,26 @@ class CentralizedSolver(Solver):
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         labels = self.check_batch(embeddings, labels)
+        embeddings = embeddings.to(self.centres.dtype)  # the solver's precision (gradients flow back)
         if self.training:
             self._steps += 1  # counted on the host (no device read per step), mirrored in the saved buffer
             self.steps.fill_(self._steps)
             if self.decorrelate_every and self._steps % self.decorrelate_every == 0:
                 self.decorrelate()
-        return centralized_ranking_loss(self.transform(embeddings), labels, self.transform(self.centres), self.margin, self.form)
+        # Through a copy of the centres, so a later forward's decorrelation (in place) leaves this step's graph
+        # intact: gradient accumulation over several forwards before one backward.
+        centres = self.transform(self.centres.clone())
+        return centralized_ranking_loss(self.transform(embeddings), labels, centres, self.margin, self.form)
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         if self.predicts_by_knn:
             labels = self.check_reference(embeddings, labels)
-            self.knn.fit(self.transform(embeddings.detach()), labels)
+            self.knn.fit(self.transform(embeddings.detach().to(self.centres.dtype)), labels)
 
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> Tensor:
         self.check_queries(embeddings)
-        x = self.transform(embeddings)
+        x = self.transform(embeddings.to(self.centres.dtype))
         if self.predicts_by_knn:
             return self.knn.scores(x)
         return -centre_sq_distances(x, self.transform(self.centres))

@@ -1,7 +1,7 @@
 """The DML-CRC solver: a collaborative representation classifier with a learned Mahalanobis metric."""
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,8 @@ from torch import Tensor, nn
 from knnsolver.bank.reference import ReferenceSet
 from knnsolver.errors import ConfigError
 from knnsolver.functional.crc import SOLVE_METHODS, class_layout, crc_logits
-from knnsolver.interfaces import EpochContext, Solver, check_row_indices
+from knnsolver.hostsync import avoid_host_sync
+from knnsolver.interfaces import EpochContext, Solver, check_row_indices, check_rows_in_bank
 
 CRC_DICTIONARIES = ("batch", "bank")
 
@@ -95,7 +96,11 @@ class CRCSolver(Solver):
         # (a resumed run codes over the saved bank); the batch dictionary's is refilled before every prediction.
         self.dictionary_set = ReferenceSet(embedding_dim, persistent=dictionary == "bank")
         self._layout: tuple[Tensor, Tensor] | None = None  # the dictionary's class table (functional.crc.class_layout)
-        self.register_load_state_dict_post_hook(lambda module, _: setattr(module, "_layout", None))
+        self._rows_checked = False  # on an accelerator, row indices are checked once per dictionary (a host read)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(*args, **kwargs)
+        self._layout, self._rows_checked = None, False  # a loaded dictionary is read afresh
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, dictionary={self.dictionary}, metric_dim={self.metric.shape[0]}, "
@@ -128,12 +133,15 @@ class CRCSolver(Solver):
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         labels = self.check_batch(embeddings, labels)
-        x = self._prepare(embeddings)
+        x = self._prepare(embeddings.to(self.metric.dtype))
         if self.dictionary == "batch":
             logits = self._logits(x, x, labels, torch.arange(x.shape[0], device=x.device))
         else:
             self._require_atoms("with dictionary='bank'")
             exclude = check_row_indices(row_indices, labels.shape[0], "CRCSolver")
+            if exclude is not None and (not avoid_host_sync(exclude.device) or not self._rows_checked):
+                check_rows_in_bank(exclude, labels, self.atom_labels, "CRCSolver")
+                self._rows_checked = True
             logits = self._logits(x, self.atoms, self.atom_labels, exclude, self.class_table())
         return F.cross_entropy(logits, labels)
 
@@ -145,8 +153,8 @@ class CRCSolver(Solver):
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         labels = self.check_reference(embeddings, labels)
-        self.dictionary_set.set(self._prepare(embeddings.detach().float()), labels)
-        self._layout = None
+        self.dictionary_set.set(self._prepare(embeddings.detach().to(self.metric.dtype)), labels)
+        self._layout, self._rows_checked = None, False
 
     def on_epoch_start(self, ctx: EpochContext) -> None:
         if self.dictionary == "bank" and (ctx.epoch % self.bank_refresh_every == 0 or self.atoms.shape[0] == 0):
@@ -157,5 +165,5 @@ class CRCSolver(Solver):
         """``-r / T`` over the training dictionary, queries coded 256 at a time."""
         self.check_queries(embeddings)
         self._require_atoms("prediction")
-        x = self._prepare(embeddings.float())
+        x = self._prepare(embeddings.to(self.metric.dtype))
         return torch.cat([self._logits(q, self.atoms, self.atom_labels, None, self.class_table()) for q in x.split(256)])

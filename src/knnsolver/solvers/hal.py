@@ -69,16 +69,17 @@ class HALSolver(Solver):
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         labels = self.check_batch(embeddings, labels)
-        return self._step(embeddings, labels, self.anchors, self.tau)
+        return self._step(embeddings.to(self.anchors.dtype), labels, self.anchors, self.tau)
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         if self.predicts_by_knn:
             labels = self.check_reference(embeddings, labels)
-            self.knn.fit(self.transform(embeddings.detach()), labels)
+            self.knn.fit(self.transform(embeddings.detach().to(self.anchors.dtype)), labels)
 
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> Tensor:
         self.check_queries(embeddings)
+        embeddings = embeddings.to(self.anchors.dtype)
         if self.predict_by == "knn":
             return self.knn.scores(self.transform(embeddings))
         return hal_logits(embeddings, self.anchors, self.tau)

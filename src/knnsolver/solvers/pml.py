@@ -67,8 +67,11 @@ class PMLSolver(Solver):
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         labels = self.check_batch(embeddings, labels)
+        return self._pml_loss(embeddings, labels) + 0.0 * embeddings.sum()
+
+    def _pml_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         indices = None if self.miner is None else self.miner(embeddings, labels)
-        return self.loss(embeddings, labels, indices) + 0.0 * embeddings.sum()
+        return self.loss(embeddings, labels, indices)
 
     def extra_repr(self) -> str:
         settings = "".join(f", {name}={value:g}" for name, value in self.settings.items())
@@ -144,11 +147,18 @@ class NPairsSolver(PMLSolver):
 class NCASolver(PMLSolver):
     """Batch ``NCALoss(softmax_scale)``: softmax over ``-softmax_scale * ||x̂_i - x̂_j||^2`` within the batch.
 
+    A batch in which no label appears twice has no positive pair: its loss is 0 (pml's is the NaN mean of
+    no terms; checked without a host read, so a non-finite embedding still makes the loss NaN).
+
     Options:
         softmax_scale: multiplies the negative squared distances inside the softmax (larger: sharper).
     """
 
     needs_balanced_sampler = True
+
+    def _pml_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        # NaN here only from the empty mean: non-finite embeddings make the forward's added 0 * sum(x) NaN
+        return super()._pml_loss(embeddings, labels).nan_to_num(nan=0.0)
 
     def __init__(
         self, embedding_dim: int, num_classes: int, num_train: int = 0, *, softmax_scale: float = 10.0, knn_k: int = 5

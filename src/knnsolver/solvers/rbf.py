@@ -22,7 +22,7 @@ from knnsolver.bank import BANK_DTYPES, EmbeddingBank
 from knnsolver.errors import ConfigError, TrainingWarning
 from knnsolver.functional.rbf import rbf_auto_sigma, rbf_log_probs, rbf_step
 from knnsolver.hostsync import avoid_host_sync
-from knnsolver.interfaces import EpochContext, NeighbourSearch, Solver, check_k, check_row_indices
+from knnsolver.interfaces import EpochContext, NeighbourSearch, Solver, check_k, check_row_indices, check_rows_in_bank
 from knnsolver.registry import SEARCHES
 from knnsolver.search.common import drop_own_rows
 
@@ -88,7 +88,9 @@ class RBFSolver(Solver):
             ``stored`` uses the neighbour list of the sample's own
             centre, computed at the last refresh (the paper; needs row indices);
             ``fresh`` searches the bank with the current embedding every batch,
-            excluding the sample's own row.
+            excluding the sample's own row; called without row indices it cannot
+            tell which centre is the sample's own, so that centre counts among its
+            neighbours (a lower loss than Eq. 3's), and a training-mode call warns once.
         online_update: write each training batch's embeddings into the bank at once.
             After each training-mode batch its detached embeddings go into the bank
             at its rows (neighbour lists still wait for the next refresh); an
@@ -187,6 +189,7 @@ class RBFSolver(Solver):
         self._step = rbf_step  # the pure training maths; compile_loss() swaps in a compiled copy
         self._sigma_known = sigma > 0
         self._rows_checked = False  # on an accelerator, row indices are checked once per refresh (a host read)
+        self._warned_no_rows = False
 
     def extra_repr(self) -> str:
         sigma = "learned" if self.log_sigma.requires_grad else "auto" if self.auto_sigma else "fixed"
@@ -325,25 +328,21 @@ class RBFSolver(Solver):
     def _neighbours(self, embeddings: Tensor, row_indices: Tensor | None) -> Tensor:
         if self.neighbour_mode == "stored":
             if row_indices is None:
-                raise ConfigError("neighbour_mode='stored' needs each sample's row index; use neighbour_mode='fresh'")
+                raise ConfigError("neighbour_mode='stored' needs each sample's training-set row as row_indices; without "
+                                  "them use neighbour_mode='fresh' (which then counts a sample's own centre among its "
+                                  "neighbours)")
             return self.bank.neighbours.index_select(0, row_indices)
         # fresh: the bank's index of its training centres, built once per change of the centres
         embeddings = self.transform(embeddings.detach())
         if row_indices is None:
+            if self.training and not self._warned_no_rows:
+                self._warned_no_rows = True
+                warnings.warn("RBFSolver(neighbour_mode='fresh') was called without row_indices, so each training "
+                              "sample's own centre is among its neighbours (Eq. 3 leaves it out, and the loss is lower "
+                              "than it should be); pass each sample's training-set row as row_indices",
+                              TrainingWarning, stacklevel=3)
             return self.bank.search_training(embeddings, self.k)[1]
         return drop_own_rows(self.bank.search_training(embeddings, self.k + 1)[1].long(), row_indices)
-
-    def _check_rows(self, labels: Tensor, row_indices: Tensor) -> None:
-        if row_indices.numel() and (int(row_indices.min()) < 0 or int(row_indices.max()) >= self.num_train):
-            raise ConfigError(
-                f"row indices must lie in [0, {self.num_train}) (the bank's training rows); "
-                f"got {int(row_indices.min())}..{int(row_indices.max())}"
-            )
-        if not torch.equal(self.bank.training_labels.index_select(0, row_indices), labels):
-            raise ConfigError(
-                "row indices do not match the bank: the stored labels at these rows differ from the batch's; "
-                "the dataset must yield each sample's position in the training set as its row index"
-            )
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         """Mean ``-log P(y|x)`` over the batch (Eq. 3), the sample's own centre excluded."""
@@ -353,7 +352,7 @@ class RBFSolver(Solver):
         row_indices = check_row_indices(row_indices, labels.shape[0], "RBFSolver")
         if row_indices is not None:
             if not avoid_host_sync(row_indices.device) or not self._rows_checked:
-                self._check_rows(labels, row_indices)
+                check_rows_in_bank(row_indices, labels, self.bank.training_labels, "RBFSolver")
                 self._rows_checked = True
         neighbours = self._neighbours(embeddings, row_indices)
         loss, stats, own = self._step(

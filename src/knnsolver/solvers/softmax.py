@@ -33,6 +33,7 @@ class SoftmaxSolver(Solver):
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         labels = self.check_batch(embeddings, labels)
+        embeddings = embeddings.to(self.classifier.weight.dtype)  # the solver's precision (gradients flow back)
         return self._step(embeddings, self.classifier.weight, self.classifier.bias, labels, self.label_smoothing)
 
     def extra_repr(self) -> str:
@@ -40,4 +41,4 @@ class SoftmaxSolver(Solver):
 
     def predict(self, embeddings: Tensor) -> Tensor:
         self.check_queries(embeddings)
-        return self.classifier(embeddings)
+        return self.classifier(embeddings.to(self.classifier.weight.dtype))
