@@ -9,7 +9,7 @@ from knnsolver.bench import runner
 from knnsolver.bench.cli import main as bench_main
 from knnsolver.bench.report import FAILS, HOLDS, OPEN, combine, compare, write_report
 from knnsolver.bench.suites import build_specs, get_preset, get_suite
-from knnsolver.errors import ConfigError
+from knnsolver.errors import ConfigError, DataError
 
 SOLVERS = "softmax,rbf"
 
@@ -102,8 +102,76 @@ def test_results_of_other_settings_are_refused(finished, tmp_path):
     data["config"]["width"] = 99
     data["preset"] = "full"
     path.write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(ConfigError, match="holds 1 results of the full preset"):
         _bench(out)
+
+
+def test_a_folder_of_one_preset_refuses_another_s_runs_its_dry_run_and_its_report(finished, tmp_path, capsys):
+    """Runs of other seeds (new run ids) were added beside another preset's results: the report then mixed the two
+    in one claim's statistics, and the new finals took the other preset's grid choices."""
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    for path in (out / "classification").glob("*.json"):  # the folder now holds the full preset's results
+        path.write_text(json.dumps(dict(json.loads(path.read_text()), preset="full")))
+    started = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(runner, "train", lambda *a, **kw: started.append(a))
+        with pytest.raises(ConfigError, match=r"classification holds 10 results of the full preset; .*another --out"):
+            _bench(out, seeds="5,6")
+        with pytest.raises(ConfigError, match="holds 10 results of the full preset"):
+            _bench(out, "--dry-run", seeds="5,6")
+    assert started == []
+    scarcity = out / "scarcity"
+    scarcity.mkdir()
+    tiny = dict(json.loads((finished / "classification" / "softmax__final__s0.json").read_text()))
+    (scarcity / "softmax__n=all__final__s0.json").write_text(json.dumps(dict(tiny, run_id="softmax__n=all__final__s0")))
+    with pytest.raises(ConfigError, match=r"holds results of the presets full, tiny \(classification: full; "
+                                          r"scarcity: tiny\)"):
+        write_report(out, tmp_path / "r" / "B.md", tmp_path / "r" / "plots")
+
+
+def test_dry_run_says_which_stored_results_would_be_run_again(finished, tmp_path, capsys):
+    """--dry-run called a result 'done' that the run itself redoes (its settings changed under the same preset)."""
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    path = out / "classification" / "softmax__label_smoothing=0.1__s0.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), config=dict(
+        json.loads(path.read_text())["config"], width=99))))
+    assert _bench(out, "--dry-run") == 0
+    text = capsys.readouterr().out
+    assert "redo  softmax__label_smoothing=0.1__s0  (its settings changed: run again)" in text
+    assert "9 of 10 runs done" in text
+
+
+def test_a_file_that_is_not_a_result_is_named(finished, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(finished, out)
+    broken = out / "classification" / "softmax__final__s1.json"
+    broken.write_text(broken.read_text()[:100])
+    with pytest.raises(DataError, match=r"softmax__final__s1.json is not a benchmark result \(JSONDecodeError"):
+        write_report(out, tmp_path / "B.md", tmp_path / "plots")
+    broken.write_text("{}")
+    with pytest.raises(DataError, match=r"is not a benchmark result \(KeyError: 'run_id'\); move it out of"):
+        _bench(out, "--dry-run")
+
+
+def test_a_missing_results_folder_is_refused_by_the_report(tmp_path):
+    with pytest.raises(ConfigError, match="nope does not exist or is not a folder"):
+        write_report(tmp_path / "nope", tmp_path / "B.md", tmp_path / "plots")
+
+
+def test_a_killed_run_s_earlier_epochs_count_in_its_wall_time(tmp_path, monkeypatch):
+    """A run killed after a checkpoint and resumed recorded only the resumed part of its time."""
+    spec = next(s for s in build_specs(get_suite("classification"), get_preset("tiny"), tmp_path, ["softmax"], [0])
+                if s.role == "grid")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    rows = [{"epoch": 1, "seconds": 3.0, "seconds_val": 1.0, "val_accuracy": 0.5},
+            {"epoch": 2, "seconds": 4.0, "seconds_refresh": 0.5, "val_accuracy": 0.6}]
+    (run_dir / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(runner, "_can_resume", lambda run_dir, cfg: True)
+    monkeypatch.setattr(runner, "train", lambda cfg, resume, overwrite: {"test_accuracy": 0.5})
+    assert runner._train(spec, run_dir)["seconds_before_resume"] == 8.5
 
 
 def test_report_renders_tables_claims_commands_and_plots(finished, tmp_path):
@@ -1056,7 +1124,7 @@ def test_a_timing_is_run_again_once_the_code_it_times_changes(tmp_path, monkeypa
     other = dict(again[step_id], preset="full", config=dict(again[step_id]["config"], repeats=999))
     del other["code"]
     path.write_text(json.dumps(other))
-    with pytest.raises(ConfigError, match="other settings"):
+    with pytest.raises(ConfigError, match="holds 1 results of the full preset"):
         runner.run_suite(suite, preset, tmp_path, ["softmax"], [0])
 
 

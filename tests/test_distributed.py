@@ -151,6 +151,61 @@ def test_processes_with_different_settings_are_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_processes_that_loaded_different_data_are_refused(tmp_path):
+    """The data folder may differ between machines, so the flags' check left it out; nothing compared the data
+    (labels shuffled on one process trained silently; fewer rows aborted in gloo)."""
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    x, y = load_digits(return_X_y=True)
+    x = x.astype(np.float32)
+    np.savez(tmp_path / "same.npz", x=x, y=y)
+    np.savez(tmp_path / "shuffled.npz", x=x, y=np.random.default_rng(0).permutation(y))
+    np.savez(tmp_path / "fewer.npz", x=x[:1200], y=y[:1200])
+    for other in ("shuffled", "fewer"):
+        cfg = _config(tmp_path, dataset="embeddings", data_dir=str(tmp_path / "same.npz"), solver="hal",
+                      solver_options={}, out=str(tmp_path / other))
+        results = dist_workers.spawn(dist_workers.train_run, tmp_path, cfg, False, False,
+                                     {1: {"data_dir": str(tmp_path / f"{other}.npz")}})
+        for rank, res in enumerate(results):
+            assert res["error"].startswith("ConfigError: the processes loaded different data: rank 0 has rows train "), res
+            assert ("this process (rank 1) has rows" in res["error"]) == (rank == 1)
+        assert not (tmp_path / other / "config.json").exists()
+
+
+def test_a_resume_on_another_number_of_processes_is_refused(tmp_path):
+    """batch_size is per process, so another process count changes the run's batches; it was accepted silently."""
+    from knnsolver.training import TrainConfig, train
+    from knnsolver.training.checkpoint import save_checkpoint
+
+    cfg = dict(dataset="digits", solver="hal", epochs=1, width=4, embedding_dim=8, max_per_class=30,
+               out=str(tmp_path / "run"), progress=False, plots=False)
+    assert train(TrainConfig(**cfg))["world_size"] == 1
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["world_size"] == 1
+    save_checkpoint({**state, "world_size": 2}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(ConfigError, match=r"it was trained on 2 process\(es\) and this launch has 1"):
+        train(TrainConfig(**{**cfg, "epochs": 2}), resume=True)
+
+
+def test_an_interrupt_is_reported_by_rank_0_alone(tmp_path, monkeypatch, capsys):
+    """Every rank printed what it saw saved; another machine's rank, without the folder, said nothing was saved."""
+    from knnsolver.cli.main import main
+    from knnsolver.training import TrainConfig, loop, train
+
+    monkeypatch.setattr(loop, "train_epoch", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+    config = TrainConfig(dataset="digits", solver="hal", epochs=1, width=4, embedding_dim=8, max_per_class=30,
+                         out=str(tmp_path / "run"), progress=False, plots=False)
+    with pytest.raises(KeyboardInterrupt) as caught:
+        train(config)
+    assert str(caught.value) == ""
+    monkeypatch.setattr("knnsolver.cli.main.launch_rank", lambda: 1)
+    assert main(["train", "--dataset", "digits", "--solver", "hal", "--epochs", "1", "--out", str(tmp_path / "b"),
+                 "--progress", "false", "--plots", "false"]) == 130
+    assert "interrupted" not in capsys.readouterr().err
+
+
 def test_one_named_gpu_is_refused_under_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -88,6 +88,13 @@ def combine(statuses: Sequence[str]) -> str:
     return FAILS if FAILS in statuses else OPEN
 
 
+def _with_missing(statuses: Sequence[str], family: Sequence[str], present: Sequence[str]) -> str:
+    """:func:`combine` of a claim over every loss of ``family``, of which only ``present`` were run: one that does
+    not hold decides it; holding needs them all, so with some missing it is inconclusive at best."""
+    status = combine(statuses)
+    return OPEN if status == HOLDS and len(present) < len(family) else status
+
+
 def by_seed(runs: Sequence[dict], key: str) -> dict[int, float]:
     """``{seed: summary[key]}`` of the usable (not diverged) runs."""
     return {int(r["seed"]): float(r["summary"][key]) for r in usable(runs)[0] if key in r.get("summary", {})}
@@ -163,16 +170,19 @@ def _hal_beats_knn_losses(results: Results) -> Verdict | None:
     baselines = [b for b in PAIRWISE_KNN_LOSSES if final_results(results, b, "")]
     if not hal or not baselines:
         return None
-    level = family_level(len(baselines))
+    level = family_level(len(PAIRWISE_KNN_LOSSES))  # the claim's family, whichever of its losses were run
     each = [(b, compare(hal, final_results(results, b, ""), "test_accuracy", HAL_MARGIN, ("hal", b), level))
             for b in baselines]
-    numbers = f"hal {mean_pct(hal, 'test_accuracy')}; {_family_note(level, len(baselines))}" + "; ".join(
+    numbers = f"hal {mean_pct(hal, 'test_accuracy')}; {_family_note(level, len(PAIRWISE_KNN_LOSSES))}" + "; ".join(
         f"against {b}: {t.text()} vs the {100 * HAL_MARGIN:g}-point margin ({t.outcome()})" for b, t in each)
+    status = _with_missing([t.verdict for _, t in each], PAIRWISE_KNN_LOSSES, baselines)
+    if len(baselines) < len(PAIRWISE_KNN_LOSSES):
+        numbers += f"; not run: {', '.join(b for b in PAIRWISE_KNN_LOSSES if b not in baselines)}"
     same = [b for b in HAL_EQUIVALENT if final_results(results, b, "")]
     if same:
         numbers += ("; not compared, being HAL itself under this reading (METHODS.md section 2): "
                     + ", ".join(f"{b} {mean_pct(final_results(results, b, ''), 'test_accuracy')}" for b in same))
-    return Verdict(combine([t.verdict for _, t in each]), numbers + ".")
+    return Verdict(status, numbers + ".")
 
 
 def centre_drift(finals: Sequence[Mapping[str, Any]]) -> float | None:
@@ -239,13 +249,15 @@ def _rbf_beats_pair_losses(results: Results) -> Verdict | None:
     baselines = [b for b in UNSEEN_BASELINES if final_results(results, b, main)]
     if not rbf or not baselines:
         return None
-    level = family_level(2 * len(baselines))
+    level = family_level(2 * len(UNSEEN_BASELINES))  # the claim's family, whichever of its losses were run
     each = [(b, k, compare(rbf, final_results(results, b, main), k, names=("rbf", b), level=level)) for b in baselines
             for k in ("recall_at_1", "nmi")]
-    numbers = _family_note(level, len(each)) + "; ".join(
+    numbers = _family_note(level, 2 * len(UNSEEN_BASELINES)) + "; ".join(
         f"{RETRIEVAL_NAMES[k]}: rbf {mean_pct(rbf, k)} vs {b} {mean_pct(final_results(results, b, main), k)}, "
         f"paired {t.text()} ({t.outcome()})" for b, k, t in each)
-    return Verdict(combine([t.verdict for _, _, t in each]), numbers + ".")
+    if len(baselines) < len(UNSEEN_BASELINES):
+        numbers += f"; not run: {', '.join(b for b in UNSEEN_BASELINES if b not in baselines)}"
+    return Verdict(_with_missing([t.verdict for _, _, t in each], UNSEEN_BASELINES, baselines), numbers + ".")
 
 
 _SIZE_INTERVALS = 4  # the size claim's: rbf's NMI and R@1 gains, the NMI interaction, triplet's NMI gain

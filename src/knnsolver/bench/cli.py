@@ -80,17 +80,22 @@ def suite_parser(name: str) -> argparse.ArgumentParser:
 def cmd_suite(name: str, argv: Sequence[str]) -> int:
     import torch
 
-    from knnsolver.bench.runner import load_results, run_suite
+    from knnsolver.bench.runner import check_one_preset, load_results, outdated, run_suite
 
     args = suite_parser(name).parse_args(argv)
     suite, preset = get_suite(name), get_preset(args.preset)
     args.out = args.out or (DEFAULT_GPU_RESULTS if preset.hardware == "gpu" else DEFAULT_RESULTS)
-    if args.dry_run:
-        done = load_results(Path(args.out) / name)
+    if args.dry_run:  # judged as the run would judge them: a stored result that does not stand is redone
+        check_one_preset(Path(args.out), preset.name)
+        stored = load_results(Path(args.out) / name)
         specs = build_specs(suite, preset, Path(args.out), args.solvers, args.seeds)
+        done = 0
         for spec in specs:
-            print(f"{'done' if spec.run_id in done else 'todo'}  {spec.run_id}")
-        print(f"{sum(s.run_id in done for s in specs)} of {len(specs)} runs done")
+            why = outdated(spec, stored[spec.run_id], stored, preset.name) if spec.run_id in stored else None
+            status = "todo" if spec.run_id not in stored else f"redo  ({why})" if why else "done"
+            done += status == "done"
+            print(f"{status[:4]}  {spec.run_id}{status[4:]}")
+        print(f"{done} of {len(specs)} runs done")
         return 0
     torch.set_num_threads(args.threads)
     command = " ".join(["knnsolver", "bench", name, *map(shlex.quote, argv)])

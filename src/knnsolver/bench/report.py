@@ -79,6 +79,7 @@ from knnsolver.bench.stats import (  # noqa: E402
     paired_test,
     usable,
 )
+from knnsolver.errors import ConfigError  # noqa: E402
 from knnsolver.registry import SOLVERS  # noqa: E402
 SUITE_BUDGET_MINUTES = 120
 RETRIEVAL_KEYS = ("precision_at_1", "recall_at_1", "recall_at_2", "recall_at_4", "recall_at_8", "map_at_r",
@@ -704,10 +705,17 @@ knnsolver bench report --results {out} --output BENCHMARKS.md --plots benchmarks
 def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -> str:
     """The Markdown report of every suite's results under ``results_dir`` (plots written to ``plots_dir``)."""
     results_dir, output = Path(results_dir), Path(output)
+    if not results_dir.is_dir():
+        raise ConfigError(f"{results_dir} does not exist or is not a folder; give the --out folder of knnsolver bench")
     plots = Plots(Path(plots_dir), output)
     now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     everything = {suite.name: load_results(results_dir / suite.name) for suite in SUITES.values()}
-    recorded = sorted({r["preset"] for results in everything.values() for r in results.values()})
+    recorded = sorted({r["preset"] for results in everything.values() for r in results.values() if r.get("preset")})
+    if len(recorded) > 1:  # a report judges one preset's results (the runner refuses to mix them)
+        where = "; ".join(f"{name}: {', '.join(sorted({r['preset'] for r in results.values() if r.get('preset')}))}"
+                          for name, results in everything.items() if results)
+        raise ConfigError(f"{results_dir} holds results of the presets {', '.join(recorded)} ({where}); a report "
+                          "judges one preset's results: keep each preset's in its own folder and render them apart")
     preset = PRESETS.get(recorded[0] if recorded else "full", PRESETS["full"])
     sections, summary = [], []
     for number, suite in enumerate(SUITES.values(), 1):

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from knnsolver.bench.data import prepare_unseen_subset
 from knnsolver.bench.suites import (
     BEST_OTHER_EXCLUDED,
+    SUITES,
     UNSEEN_SUBSET,
     VAL_KEYS,
     Preset,
@@ -43,7 +44,7 @@ from knnsolver.bench.suites import (
     params_text,
     resolve,
 )
-from knnsolver.errors import ConfigError
+from knnsolver.errors import ConfigError, DataError
 from knnsolver.interfaces import EpochContext
 from knnsolver.registry import SOLVERS
 from knnsolver.training import TrainConfig, build_run, train
@@ -89,12 +90,31 @@ def machine() -> dict[str, Any]:
 
 
 def load_results(folder: Path) -> dict[str, dict]:
-    """Every stored result of a suite folder, by run id."""
+    """Every stored result of a suite folder, by run id; a file that is not one is refused, naming it."""
     results = {}
     for path in sorted(folder.glob("*.json")):
-        data = json.loads(path.read_text())
-        results[data["run_id"]] = data
+        try:
+            data = json.loads(path.read_text())
+            results[data["run_id"]] = data
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+            raise DataError(f"{path} is not a benchmark result ({type(err).__name__}: {err}); move it out of "
+                            f"{folder}, or delete it to run that result again") from None
     return results
+
+
+def check_one_preset(out: Path, preset: str) -> None:
+    """Refuse a run of ``preset`` into a results folder holding another preset's results: one report, its
+    statistics and its grid choices would mix them."""
+    for suite in SUITES.values():
+        stored = load_results(out / suite.name)
+        others = sorted({r["preset"] for r in stored.values() if r.get("preset") not in (None, preset)})
+        if others:
+            count = sum(r.get("preset") in others for r in stored.values())
+            raise ConfigError(
+                f"{out / suite.name} holds {count} results of the {', '.join(others)} preset; results of another "
+                f"preset would be mixed with them in the report, its statistics and its grid choices; give --preset "
+                f"{preset} another --out folder, or move those results away"
+            )
 
 
 def read_log(run_dir: Path) -> list[dict[str, Any]]:
@@ -136,6 +156,9 @@ def _train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     """Train (resuming a killed run of the same configuration, else from scratch) and collect the result."""
     cfg = spec.train_config(str(run_dir))
     resume = spec.kind not in TIMED_KINDS and _can_resume(run_dir, cfg)  # a timing is always measured afresh
+    # the epochs a killed process trained (training, refresh and validation seconds, as logged)
+    before = sum(row.get(k, 0.0) for row in read_log(run_dir) for k in ("seconds", "seconds_refresh", "seconds_val")
+                 ) if resume else 0.0
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     # The run's progress lines and warnings go to a log beside its folder, not between the suite's lines.
     # Named by appending: with_suffix would cut "sigma=0.1__s0" at its dot, so grid runs would share one log.
@@ -144,7 +167,7 @@ def _train(spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     history = read_log(run_dir)
     key = VAL_KEYS[cfg.split]
     return {"config": cfg.to_dict(), "summary": summary, "val_key": key, "best_val": best_val(history, key),
-            "history": history}
+            "history": history, "seconds_before_resume": before}
 
 
 def _refresh_seconds(spec: RunSpec, run_dir: Path) -> float:
@@ -548,6 +571,9 @@ def _run_one(spec: RunSpec, label: str, *, suite: Suite, preset: Preset, folder:
         if spec.kind in TIMED_KINDS:
             result["code"] = timed_code(spec.kind)
         result.update(execute(spec, folder))
+        # a stored result continued, or a killed run resumed: the time spent before counts (the larger, as a
+        # continued run's log also holds its stored epochs)
+        earlier = max(earlier, result.pop("seconds_before_resume", 0.0))
         result["wall_seconds"] = earlier + time.perf_counter() - start
         result["started"] = started  # this call's part of the wall time ran from here to ``date``
     result.update(command=command, commit=commit, date=_now(), machine=host)
@@ -606,6 +632,7 @@ def run_suite(
     todo = sorted((s for s in every if not (worker and s.kind in TIMED_KINDS)), key=lambda s: (s.role != "grid", s.pick is not None))
     if suite.uses_unseen_subset and preset.unseen_subset:
         prepare_unseen_subset(out / "data" / UNSEEN_SUBSET)
+    check_one_preset(out, preset.name)
     commit, host = git_commit(Path(__file__).parent), machine()
     claims = Claims(folder)
     results = load_results(folder)

@@ -453,7 +453,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"knnsolver: error: {exc.strerror or exc}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
-        print(f"knnsolver: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
+        if launch_rank() == 0:  # under torchrun rank 0 alone says what is saved
+            print(f"knnsolver: interrupted{'; ' + str(exc) if str(exc) else ''}", file=sys.stderr)
         return 130
 
 

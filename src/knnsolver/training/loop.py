@@ -108,6 +108,7 @@ def end_epoch(run: Run, optimizer: torch.optim.Optimizer, scaler: torch.amp.Grad
     save_checkpoint(
         {"config": config.to_dict(), "model": run.model.state_dict(), "solver": run.solver.state_dict(),
          "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch, "history": history,
+         "world_size": distributed.world_size(),
          "solver_options": run.solver_options,
          "best_score": best_score, "bn_current": run.bn_current, "data": fingerprint},
         out / CHECKPOINT,

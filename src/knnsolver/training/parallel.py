@@ -44,6 +44,21 @@ def check_same_config(config: TrainConfig) -> None:
         raise ConfigError("the processes were launched with different settings; give every process the same flags")
 
 
+def check_same_data(fingerprint: dict[str, Any], device: torch.device) -> None:
+    """Refuse, on every process, a launch whose processes loaded different data (``fingerprint``: this
+    process's :func:`~knnsolver.data.data_fingerprint`); the folders may differ between machines, the data not."""
+    if not distributed.is_distributed():
+        return
+    main = distributed.broadcast_object(fingerprint)
+    differs = main != fingerprint
+    if distributed.all_reduce_sum(torch.tensor([float(differs)], device=device)).item():
+        rows = lambda fp: ", ".join(f"{k} {fp.get(k)}" for k in ("train", "val", "test"))  # noqa: E731
+        here = (f"; this process (rank {distributed.rank()}) has rows {rows(fingerprint)}, hash {fingerprint.get('hash')}"
+                if differs else "")
+        raise ConfigError(f"the processes loaded different data: rank 0 has rows {rows(main)}, hash {main.get('hash')}"
+                          f"{here}; give every process the same data (its --data-dir may differ, its content not)")
+
+
 def on_main(work: Callable[[], Any]) -> Any:
     """Run ``work`` on rank 0 and hand its result, or the error it raised, to every process.
 

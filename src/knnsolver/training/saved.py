@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from knnsolver import distributed
 from knnsolver.data import data_fingerprint
 from knnsolver.errors import ConfigError, DataError
 from knnsolver.training.checkpoint import load_checkpoint, write_json
@@ -38,6 +39,7 @@ def test_summary(run: Run, out: Path, history: list[dict[str, Any]]) -> dict[str
                                "best_val_metric": key, "best_val_score": best_row.get(key),
                                "model": run.model_name, "model_parameters": sum(p.numel() for p in run.model.parameters()),
                                "device": str(run.device), "threads": torch.get_num_threads(),
+                               "world_size": distributed.world_size(),  # processes; batch_size is per process
                                "evaluation_geometry": evaluation_geometry(run)}
     summary.update(run.evaluate(run.data.test, "test_"))
     return summary

@@ -70,7 +70,7 @@ from knnsolver.training.batchnorm import batchnorm_layers
 from knnsolver.training.checkpoint import load_checkpoint, write_json
 from knnsolver.training.config import TrainConfig
 from knnsolver.training.lr_groups import parameter_groups
-from knnsolver.training.parallel import check_same_config, on_main
+from knnsolver.training.parallel import check_same_config, check_same_data, on_main
 from knnsolver.training.progress import Progress
 from knnsolver.training.run import (BEST, CHECKPOINT, CONFIG, Run, build_run, configured_options, describe_run,
                                     epoch_seed, select_key, stopped_on_patience, unrecorded_options,
@@ -112,6 +112,11 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, folder: RunFol
         changes = "; ".join(f"{k}: saved {saved.get(k)!r}, now {wanted[k]!r}" for k in differ)
         raise ConfigError(f"cannot resume {out}: settings other than epochs and patience differ from the saved run's ({changes}); "
                           "resume with the saved settings, or start a new run with another --out")
+    trained_on = state.get("world_size")  # recorded from session 15 on
+    if trained_on is not None and trained_on != distributed.world_size():
+        raise ConfigError(f"cannot resume {out}: it was trained on {trained_on} process(es) and this launch has "
+                          f"{distributed.world_size()}, which would change its batches (batch_size is per process); "
+                          f"resume with {trained_on} process(es), or start a new run with another --out")
     if "solver_options" not in state:  # checkpoints before they were kept there: best.pt's, else as load_saved
         recorded = load_checkpoint(out / BEST).get("solver_options") if (out / BEST).is_file() else None
         state["solver_options"] = (recorded if recorded is not None
@@ -151,7 +156,8 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
     try:
         return _train_in(config, resume, overwrite, model, folder)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(_interrupted_message(config, folder)) from None
+        # rank 0 alone says what is saved: another process may not see the run folder (another machine)
+        raise KeyboardInterrupt(_interrupted_message(config, folder) if distributed.is_main() else "") from None
     finally:
         on_main(folder.close)
 
@@ -179,7 +185,8 @@ def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Modu
                           f"(val_fraction={config.val_fraction}); set val_fraction above 0, or patience to 0")
     for line in describe_run(run):
         progress.say(line)
-    fingerprint = on_main(lambda: data_fingerprint(run.data))
+    fingerprint = data_fingerprint(run.data)
+    check_same_data(fingerprint, run.device)
     optimizer = loop.build_optimizer(config, parameter_groups(run.model, run.solver, config.lr, config.backbone_lr), run.device)
     scaler = torch.amp.GradScaler(run.device.type, enabled=config.precision == "fp16")
     history: list[dict[str, Any]] = []
