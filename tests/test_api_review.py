@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import io
+import re
 import warnings
 
 import numpy as np
@@ -205,3 +206,24 @@ def test_fresh_neighbours_without_row_indices_warn_once_in_training():
         fresh = RBFSolver(D, C, 40, k=5, neighbour_mode="fresh", sigma=1.0)
         fresh.refresh(x, y)
         fresh(x[:8], y[:8], torch.arange(8))  # with row indices: no warning
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("hal", {"tau": "0.1"}, "solver 'hal' option tau must be a number, got '0.1' (a str)"),
+    ("rbf", {"k": "5"}, "solver 'rbf' option k must be an integer, got '5' (a str)"),
+    ("rbf", {"k": 5.5}, "solver 'rbf' option k must be an integer, got 5.5"),
+    ("crc", {"lam": None}, "solver 'crc' option lam must be a number, got None"),
+    ("triplet", {"margin": [0.1]}, "solver 'triplet' option margin must be a number, got [0.1]"),
+    ("hal", {"embedding_dim": "8"}, "embedding_dim must be an integer, got '8' (a str)"),
+    ("hal", {"embedding_dim": 8.0}, "embedding_dim must be an integer, got 8.0"),
+])
+def test_options_of_the_wrong_type_are_refused_by_name(name, options, message):
+    """They reached the constructor: a raw TypeError ('>' not supported between 'str' and 'int'), or k=5.5
+    truncated to 5 without a word."""
+    kwargs = {"embedding_dim": 8, "num_classes": 4, **options}
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        SOLVERS.build(name, **kwargs)
+
+
+def test_an_integer_for_a_float_option_is_taken():
+    assert SOLVERS.build("hal", embedding_dim=8, num_classes=4, tau=1).tau == 1.0

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
+from knnsolver.constraints import check_type
 from knnsolver.docstrings import one_line, option_docs
 from knnsolver.errors import ConfigError
 
@@ -77,7 +78,7 @@ class Registry:
         if unknown:
             valid = ", ".join(o.name for o in options_of(cls))
             raise ConfigError(f"{self.kind} {name!r} has no option {', '.join(unknown)}; its options are: {valid}")
-        return cls(**kwargs)
+        return cls(**check_options(cls, kwargs, f"{self.kind} {name!r}"))
 
 
 _SIMPLE = (bool, int, float, str)
@@ -120,6 +121,19 @@ def options_of(cls: Any, skip: tuple[str, ...] = ()) -> list[Option]:
             continue
         out.append(Option(p.name, p.default, base, one_line(docs.get(p.name, "")), choices, words))
     return out
+
+
+def check_options(cls: Any, values: dict[str, Any], what: str) -> dict[str, Any]:
+    """``values`` with each option of ``cls`` (:func:`options_of`) type-checked, and an int given for a float made
+    a float (:func:`~knnsolver.constraints.check_type`); one of an option's words (``"auto"``) and other keywords
+    pass as they are."""
+    options = {o.name: o for o in options_of(cls)}
+    checked = dict(values)
+    for name, value in values.items():
+        opt = options.get(name)
+        if opt is not None and not (isinstance(value, str) and value in opt.words):
+            checked[name] = check_type(f"{what} option {name}", value, opt.type, optional=opt.default is None)
+    return checked
 
 
 def parse_value(text: str, kind: type, optional: bool = False, words: tuple[str, ...] = ()) -> Any:

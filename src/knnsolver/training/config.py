@@ -255,14 +255,9 @@ class TrainConfig:
 
     def _check_solver_options(self) -> None:
         """Type-check the solver's options against its constructor (unknown names are refused when it is built)."""
-        from knnsolver.registry import SOLVERS, options_of
+        from knnsolver.registry import SOLVERS, check_options
 
-        options = {o.name: o for o in options_of(SOLVERS.get(self.solver))}
-        for name, value in self.solver_options.items():
-            if name in options and value not in options[name].words:  # a word such as sigma's "auto" is kept
-                opt = options[name]
-                self.solver_options[name] = check_type(f"solver option {name}", value, opt.type,
-                                                       optional=opt.default is None)
+        self.solver_options = check_options(SOLVERS.get(self.solver), self.solver_options, "solver")
 
     @property
     def eval_rows(self) -> int:
