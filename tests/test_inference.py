@@ -327,7 +327,7 @@ def test_bad_inputs_are_one_clear_error(runs, tmp_path):
             model.predict(inputs)
     with pytest.raises(ConfigError, match="does not exist or is not a folder"):
         knnsolver.load(tmp_path / "no-run")
-    with pytest.raises(ConfigError, match="is not a finished knnsolver run"):
+    with pytest.raises(ConfigError, match="is not a knnsolver run: config.json is missing"):
         knnsolver.load(tmp_path / "empty")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="no CUDA GPU is visible"):

@@ -7,15 +7,15 @@ Training runs through :func:`knnsolver.training.train` or the ``knnsolver`` comm
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from knnsolver.interfaces import EpochContext, NeighbourSearch, Solver
 from knnsolver.registry import DATASETS, MODELS, SEARCHES, SOLVERS
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from knnsolver.inference import KnnModel
+    from knnsolver.interfaces import EpochContext, NeighbourSearch, Solver
 
 __version__ = "0.1.0"
 __all__ = ["EpochContext", "NeighbourSearch", "Solver", "DATASETS", "MODELS", "SEARCHES", "SOLVERS", "load",
@@ -27,3 +27,12 @@ def load(path: str | Path, device: str = "cpu") -> KnnModel:
     from knnsolver.inference import load as load_model
 
     return load_model(path, device)
+
+
+def __getattr__(name: str) -> Any:
+    """The interfaces, imported on first use: importing the package (the ``knnsolver`` command does) loads no torch."""
+    if name in ("EpochContext", "NeighbourSearch", "Solver"):
+        from knnsolver import interfaces
+
+        return getattr(interfaces, name)
+    raise AttributeError(f"module 'knnsolver' has no attribute {name!r}")

@@ -51,10 +51,12 @@ class Option:
 class Registry:
     """Maps names to lazily imported classes or factories."""
 
-    def __init__(self, kind: str, entries: dict[str, str], descriptions: dict[str, str]) -> None:
+    def __init__(self, kind: str, entries: dict[str, str], descriptions: dict[str, str],
+                 supplied: tuple[str, ...] = ()) -> None:
         self.kind = kind
         self._entries = dict(entries)
         self._descriptions = dict(descriptions)
+        self.supplied = supplied  # constructor arguments the trainer gives (from the data and the run), not options
 
     def names(self) -> list[str]:
         return list(self._entries)
@@ -76,7 +78,7 @@ class Registry:
         takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
         unknown = sorted(set(kwargs) - set(accepted)) if not takes_any else []
         if unknown:
-            valid = ", ".join(o.name for o in options_of(cls))
+            valid = ", ".join(o.name for o in options_of(cls, skip=self.supplied))
             raise ConfigError(f"{self.kind} {name!r} has no option {', '.join(unknown)}; its options are: {valid}")
         return cls(**check_options(cls, kwargs, f"{self.kind} {name!r}"))
 
@@ -159,6 +161,9 @@ def parse_value(text: str, kind: type, optional: bool = False, words: tuple[str,
         raise ConfigError(f"expected a value of type {kind.__name__}{also}, got {text!r}") from None
 
 
+# What the trainer gives every solver's constructor, from the run's settings and its data.
+SOLVER_SIZES = ("embedding_dim", "num_classes", "num_train")
+
 SOLVERS = Registry(
     "solver",
     {
@@ -191,6 +196,7 @@ SOLVERS = Registry(
         "multisimilarity": "pytorch-metric-learning multi-similarity loss",
         "proxyanchor": "pytorch-metric-learning proxy-anchor loss",
     },
+    supplied=SOLVER_SIZES,
 )
 
 SEARCHES = Registry(
@@ -231,7 +237,7 @@ DATASETS = Registry(
         "digits": "scikit-learn's bundled 8x8 digits (default, no download); --augment true = crop:1, no flips (orientation-sensitive)",
         "fashion-mnist": "Fashion-MNIST IDX files (make data); --augment true = crop:2,flip (clothes may be mirrored)",
         "image-folder": "one sub-folder per class (CUB-200 / Cars196 layout; see below); --augment true = scale,flip",
-        "embeddings": "precomputed features + labels from .npy/.npz; no augmentation",
+        "embeddings": "precomputed features + labels: an .npz (x, y) or a folder of features.npy and labels.npy; no augmentation",
         "cub200": "CUB-200-2011 as unpacked (images.txt ...); disjoint: classes 1-100 / 101-200",
         "cub200-bbox": "CUB-200-2011 cropped to bounding_boxes.txt",
         "cars196": "Stanford Cars (cars_annos.mat + car_ims/); disjoint: classes 1-98 / 99-196",

@@ -105,14 +105,15 @@ def _add_solver_flags(parser: argparse.ArgumentParser, solver: str) -> dict[str,
 def _train_parser(solver: str | None) -> tuple[argparse.ArgumentParser, dict[str, str]]:
     from knnsolver.training.config import TrainConfig
 
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog="knnsolver train", description="Train a network with a solver and evaluate it.",
         epilog=f"The solver options listed are those of --solver ({TrainConfig.solver} unless given); "
                "knnsolver train --solver NAME --help lists solver NAME's, and knnsolver solvers lists every solver "
                "with its options. A config file sets solver options under solver_options.")
     parser.add_argument("--config", help="JSON or TOML file of settings (keys as the flags, with underscores)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    parser.add_argument("--overwrite", action="store_true",
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    start.add_argument("--overwrite", action="store_true",
                         help="replace an existing run in --out; the old run stays until the new one saves its first epoch")
     _add_train_flags(parser)
     dests = _add_solver_flags(parser, solver) if solver else {}
@@ -122,7 +123,7 @@ def _train_parser(solver: str | None) -> tuple[argparse.ArgumentParser, dict[str
 def cmd_train(argv: Sequence[str]) -> int:
     from knnsolver.training import TrainConfig, load_config_file, train
 
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = argparse.ArgumentParser(allow_abbrev=False, add_help=False)
     pre.add_argument("--config")
     pre.add_argument("--solver")
     known, _ = pre.parse_known_args(argv)
@@ -166,7 +167,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
     from knnsolver.training import evaluate_saved
     from knnsolver.training.checkpoint import write_json
 
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog="knnsolver eval",
         description="Re-evaluate a saved run's best checkpoint on its test split; nothing in the run folder is written.",
     )
@@ -188,7 +189,7 @@ def cmd_embed(argv: Sequence[str]) -> int:
 
     from knnsolver.training import embed_saved
 
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(allow_abbrev=False, 
         prog="knnsolver embed", description="Write a saved run's embeddings and labels to .npy files."
     )
     parser.add_argument("run_dir", help="folder written by knnsolver train")
@@ -210,7 +211,7 @@ def cmd_embed(argv: Sequence[str]) -> int:
 
 
 def cmd_datasets(argv: Sequence[str]) -> int:
-    argparse.ArgumentParser(prog="knnsolver datasets", description="List datasets.").parse_args(argv)
+    argparse.ArgumentParser(allow_abbrev=False, prog="knnsolver datasets", description="List datasets.").parse_args(argv)
     for name in DATASETS.names():
         print(f"{name:16s} {DATASETS.describe(name)}")
     from knnsolver.data.datasets import IMAGE_FOLDER_HELP
@@ -221,7 +222,7 @@ def cmd_datasets(argv: Sequence[str]) -> int:
 
 def _list_options(registry: Registry, command: str, argv: Sequence[str]) -> int:
     """List a registry's entries with their options; with a name, that entry's options with their help lines."""
-    parser = argparse.ArgumentParser(prog=f"knnsolver {command}",
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog=f"knnsolver {command}",
                                      description=f"List {command} and their options, or explain one {registry.kind}'s.")
     parser.add_argument("name", nargs="?", choices=registry.names(), help="explain this one's options")
     args = parser.parse_args(argv)
@@ -253,7 +254,7 @@ def cmd_searches(argv: Sequence[str]) -> int:
 
 
 def _model_parser(command: str, description: str, inputs: bool = True) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=f"knnsolver {command}", description=description)
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog=f"knnsolver {command}", description=description)
     parser.add_argument("run_dir", metavar="RUN",
                         help="a run folder written by knnsolver train, or a model folder written by add-classes")
     if inputs:
@@ -380,6 +381,8 @@ def cmd_export(argv: Sequence[str]) -> int:
     parser.add_argument("--atol", type=_flag_type(float), default=1e-4,
                         help="largest embedding difference the check accepts (default: 1e-4)")
     args = parser.parse_args(argv)
+    if not args.atol >= 0:  # before the folder is made and the model loaded
+        raise ConfigError(f"--atol must be >= 0 (the largest embedding difference accepted), got {args.atol}")
     _writable_target(args.out)
     report = load(args.run_dir, args.device).export(args.out, args.format, args.atol)
     print(json.dumps(report, indent=2))

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from knnsolver.constraints import check_choice
-from knnsolver.errors import DataError, MissingDependencyError, StorageError
+from knnsolver.errors import ConfigError, DataError, MissingDependencyError, StorageError
 
 if TYPE_CHECKING:
     from knnsolver.inference.model import KnnModel
@@ -98,6 +98,8 @@ def export(model: KnnModel, path: str | Path, format: str = "torchscript", atol:
     from knnsolver.training.checkpoint import new_file_mode, write_json, write_npy
 
     check_choice("export format", format, FORMATS)
+    if not atol >= 0:
+        raise ConfigError(f"export atol must be >= 0 (the largest embedding difference accepted), got {atol}")
     path = Path(path)
     if path.is_dir():
         raise StorageError(f"--out {path} is a folder; give a file name for the exported network")

@@ -391,13 +391,24 @@ class KnnModel:
     @classmethod
     def _from_run(cls, folder: Path, device: str) -> KnnModel:
         from knnsolver.training.checkpoint import load_checkpoint
-        from knnsolver.training.run import BEST, SUMMARY
+        from knnsolver.data import data_fingerprint
+        from knnsolver.training.config import load_config_file
+        from knnsolver.training.run import BEST, SUMMARY, resume_command, warn_if_data_changed
+        from knnsolver.training.runfolder import training_holder
         from knnsolver.training.saved import load_saved
 
         run, out = load_saved(folder, device)
         if not (out / SUMMARY).is_file():
-            raise ConfigError(f"{out} holds an unfinished run (no {SUMMARY}); finish it with knnsolver train --config "
-                              f"{out / 'config.json'} --resume before using it")
+            holder = training_holder(out)
+            raise ConfigError(f"{out} is still training ({holder}); use it once that training has finished" if holder
+                              else f"{out} holds an unfinished run (no {SUMMARY}); finish it with "
+                                   f"{resume_command(out)} before using it")
+        try:
+            recorded = load_config_file(out / SUMMARY).get("data_fingerprint")
+        except (ConfigError, AttributeError):
+            recorded = None
+        warn_if_data_changed(recorded, data_fingerprint(run.data), str(out),
+                             "its reference set is built from the data as it is now, not as the run was trained on")
         try:
             run.load_weights(load_checkpoint(out / BEST))
         except RuntimeError as err:  # the weights no longer fit the data (rows or classes changed since training)

@@ -257,6 +257,11 @@ class TrainConfig:
         """Type-check the solver's options against its constructor (unknown names are refused when it is built)."""
         from knnsolver.registry import SOLVERS, check_options
 
+        for name in SOLVERS.supplied:
+            if name in self.solver_options:
+                what = "use the embedding_dim setting" if name == "embedding_dim" else "it comes from the data"
+                raise ConfigError(f"solver_options cannot set {name}: the trainer gives it to the solver ({what}); "
+                                  "remove it from solver_options")
         self.solver_options = check_options(SOLVERS.get(self.solver), self.solver_options, "solver")
 
     @property
@@ -369,6 +374,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        raise ConfigError(f"config file {path} is YAML; write it as JSON (.json) or TOML (.toml)")
     try:
         if path.suffix == ".toml":
             import tomllib

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import shlex
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,11 @@ from knnsolver.training.config import TrainConfig
 from knnsolver.training.progress import Progress
 
 CHECKPOINT, BEST, CONFIG, LOG, SUMMARY = "checkpoint.pt", "best.pt", "config.json", "log.jsonl", "summary.json"
+
+
+def resume_command(out: Path) -> str:
+    """The command that finishes the run in ``out``, wherever the folder now is (its config names the old place)."""
+    return f"knnsolver train --config {shlex.quote(str(out / CONFIG))} --out {shlex.quote(str(out))} --resume"
 
 
 def seed_everything(seed: int) -> None:
@@ -187,7 +193,7 @@ def build_run(config: TrainConfig, model: nn.Module | None = None, progress: Pro
         config.solver, embedding_dim=config.embedding_dim, num_classes=data.num_classes, num_train=len(data.train),
         **options,
     )
-    effective = {o.name: o.default for o in options_of(cls, skip=("embedding_dim", "num_classes", "num_train"))}
+    effective = {o.name: o.default for o in options_of(cls, skip=SOLVERS.supplied)}
     device = config.torch_device
     if device.type == "cuda" and len(data.input_shape) == 3:
         model = model.to(memory_format=torch.channels_last)  # faster convolutions on GPUs

@@ -47,6 +47,21 @@ def prepare_folder(path: Path) -> None:
         raise _storage_error(path, err, "create the run folder") from None
 
 
+def training_holder(folder: Path) -> str | None:
+    """Who holds ``folder``'s run lock (a training in progress: its pid, host and start), or ``None``."""
+    try:
+        fd = os.open(folder / LOCK, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 500, 0).decode(errors="replace").strip() or "another process"
+    finally:
+        os.close(fd)  # closing drops a lock taken here
+    return None
+
+
 class _Lock:
     """An exclusive, non-blocking ``flock`` on ``folder/.lock``."""
 

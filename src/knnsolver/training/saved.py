@@ -13,8 +13,9 @@ from knnsolver.data import data_fingerprint
 from knnsolver.errors import ConfigError, DataError
 from knnsolver.training.checkpoint import load_checkpoint, write_json
 from knnsolver.training.config import TrainConfig, load_config_file
-from knnsolver.training.run import (BEST, CHECKPOINT, CONFIG, SUMMARY, Run, build_run, select_key, stopped_on_patience,
-                                    unrecorded_options, warn_if_data_changed)
+from knnsolver.training.runfolder import training_holder
+from knnsolver.training.run import (BEST, CHECKPOINT, CONFIG, SUMMARY, Run, build_run, resume_command, select_key,
+                                    stopped_on_patience, unrecorded_options, warn_if_data_changed)
 
 
 def test_summary(run: Run, out: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
@@ -95,9 +96,18 @@ def load_saved(out: str | Path, device: str | None = None) -> tuple[Run, Path]:
     out = Path(out)
     if not out.is_dir():  # worded as predict, search and export word it
         raise ConfigError(f"{out} does not exist or is not a folder; give a run folder written by knnsolver train")
-    for name in (CONFIG, BEST, CHECKPOINT):
-        if not (out / name).is_file():
-            raise ConfigError(f"{out} is not a finished knnsolver run: {name} is missing")
+    if not (out / CONFIG).is_file() and (out / "model.pt").is_file():
+        raise ConfigError(f"{out} is a model folder (written by add-classes --out or KnnModel.save), not a training "
+                          "run: predict, search, add-classes and export take it; eval and embed need the run it came from")
+    if not (out / CONFIG).is_file():
+        raise ConfigError(f"{out} is not a knnsolver run: {CONFIG} is missing")
+    if not (out / BEST).is_file():
+        if holder := training_holder(out):
+            raise ConfigError(f"{out} is still training ({holder}) and has no {BEST} yet; use it once it has")
+        interrupted = (out / CHECKPOINT).is_file()
+        raise ConfigError(f"{out} has no {BEST} yet" + (
+            f" (a run without validation keeps its last epoch, at the end): finish it with {resume_command(out)}"
+            if interrupted else ": no epoch of it has finished"))
     try:
         config = TrainConfig.from_dict(load_config_file(out / CONFIG))
     except ConfigError as err:
@@ -107,7 +117,14 @@ def load_saved(out: str | Path, device: str | None = None) -> tuple[Run, Path]:
         config.device = device
     saved = load_checkpoint(out / BEST).get("solver_options")
     config.solver_options = dict(saved) if saved is not None else {**unrecorded_options(config), **config.solver_options}
-    return build_run(config), out
+    try:
+        return build_run(config), out
+    except DataError as err:  # the run is rebuilt from its training data, which has gone or moved
+        where = "" if config.data_dir is None or Path(config.data_dir).is_absolute() else (
+            f" (recorded as {config.data_dir!r}, relative to the folder training ran in)")
+        raise DataError(f"the run in {out} needs its training data to load, and it cannot be read{where}: {err}; "
+                        "restore it, or use a model folder (add-classes --out, KnnModel.save), which loads without "
+                        "it") from None
 
 
 def evaluate_saved(out: str | Path, unfinished: bool = False) -> dict[str, Any]:
@@ -119,6 +136,9 @@ def evaluate_saved(out: str | Path, unfinished: bool = False) -> dict[str, Any]:
     run's recorded fingerprint differs), since the number then describes other data.
     """
     run, out = load_saved(out)
+    if not (out / CHECKPOINT).is_file():
+        raise ConfigError(f"{out} has no {CHECKPOINT} (its history), which eval needs; predict and export work "
+                          "without it")
     state = load_checkpoint(out / CHECKPOINT)
     done = state.get("epoch", -1) + 1
     trained = done >= run.config.epochs or stopped_on_patience(run.config, state["history"])
@@ -126,8 +146,8 @@ def evaluate_saved(out: str | Path, unfinished: bool = False) -> dict[str, Any]:
     if not finished and not unfinished:
         raise ConfigError(
             f"{out} holds an unfinished run ({done} of {run.config.epochs} epochs, "
-            f"{'no ' if not (out / SUMMARY).is_file() else ''}{SUMMARY}); finish it with knnsolver train --config "
-            f"{out / CONFIG} --resume, or pass --unfinished to score its best epoch so far"
+            f"{'no ' if not (out / SUMMARY).is_file() else ''}{SUMMARY}); finish it with {resume_command(out)}, "
+            "or pass --unfinished to score its best epoch so far"
         )
     recorded = state.get("data")
     if recorded is None and (out / SUMMARY).is_file():

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import gc
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,8 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, folder: RunFol
         saved = TrainConfig.from_dict(state["config"]).to_dict()
     except (KeyError, ConfigError) as err:
         raise DataError(f"cannot resume {out}: its checkpoint holds no valid configuration ({err})") from None
+    if saved["data_dir"] is not None:  # a run saved before paths were made absolute: relative to this folder
+        saved["data_dir"] = os.path.abspath(saved["data_dir"])
     wanted = config.to_dict()
     differ = sorted(k for k in wanted if k not in _RESUMABLE_CHANGES and saved.get(k) != wanted[k])
     if differ:
@@ -151,6 +154,8 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, mo
 
 def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module | None) -> dict[str, Any]:
     config.validate()  # every value typed and in range before any file is touched
+    if config.data_dir is not None:  # recorded as an absolute path, so the saved run loads from any folder
+        config = replace(config, data_dir=os.path.abspath(config.data_dir))
     check_same_config(config)
     folder = RunFolder(Path(config.out))
     try:
