@@ -131,6 +131,9 @@ def test_nca_loss_is_zero_without_a_positive_pair_and_nan_for_non_finite_embeddi
     loss = solver(emb, torch.arange(4))
     loss.backward()
     assert loss.item() == 0.0 and torch.equal(emb.grad, torch.zeros_like(emb))
+    paired = torch.tensor([0, 0, 1, 2])  # with a positive pair the loss is pml's own
+    raw = solver.loss(emb.detach(), paired)
+    assert torch.isfinite(raw) and solver(emb.detach(), paired).item() == pytest.approx(raw.item())
     bad = torch.randn(4, D)
     bad[0, 0] = float("nan")
     from knnsolver.hostsync import accelerator_paths
@@ -156,12 +159,14 @@ def _brute_force(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     return float(np.mean(hits)), float(np.mean(maps))
 
 
-@pytest.mark.parametrize("offset, spread, dim", [(20.0, 0.1, 64), (100.0, 0.01, 8), (50.0, 1.0, 128)])
+@pytest.mark.parametrize("offset, spread, dim", [(20.0, 0.1, 64), (100.0, 0.01, 8), (50.0, 1.0, 128), (1000, 0, 3)])
 def test_retrieval_ranks_points_far_from_the_origin_as_float64_does(offset, spread, dim):
     """The float32 expansion ||q||^2 - 2 q.p + ||p||^2 lost the distances of points far from the origin for their
-    spread (recall@1 0.1300 against 0.1267 for the first case); a common shift changes no distance."""
+    spread (recall@1 0.1300 against 0.1267 for the first case); a common shift changes no distance. Integer
+    points (spread 0 here: a grid of +-3 around the offset) keep exact distances, so equal ones tie by index."""
     rng = np.random.default_rng(0)
-    x = (rng.normal(size=(300, dim)) * spread + offset).astype(np.float32)
+    x = (rng.normal(size=(300, dim)) * spread + offset if spread else
+         rng.integers(-3, 4, size=(300, dim)) + offset).astype(np.float32)
     y = rng.integers(0, 10, 300)
     recall, map_r = _brute_force(x.astype(np.float64), y)
     got = retrieval_metrics(x, y)
@@ -189,6 +194,12 @@ def test_a_bank_too_small_for_any_neighbour_says_so(num_train, expected):
     """It advised 'use k <= 0' (and 'k <= -1'), values that are themselves refused."""
     with pytest.raises(ConfigError, match=expected):
         RBFSolver(8, 4, num_train=num_train, k=1)
+
+
+def test_the_package_lists_its_lazy_interfaces():
+    import knnsolver
+
+    assert {"Solver", "EpochContext", "NeighbourSearch", "SOLVERS", "load"} <= set(dir(knnsolver))
 
 
 def test_fresh_neighbours_without_row_indices_warn_once_in_training():

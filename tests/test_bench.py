@@ -1143,3 +1143,13 @@ def test_the_source_fingerprint_follows_the_timed_code_only(tmp_path):
     assert runner.source_fingerprint(tmp_path, names) == before
     (tmp_path / "interfaces.py").write_text('"""A module."""\n\n\ndef f(x):\n    return 3 * x\n')
     assert runner.source_fingerprint(tmp_path, names) != before
+
+
+def test_a_refused_preset_writes_nothing_into_the_folder(tmp_path):
+    """The unseen-classes subset was written into the folder before the preset check refused the run."""
+    (tmp_path / "classification").mkdir()
+    (tmp_path / "classification" / "softmax__final__s0.json").write_text(
+        json.dumps({"run_id": "softmax__final__s0", "preset": "tiny"}))
+    with pytest.raises(ConfigError, match="holds 1 results of the tiny preset"):  # full: a subset it would write
+        runner.run_suite(get_suite("unseen-classes"), get_preset("full"), tmp_path, ["rbf"], [0])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["classification"]

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,23 +57,28 @@ def test_a_run_on_a_relative_data_folder_loads_from_any_folder(tmp_path, capsys,
 
 
 def test_a_resume_keeps_a_run_recorded_with_a_relative_data_folder(tmp_path, capsys, monkeypatch):
-    """Runs saved before data folders were made absolute resume from the folder they were trained in."""
+    """Runs saved before data folders were made absolute resume from the folder they were trained in, without a
+    warning that their data changed (their fingerprint holds the image paths as then spelled)."""
+    from knnsolver.training import trainer
+
     _image_folder(tmp_path / "imf")
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(capsys, "train", "--dataset", "image-folder", "--data-dir", "imf", "--solver", "hal",
-                           "--out", "run", *TINY, "--lr-schedule", "constant")
+    with monkeypatch.context() as old:  # as a version before session 15 recorded it: the path as typed
+        old.setattr(trainer, "_data_dir_as_recorded", lambda config, state: config)
+        code, _, err = run_cli(capsys, "train", "--dataset", "image-folder", "--data-dir", "imf", "--solver", "hal",
+                               "--out", "run", *TINY, "--lr-schedule", "constant")
     assert code == 0, err
-    for name in ("config.json",):  # as an older version wrote it
-        path = tmp_path / "run" / name
-        path.write_text(json.dumps({**json.loads(path.read_text()), "data_dir": "imf"}))
-    from knnsolver.training.checkpoint import load_checkpoint, save_checkpoint
-
-    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
-    save_checkpoint({**state, "config": {**state["config"], "data_dir": "imf"}}, tmp_path / "run" / "checkpoint.pt")
-    code, _, err = run_cli(capsys, "train", "--dataset", "image-folder", "--data-dir", "imf", "--solver", "hal",
-                           "--out", "run", *TINY[:-6], "--epochs", "2", "--plots", "off", "--progress", "false",
-                           "--lr-schedule", "constant", "--resume")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["data_dir"] == "imf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, _, err = run_cli(capsys, "train", "--config", "run/config.json", "--epochs", "2", "--resume")
     assert code == 0 and "resuming run: 1 of 2 epochs trained" in err, err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        code, _, err = run_cli(capsys, "train", "--dataset", "image-folder", "--data-dir", str(tmp_path / "imf"),
+                               "--solver", "hal", "--out", "run", *TINY[:-6], "--epochs", "3", "--plots", "off",
+                               "--progress", "false", "--lr-schedule", "constant", "--resume")
+    assert code == 0 and "resuming run: 2 of 3 epochs trained" in err, err  # the same folder, spelled absolute
 
 
 @pytest.mark.parametrize("name", ["num_train", "num_classes", "embedding_dim"])
@@ -165,8 +171,8 @@ def test_a_yaml_config_is_named_as_such(tmp_path, capsys):
     one_line_error(code, err, "is YAML; write it as JSON (.json) or TOML (.toml)")
 
 
-def test_a_training_in_progress_is_named_by_predict(finished_run, tmp_path, capsys):
-    """add-classes --in-place on a run still training advised a --resume that the lock then refused."""
+def test_a_training_in_progress_is_named_by_predict_and_eval(finished_run, tmp_path, capsys):
+    """add-classes --in-place (and eval) on a run still training advised a --resume that the lock then refused."""
     from knnsolver.training.runfolder import RunFolder
 
     copy = tmp_path / "copy"
@@ -177,6 +183,8 @@ def test_a_training_in_progress_is_named_by_predict(finished_run, tmp_path, caps
     try:
         code, _, err = run_cli(capsys, "predict", copy, tmp_path / "none.npy")
         one_line_error(code, err, "is still training (pid ", "use it once that training has finished")
+        code, _, err = run_cli(capsys, "eval", copy)
+        one_line_error(code, err, "is still training (pid ", "evaluate it once that training has finished")
     finally:
         folder.close()
 

@@ -6,6 +6,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -154,7 +155,6 @@ def test_processes_with_different_settings_are_refused(tmp_path):
 def test_processes_that_loaded_different_data_are_refused(tmp_path):
     """The data folder may differ between machines, so the flags' check left it out; nothing compared the data
     (labels shuffled on one process trained silently; fewer rows aborted in gloo)."""
-    import numpy as np
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
@@ -173,6 +173,26 @@ def test_processes_that_loaded_different_data_are_refused(tmp_path):
         assert not (tmp_path / other / "config.json").exists()
 
 
+def test_the_same_images_at_another_path_are_the_same_data(tmp_path):
+    """Another machine's copy of an image folder (another path, other modification times) was refused as other
+    data: the check compared the image files' absolute paths and times."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for j in range(12):
+            pixels = rng.integers(0, 60, (8, 8)).astype(np.uint8)
+            pixels[c * 2 : c * 2 + 3] = 230
+            Image.fromarray(pixels).save(tmp_path / "imgs" / f"c{c}" / f"{j}.png")
+    shutil.copytree(tmp_path / "imgs", tmp_path / "copy", copy_function=shutil.copyfile)  # new times
+    cfg = _config(tmp_path, dataset="image-folder", data_dir=str(tmp_path / "imgs"), solver="hal", solver_options={},
+                  epochs=1, batch_size=8)
+    results = dist_workers.spawn(dist_workers.train_run, tmp_path, cfg, False, False,
+                                 {1: {"data_dir": str(tmp_path / "copy")}})
+    assert all("summary" in res for res in results), results
+
+
 def test_a_resume_on_another_number_of_processes_is_refused(tmp_path):
     """batch_size is per process, so another process count changes the run's batches; it was accepted silently."""
     from knnsolver.training import TrainConfig, train
@@ -181,6 +201,9 @@ def test_a_resume_on_another_number_of_processes_is_refused(tmp_path):
     cfg = dict(dataset="digits", solver="hal", epochs=1, width=4, embedding_dim=8, max_per_class=30,
                out=str(tmp_path / "run"), progress=False, plots=False)
     assert train(TrainConfig(**cfg))["world_size"] == 1
+    from knnsolver.training import evaluate_saved
+
+    assert "world_size" not in evaluate_saved(tmp_path / "run")  # eval runs on 1 process: not the training's count
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["world_size"] == 1
     save_checkpoint({**state, "world_size": 2}, tmp_path / "run" / "checkpoint.pt")

@@ -36,3 +36,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(interfaces, name)
     raise AttributeError(f"module 'knnsolver' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

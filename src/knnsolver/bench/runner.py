@@ -630,9 +630,9 @@ def run_suite(
     folder = out / suite.name
     every = build_specs(suite, preset, out, solvers, seeds)
     todo = sorted((s for s in every if not (worker and s.kind in TIMED_KINDS)), key=lambda s: (s.role != "grid", s.pick is not None))
+    check_one_preset(out, preset.name)  # before anything is written into the folder
     if suite.uses_unseen_subset and preset.unseen_subset:
         prepare_unseen_subset(out / "data" / UNSEEN_SUBSET)
-    check_one_preset(out, preset.name)
     commit, host = git_commit(Path(__file__).parent), machine()
     claims = Claims(folder)
     results = load_results(folder)

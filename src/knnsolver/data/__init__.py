@@ -74,14 +74,16 @@ class DataBundle:
     val_class_names: list[str] = field(default_factory=list)
 
 
-def data_fingerprint(data: DataBundle) -> dict[str, Any]:
+def data_fingerprint(data: DataBundle, portable: bool = False) -> dict[str, Any]:
     """The rows of each split and a hash of the inputs, rows and labels behind them.
 
     A run records it, so ``knnsolver eval`` and ``--resume`` can tell when the
     data changed since training (a scored number would then describe other data).
+    ``portable`` hashes image files by their paths below the data folder and sizes, so the same data at
+    another path matches (torchrun's processes on several machines compare it).
     """
     digest = hashlib.blake2b(digest_size=16)
-    digest.update(data.train_eval.pool.fingerprint().encode())
+    digest.update(data.train_eval.pool.fingerprint(portable).encode())
     parts = {"train": data.train_eval, "val": data.val, "test": data.test}
     for name, part in parts.items():
         if part is not None:

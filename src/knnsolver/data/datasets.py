@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
 import operator
 import zipfile
 import zlib
@@ -69,8 +70,9 @@ class Pool:
         """Return row ``index`` as a new float32 tensor."""
         raise NotImplementedError
 
-    def fingerprint(self) -> str:
-        """A hash that changes when the pool's content changes (see :func:`knnsolver.data.data_fingerprint`)."""
+    def fingerprint(self, portable: bool = False) -> str:
+        """A hash that changes when the pool's content changes (see :func:`knnsolver.data.data_fingerprint`);
+        ``portable``: the same for the same data at another path (another machine's copy)."""
         raise NotImplementedError
 
 
@@ -88,8 +90,8 @@ class TensorPool(Pool):
         x = self.data[index].to(torch.float32, copy=True)
         return x.mul_(self.scale) if self.scale != 1.0 else x
 
-    def fingerprint(self) -> str:
-        """Hash of the stored values, their dtype, shape and scale."""
+    def fingerprint(self, portable: bool = False) -> str:
+        """Hash of the stored values, their dtype, shape and scale (portable as it is)."""
         digest = hashlib.blake2b(digest_size=16)
         digest.update(f"{self.data.dtype} {tuple(self.data.shape)} {self.scale}".encode())
         digest.update(self.data.contiguous().numpy().tobytes())
@@ -152,9 +154,9 @@ class ImageFilePool(Pool):
             raise DataError(f"cannot read image {path}: {err}; fix or delete the file") from None
         return self.resize(x)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, portable: bool = False) -> str:
         """Hash of every file's path, size and modification time (reading every image would be slow)."""
-        return files_fingerprint(self.paths)
+        return files_fingerprint(self.paths, portable=portable)
 
 
 class CachedImagePool(TensorPool):
@@ -170,18 +172,22 @@ class CachedImagePool(TensorPool):
         super().__init__(data, scale=1.0 / 255.0)
         self.paths = files.paths
 
-    def fingerprint(self) -> str:
-        return files_fingerprint(self.paths)
+    def fingerprint(self, portable: bool = False) -> str:
+        return files_fingerprint(self.paths, portable=portable)
 
 
-def files_fingerprint(paths: list[Path], extra: str = "") -> str:
+def files_fingerprint(paths: list[Path], extra: str = "", portable: bool = False) -> str:
     """Hash of ``extra`` and every file's path, size and modification time (not the contents: reading
-    every image would be slow)."""
+    every image would be slow); ``portable``: each path below the files' common folder, and sizes only, so a
+    copy elsewhere (another machine's) hashes the same."""
     digest = hashlib.blake2b(digest_size=16)
     digest.update(extra.encode())
+    root = os.path.commonpath([str(p) for p in paths]) if portable and paths else ""
     for path in paths:
         st = path.stat()
-        digest.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        line = (f"{os.path.relpath(path, root)}\0{st.st_size}" if portable
+                else f"{path}\0{st.st_size}\0{st.st_mtime_ns}")
+        digest.update(f"{line}\n".encode())
     return digest.hexdigest()
 
 
@@ -205,9 +211,9 @@ class PhotoPool(Pool):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, portable: bool = False) -> str:
         """Hash of the files (:func:`files_fingerprint`), the resize and the boxes."""
-        return files_fingerprint(self.paths, f"{self.resize_size} {self.boxes}")
+        return files_fingerprint(self.paths, f"{self.resize_size} {self.boxes}", portable)
 
     def get(self, index: int) -> Tensor:
         path = self.paths[index]

@@ -9,6 +9,7 @@ wrapped loss, hence of the solver, so the trainer's optimiser trains them.
 """
 from __future__ import annotations
 
+import torch
 from pytorch_metric_learning import distances, losses, miners, regularizers
 from torch import Tensor, nn
 
@@ -148,7 +149,7 @@ class NCASolver(PMLSolver):
     """Batch ``NCALoss(softmax_scale)``: softmax over ``-softmax_scale * ||x̂_i - x̂_j||^2`` within the batch.
 
     A batch in which no label appears twice has no positive pair: its loss is 0 (pml's is the NaN mean of
-    no terms; checked without a host read, so a non-finite embedding still makes the loss NaN).
+    no terms; told from the labels without a host read, so any other NaN stays one).
 
     Options:
         softmax_scale: multiplies the negative squared distances inside the softmax (larger: sharper).
@@ -157,8 +158,9 @@ class NCASolver(PMLSolver):
     needs_balanced_sampler = True
 
     def _pml_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        # NaN here only from the empty mean: non-finite embeddings make the forward's added 0 * sum(x) NaN
-        return super()._pml_loss(embeddings, labels).nan_to_num(nan=0.0)
+        loss = super()._pml_loss(embeddings, labels)
+        positive_pair = (labels.unsqueeze(0) == labels.unsqueeze(1)).sum() > labels.numel()  # beyond the diagonal
+        return torch.where(positive_pair, loss, torch.zeros_like(loss))
 
     def __init__(
         self, embedding_dim: int, num_classes: int, num_train: int = 0, *, softmax_scale: float = 10.0, knn_k: int = 5

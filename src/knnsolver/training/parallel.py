@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from knnsolver import distributed
+from knnsolver.data import DataBundle, data_fingerprint
 from knnsolver.errors import ConfigError
 from knnsolver.training.config import TrainConfig
 
@@ -44,17 +45,27 @@ def check_same_config(config: TrainConfig) -> None:
         raise ConfigError("the processes were launched with different settings; give every process the same flags")
 
 
-def check_same_data(fingerprint: dict[str, Any], device: torch.device) -> None:
-    """Refuse, on every process, a launch whose processes loaded different data (``fingerprint``: this
-    process's :func:`~knnsolver.data.data_fingerprint`); the folders may differ between machines, the data not."""
+def check_same_data(data: DataBundle, device: torch.device) -> None:
+    """Refuse, on every process, a launch whose processes loaded different data (their portable
+    :func:`~knnsolver.data.data_fingerprint`: the folders may differ between machines, the data not). A process
+    that cannot fingerprint its data raises after the collectives, so the others do not wait for it."""
     if not distributed.is_distributed():
         return
-    main = distributed.broadcast_object(fingerprint)
-    differs = main != fingerprint
-    if distributed.all_reduce_sum(torch.tensor([float(differs)], device=device)).item():
+    own, failure = None, None
+    try:
+        own = data_fingerprint(data, portable=True)
+    except Exception as err:  # re-raised below, once every process has taken part
+        failure = err
+    main = distributed.broadcast_object(own)
+    differs = own is None or main != own
+    bad = distributed.all_reduce_sum(torch.tensor([float(differs)], device=device)).item()
+    if failure is not None:
+        raise failure
+    if bad:
+        if main is None:
+            raise ConfigError("rank 0 could not read its data (its error ends the run there)")
         rows = lambda fp: ", ".join(f"{k} {fp.get(k)}" for k in ("train", "val", "test"))  # noqa: E731
-        here = (f"; this process (rank {distributed.rank()}) has rows {rows(fingerprint)}, hash {fingerprint.get('hash')}"
-                if differs else "")
+        here = f"; this process (rank {distributed.rank()}) has rows {rows(own)}, hash {own.get('hash')}" if differs else ""
         raise ConfigError(f"the processes loaded different data: rank 0 has rows {rows(main)}, hash {main.get('hash')}"
                           f"{here}; give every process the same data (its --data-dir may differ, its content not)")
 

@@ -40,7 +40,6 @@ def test_summary(run: Run, out: Path, history: list[dict[str, Any]]) -> dict[str
                                "best_val_metric": key, "best_val_score": best_row.get(key),
                                "model": run.model_name, "model_parameters": sum(p.numel() for p in run.model.parameters()),
                                "device": str(run.device), "threads": torch.get_num_threads(),
-                               "world_size": distributed.world_size(),  # processes; batch_size is per process
                                "evaluation_geometry": evaluation_geometry(run)}
     summary.update(run.evaluate(run.data.test, "test_"))
     return summary
@@ -65,6 +64,7 @@ def finish(run: Run, out: Path, fingerprint: dict[str, Any] | None = None) -> di
     with run.progress.phase("test", f"test evaluation of the best epoch ({len(run.data.test):,} rows)"):
         summary = test_summary(run, out, history)
     summary["data_fingerprint"] = fingerprint if fingerprint is not None else data_fingerprint(run.data)
+    summary["world_size"] = distributed.world_size()  # the training's processes; batch_size is per process
     if run.config.plots != "off":
         from knnsolver.training.plots import plot_run
 
@@ -143,6 +143,8 @@ def evaluate_saved(out: str | Path, unfinished: bool = False) -> dict[str, Any]:
     done = state.get("epoch", -1) + 1
     trained = done >= run.config.epochs or stopped_on_patience(run.config, state["history"])
     finished = trained and (out / SUMMARY).is_file()
+    if not finished and (holder := training_holder(out)):
+        raise ConfigError(f"{out} is still training ({holder}); evaluate it once that training has finished")
     if not finished and not unfinished:
         raise ConfigError(
             f"{out} holds an unfinished run ({done} of {run.config.epochs} epochs, "

@@ -107,9 +107,10 @@ def _open_run(config: TrainConfig, resume: bool, overwrite: bool, folder: RunFol
         saved = TrainConfig.from_dict(state["config"]).to_dict()
     except (KeyError, ConfigError) as err:
         raise DataError(f"cannot resume {out}: its checkpoint holds no valid configuration ({err})") from None
-    if saved["data_dir"] is not None:  # a run saved before paths were made absolute: relative to this folder
-        saved["data_dir"] = os.path.abspath(saved["data_dir"])
     wanted = config.to_dict()
+    for spelled in (saved, wanted):  # one folder however it is spelled (saved runs before session 15: relative)
+        if spelled["data_dir"] is not None:
+            spelled["data_dir"] = os.path.abspath(spelled["data_dir"])
     differ = sorted(k for k in wanted if k not in _RESUMABLE_CHANGES and saved.get(k) != wanted[k])
     if differ:
         changes = "; ".join(f"{k}: saved {saved.get(k)!r}, now {wanted[k]!r}" for k in differ)
@@ -154,8 +155,6 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, mo
 
 def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module | None) -> dict[str, Any]:
     config.validate()  # every value typed and in range before any file is touched
-    if config.data_dir is not None:  # recorded as an absolute path, so the saved run loads from any folder
-        config = replace(config, data_dir=os.path.abspath(config.data_dir))
     check_same_config(config)
     folder = RunFolder(Path(config.out))
     try:
@@ -165,6 +164,18 @@ def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module 
         raise KeyboardInterrupt(_interrupted_message(config, folder) if distributed.is_main() else "") from None
     finally:
         on_main(folder.close)
+
+
+def _data_dir_as_recorded(config: TrainConfig, state: dict[str, Any] | None) -> TrainConfig:
+    """``config`` with ``data_dir`` absolute, so the saved run loads from any folder; a resumed run saved with a
+    relative one (before they were recorded absolute) keeps that spelling on rank 0 (the same folder: checked
+    by :func:`_open_run`), which its data fingerprint (the image files' paths) was taken with."""
+    if config.data_dir is None:
+        return config
+    saved = state["config"].get("data_dir") if state is not None else None
+    if saved is not None and not os.path.isabs(saved):
+        return replace(config, data_dir=saved) if distributed.is_main() else config
+    return replace(config, data_dir=os.path.abspath(config.data_dir))
 
 
 def _interrupted_message(config: TrainConfig, folder: RunFolder) -> str:
@@ -179,6 +190,7 @@ def _interrupted_message(config: TrainConfig, folder: RunFolder) -> str:
 def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module | None,
               folder: RunFolder) -> dict[str, Any]:
     state = on_main(lambda: _open_run(config, resume, overwrite, folder))
+    config = _data_dir_as_recorded(config, state)
     if not distributed.is_main():
         config = replace(config, progress=False)
     progress = Progress(enabled=distributed.is_main())
@@ -190,8 +202,8 @@ def _train_in(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Modu
                           f"(val_fraction={config.val_fraction}); set val_fraction above 0, or patience to 0")
     for line in describe_run(run):
         progress.say(line)
-    fingerprint = data_fingerprint(run.data)
-    check_same_data(fingerprint, run.device)
+    check_same_data(run.data, run.device)
+    fingerprint = on_main(lambda: data_fingerprint(run.data))
     optimizer = loop.build_optimizer(config, parameter_groups(run.model, run.solver, config.lr, config.backbone_lr), run.device)
     scaler = torch.amp.GradScaler(run.device.type, enabled=config.precision == "fp16")
     history: list[dict[str, Any]] = []
