@@ -80,5 +80,9 @@ def hal_loss(embeddings: Tensor, labels: Tensor, anchors: Tensor, tau: float) ->
 
     Computed in the anchors' precision with autocast off (the node's backward runs outside autocast, so
     its saved tensors must share one dtype); the embeddings' gradient comes back in their own dtype."""
-    with torch.autocast(embeddings.device.type, enabled=False):
-        return _HALLoss.apply(embeddings.to(anchors.dtype), labels.long(), anchors, 2.0 / tau)
+    if embeddings.dtype != anchors.dtype:
+        embeddings = embeddings.to(anchors.dtype)
+    if torch.is_autocast_enabled(embeddings.device.type):  # checked first: entering the context costs time
+        with torch.autocast(embeddings.device.type, enabled=False):
+            return _HALLoss.apply(embeddings, labels.long(), anchors, 2.0 / tau)
+    return _HALLoss.apply(embeddings, labels.long(), anchors, 2.0 / tau)

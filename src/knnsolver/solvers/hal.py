@@ -69,7 +69,7 @@ class HALSolver(Solver):
 
     def forward(self, embeddings: Tensor, labels: Tensor, row_indices: Tensor | None = None) -> Tensor:
         labels = self.check_batch(embeddings, labels)
-        return self._step(embeddings.to(self.anchors.dtype), labels, self.anchors, self.tau)
+        return self._step(embeddings, labels, self.anchors, self.tau)  # hal_loss computes in the anchors' dtype
 
     def fit_reference(self, embeddings: Tensor, labels: Tensor) -> None:
         if self.predicts_by_knn:
