@@ -205,3 +205,14 @@ def test_an_interrupt_while_the_command_loads_its_libraries_is_one_line(tmp_path
                           env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")})
     assert done.returncode == 130 and done.stderr == "knnsolver: interrupted while starting; nothing was done\n", \
         done.stderr
+
+
+def test_embed_writes_an_archive_the_embeddings_dataset_reads(finished_run, tmp_path, capsys):
+    """embed wrote FILE.npy and FILE_labels.npy, a layout --dataset embeddings does not read."""
+    code, out, err = run_cli(capsys, "embed", finished_run, "--out", tmp_path / "e.npz")
+    assert code == 0 and f"to {tmp_path / 'e.npz'} (x, y)" in out, err
+    with np.load(tmp_path / "e.npz") as archive:
+        assert archive["x"].shape[1] == 8 and archive["y"].shape == (archive["x"].shape[0],)
+    code, _, err = run_cli(capsys, "train", "--dataset", "embeddings", "--data-dir", tmp_path / "e.npz",
+                           "--solver", "hal", "--out", tmp_path / "again", *TINY)
+    assert code == 0, err

@@ -105,7 +105,7 @@ def _add_solver_flags(parser: argparse.ArgumentParser, solver: str) -> dict[str,
 def _train_parser(solver: str | None) -> tuple[argparse.ArgumentParser, dict[str, str]]:
     from knnsolver.training.config import TrainConfig
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, 
+    parser = argparse.ArgumentParser(allow_abbrev=False,
         prog="knnsolver train", description="Train a network with a solver and evaluate it.",
         epilog=f"The solver options listed are those of --solver ({TrainConfig.solver} unless given); "
                "knnsolver train --solver NAME --help lists solver NAME's, and knnsolver solvers lists every solver "
@@ -167,7 +167,7 @@ def cmd_eval(argv: Sequence[str]) -> int:
     from knnsolver.training import evaluate_saved
     from knnsolver.training.checkpoint import write_json
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, 
+    parser = argparse.ArgumentParser(allow_abbrev=False,
         prog="knnsolver eval",
         description="Re-evaluate a saved run's best checkpoint on its test split; nothing in the run folder is written.",
     )
@@ -189,24 +189,32 @@ def cmd_embed(argv: Sequence[str]) -> int:
 
     from knnsolver.training import embed_saved
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, 
-        prog="knnsolver embed", description="Write a saved run's embeddings and labels to .npy files."
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+        prog="knnsolver embed", description="Write a saved run's embeddings and labels to .npy files, or one .npz."
     )
     parser.add_argument("run_dir", help="folder written by knnsolver train")
     parser.add_argument("--part", default="train", help="train (no augmentation), val or test (default: train)")
-    parser.add_argument("--out", required=True, help="embeddings file FILE.npy; labels go to FILE_labels.npy")
+    parser.add_argument("--out", required=True,
+                        help="embeddings file FILE.npy (labels go to FILE_labels.npy), or FILE.npz holding both as x "
+                             "and y, which --dataset embeddings --data-dir FILE.npz reads")
     parser.add_argument("--raw", action="store_true",
                         help="the network's raw outputs instead of the solver's own space (e.g. L2-normalised)")
     args = parser.parse_args(argv)
-    stem = args.out[:-4] if args.out.endswith(".npy") else args.out
-    _writable_target(f"{stem}.npy")
+    archive = args.out.endswith(".npz")
+    stem = args.out[:-4] if args.out.endswith((".npy", ".npz")) else args.out
+    _writable_target(args.out if archive else f"{stem}.npy")
     emb, labels = embed_saved(args.run_dir, args.part, raw=args.raw)
+    x, y = emb.cpu().numpy(), labels.cpu().numpy()
     try:
-        np.save(f"{stem}.npy", emb.cpu().numpy())
-        np.save(f"{stem}_labels.npy", labels.cpu().numpy())
+        if archive:
+            np.savez(args.out, x=x, y=y)
+        else:
+            np.save(f"{stem}.npy", x)
+            np.save(f"{stem}_labels.npy", y)
     except OSError as err:
-        raise StorageError(f"cannot write {stem}.npy: {err.strerror or err}; free space or choose another --out") from None
-    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {stem}.npy and labels to {stem}_labels.npy")
+        raise StorageError(f"cannot write {args.out}: {err.strerror or err}; free space or choose another --out") from None
+    where = f"{args.out} (x, y)" if archive else f"{stem}.npy and labels to {stem}_labels.npy"
+    print(f"wrote {emb.shape[0]} x {emb.shape[1]} embeddings to {where}")
     return 0
 
 
