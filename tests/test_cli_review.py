@@ -216,3 +216,10 @@ def test_embed_writes_an_archive_the_embeddings_dataset_reads(finished_run, tmp_
     code, _, err = run_cli(capsys, "train", "--dataset", "embeddings", "--data-dir", tmp_path / "e.npz",
                            "--solver", "hal", "--out", tmp_path / "again", *TINY)
     assert code == 0, err
+
+
+def test_compile_false_with_a_compiling_mode_is_refused(tmp_path, capsys):
+    """--compile false --compile-mode max-autotune compiled anyway, without a word (the mode turns compile on)."""
+    code, _, err = run_cli(capsys, "train", "--compile", "false", "--compile-mode", "max-autotune",
+                           "--out", tmp_path / "run", *TINY)
+    one_line_error(code, err, "compile is false but compile_mode 'max-autotune' compiles; drop one of them")

@@ -141,7 +141,10 @@ def cmd_train(argv: Sequence[str]) -> int:
                           f"got {solver_options!r}")
     solver_options = dict(solver_options)
     solver_options.update({dests[d]: args.pop(d) for d in list(args) if d in dests})
-    cfg = TrainConfig.from_dict({**file_cfg, **args, "solver_options": solver_options})
+    given = {**file_cfg, **args}
+    if given.get("compile") is False and given.get("compile_mode", "default") != "default":
+        raise ConfigError(f"compile is false but compile_mode {given['compile_mode']!r} compiles; drop one of them")
+    cfg = TrainConfig.from_dict({**given, "solver_options": solver_options})
     summary = train(cfg, resume=resume, overwrite=overwrite)
     if launch_rank() == 0:  # under torchrun every process returns the summary; one prints it
         print(json.dumps(summary, indent=2, sort_keys=True))

@@ -48,7 +48,10 @@ def prepare_folder(path: Path) -> None:
 
 
 def training_holder(folder: Path) -> str | None:
-    """Who holds ``folder``'s run lock (a training in progress: its pid, host and start), or ``None``."""
+    """Who holds ``folder``'s run lock (a training in progress: its pid, host and start), or ``None``.
+
+    It asks by taking a shared lock for an instant, so a ``train`` starting into the folder at that very
+    instant would be refused as busy (and can be started again)."""
     try:
         fd = os.open(folder / LOCK, os.O_RDONLY)
     except OSError:
