@@ -109,7 +109,7 @@ def test_adding_the_same_files_again_warns(runs, test_split, tmp_path, monkeypat
     model = knnsolver.load(runs["rbf"]).add(files, "new")
     size = model.reference_size
     monkeypatch.chdir(tmp_path)
-    with pytest.warns(UserWarning, match=r"2 of the 2 files added are already in the reference set \(e.g. new0.png\)"):
+    with pytest.warns(UserWarning, match=r"2 of the 2 files added are already in the reference set \(e.g. .*new0.png\)"):
         model.add(["new0.png", "new1.png"], "new")  # the same files by other paths
     assert model.reference_size == size + 2
 

@@ -46,7 +46,7 @@ def test_pretrained_weights_are_loaded_and_checked(tmp_path):
     b = build_model("conv8", (1, 8, 8), 10, width=8, pretrained=str(path))
     assert all(torch.equal(a.state_dict()[k], b.state_dict()[k]) for k in a.state_dict())
     torch.save({"unrelated.weight": torch.zeros(2)}, tmp_path / "bad.pt")
-    with pytest.raises(ConfigError, match="no weight in .*bad.pt matches the conv8 network"):
+    with pytest.raises(ConfigError, match="bad.pt do not fit the conv8 network: 20 tensors missing"):
         build_model("conv8", (1, 8, 8), 10, pretrained=str(tmp_path / "bad.pt"))
     with pytest.raises(ConfigError, match="does not exist"):
         build_model("conv8", (1, 8, 8), 10, pretrained=str(tmp_path / "missing.pt"))

@@ -67,9 +67,12 @@ class Interval:
         return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
 
     def check(self, name: str, value: float | None) -> None:
-        """Raise :class:`ConfigError` when ``value`` (not None) lies outside the interval."""
+        """Raise :class:`ConfigError` when ``value`` (not None) is not a number, is NaN, or lies outside the
+        interval (every comparison with NaN is false, so it would pass them all)."""
         if value is None:
             return
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value):
+            raise ConfigError(f"{name} must be a number {self}{self.hint}, got {_describe(value)}")
         below = self.low is not None and (value <= self.low if self.low_open else value < self.low)
         above = self.high is not None and (value >= self.high if self.high_open else value > self.high)
         if below or above:

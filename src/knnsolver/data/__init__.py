@@ -104,6 +104,8 @@ def _load_source(name: str, data_dir: str | None, image_size: int | None, resize
         raise ConfigError(f"dataset {name!r} is bundled and takes no data_dir; drop --data-dir")
     if resize_size is not None and "resize_size" not in params:
         raise ConfigError(f"dataset {name!r} does not resize and crop its images; drop --resize-size")
+    if image_size is not None and "image_size" not in params:
+        raise ConfigError(f"dataset {name!r} has a fixed input size and does not resize; drop --image-size")
     if image_channels is not None and "image_channels" not in params:
         raise ConfigError(f"dataset {name!r} has a fixed number of channels; drop --image-channels")
     given = {"data_dir": data_dir, "image_size": image_size, "resize_size": resize_size,

@@ -15,6 +15,8 @@ Each name may carry a strength after a colon; the options apply in the order giv
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 from knnsolver.data.transforms import CenterCrop, Compose, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, Transform
@@ -61,7 +63,8 @@ def parse_options(names: list[str]) -> list[tuple[str, float | None]]:
             value = float(strength) if strength else None
         except ValueError:
             raise ConfigError(f"augmentation {item!r}: the strength after ':' must be a number") from None
-        if value is not None and not (value >= 1 and value == int(value) if name == "crop" else 0 < value <= 1):
+        if value is not None and not (math.isfinite(value) and value >= 1 and value == int(value) if name == "crop"
+                                      else 0 < value <= 1):
             limit = "a whole number of pixels >= 1" if name == "crop" else "in (0, 1]"
             raise ConfigError(f"augmentation {item!r}: the strength must be {limit}")
         parsed.append((name, value))

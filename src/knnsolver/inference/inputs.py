@@ -162,16 +162,21 @@ class Inputs:
                 raise DataError(f"cannot read array {path}: {err}") from None
             if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
                 raise DataError(f"{path} holds {array.dtype} values; the model takes numbers")
-            self._add_array(torch.from_numpy(np.ascontiguousarray(array)), str(path), spec)
+            self._add_array(torch.from_numpy(_native(array)), str(path), spec)
         elif path.suffix.lower() in IMAGE_EXTENSIONS:
             if spec.images is None:
                 raise ConfigError(f"{path} is an image, but this model takes {spec.describe()}")
             self.names.append(str(path))
-            self.paths.append(str(path))
+            self.paths.append(str(path.resolve()))  # a reference set's file, found from any working folder
             self._rows.append(None)
         else:
             raise ConfigError(f"{path} is neither an image ({', '.join(sorted(IMAGE_EXTENSIONS))}), an .npy file nor "
                               f"a folder; this model takes {spec.describe()}")
+
+
+def _native(array: np.ndarray) -> np.ndarray:
+    """``array`` contiguous, in the machine's byte order (torch takes no other: a big-endian .npy file)."""
+    return np.ascontiguousarray(array.astype(array.dtype.newbyteorder("="), copy=False))
 
 
 def collect(inputs: Any, spec: InputSpec) -> Inputs:
@@ -187,7 +192,7 @@ def collect(inputs: Any, spec: InputSpec) -> Inputs:
     elif isinstance(inputs, np.ndarray):
         if not (np.issubdtype(inputs.dtype, np.integer) or np.issubdtype(inputs.dtype, np.floating)):
             raise ConfigError(f"the input array holds {inputs.dtype} values; the model takes numbers")
-        out._add_array(torch.from_numpy(np.ascontiguousarray(inputs)), "input", spec)
+        out._add_array(torch.from_numpy(_native(inputs)), "input", spec)
     elif isinstance(inputs, (str, Path)):
         out._add_path(Path(inputs), spec)
     elif isinstance(inputs, Sequence) and all(isinstance(i, (str, Path)) for i in inputs):

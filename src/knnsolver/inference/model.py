@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from knnsolver.bank.reference import ReferenceSet
+from knnsolver.constraints import check_type
 from knnsolver.errors import ConfigError, DataError, StorageError
 from knnsolver.inference.inputs import Inputs, InputSpec, collect
 from knnsolver.inference.openset import (
@@ -182,6 +183,7 @@ class KnnModel:
     @torch.no_grad()
     def search(self, inputs: Any, k: int = 10) -> SearchResult:
         """The ``k`` nearest reference items of each input in the solver's space: ids, labels, distances, files."""
+        k = check_type("k", k, int)
         check_k(k, self.reference_size, excluding_self=False)
         items = collect(inputs, self.spec)
         queries = self.solver.transform(self._embed(items)).float()
@@ -235,6 +237,10 @@ class KnnModel:
             if min(ids, default=0) < 0 or new != list(range(len(classes), len(classes) + len(new))):
                 raise ConfigError(f"class ids must be known classes (0..{len(classes) - 1}) or the ids that follow "
                                   f"them ({len(classes)}, {len(classes) + 1}, ...), got {sorted(ids)}; or give class names")
+            taken = [i for i in new if str(i) in classes]
+            if taken:  # a name already taken: later adds by that name would go to the other class
+                raise ConfigError(f"new class id {taken[0]} would be named {str(taken[0])!r}, the name of class "
+                                  f"{classes.index(str(taken[0]))}; give the new class a name instead of an id")
             classes += [str(i) for i in new]
             classes += list(dict.fromkeys(label for label in labels if isinstance(label, str) and label not in classes))
         index: dict[str, int] = {}

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from knnsolver.errors import ConfigError, MissingDependencyError
 from knnsolver.models.backbones import IMAGENET_MEAN, IMAGENET_STD, VGG16, InputNormalize, ResNet, load_torchvision_weights
@@ -48,8 +48,8 @@ def auto_model(input_shape: tuple[int, ...], embedding_dim: int = 64, dropout: f
                num_train: int | None = None) -> nn.Module:
     """The net :func:`choose_model` picks for ``input_shape`` and ``num_train``, built."""
     name, _ = choose_model(input_shape, num_train)
-    if name == "mlp":
-        return MODELS.get("mlp")(input_shape[0], embedding_dim, dropout)
+    if name == "mlp":  # the same hidden width as --model mlp at this --width
+        return MODELS.get("mlp")(input_shape[0], embedding_dim, dropout, width * 8)
     return MODELS.get(name)(input_shape[0], embedding_dim, dropout, width)
 
 
@@ -82,17 +82,51 @@ def build_model(
         factory = MODELS.get(name)
         takes_width = "width" in inspect.signature(factory).parameters
         model = factory(input_shape[0], embedding_dim, dropout, **({"width": width} if takes_width else {}))
+    _check_input(model, name, input_shape)
     if pretrained and isinstance(model, (ResNet, VGG16)):
         load_torchvision_weights(model, pretrained, name)
     elif pretrained:
-        path = Path(pretrained)
-        if not path.is_file():
-            raise ConfigError(f"pretrained weights file {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if len(unexpected) == len(state):
-            raise ConfigError(f"no weight in {path} matches the {name} network")
+        _load_own_weights(model, Path(pretrained), name)
     return model
+
+
+def _check_input(model: nn.Module, name: str, input_shape: tuple[int, ...]) -> None:
+    """Refuse, in one line, a network that cannot take ``input_shape`` (one no-grad forward of two zero inputs
+    in eval mode: no weight, statistic or random stream changes), instead of a raw error at the first step."""
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(2, *input_shape))
+    except RuntimeError as err:
+        shape = "x".join(map(str, input_shape))
+        raise ConfigError(f"the {name} network cannot take the data's {shape} inputs ({str(err).splitlines()[0]}); "
+                          "use --model auto, which picks one that fits") from None
+    finally:
+        model.train(was_training)
+
+
+def _load_own_weights(model: nn.Module, path: Path, name: str) -> None:
+    """Load this library's weights for ``model``: a state dict, or a run's checkpoint (its ``model`` entry);
+    every tensor of the network must be there with its shape (a partial load would leave the rest random)."""
+    if not path.is_file():
+        raise ConfigError(f"pretrained weights file {path} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise ConfigError(f"cannot read pretrained weights {path}: {str(err).splitlines()[0]}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):  # a run's best.pt or checkpoint.pt
+        state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+        raise ConfigError(f"pretrained weights {path} are not a state dict of tensors (nor a knnsolver checkpoint)")
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or wrong:
+        first = missing[0] if missing else f"{wrong[0]}: {tuple(state[wrong[0]].shape)} in the file, {tuple(own[wrong[0]].shape)} here"
+        raise ConfigError(f"pretrained weights {path} do not fit the {name} network: {len(missing)} tensors missing, "
+                          f"{len(wrong)} of the wrong shape (first {first}); pass weights of this network, width and "
+                          "embedding size")
+    model.load_state_dict({k: state[k] for k in own})
 
 
 class TimmBackbone(nn.Module):

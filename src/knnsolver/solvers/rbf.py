@@ -379,18 +379,21 @@ class RBFSolver(Solver):
     def add_centres(self, embeddings: Tensor, labels: Tensor) -> None:
         """Add labelled centres (weight 1), new classes included, for prediction; the network is unchanged."""
         labels = self.check_reference(embeddings, labels, "add_centres", num_classes=None)
-        self.bank.append(self.transform(embeddings), labels)
-        self.num_classes = max(self.num_classes, int(self.bank.labels.max()) + 1)
-        counts = torch.bincount(self.bank.labels, minlength=self.num_classes)
-        few = [c for c in labels.unique().tolist() if int(counts[c]) * self.num_classes < self.predict_k]
+        # judged (and warned about) before anything changes, so a warning raised as an error leaves the solver whole
+        num_classes = max(self.num_classes, int(labels.max()) + 1 if labels.numel() else 0,
+                          int(self.bank.labels.max()) + 1 if self.bank.labels.numel() else 0)
+        counts = torch.bincount(torch.cat([self.bank.labels, labels.to(self.bank.labels.device)]), minlength=num_classes)
+        few = [c for c in labels.unique().tolist() if int(counts[c]) * num_classes < self.predict_k]
         if few:
             warnings.warn(
                 f"class(es) {', '.join(f'{c} ({int(counts[c])} centres)' for c in few)} hold fewer centres than "
-                f"predict_k / classes = {self.predict_k}/{self.num_classes}: a prediction sums Eq. 4 over the "
+                f"predict_k / classes = {self.predict_k}/{num_classes}: a prediction sums Eq. 4 over the "
                 f"{self.predict_k} nearest centres, where such a class is outweighed unless its own centres are much "
                 "the nearest; add more examples, or predict over fewer neighbours (solver.predict_k, e.g. 5)",
                 TrainingWarning, stacklevel=2,
             )
+        self.bank.append(self.transform(embeddings), labels)
+        self.num_classes = num_classes
 
     @torch.no_grad()
     def predict(self, embeddings: Tensor) -> Tensor:
