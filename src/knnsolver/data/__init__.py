@@ -207,7 +207,7 @@ def build_data(
             stray = [c for c in val_ids if c not in train_ids]
             if stray:
                 raise ConfigError(f"val_classes {stray} are not training classes (the training classes are "
-                                  f"{', '.join(map(str, train_ids))}); hold out classes that train_classes names")
+                                  f"{', '.join(map(str, train_ids))}); hold out some of those")
             asked = len(val_ids)
         if not 2 <= asked <= len(train_ids) - 2:
             raise ConfigError(
