@@ -398,10 +398,9 @@ class KnnModel:
     def _from_run(cls, folder: Path, device: str) -> KnnModel:
         from knnsolver.training.checkpoint import load_checkpoint
         from knnsolver.data import data_fingerprint
-        from knnsolver.training.config import load_config_file
         from knnsolver.training.run import BEST, SUMMARY, resume_command, warn_if_data_changed
         from knnsolver.training.runfolder import training_holder
-        from knnsolver.training.saved import load_saved
+        from knnsolver.training.saved import load_saved, summary_fingerprint
 
         run, out = load_saved(folder, device)
         if not (out / SUMMARY).is_file():
@@ -409,11 +408,7 @@ class KnnModel:
             raise ConfigError(f"{out} is still training ({holder}); use it once that training has finished" if holder
                               else f"{out} holds an unfinished run (no {SUMMARY}); finish it with "
                                    f"{resume_command(out)} before using it")
-        try:
-            recorded = load_config_file(out / SUMMARY).get("data_fingerprint")
-        except (ConfigError, AttributeError):
-            recorded = None
-        warn_if_data_changed(recorded, data_fingerprint(run.data), str(out),
+        warn_if_data_changed(summary_fingerprint(out), data_fingerprint(run.data), str(out),
                              "its reference set is built from the data as it is now, not as the run was trained on")
         try:
             run.load_weights(load_checkpoint(out / BEST))

@@ -127,6 +127,16 @@ def load_saved(out: str | Path, device: str | None = None) -> tuple[Run, Path]:
                         "it") from None
 
 
+def summary_fingerprint(out: Path) -> dict[str, Any] | None:
+    """The data fingerprint the run in ``out`` recorded in its ``summary.json`` (``None``: none, or no summary)."""
+    if not (out / SUMMARY).is_file():
+        return None
+    try:
+        return load_config_file(out / SUMMARY).get("data_fingerprint")
+    except (ConfigError, AttributeError):
+        return None
+
+
 def evaluate_saved(out: str | Path, unfinished: bool = False) -> dict[str, Any]:
     """Evaluate a saved run's best checkpoint on its test split again; write nothing.
 
@@ -152,11 +162,8 @@ def evaluate_saved(out: str | Path, unfinished: bool = False) -> dict[str, Any]:
             "or pass --unfinished to score its best epoch so far"
         )
     recorded = state.get("data")
-    if recorded is None and (out / SUMMARY).is_file():
-        try:
-            recorded = load_config_file(out / SUMMARY).get("data_fingerprint")
-        except (ConfigError, AttributeError):
-            recorded = None
+    if recorded is None:
+        recorded = summary_fingerprint(out)
     warn_if_data_changed(recorded, data_fingerprint(run.data), str(out),
                           "the scores below are for the current data, not the data the run was trained on")
     return test_summary(run, out, state["history"])
