@@ -141,3 +141,8 @@ def test_an_add_refused_by_a_warning_raised_as_an_error_changes_nothing(rbf_mode
         with pytest.raises(Warning, match="hold fewer centres than"):
             model.add(np.zeros((1, 1, 8, 8), dtype=np.float32), model.num_classes)
     assert (len(model.solver.bank), model.solver.num_classes, model.num_classes, model.reference_size) == before
+
+
+def test_stray_val_classes_are_not_blamed_on_train_classes_not_given():
+    with pytest.raises(ConfigError, match=r"val_classes \[99\] are not training classes .*; hold out some of those$"):
+        build_data("digits", split="disjoint", val_classes=[99])
