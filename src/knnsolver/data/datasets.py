@@ -642,8 +642,10 @@ def load_embeddings(data_dir: str | None = None) -> Source:
     (N,), optionally ``x_test`` and ``y_test``; or a folder with
     ``features.npy`` and ``labels.npy``, optionally ``test_features.npy`` and
     ``test_labels.npy``. Without test arrays a stratified 20% is held out with a
-    fixed seed. Labels may be any integers; class ids are their sorted distinct
-    values, and class names their decimal text. No augmentation.
+    fixed seed. Labels may be any integers: they are renumbered 0..C-1 in sorted
+    order (labels 3, 7, 9 become class ids 0, 1, 2, which ``train_classes`` and
+    ``val_classes`` name), and class names are the original labels' decimal text. No
+    augmentation.
     """
     if data_dir is None:
         raise ConfigError(f"dataset 'embeddings' needs data_dir (--data-dir); {_EMBEDDINGS_HINT}")
