@@ -75,7 +75,8 @@ class Solver(nn.Module):
 
     def __init__(self, embedding_dim: int, num_classes: int, num_train: int = 0) -> None:
         super().__init__()
-        embedding_dim, num_classes = check_type("embedding_dim", embedding_dim, int), check_type("num_classes", num_classes, int)
+        embedding_dim, num_classes = (check_type("embedding_dim", embedding_dim, int),
+                                      check_type("num_classes", num_classes, int))
         num_train = check_type("num_train", num_train, int)
         if embedding_dim < 1:
             raise ConfigError(f"embedding_dim must be >= 1, got {embedding_dim}")

@@ -108,14 +108,15 @@ def _near_origin(q: Tensor, ref: Tensor, same: bool) -> tuple[Tensor, Tensor]:
     mean is rounded to a multiple of the power of two at or below the spread per coordinate, so points on a
     grid (integers) stay on it and their distances exact: equal ones still tie.
     """
-    centre = ref.double().mean(0)
-    spread = (ref.double() - centre).square().sum(1).mean().sqrt()
+    ref64 = ref.double()
+    centre = ref64.mean(0)
+    spread = (ref64 - centre).square().sum(1).mean().sqrt()
     if centre.norm() <= _FAR_FROM_ORIGIN * spread or spread == 0:
         return q.float(), ref.float()
     step = 2.0 ** math.floor(math.log2(float(spread) / math.sqrt(ref.shape[1])))
     centre = (centre / step).round() * step
-    shifted = (q.double() - centre).float()
-    return shifted, shifted if same else (ref.double() - centre).float()
+    shifted_ref = (ref64 - centre).float()
+    return (shifted_ref, shifted_ref) if same else ((q.double() - centre).float(), shifted_ref)
 
 
 @torch.no_grad()

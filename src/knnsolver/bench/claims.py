@@ -88,11 +88,13 @@ def combine(statuses: Sequence[str]) -> str:
     return FAILS if FAILS in statuses else OPEN
 
 
-def _with_missing(statuses: Sequence[str], family: Sequence[str], present: Sequence[str]) -> str:
+def _with_missing(statuses: Sequence[str], family: Sequence[str], present: Sequence[str]) -> tuple[str, str]:
     """:func:`combine` of a claim over every loss of ``family``, of which only ``present`` were run: one that does
-    not hold decides it; holding needs them all, so with some missing it is inconclusive at best."""
+    not hold decides it; holding needs them all, so with some missing it is inconclusive at best. Also the note
+    that names the missing ones (empty when none is)."""
+    missing = [b for b in family if b not in present]
     status = combine(statuses)
-    return OPEN if status == HOLDS and len(present) < len(family) else status
+    return (OPEN if status == HOLDS and missing else status), (f"; not run: {', '.join(missing)}" if missing else "")
 
 
 def by_seed(runs: Sequence[dict], key: str) -> dict[int, float]:
@@ -175,9 +177,8 @@ def _hal_beats_knn_losses(results: Results) -> Verdict | None:
             for b in baselines]
     numbers = f"hal {mean_pct(hal, 'test_accuracy')}; {_family_note(level, len(PAIRWISE_KNN_LOSSES))}" + "; ".join(
         f"against {b}: {t.text()} vs the {100 * HAL_MARGIN:g}-point margin ({t.outcome()})" for b, t in each)
-    status = _with_missing([t.verdict for _, t in each], PAIRWISE_KNN_LOSSES, baselines)
-    if len(baselines) < len(PAIRWISE_KNN_LOSSES):
-        numbers += f"; not run: {', '.join(b for b in PAIRWISE_KNN_LOSSES if b not in baselines)}"
+    status, not_run = _with_missing([t.verdict for _, t in each], PAIRWISE_KNN_LOSSES, baselines)
+    numbers += not_run
     same = [b for b in HAL_EQUIVALENT if final_results(results, b, "")]
     if same:
         numbers += ("; not compared, being HAL itself under this reading (METHODS.md section 2): "
@@ -255,9 +256,8 @@ def _rbf_beats_pair_losses(results: Results) -> Verdict | None:
     numbers = _family_note(level, 2 * len(UNSEEN_BASELINES)) + "; ".join(
         f"{RETRIEVAL_NAMES[k]}: rbf {mean_pct(rbf, k)} vs {b} {mean_pct(final_results(results, b, main), k)}, "
         f"paired {t.text()} ({t.outcome()})" for b, k, t in each)
-    if len(baselines) < len(UNSEEN_BASELINES):
-        numbers += f"; not run: {', '.join(b for b in UNSEEN_BASELINES if b not in baselines)}"
-    return Verdict(_with_missing([t.verdict for _, _, t in each], UNSEEN_BASELINES, baselines), numbers + ".")
+    status, not_run = _with_missing([t.verdict for _, _, t in each], UNSEEN_BASELINES, baselines)
+    return Verdict(status, numbers + not_run + ".")
 
 
 _SIZE_INTERVALS = 4  # the size claim's: rbf's NMI and R@1 gains, the NMI interaction, triplet's NMI gain

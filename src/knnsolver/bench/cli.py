@@ -57,7 +57,8 @@ def _positive(text: str) -> int:
 def suite_parser(name: str) -> argparse.ArgumentParser:
     suite = get_suite(name)
     claims = " ".join(c.text for c in claims_of(name)) or "no claim; descriptive"
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog=f"knnsolver bench {name}", description=f"{suite.title}. Claims: {claims}")
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     prog=f"knnsolver bench {name}", description=f"{suite.title}. Claims: {claims}")
     parser.add_argument("--preset", default="full", choices=list(PRESETS),
                         help="full: the Fashion-MNIST benchmark on the CPU (under 120 min per suite on 2 cores, "
                              "with 2 workers); gpu: the same at full data size on one GPU; tiny: digits, 1 epoch, a "
@@ -107,7 +108,8 @@ def cmd_suite(name: str, argv: Sequence[str]) -> int:
 def cmd_report(argv: Sequence[str]) -> int:
     from knnsolver.bench.report import write_report
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="knnsolver bench report", description="Render the benchmark report.")
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     prog="knnsolver bench report", description="Render the benchmark report.")
     parser.add_argument("--results", default=DEFAULT_RESULTS, help=f"results folder (default: {DEFAULT_RESULTS})")
     parser.add_argument("--output", default=DEFAULT_REPORT, help=f"Markdown file to write (default: {DEFAULT_REPORT})")
     parser.add_argument("--plots", default=DEFAULT_PLOTS, help=f"folder for the PNG plots (default: {DEFAULT_PLOTS})")
@@ -118,7 +120,8 @@ def cmd_report(argv: Sequence[str]) -> int:
 
 
 def cmd_list(argv: Sequence[str]) -> int:
-    argparse.ArgumentParser(allow_abbrev=False, prog="knnsolver bench list", description="List the benchmark suites.").parse_args(argv)
+    argparse.ArgumentParser(allow_abbrev=False,
+                            prog="knnsolver bench list", description="List the benchmark suites.").parse_args(argv)
     for suite in SUITES.values():
         print(f"{suite.name:16s} {suite.title}")
         for claim in claims_of(suite.name):
@@ -129,7 +132,8 @@ def cmd_list(argv: Sequence[str]) -> int:
 def cmd_search(argv: Sequence[str]) -> int:
     from knnsolver.bench import search
 
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="knnsolver bench search", description="Benchmark neighbour-search backends.")
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     prog="knnsolver bench search", description="Benchmark neighbour-search backends.")
     search.add_arguments(parser)
     return search.run(parser.parse_args(argv))
 

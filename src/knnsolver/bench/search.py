@@ -424,7 +424,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(allow_abbrev=False, prog="python -m knnsolver.bench.search", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     prog="python -m knnsolver.bench.search", description=__doc__.split("\n")[0])
     add_arguments(parser)
     try:
         return run(parser.parse_args(argv))

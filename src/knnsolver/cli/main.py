@@ -222,7 +222,8 @@ def cmd_embed(argv: Sequence[str]) -> int:
 
 
 def cmd_datasets(argv: Sequence[str]) -> int:
-    argparse.ArgumentParser(allow_abbrev=False, prog="knnsolver datasets", description="List datasets.").parse_args(argv)
+    argparse.ArgumentParser(allow_abbrev=False,
+                            prog="knnsolver datasets", description="List datasets.").parse_args(argv)
     for name in DATASETS.names():
         print(f"{name:16s} {DATASETS.describe(name)}")
     from knnsolver.data.datasets import IMAGE_FOLDER_HELP
@@ -380,7 +381,7 @@ def cmd_add_classes(argv: Sequence[str]) -> int:
 
 def cmd_export(argv: Sequence[str]) -> int:
     from knnsolver.inference import load
-    from knnsolver.inference.export import FORMATS
+    from knnsolver.inference.export import FORMATS, check_atol
 
     parser = _model_parser("export", "Export a model's network (with the solver's transform) for serving, checked to "
                                      "reproduce its embeddings, and its reference set as .npy files.", inputs=False)
@@ -392,8 +393,7 @@ def cmd_export(argv: Sequence[str]) -> int:
     parser.add_argument("--atol", type=_flag_type(float), default=1e-4,
                         help="largest embedding difference the check accepts (default: 1e-4)")
     args = parser.parse_args(argv)
-    if not args.atol >= 0:  # before the folder is made and the model loaded
-        raise ConfigError(f"--atol must be >= 0 (the largest embedding difference accepted), got {args.atol}")
+    check_atol(args.atol, "--atol")  # before the folder is made and the model loaded
     _writable_target(args.out)
     report = load(args.run_dir, args.device).export(args.out, args.format, args.atol)
     print(json.dumps(report, indent=2))

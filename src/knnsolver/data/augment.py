@@ -16,7 +16,6 @@ Each name may carry a strength after a colon; the options apply in the order giv
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 
 from knnsolver.data.transforms import CenterCrop, Compose, RandomCrop, RandomHorizontalFlip, RandomResizedCrop, Transform

@@ -82,6 +82,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_atol(atol: float, name: str = "export atol") -> None:
+    """Refuse a tolerance that no check could meet (negative, or NaN)."""
+    if not atol >= 0:
+        raise ConfigError(f"{name} must be >= 0 (the largest embedding difference accepted), got {atol}")
+
+
 def export(model: KnnModel, path: str | Path, format: str = "torchscript", atol: float = 1e-4) -> dict[str, Any]:
     """Write the network to ``path`` and the reference set beside it; return what was written and the check's error.
 
@@ -98,8 +104,7 @@ def export(model: KnnModel, path: str | Path, format: str = "torchscript", atol:
     from knnsolver.training.checkpoint import new_file_mode, write_json, write_npy
 
     check_choice("export format", format, FORMATS)
-    if not atol >= 0:
-        raise ConfigError(f"export atol must be >= 0 (the largest embedding difference accepted), got {atol}")
+    check_atol(atol)
     path = Path(path)
     if path.is_dir():
         raise StorageError(f"--out {path} is a folder; give a file name for the exported network")
