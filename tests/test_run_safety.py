@@ -85,6 +85,18 @@ def test_a_failed_overwrite_leaves_the_old_run_intact(run_dir, capsys, monkeypat
     assert code == 0 and json.loads(out)["test_accuracy"] == json.loads(before["summary.json"])["test_accuracy"]
 
 
+def test_an_overwrite_interrupted_before_its_folder_opens_says_the_old_run_is_unchanged(run_dir, capsys, monkeypatch):
+    """It said only 'interrupted' (the settings check, which waits for the other processes under torchrun, came
+    before the message's try)."""
+    from knnsolver.training import trainer
+
+    before = _snapshot(run_dir)
+    monkeypatch.setattr(trainer, "check_same_config", lambda config: (_ for _ in ()).throw(KeyboardInterrupt))
+    code, _, err = _run(capsys, "train", *BASE, "--epochs", "3", "--lr", "0.01", "--out", run_dir, "--overwrite")
+    assert code == 130 and f"the earlier run in {run_dir} is unchanged" in err and "--resume" not in err, err
+    assert _snapshot(run_dir) == before
+
+
 def test_an_overwrite_takes_over_at_its_first_checkpoint_and_resumes(run_dir, capsys, monkeypatch):
     train_epoch = loop.train_epoch
 

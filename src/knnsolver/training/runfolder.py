@@ -127,6 +127,7 @@ class RunFolder:
         self.path = self.out
         self._locks: list[_Lock] = []
         self._created = False
+        self.replaced = False  # whether commit() swapped this run in for an earlier one
 
     @property
     def pending(self) -> bool:
@@ -173,6 +174,7 @@ class RunFolder:
                 raise _storage_error(self.out, err, "replace the run in") from None
             raise
         self.path = self.out
+        self.replaced = True
         old = self._locks.pop(0)
         old.release()
         shutil.rmtree(replaced, ignore_errors=True)

@@ -155,13 +155,15 @@ def train(config: TrainConfig, resume: bool = False, overwrite: bool = False, mo
 
 def _train(config: TrainConfig, resume: bool, overwrite: bool, model: nn.Module | None) -> dict[str, Any]:
     config.validate()  # every value typed and in range before any file is touched
-    check_same_config(config)
     folder = RunFolder(Path(config.out))
+    # an earlier run this one replaces (kept whole until the new run's first checkpoint)
+    earlier = overwrite and not resume and distributed.is_main() and (folder.out / CHECKPOINT).is_file()
     try:
+        check_same_config(config)  # under torchrun, waits for the other processes
         return _train_in(config, resume, overwrite, model, folder)
     except KeyboardInterrupt:
         # rank 0 alone says what is saved: another process may not see the run folder (another machine)
-        raise KeyboardInterrupt(_interrupted_message(config, folder) if distributed.is_main() else "") from None
+        raise KeyboardInterrupt(_interrupted_message(config, folder, earlier) if distributed.is_main() else "") from None
     finally:
         on_main(folder.close)
 
@@ -178,9 +180,9 @@ def _data_dir_as_recorded(config: TrainConfig, state: dict[str, Any] | None) -> 
     return replace(config, data_dir=os.path.abspath(config.data_dir))
 
 
-def _interrupted_message(config: TrainConfig, folder: RunFolder) -> str:
-    """What an interrupted training left behind, and what to do next."""
-    if folder.pending:
+def _interrupted_message(config: TrainConfig, folder: RunFolder, earlier: bool) -> str:
+    """What an interrupted training left behind, and what to do next (``earlier``: it was to replace a run)."""
+    if folder.pending or (earlier and not folder.replaced):
         return f"the new run was discarded before its first checkpoint; the earlier run in {config.out} is unchanged"
     if (Path(config.out) / CHECKPOINT).is_file():
         return f"the last finished epoch is saved in {config.out}; continue with --resume"
