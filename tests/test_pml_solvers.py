@@ -1,4 +1,6 @@
+import numpy as np
 import pytest
+import torch
 from pytorch_metric_learning import losses, miners
 
 from knnsolver.errors import ConfigError
@@ -62,3 +64,47 @@ def test_user_loop_lowers_loss_and_predicts(name):
     _, losses, accuracy = train_in_plain_loop(lambda: SOLVERS.build(name, embedding_dim=8, num_classes=4))
     assert losses[-1] < 0.8 * losses[0]
     assert accuracy >= 0.75
+
+
+def _sohn_npairs(x, labels, reg):
+    """Sohn's N-pair-mc loss in float64 numpy, written from the paper: each class's images paired in batch order,
+    the j-th pairs of the classes one group, cross-entropy of each anchor over its group's positives."""
+    x, labels = x.detach().double().numpy(), labels.numpy()
+    seen: dict[int, list[int]] = {}
+    for row, label in enumerate(labels):
+        seen.setdefault(int(label), []).append(row)
+    groups: dict[int, list[tuple[int, int]]] = {}
+    for rows in seen.values():
+        for j in range(len(rows) // 2):
+            groups.setdefault(j, []).append((rows[2 * j], rows[2 * j + 1]))
+    terms = []
+    for pairs in groups.values():
+        anchors, positives = x[[a for a, _ in pairs]], x[[p for _, p in pairs]]
+        logits = anchors @ positives.T
+        for i in range(len(pairs)):
+            terms.append(np.log(np.exp(logits[i] - logits[i].max()).sum()) + logits[i].max() - logits[i, i])
+    return float(np.mean(terms) + reg * (x ** 2).sum(axis=1).mean())
+
+
+def test_npairs_learns_from_every_pair_of_the_batch():
+    """pml's NPairsLoss keeps the first pair of each label, so with 8 images a class 6 of them had no gradient
+    from the loss (the suites' sampler: N-pairs was handicapped by its batch)."""
+    torch.manual_seed(0)
+    solver = SOLVERS.build("npairs", embedding_dim=6, num_classes=4, embedding_reg=0.0)
+    labels = torch.arange(4).repeat(8)[torch.randperm(32)]
+    x = torch.randn(32, 6, dtype=torch.float64, requires_grad=True)
+    loss = solver(x, labels)
+    loss.backward()
+    assert bool((x.grad.norm(dim=1) > 0).all()), "every image is in a pair and gets a gradient"
+    assert loss.item() == pytest.approx(_sohn_npairs(x, labels, 0.0), rel=1e-12)
+
+
+@pytest.mark.parametrize("per_class", [2, 3, 5])
+def test_npairs_is_pmls_loss_on_one_pair_a_class_and_sohns_on_more(per_class):
+    torch.manual_seed(per_class)
+    solver = SOLVERS.build("npairs", embedding_dim=5, num_classes=6, embedding_reg=0.01)
+    labels = torch.arange(6).repeat(per_class)[torch.randperm(6 * per_class)]
+    x = torch.randn(6 * per_class, 5, dtype=torch.float64)
+    assert solver(x, labels).item() == pytest.approx(_sohn_npairs(x, labels, 0.01), rel=1e-12)
+    if per_class == 2:  # one pair a class: pytorch-metric-learning's own loss, penalty included
+        assert solver(x, labels).item() == pytest.approx(solver.loss(x, labels).item(), rel=1e-12)

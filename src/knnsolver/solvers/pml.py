@@ -4,7 +4,8 @@
 ``loss(embeddings, labels, miner(embeddings, labels))`` and ``predict`` votes among
 the ``knn_k`` nearest L2-normalised training embeddings (pml's distances normalise
 embeddings too). Each subclass below only builds its loss from typed options, so
-the CLI exposes them as flags. Proxy losses own their proxies as parameters of the
+the CLI exposes them as flags (N-pairs also pairs the batch itself: pml's loss keeps one pair
+a class, :class:`NPairsSolver`). Proxy losses own their proxies as parameters of the
 wrapped loss, hence of the solver, so the trainer's optimiser trains them.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import torch
 from pytorch_metric_learning import distances, losses, miners, regularizers
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from knnsolver.errors import ConfigError
 from knnsolver.interfaces import Solver
@@ -124,7 +126,17 @@ class LiftedStructureSolver(PMLSolver):
 
 
 class NPairsSolver(PMLSolver):
-    """``NPairsLoss`` (Sohn 2016) on raw dot products, plus ``embedding_reg * ||x||^2`` (batch mean).
+    """N-pair loss (Sohn 2016) on raw dot products over every pair in the batch, plus ``embedding_reg * ||x||^2``.
+
+    Sohn's N-pair-mc loss takes one (anchor, positive) pair from each of N classes: each anchor's softmax
+    over its dot products with the N positives, its own the target. pytorch-metric-learning's ``NPairsLoss``
+    keeps the first pair of each label in the batch, so with ``samples_per_class`` images of a class only two
+    of them learn from the loss (2 of 8 with the suites' sampler: a baseline handicapped by its batch). Here a
+    class's images are paired in batch order (its 1st and 2nd, 3rd and 4th, ...), the j-th pairs of the
+    classes form the j-th N-pair group, and the loss is the mean over every pair of its cross-entropy within
+    its group: pml's loss averaged over the groups, each weighted by its pairs (an odd image out is left
+    unpaired). With two images per class it is pml's loss exactly. The penalty is the batch mean of
+    ``||x||^2`` over all rows, as pml's ``LpRegularizer(power=2)``.
 
     Options:
         embedding_reg: weight of the squared-norm penalty that keeps raw embeddings small.
@@ -143,6 +155,32 @@ class NPairsSolver(PMLSolver):
         )
         super().__init__(embedding_dim, num_classes, num_train, knn_k=knn_k, loss=loss,
                          settings={"embedding_reg": embedding_reg})
+
+    def _pml_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        anchors, positives, group = _pairs_in_class_order(labels)
+        similarity = self.loss.distance(embeddings[anchors], embeddings[positives])
+        if not self.loss.distance.is_inverted:
+            similarity = -similarity
+        logits = similarity.masked_fill(group.unsqueeze(1) != group.unsqueeze(0), float("-inf"))
+        targets = torch.arange(len(anchors), device=logits.device)
+        pairs = F.cross_entropy(logits, targets) if len(anchors) else embeddings.sum() * 0.0
+        return pairs + self.loss.embedding_reg_weight * embeddings.norm(dim=1).pow(2).mean()
+
+
+def _pairs_in_class_order(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Each class's images paired in batch order (1st with 2nd, 3rd with 4th, ...): the anchors' rows, their
+    positives' rows, and each pair's number within its class (its N-pair group)."""
+    order = torch.argsort(labels, stable=True)  # rows by class, each class in batch order
+    ranked = labels[order]
+    position = torch.arange(len(labels), device=labels.device)
+    new_class = torch.ones_like(ranked, dtype=torch.bool)
+    new_class[1:] = ranked[1:] != ranked[:-1]
+    occurrence = position - torch.cummax(torch.where(new_class, position, 0), dim=0).values
+    anchor = occurrence % 2 == 0
+    anchor[-1:] = False
+    anchor[:-1] &= ~new_class[1:]  # the next image is of the same class
+    at = position[anchor]
+    return order[at], order[at + 1], occurrence[at] // 2
 
 
 class NCASolver(PMLSolver):
