@@ -108,3 +108,24 @@ def test_npairs_is_pmls_loss_on_one_pair_a_class_and_sohns_on_more(per_class):
     assert solver(x, labels).item() == pytest.approx(_sohn_npairs(x, labels, 0.01), rel=1e-12)
     if per_class == 2:  # one pair a class: pytorch-metric-learning's own loss, penalty included
         assert solver(x, labels).item() == pytest.approx(solver.loss(x, labels).item(), rel=1e-12)
+
+
+def _vote(labels_nearest_first: list[int]) -> int:
+    """The documented kNN rule, written independently: most votes, then the smaller sum of ranks, then the
+    lower class id."""
+    classes = set(labels_nearest_first)
+    key = {c: (-labels_nearest_first.count(c), sum(r for r, lab in enumerate(labels_nearest_first) if lab == c), c)
+           for c in classes}
+    return min(classes, key=key.__getitem__)
+
+
+@pytest.mark.parametrize("k", [1, 5, 7, 20, 200])
+def test_knn_vote_follows_its_documented_tie_rule(k):
+    from knnsolver.solvers.knn import knn_vote_scores
+
+    generator = torch.Generator().manual_seed(k)
+    neighbours = torch.randint(0, 4, (2000, k), generator=generator)
+    chosen = knn_vote_scores(neighbours, 4).argmax(1).tolist()
+    assert chosen == [_vote(row) for row in neighbours.tolist()]
+    assert knn_vote_scores(torch.tensor([[3, 1, 1, 3, 0]]), 4).argmax(1).item() == 1  # rank sums 3 and 3: lower id
+    assert knn_vote_scores(torch.tensor([[3, 0, 1, 0, 3]]), 4).argmax(1).item() == 0  # 4 and 4 (float32: 3)

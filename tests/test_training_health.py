@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import update_bn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from knnsolver.cli.main import main
 from knnsolver.errors import ConfigError, DivergenceError, TrainingWarning
@@ -26,7 +26,7 @@ from knnsolver.functional.rbf import rbf_loss
 from knnsolver.registry import SOLVERS
 from knnsolver.solvers.rbf import RBFSolver
 from knnsolver.training import TrainConfig, train
-from knnsolver.training.batchnorm import batchnorm_layers, calibrate_batchnorm, freeze_batchnorm
+from knnsolver.training.batchnorm import batchnorm_layers, calibrate_batchnorm, freeze_batchnorm, mixed_order
 from knnsolver.training.checkpoint import load_checkpoint
 from knnsolver.training.schedule import lr_factor
 from knnsolver.training.run import build_run
@@ -41,8 +41,9 @@ def _cfg(tmp_path, **kw) -> TrainConfig:
 # 1. Stale BatchNorm statistics ------------------------------------------------------------------------------------
 
 def test_saved_weights_carry_re_estimated_batchnorm_statistics(tmp_path):
-    """best.pt's running statistics equal torch's own re-estimation over the training rows, and the
-    reported test accuracy is what those weights give (the old code kept momentum-averaged statistics)."""
+    """best.pt's running statistics equal torch's own re-estimation over the training rows (in the calibration's
+    mixed order), and the reported test accuracy is what those weights give (the old code kept momentum-averaged
+    statistics)."""
     cfg = _cfg(tmp_path, epochs=3)
     summary = train(cfg)
     run = build_run(cfg)
@@ -50,7 +51,8 @@ def test_saved_weights_carry_re_estimated_batchnorm_statistics(tmp_path):
     run.solver.load_state_dict(load_checkpoint(tmp_path / "run" / "best.pt")["solver"])
     saved = {k: v.clone() for k, v in run.model.state_dict().items() if "running" in k}
     assert saved
-    update_bn((x for x, _, _ in DataLoader(run.data.train_eval, batch_size=cfg.batch_size)), run.model)
+    rows = Subset(run.data.train_eval, mixed_order(range(len(run.data.train_eval))))  # batched as calibrated
+    update_bn((x for x, _, _ in DataLoader(rows, batch_size=cfg.batch_size)), run.model)
     for key, value in saved.items():
         torch.testing.assert_close(run.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
     run.model.eval()
@@ -73,7 +75,7 @@ def test_calibration_leaves_weights_modes_and_random_stream_alone():
     assert torch.equal(torch.random.get_rng_state(), state)
     assert model.training and all(m.training for m in model.modules())
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
-    rows = torch.stack([data[i][0] for i in np.linspace(0, 39, 20).round().astype(int)])
+    rows = torch.stack([data[i][0] for i in mixed_order(np.linspace(0, 39, 20).round().astype(int).tolist())])
     hidden = model[0](rows)
     means = torch.stack([hidden[i:i + 8].mean(0) for i in range(0, 20, 8) if len(hidden[i:i + 8]) > 1])
     torch.testing.assert_close(model[1].running_mean, means.mean(0))
@@ -361,12 +363,49 @@ def test_matched_mode_embeds_the_bank_with_batch_statistics(tmp_path):
     running = {k: v.clone() for k, v in run.model.state_dict().items() if "running" in k}
     emb, _ = run.bank_embeddings()
     assert all(torch.equal(run.model.state_dict()[k], v) for k, v in running.items())
-    x = torch.stack([run.data.train_eval[i][0] for i in range(64)])
+    first = mixed_order(range(len(run.data.train_eval)))[:64]  # the first batch, returned in dataset order
+    x = torch.stack([run.data.train_eval[i][0] for i in first])
     run.model.eval()
     for m in batchnorm_layers(run.model):
         m.train()
     with torch.no_grad():
         expected = run.model(x)
-    torch.testing.assert_close(emb[:64], expected)
+    torch.testing.assert_close(emb[first], expected)
     eval_mode = run.model.eval()(x)
-    assert (F2.normalize(emb[:64], dim=1) - F2.normalize(eval_mode, dim=1)).norm(dim=1).median() > 1e-3
+    assert (F2.normalize(emb[first], dim=1) - F2.normalize(eval_mode, dim=1)).norm(dim=1).median() > 1e-3
+
+
+def _stored_by_class(classes: int = 10, per_class: int = 200, dim: int = 3):
+    """Rows stored class by class (as an image folder is read), the classes far apart: (features, labels)."""
+    torch.manual_seed(0)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    return torch.randn(len(labels), dim) + 3.0 * labels.unsqueeze(1).float(), labels
+
+
+def test_precise_bn_on_rows_stored_class_by_class_estimates_the_datas_variance():
+    """Batches in storage order each held one class, so precise BN averaged within-class variances: about 1
+    against the data's 75 here (a review of the evaluation path)."""
+    from torch.utils.data import TensorDataset
+
+    x, labels = _stored_by_class()
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    assert calibrate_batchnorm(model, TensorDataset(x, labels, torch.arange(len(x))), 64, torch.device("cpu"))
+    data_var = torch.from_numpy(np.var(x.numpy().astype(np.float64), axis=0, ddof=1)).float()
+    torch.testing.assert_close(model[0].running_var, data_var, rtol=0.05, atol=0.0)
+    torch.testing.assert_close(model[0].running_mean, x.mean(0), rtol=0.0, atol=0.3)
+
+
+def test_matched_mode_batches_rows_stored_class_by_class_across_classes(tmp_path):
+    """bn_mode='matched' embedded the bank in storage order, so each batch of one class was normalised with
+    its own statistics and every class was centred on the origin."""
+    from torch.utils.data import TensorDataset
+
+    run = build_run(_rbf_cfg(tmp_path, bn_mode="matched", eval_batch_size=64))
+    x, labels = _stored_by_class()
+    run.model = torch.nn.Sequential(torch.nn.BatchNorm1d(3))
+    emb, got = run.embed_all(TensorDataset(x, labels, torch.arange(len(x))), batchnorm_batch_stats=True)
+    assert torch.equal(got, labels)  # in dataset order
+    means = torch.stack([emb[labels == c].mean(0) for c in range(10)])[:, 0]
+    # the classes keep their places: class c at (3c - 13.5) / sqrt(9 * 99 / 12 + 1), in the data's spread
+    expected = (3.0 * torch.arange(10) - 13.5) / (9 * 99 / 12 + 1) ** 0.5
+    torch.testing.assert_close(means, expected, rtol=0.0, atol=0.1)

@@ -1,7 +1,7 @@
 """Compute embeddings of a whole dataset: eval mode, no gradient, large batches."""
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -32,7 +32,7 @@ def inference_modes(model: nn.Module, batchnorm_batch_stats: bool = False) -> It
 @torch.no_grad()
 def embed_dataset(
     model: nn.Module, dataset: Dataset, batch_size: int = 512, device: str | torch.device = "cpu",
-    rows: range | None = None, batchnorm_batch_stats: bool = False, num_workers: int = 0,
+    rows: Sequence[int] | None = None, batchnorm_batch_stats: bool = False, num_workers: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """Return ``(embeddings, labels)`` for every item of ``dataset`` (or its ``rows``) in order.
 

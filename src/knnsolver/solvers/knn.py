@@ -1,6 +1,8 @@
 """kNN prediction over stored training embeddings, shared by every solver that predicts by kNN."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -11,15 +13,20 @@ from knnsolver.search.exact import ExactSearch
 
 
 def knn_vote_scores(neighbour_labels: Tensor, num_classes: int) -> Tensor:
-    """Class scores from the labels of each query's neighbours, nearest first.
+    """Class scores (float64) from the labels of each query's neighbours, nearest first.
 
-    ``score_c = (#neighbours of class c) + 1e-3 * sum_{j in c} (k - rank_j) / k^2``:
-    a majority vote whose ties go to the class with the nearer neighbours.
+    ``score_c = (#neighbours of class c) + sum_{j in c} (k - rank_j) / 2^e``, with ``2^e`` the power of two
+    at or above ``500 k (k + 1)`` so the bonus stays below 1e-3: a majority vote; a tie of votes goes to
+    the class whose neighbours have the smaller sum of ranks, and a tie of that too (ranks {0, 3} against
+    {1, 2}) to the lower class id, as scikit-learn's ``KNeighborsClassifier`` breaks every tie. Every score
+    is a multiple of ``2^-e`` below ``k + 1``, exact in float64 for k up to about 20,000, so a tie is a tie
+    whatever order the votes are summed in (float32 rounding broke them either way before).
     """
     b, k = neighbour_labels.shape
-    rank_bonus = 1e-3 * (k - torch.arange(k, dtype=torch.float32, device=neighbour_labels.device)) / (k * k)
-    weights = (1.0 + rank_bonus).expand(b, k)
-    scores = torch.zeros(b, num_classes, device=neighbour_labels.device)
+    scale = 2.0 ** math.ceil(math.log2(500 * k * (k + 1)))
+    ranks = torch.arange(k, dtype=torch.float64, device=neighbour_labels.device)
+    weights = (1.0 + (k - ranks) / scale).expand(b, k)
+    scores = torch.zeros(b, num_classes, dtype=torch.float64, device=neighbour_labels.device)
     return scores.scatter_add_(1, neighbour_labels.long(), weights)
 
 

@@ -10,6 +10,8 @@ training forward use them too (``bn_mode="frozen"``).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -17,7 +19,8 @@ from torch.utils.data import Dataset
 from knnsolver.data.batches import iterate_batches, sequential_plan
 from knnsolver.evaluation.embed import inference_modes
 
-__all__ = ["batchnorm_layers", "calibrate_batchnorm", "calibration_rows", "freeze_batchnorm", "kept_running_statistics"]
+__all__ = ["batchnorm_layers", "calibrate_batchnorm", "calibration_rows", "freeze_batchnorm", "kept_running_statistics",
+           "mixed_order"]
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -32,6 +35,19 @@ def calibration_rows(n: int, max_rows: int | None) -> list[int]:
     return torch.linspace(0, n - 1, max_rows).round().long().unique().tolist()
 
 
+def mixed_order(rows: Sequence[int]) -> list[int]:
+    """``rows`` in a fixed pseudo-random order (seed 0, the same at every call and on every process).
+
+    Batches taken in this order are samples of the data however its rows are stored, so their batch
+    statistics are the data's. In storage order they need not be: an image folder is read class by class,
+    and a batch of one class normalised with its own statistics loses what sets the class apart (precise BN
+    then averages within-class variances, a tenth of the data's on ten separated classes).
+    """
+    rows = list(rows)
+    shuffled = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)).tolist()
+    return [rows[i] for i in shuffled]
+
+
 @torch.no_grad()
 def calibrate_batchnorm(
     model: nn.Module, dataset: Dataset, batch_size: int, device: torch.device, max_rows: int | None = None,
@@ -40,8 +56,9 @@ def calibrate_batchnorm(
     """Re-estimate every BatchNorm layer's running statistics from a no-grad pass over ``dataset``.
 
     The statistics are reset and then averaged over the batches with equal
-    weight (momentum ``None``), in dataset order, over at most ``max_rows``
-    evenly spaced rows, so the result depends only on the weights and the data.
+    weight (momentum ``None``), over at most ``max_rows`` evenly spaced rows
+    batched in :func:`mixed_order`, so the result depends only on the weights
+    and the data, not on the order its rows are stored in.
     Only the BatchNorm layers run in train mode (dropout stays off) and the
     global random state is left as it was, so a skipped re-estimation does not
     shift a run's random stream; a last batch of one row is skipped. Weights never
@@ -56,7 +73,7 @@ def calibrate_batchnorm(
         for m in norms:
             m.reset_running_stats()
             m.momentum = None
-        plan = sequential_plan(calibration_rows(len(dataset), max_rows), batch_size)
+        plan = sequential_plan(mixed_order(calibration_rows(len(dataset), max_rows)), batch_size)
         # Loading draws a seed: fork the random state so the run's stream is left alone.
         with inference_modes(model, batchnorm_batch_stats=True), torch.random.fork_rng(devices=[]):
             for x, _, _ in iterate_batches(dataset, plan, device, num_workers):

@@ -7,6 +7,7 @@ import os
 import random
 import shlex
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from knnsolver.interfaces import EpochContext, Solver
 from knnsolver.models import build_model
 from knnsolver.models.factory import choose_model
 from knnsolver.registry import SOLVERS, options_of
-from knnsolver.training.batchnorm import calibrate_batchnorm, kept_running_statistics
+from knnsolver.training.batchnorm import calibrate_batchnorm, kept_running_statistics, mixed_order
 from knnsolver.training.config import TrainConfig
 from knnsolver.training.progress import Progress
 
@@ -79,16 +80,28 @@ class Run:
     def device(self) -> torch.device:
         return self.config.torch_device
 
-    def embed(self, dataset, rows: range | None = None, batchnorm_batch_stats: bool = False) -> tuple[Tensor, Tensor]:
+    def embed(self, dataset, rows: Sequence[int] | None = None, batchnorm_batch_stats: bool = False
+              ) -> tuple[Tensor, Tensor]:
         return embed_dataset(self.model, dataset, self.config.eval_rows, self.device, rows, batchnorm_batch_stats,
                              self.config.num_workers)
 
     def embed_all(self, dataset, batchnorm_batch_stats: bool = False) -> tuple[Tensor, Tensor]:
-        """:meth:`embed` of every row of ``dataset``, each process embedding its shard (collective)."""
-        if not distributed.is_distributed():
-            return self.embed(dataset, batchnorm_batch_stats=batchnorm_batch_stats)
-        emb, labels = self.embed(dataset, distributed.shard(len(dataset)), batchnorm_batch_stats)
-        return distributed.all_gather_rows(emb), distributed.all_gather_rows(labels)
+        """:meth:`embed` of every row of ``dataset``, each process embedding its shard (collective).
+
+        With ``batchnorm_batch_stats`` the rows are batched in :func:`mixed_order` (and returned in
+        dataset order), so each batch's statistics are the data's, not those of a stretch of one class.
+        """
+        order = mixed_order(range(len(dataset))) if batchnorm_batch_stats else range(len(dataset))
+        if distributed.is_distributed():
+            shard = distributed.shard(len(dataset))
+            emb, labels = self.embed(dataset, order[shard.start:shard.stop], batchnorm_batch_stats)
+            emb, labels = distributed.all_gather_rows(emb), distributed.all_gather_rows(labels)
+        else:
+            emb, labels = self.embed(dataset, order, batchnorm_batch_stats)
+        if not batchnorm_batch_stats:
+            return emb, labels
+        in_dataset_order = torch.argsort(torch.as_tensor(order, device=emb.device))
+        return emb[in_dataset_order], labels[in_dataset_order]
 
     def calibrate(self, force: bool = False) -> None:
         """Re-estimate BatchNorm statistics for the current weights (precise BN), unless already current.
