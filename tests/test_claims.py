@@ -228,6 +228,20 @@ def test_rbf_gaining_more_than_triplet_is_withheld_while_triplet_at_the_largest_
     assert verdict.status == OPEN and "triplet at dim=128 was still rising" in verdict.numbers
 
 
+def test_a_size_verdict_against_rbf_is_withheld_while_rbf_at_the_largest_size_still_rises():
+    """The interaction was withheld only in rbf's favour (triplet still rising); against a still-rising rbf
+    it stood, unlike every paired comparison's (a review of the verdicts)."""
+    rows = _size_rows({("rbf", "recall_at_1"): 0.05, ("rbf", "nmi"): -0.05, ("triplet", "nmi"): 0.0})
+    assert _claim("RBF's NMI and Recall").evaluate(_results(rows)).status == FAILS
+    for r in rows:
+        rising = (r["method"], r["condition"]) == ("rbf", "dim=128")
+        r.update(val_key="val_map_at_r", history=[{"val_map_at_r": 0.3 + (0.01 * e if rising else 0.0)} for e in range(10)])
+        r["summary"]["best_epoch"] = 10 if rising else 1
+        r["config"] = dict(r["config"], epochs=10)
+    verdict = _claim("RBF's NMI and Recall").evaluate(_results(rows))
+    assert verdict.status == OPEN and "rbf at dim=128 was still rising" in verdict.numbers
+
+
 def _steps(method: str, median: float, spread: float = 0.05) -> dict:
     times = [{"batch_size": b, "num_classes": c, "median_s": median * b / 256, "q1_s": median * b / 256 * (1 - spread),
               "q3_s": median * b / 256 * (1 + spread)} for b in (256, 1024) for c in (10, 100)]

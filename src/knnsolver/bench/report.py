@@ -655,24 +655,35 @@ Each suite tests claims of the papers in `METHODS.md` side by side, under the fa
 of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
 
 - **Same everything but the solver** within a suite: backbone, embedding size, augmentation (none),
-  batch size, schedule and step budget (preset `{preset.name}`: {preset.description}).
+  batch size, schedule and step budget (preset `{preset.name}`: {preset.description}). The pairwise
+  losses draw class-balanced batches (`samples_per_class` images of each of the batch's classes), whose epochs can
+  hold a few more rows (3,072 against 3,000 in the full preset's classification: 48 steps against
+  47), so those rivals get up to about 2% more steps an epoch.
 - **One learning rate for all** (Adam at a constant 1e-3, fixed, not tuned); each solver's one key
   hyperparameter is chosen on the validation split from a 3-point grid around its expected optimum
   (first seed); when the choice is at an edge, the grid is extended outward one point at a time along
-  the parameter's ladder (two or more points beyond each edge, `knnsolver.bench.suites.LADDERS`) until
-  the optimum is bracketed; a choice still at an edge is flagged, since the optimum may lie outside.
+  the parameter's ladder (up to two points beyond each edge, fewer where the parameter is bounded,
+  `knnsolver.bench.suites.LADDERS`) until the optimum is bracketed; a choice still at an edge is
+  flagged, since the optimum may lie outside. The grid is trained on the first seed's data subset.
   Test data is used only for the final numbers.
 - **5 seeds** for every final; **paired comparisons** by seed: the mean difference gets a 95%
   t-interval (the paired t-test's; the effect size d_z and a bootstrap interval beside it, the latter
-  too narrow at 5 seeds to decide anything). A claim **holds** when the whole interval lies beyond its
+  too narrow at 5 seeds to decide anything; p-values are unadjusted, so compare them with the family's
+  level printed beside them). A claim **holds** when the whole interval lies beyond its
   threshold, **does not hold** when it lies on the other side, and is **inconclusive** otherwise; a
   claim decided by several comparisons together widens each interval (Bonferroni). A verdict against
   a side still improving at the end of its budget (most of its runs peaked in their last 20% of epochs,
   by 0.3 points or more over their best before) is withheld (inconclusive). A trend claim is judged
-  on the interval of the per-seed slope, and withheld when leaving one size out changes its verdict.
+  on the interval of the per-seed slope, and withheld when leaving one size out changes its verdict,
+  or while any method at any size is still improving. A speed claim counts the optimiser steps to a
+  validation target, and needs at least 3 validation passes to reach it. A cost claim is judged at
+  every batch size and class count measured: any setting where the interquartile ranges put the
+  share at or above its limit makes it not hold (no interval: a timing is not a seed sample).
 - Results of an earlier budget of the same preset, and timings measured on code that has changed
   since (each records a fingerprint of the code it runs, docstrings and comments aside), are left
-  out of every table and verdict until they are run again.
+  out of every table and verdict until they are run again. Training results record their commit, not
+  a fingerprint: a change of the code they train with is checked by replaying their first epochs at
+  both commits (`benchmarks/replay_results.py`), and runs it changes are moved out and run again.
 - **Early stopping** where a suite's budget says so: a run stops after a set number of validation
   passes without a new best score (`TrainConfig.patience`), within the suite's epoch cap, the same rule
   for every solver; the best validation epoch's checkpoint is tested either way.
@@ -682,6 +693,8 @@ of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
   construction, so only runs that reached the cap can fail it); each suite prints whether it passes,
   and beside it each method's late drift (validation's mean over the last 20% of epochs minus the 20%
   before), which tells a noisy plateau, where a late best epoch is chance, from a run still improving.
+  Finals validated fewer than 5 times are not judged. A suite that fails the check says so beside its
+  verdicts, which the still-improving rule above withholds where it applies.
 - **Failed runs** (diverged) are listed and never averaged in.
 - **Retrieval metrics** (unseen classes): the test set is searched against itself, each query's own
   row left out, in the solver's embedding space; Recall@K is the field's (Song et al. 2016: a query
@@ -734,9 +747,11 @@ def render(results_dir: str | Path, output: str | Path, plots_dir: str | Path) -
         # judged with every seed stored (a call with --seeds may have run more than the preset's)
         seeds = sorted(set(preset.seeds) | {r["seed"] for r in results.values() if r.get("preset") == preset.name})
         judged = build_specs(suite, preset, results_dir, seeds=seeds) if planned else []
-        earlier = {s.run_id for s in judged
-                   if s.run_id in results and outdated(s, results[s.run_id], results, preset.name) is not None}
-        earlier |= set(stale_extensions(judged, results, preset.name)) if judged else set()
+        # grid extensions first: a final chosen from a stale one is judged against the grid without it
+        extensions = set(stale_extensions(judged, results, preset.name)) if judged else set()
+        current = {k: r for k, r in results.items() if k not in extensions}
+        earlier = extensions | {s.run_id for s in judged
+                                if s.run_id in current and outdated(s, current[s.run_id], current, preset.name) is not None}
         # A condition the preset no longer runs (a training-set size, embedding size or variant): left out too.
         conditions = {s.condition for s in judged}
         dropped = {k for k, r in results.items()

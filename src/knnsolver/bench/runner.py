@@ -14,6 +14,7 @@ import datetime
 import functools
 import hashlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -124,7 +125,7 @@ def read_log(run_dir: Path) -> list[dict[str, Any]]:
 
 def best_val(history: Sequence[Mapping[str, Any]], key: str) -> float:
     """The validation score the trainer selected its checkpoint by (its maximum over epochs)."""
-    scores = [row[key] for row in history if key in row]
+    scores = [row[key] for row in history if row.get(key) is not None and not math.isnan(row[key])]
     if not scores:
         raise ConfigError(f"the run logged no {key}: the benchmarks need a validation split (val_fraction > 0)")
     return max(scores)
@@ -299,7 +300,8 @@ def execute(spec: RunSpec, folder: Path) -> dict[str, Any]:
 # Kinds that time something: never run by a worker, while another process shares the machine.
 TIMED_KINDS = ("step_cost", "epoch_cost")
 # The packages and modules whose code each timed kind runs: a stored timing is redone once any of them changes.
-_TIMED_COMMON = ("functional", "solvers", "bank", "search", "interfaces.py", "distributed.py", "bench/runner.py")
+_TIMED_COMMON = ("functional", "solvers", "bank", "search", "interfaces.py", "distributed.py", "hostsync.py",
+                 "registry.py", "constraints.py", "bench/runner.py")
 TIMED_CODE = {"step_cost": _TIMED_COMMON,
               "epoch_cost": (*_TIMED_COMMON, "training", "models", "data", "evaluation")}
 
