@@ -81,7 +81,7 @@ def source_tree(commit: str, cache: Path) -> Path:
 def replay(result_path: Path, src: Path, epochs: int) -> dict[str, Any]:
     """The first ``epochs`` epochs of a stored run, trained by the knnsolver in ``src``."""
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", _CHILD, str(result_path), str(epochs)], env=env, cwd=tempfile.gettempdir(),
+    done = subprocess.run([sys.executable, "-c", _CHILD, str(result_path), str(epochs)], env=env, cwd=ROOT,
                           capture_output=True, text=True)
     lines = [line for line in done.stdout.splitlines() if line.startswith("REPLAY ")]
     if done.returncode != 0 or not lines:
