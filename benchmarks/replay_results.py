@@ -6,8 +6,8 @@ script checks, one representative run per suite, method and condition (the seed-
 does not alter what was trained: it replays the run's first ``--epochs`` epochs from its stored configuration
 twice on this machine, once with the source tree of the commit the result records and once with the source
 tree of ``--head`` (default ``HEAD``), each in a fresh process with one torch thread as the suites run, and
-compares the two: every epoch's loss, the validation score of the last epoch replayed, and the test metrics
-of the best epoch replayed. Identical figures mean the code changed since does not touch that run, so its
+compares the two: every epoch's loss, every validation score logged, and the summary's metrics (accuracy,
+or Recall@K, MAP@R and NMI) of the best epoch replayed. Identical figures mean the code changed since does not touch that run, so its
 stored result stands; figures that differ name a run whose suite must be run again, or a difference to
 explain (a change of rounding grows through training, so the first epoch's loss tells rounding, about 1e-6
 relative, from a change of what is computed).
@@ -27,6 +27,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,8 +50,9 @@ out = tempfile.mkdtemp(prefix="knnsolver-replay-") + "/run"
 cfg = replace(TrainConfig.from_dict(result["config"]), out=out, epochs=int(sys.argv[2]), progress=False)
 summary = train(cfg)
 log = [json.loads(line) for line in open(out + "/log.jsonl")]
-print("REPLAY " + json.dumps({"losses": [row["loss"] for row in log], "val": log[-1].get(result["val_key"]),
-                             "test": {k: v for k, v in summary.items() if k.startswith("test_")}}))
+scored = [row[result["val_key"]] for row in log if row.get(result["val_key"]) is not None]
+metrics = {k: v for k, v in summary.items() if isinstance(v, float) and k != "best_val_score"}
+print("REPLAY " + json.dumps({"losses": [row["loss"] for row in log], "val": scored, "test": metrics}))
 """
 
 
@@ -71,10 +73,15 @@ def representatives(results: Path) -> list[Path]:
 def source_tree(commit: str, cache: Path) -> Path:
     """``src/`` of ``commit``, unpacked once into ``cache``."""
     tree = cache / commit
-    if not (tree / "src" / "knnsolver").is_dir():
-        tree.mkdir(parents=True, exist_ok=True)
+    if not tree.is_dir():  # unpacked beside, then renamed: another worker never sees half a tree
+        cache.mkdir(parents=True, exist_ok=True)
+        partial = Path(tempfile.mkdtemp(dir=cache))
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit, "src"], check=True, capture_output=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        subprocess.run(["tar", "-x", "-C", str(partial)], input=archive, check=True)
+        try:
+            partial.rename(tree)
+        except OSError:  # another worker was first
+            shutil.rmtree(partial, ignore_errors=True)
     return tree / "src"
 
 
@@ -126,7 +133,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if args.out.is_file():
-        done = {(row["result"], row["head"], row["epochs"]) for row in map(json.loads, args.out.read_text().splitlines())}
+        done = {(row["result"], row["head"], row["epochs"]) for row in map(json.loads, args.out.read_text().splitlines())
+                if row["verdict"] != "error"}  # a failed replay is tried again
     todo = [p for p in representatives(args.results)
             if args.only in str(p) and (str(p.relative_to(ROOT)), head, args.epochs) not in done]
     print(f"{len(todo)} run(s) to replay at their commits and at {head[:7]}, {args.epochs} epochs each", flush=True)

@@ -79,6 +79,8 @@ def _sohn_npairs(x, labels, reg):
             groups.setdefault(j, []).append((rows[2 * j], rows[2 * j + 1]))
     terms = []
     for pairs in groups.values():
+        if len(pairs) < 2:  # no negative: left out
+            continue
         anchors, positives = x[[a for a, _ in pairs]], x[[p for _, p in pairs]]
         logits = anchors @ positives.T
         for i in range(len(pairs)):
@@ -97,6 +99,19 @@ def test_npairs_learns_from_every_pair_of_the_batch():
     loss.backward()
     assert bool((x.grad.norm(dim=1) > 0).all()), "every image is in a pair and gets a gradient"
     assert loss.item() == pytest.approx(_sohn_npairs(x, labels, 0.0), rel=1e-12)
+
+
+def test_npairs_leaves_a_pair_alone_in_its_group_out_of_the_mean():
+    """Class 0 has four images, class 1 two: the second pair of class 0 has no negative (its term was a 0 that
+    halved the loss's gradient)."""
+    solver = SOLVERS.build("npairs", embedding_dim=3, num_classes=2, embedding_reg=0.0)
+    x = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0, 1.0, 0], [0, 0.8, 0.2], [1.0, 0.2, 0], [0.7, 0, 0.3]],
+                     dtype=torch.float64)
+    labels = torch.tensor([0, 0, 1, 1, 0, 0])
+    first_group = x[[0, 2]] @ x[[1, 3]].T
+    expected = torch.logsumexp(first_group, dim=1) - first_group.diagonal()
+    assert solver(x, labels).item() == pytest.approx(expected.mean().item(), rel=1e-12)
+    assert solver(x, labels).item() == pytest.approx(_sohn_npairs(x, labels, 0.0), rel=1e-12)
 
 
 @pytest.mark.parametrize("per_class", [2, 3, 5])

@@ -135,7 +135,10 @@ class NPairsSolver(PMLSolver):
     class's images are paired in batch order (its 1st and 2nd, 3rd and 4th, ...), the j-th pairs of the
     classes form the j-th N-pair group, and the loss is the mean over every pair of its cross-entropy within
     its group: pml's loss averaged over the groups, each weighted by its pairs (an odd image out is left
-    unpaired). With two images per class it is pml's loss exactly. The penalty is the batch mean of
+    unpaired, and a pair alone in its group, which has no negative, is left out of the mean). With two
+    images per class it is pml's loss exactly; with the class-balanced sampler every group holds one pair
+    of each of the batch's classes. A class padded with repeats (fewer images than ``samples_per_class``)
+    may pair an image with itself. The penalty is the batch mean of
     ``||x||^2`` over all rows, as pml's ``LpRegularizer(power=2)``.
 
     Options:
@@ -157,13 +160,16 @@ class NPairsSolver(PMLSolver):
                          settings={"embedding_reg": embedding_reg})
 
     def _pml_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        anchors, positives, group = _pairs_in_class_order(labels)
+        anchors, positives, group = _pairs_in_class_order(labels.to(embeddings.device))
         similarity = self.loss.distance(embeddings[anchors], embeddings[positives])
         if not self.loss.distance.is_inverted:
             similarity = -similarity
-        logits = similarity.masked_fill(group.unsqueeze(1) != group.unsqueeze(0), float("-inf"))
-        targets = torch.arange(len(anchors), device=logits.device)
-        pairs = F.cross_entropy(logits, targets) if len(anchors) else embeddings.sum() * 0.0
+        same_group = group.unsqueeze(1) == group.unsqueeze(0)
+        logits = similarity.masked_fill(~same_group, float("-inf"))
+        terms = F.cross_entropy(logits, torch.arange(len(anchors), device=logits.device), reduction="none")
+        # a pair alone in its group has no negative: its term is 0 and is not averaged in
+        scored = same_group.sum(dim=1) > 1
+        pairs = terms[scored].mean() if bool(scored.any()) else embeddings.sum() * 0.0
         return pairs + self.loss.embedding_reg_weight * embeddings.norm(dim=1).pow(2).mean()
 
 
