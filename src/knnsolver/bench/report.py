@@ -683,7 +683,10 @@ of Musgrave et al. (2020), enforced by the runner (`knnsolver.bench`):
   since (each records a fingerprint of the code it runs, docstrings and comments aside), are left
   out of every table and verdict until they are run again. Training results record their commit, not
   a fingerprint: a change of the code they train with is checked by replaying their first epochs at
-  both commits (`benchmarks/replay_results.py`), and runs it changes are moved out and run again.
+  both commits (`benchmarks/replay_results.py`), and runs whose computation it changes are moved out
+  and run again; a change that only draws the same procedure's batches anew (the BatchNorm
+  calibration's order, 2026-12-01, on Fashion-MNIST, stored shuffled) is recorded with its measured
+  effect in `benchmarks/README.md` instead.
 - **Early stopping** where a suite's budget says so: a run stops after a set number of validation
   passes without a new best score (`TrainConfig.patience`), within the suite's epoch cap, the same rule
   for every solver; the best validation epoch's checkpoint is tested either way.
