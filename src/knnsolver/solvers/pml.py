@@ -137,7 +137,8 @@ class NPairsSolver(PMLSolver):
     its group: pml's loss averaged over the groups, each weighted by its pairs (an odd image out is left
     unpaired, and a pair alone in its group, which has no negative, is left out of the mean). With two
     images per class it is pml's loss exactly; with the class-balanced sampler every group holds one pair
-    of each of the batch's classes. A class padded with repeats (fewer images than ``samples_per_class``)
+    of each of the batch's classes. The groups are scored side by side (a batched product of each group's
+    anchors and positives), so a step costs about B C d, not the B^2 d of all pairs against all. A class padded with repeats (fewer images than ``samples_per_class``)
     may pair an image with itself. The penalty is the batch mean of
     ``||x||^2`` over all rows, as pml's ``LpRegularizer(power=2)``.
 
@@ -161,16 +162,31 @@ class NPairsSolver(PMLSolver):
 
     def _pml_loss(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         anchors, positives, group = _pairs_in_class_order(labels.to(embeddings.device))
-        similarity = self.loss.distance(embeddings[anchors], embeddings[positives])
-        if not self.loss.distance.is_inverted:
-            similarity = -similarity
-        same_group = group.unsqueeze(1) == group.unsqueeze(0)
-        logits = similarity.masked_fill(~same_group, float("-inf"))
-        terms = F.cross_entropy(logits, torch.arange(len(anchors), device=logits.device), reduction="none")
-        # a pair alone in its group has no negative: its term is 0 and is not averaged in
-        scored = same_group.sum(dim=1) > 1
+        penalty = self.loss.embedding_reg_weight * embeddings.norm(dim=1).pow(2).mean()
+        if not len(anchors):
+            return embeddings.sum() * 0.0 + penalty
+        # the groups side by side, (groups, their most pairs, dim), so each anchor meets only its group's positives
+        by_group = torch.argsort(group, stable=True)
+        group, anchors, positives = group[by_group], anchors[by_group], positives[by_group]
+        slot = _place_in_run(group)
+        shape = (int(group[-1]) + 1, int(slot.max()) + 1, embeddings.shape[1])
+        a = embeddings.new_zeros(shape).index_put((group, slot), embeddings[anchors])
+        p = embeddings.new_zeros(shape).index_put((group, slot), embeddings[positives])
+        filled = torch.zeros(shape[:2], dtype=torch.bool, device=embeddings.device).index_put((group, slot),
+                                                                                              torch.tensor(True))
+        logits = torch.bmm(a, p.transpose(1, 2)).masked_fill(~filled.unsqueeze(1), float("-inf"))[group, slot]
+        terms = F.cross_entropy(logits, slot, reduction="none")
+        scored = filled.sum(dim=1)[group] > 1  # a pair alone in its group has no negative: left out of the mean
         pairs = terms[scored].mean() if bool(scored.any()) else embeddings.sum() * 0.0
-        return pairs + self.loss.embedding_reg_weight * embeddings.norm(dim=1).pow(2).mean()
+        return pairs + penalty
+
+
+def _place_in_run(values: Tensor) -> Tensor:
+    """Each entry's place within its run of equal neighbours in ``values`` (0, 1, 2, ... from each run's start)."""
+    position = torch.arange(len(values), device=values.device)
+    starts = torch.ones_like(values, dtype=torch.bool)
+    starts[1:] = values[1:] != values[:-1]
+    return position - torch.cummax(torch.where(starts, position, 0), dim=0).values
 
 
 def _pairs_in_class_order(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -178,14 +194,11 @@ def _pairs_in_class_order(labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     positives' rows, and each pair's number within its class (its N-pair group)."""
     order = torch.argsort(labels, stable=True)  # rows by class, each class in batch order
     ranked = labels[order]
-    position = torch.arange(len(labels), device=labels.device)
-    new_class = torch.ones_like(ranked, dtype=torch.bool)
-    new_class[1:] = ranked[1:] != ranked[:-1]
-    occurrence = position - torch.cummax(torch.where(new_class, position, 0), dim=0).values
+    occurrence = _place_in_run(ranked)
     anchor = occurrence % 2 == 0
     anchor[-1:] = False
-    anchor[:-1] &= ~new_class[1:]  # the next image is of the same class
-    at = position[anchor]
+    anchor[:-1] &= ranked[1:] == ranked[:-1]  # the next image is of the same class
+    at = torch.arange(len(labels), device=labels.device)[anchor]
     return order[at], order[at + 1], occurrence[at] // 2
 
 
