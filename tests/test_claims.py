@@ -215,15 +215,20 @@ def test_the_size_claims_intervals_are_widened_for_its_four_comparisons():
     assert verdict.status == OPEN and "NMI from dim=16 to dim=128" in verdict.numbers
 
 
+def _still_rising(rows: list[dict], method: str, condition: str) -> None:
+    """Give ``method`` at ``condition`` a validation curve still rising at its last epoch; the others flat."""
+    for r in rows:
+        rising = (r["method"], r["condition"]) == (method, condition)
+        r.update(val_key="val_map_at_r", history=[{"val_map_at_r": 0.3 + (0.01 * e if rising else 0.0)} for e in range(10)])
+        r["summary"]["best_epoch"] = 10 if rising else 1
+        r["config"] = dict(r["config"], epochs=10)
+
+
 def test_rbf_gaining_more_than_triplet_is_withheld_while_triplet_at_the_largest_size_still_rises():
     rows = _size_rows({("rbf", "recall_at_1"): 0.05, ("rbf", "nmi"): 0.05, ("triplet", "recall_at_1"): 0.0,
                        ("triplet", "nmi"): 0.0})
     assert _claim("RBF's NMI and Recall").evaluate(_results(rows)).status == HOLDS
-    for r in rows:
-        rising = (r["method"], r["condition"]) == ("triplet", "dim=128")
-        r.update(val_key="val_map_at_r", history=[{"val_map_at_r": 0.3 + (0.01 * e if rising else 0.0)} for e in range(10)])
-        r["summary"]["best_epoch"] = 10 if rising else 1
-        r["config"] = dict(r["config"], epochs=10)
+    _still_rising(rows, "triplet", "dim=128")
     verdict = _claim("RBF's NMI and Recall").evaluate(_results(rows))
     assert verdict.status == OPEN and "triplet at dim=128 was still rising" in verdict.numbers
 
@@ -233,11 +238,7 @@ def test_a_size_verdict_against_rbf_is_withheld_while_rbf_at_the_largest_size_st
     it stood, unlike every paired comparison's (a review of the verdicts)."""
     rows = _size_rows({("rbf", "recall_at_1"): 0.05, ("rbf", "nmi"): -0.05, ("triplet", "nmi"): 0.0})
     assert _claim("RBF's NMI and Recall").evaluate(_results(rows)).status == FAILS
-    for r in rows:
-        rising = (r["method"], r["condition"]) == ("rbf", "dim=128")
-        r.update(val_key="val_map_at_r", history=[{"val_map_at_r": 0.3 + (0.01 * e if rising else 0.0)} for e in range(10)])
-        r["summary"]["best_epoch"] = 10 if rising else 1
-        r["config"] = dict(r["config"], epochs=10)
+    _still_rising(rows, "rbf", "dim=128")
     verdict = _claim("RBF's NMI and Recall").evaluate(_results(rows))
     assert verdict.status == OPEN and "rbf at dim=128 was still rising" in verdict.numbers
 
