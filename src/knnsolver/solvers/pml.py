@@ -169,14 +169,14 @@ class NPairsSolver(PMLSolver):
         by_group = torch.argsort(group, stable=True)
         group, anchors, positives = group[by_group], anchors[by_group], positives[by_group]
         slot = _place_in_run(group)
-        shape = (int(group[-1]) + 1, int(slot.max()) + 1, embeddings.shape[1])
+        sizes = torch.bincount(group)  # pairs in each group
+        shape = (len(sizes), int(sizes.max()), embeddings.shape[1])
         a = embeddings.new_zeros(shape).index_put((group, slot), embeddings[anchors])
         p = embeddings.new_zeros(shape).index_put((group, slot), embeddings[positives])
-        filled = torch.zeros(shape[:2], dtype=torch.bool, device=embeddings.device).index_put((group, slot),
-                                                                                              torch.tensor(True))
+        filled = torch.arange(shape[1], device=sizes.device) < sizes.unsqueeze(1)
         logits = torch.bmm(a, p.transpose(1, 2)).masked_fill(~filled.unsqueeze(1), float("-inf"))[group, slot]
         terms = F.cross_entropy(logits, slot, reduction="none")
-        scored = filled.sum(dim=1)[group] > 1  # a pair alone in its group has no negative: left out of the mean
+        scored = sizes[group] > 1  # a pair alone in its group has no negative: left out of the mean
         pairs = terms[scored].mean() if bool(scored.any()) else embeddings.sum() * 0.0
         return pairs + penalty
 
